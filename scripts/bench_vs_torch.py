@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""voxconv's kernel against PyTorch (and onnxruntime where installed), same workloads, same
+thread count, in one run, as ratios.
+
+For every workload and thread count, the three engines are timed back to back (voxconv via
+`voxconv kernel-bench --json`, PyTorch's `F.conv3d`, onnxruntime's `Conv`), each with one
+warm-up and R timed runs, and the median is kept. Interleaving per workload keeps the
+engines under the same background load on a shared machine. Ratios > 1 mean voxconv is
+faster.
+
+    python scripts/bench_vs_torch.py --threads 1 2 --repeat 5 [--rounds 3] [--json out.json]
+
+Needs numpy and torch; onnxruntime and onnx are optional. Build first:
+`cargo build --release`.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+
+import numpy as np
+
+
+def flops(w):
+    n, cin, *_ = w["input"]
+    cout, _, kd, kh, kw = w["filters"]
+    return 2 * n * cout * math.prod(out_dims(w)) * cin * kd * kh * kw
+
+
+def out_dims(w):
+    s = w.get("stride", [1, 1, 1])
+    p = w.get("padding", [0, 0, 0])
+    d = w.get("dilation", [1, 1, 1])
+    return [
+        (w["input"][2 + a] + 2 * p[a] - d[a] * (w["filters"][2 + a] - 1) - 1) // s[a] + 1
+        for a in range(3)
+    ]
+
+
+def time_median(fn, repeat):
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def bench_voxconv(exe, workloads_path, name, threads, repeat):
+    out = subprocess.run(
+        [exe, "kernel-bench", "--workloads", workloads_path, "--threads", str(threads),
+         "--repeat", str(repeat), "--json", "--only", name],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["median_ms"]
+
+
+def bench_torch(w, threads, repeat):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(*w["input"], generator=g) * 2 - 1
+    k = torch.rand(*w["filters"], generator=g) * 2 - 1
+    b = torch.rand(w["filters"][0], generator=g) * 2 - 1
+    kwargs = dict(stride=w.get("stride", 1), padding=w.get("padding", 0),
+                  dilation=w.get("dilation", 1))
+    with torch.inference_mode():
+        return time_median(lambda: F.conv3d(x, k, b, **kwargs), repeat)
+
+
+def bench_ort(w, threads, repeat):
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, w["input"]).astype(np.float32)
+    k = rng.uniform(-1, 1, w["filters"]).astype(np.float32)
+    b = rng.uniform(-1, 1, w["filters"][0]).astype(np.float32)
+    p = w.get("padding", [0, 0, 0])
+    node = helper.make_node(
+        "Conv", ["x", "k", "b"], ["y"], kernel_shape=w["filters"][2:],
+        strides=w.get("stride", [1, 1, 1]), pads=p + p, dilations=w.get("dilation", [1, 1, 1]),
+    )
+    graph = helper.make_graph(
+        [node], "conv3d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, w["input"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(k, "k"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return time_median(lambda: sess.run(None, {"x": x}), repeat)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default=os.path.join(root, "benches", "workloads.toml"))
+    ap.add_argument("--voxconv", default=os.path.join(root, "target", "release", "voxconv"))
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole comparison; the median of the rounds is reported")
+    ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
+    ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless voxconv >= torch everywhere, >= 2x torch and > ort "
+                         "as geometric means")
+    args = ap.parse_args()
+
+    with open(args.workloads, "rb") as f:
+        workloads = tomllib.load(f)["workload"]
+    import torch
+    print(f"# torch {torch.__version__}, numpy {np.__version__}", end="")
+    try:
+        import onnxruntime
+        print(f", onnxruntime {onnxruntime.__version__}", end="")
+    except ImportError:
+        pass
+    print(f"; {os.cpu_count()} CPUs; {args.rounds} round(s) of {args.repeat} runs, medians")
+
+    rows = []
+    for threads in args.threads:
+        for w in workloads:
+            samples = {"voxconv": [], "torch": [], "ort": []}
+            for _ in range(args.rounds):
+                samples["voxconv"].append(
+                    bench_voxconv(args.voxconv, args.workloads, w["name"], threads, args.repeat))
+                samples["torch"].append(bench_torch(w, threads, args.repeat))
+                if not args.no_ort:
+                    o = bench_ort(w, threads, args.repeat)
+                    if o is not None:
+                        samples["ort"].append(o)
+            med = {k: (statistics.median(v) if v else None) for k, v in samples.items()}
+            row = {
+                "name": w["name"], "threads": threads,
+                "voxconv_ms": med["voxconv"], "torch_ms": med["torch"], "ort_ms": med["ort"],
+                "voxconv_gflops": flops(w) / (med["voxconv"] * 1e6),
+                "torch_ratio": med["torch"] / med["voxconv"],
+                "ort_ratio": (med["ort"] / med["voxconv"]) if med["ort"] else None,
+            }
+            rows.append(row)
+            ort_s = f"{row['ort_ms']:9.2f} {row['ort_ratio']:6.2f}x" if row["ort_ms"] else "      n/a"
+            print(f"{w['name']:<24} t={threads}  voxconv {row['voxconv_ms']:9.2f} ms "
+                  f"({row['voxconv_gflops']:6.1f} GFLOP/s)  torch {row['torch_ms']:9.2f} "
+                  f"{row['torch_ratio']:6.2f}x  ort {ort_s}", flush=True)
+
+    ok = True
+    for threads in args.threads:
+        rs = [r for r in rows if r["threads"] == threads]
+        gt = geomean([r["torch_ratio"] for r in rs])
+        go = geomean([r["ort_ratio"] for r in rs])
+        worst = min(rs, key=lambda r: r["torch_ratio"])
+        print(f"threads={threads}: geomean speed-up vs torch {gt:.2f}x, vs onnxruntime "
+              f"{go:.2f}x; slowest vs torch: {worst['name']} {worst['torch_ratio']:.2f}x")
+        ok &= worst["torch_ratio"] >= 1.0 and gt >= 2.0 and (math.isnan(go) or go > 1.0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.check and not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

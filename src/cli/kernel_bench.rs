@@ -1,0 +1,167 @@
+//! `voxconv kernel-bench`: the kernel on named workloads, seeded random data, medians.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::{Activation, Conv3dParams, Conv3dPlan, Conv3dShape, Tiling};
+
+#[derive(Debug, Args)]
+pub struct KernelBenchArgs {
+    /// Workload file (format of benches/workloads.toml).
+    #[arg(long)]
+    pub workloads: PathBuf,
+    /// Threads (default: available cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed runs per workload (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Only the named workloads (repeatable).
+    #[arg(long = "only")]
+    pub only: Vec<String>,
+    /// Override tile width in output voxels (tuning).
+    #[arg(long, hide = true)]
+    pub tile_cols: Option<usize>,
+    /// Override reduction rows per GEMM (tuning).
+    #[arg(long, hide = true)]
+    pub k_chunk: Option<usize>,
+}
+
+/// A file of `[[workload]]` tables.
+#[derive(Debug, Deserialize)]
+pub struct WorkloadFile {
+    pub workload: Vec<Workload>,
+}
+
+/// One Conv3D shape to benchmark.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Workload {
+    pub name: String,
+    pub input: [usize; 5],
+    pub filters: [usize; 5],
+    pub stride: Option<[usize; 3]>,
+    pub padding: Option<[usize; 3]>,
+    pub dilation: Option<[usize; 3]>,
+}
+
+impl Workload {
+    pub fn shape(&self) -> Result<Conv3dShape, crate::kernel::KernelError> {
+        let d = Conv3dParams::default();
+        Conv3dShape::new(
+            self.input,
+            self.filters,
+            Conv3dParams {
+                stride: self.stride.unwrap_or(d.stride),
+                padding: self.padding.unwrap_or(d.padding),
+                dilation: self.dilation.unwrap_or(d.dilation),
+            },
+        )
+    }
+}
+
+impl WorkloadFile {
+    pub fn load(path: &Path) -> Result<Self, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct BenchLine<'a> {
+    name: &'a str,
+    threads: usize,
+    strategy: &'static str,
+    median_ms: f64,
+    min_ms: f64,
+    gflops: f64,
+    workspace_bytes: usize,
+    runs: usize,
+}
+
+/// Uniform values in [-1, 1) from a fixed seed.
+pub fn seeded(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let file = WorkloadFile::load(&a.workloads)?;
+    let threads = a.threads.unwrap_or_else(super::default_threads);
+    let repeat = a.repeat.max(1);
+    if !a.json {
+        println!(
+            "{:<24} {:>7} {:>16} {:>11} {:>9} {:>14}",
+            "workload", "threads", "strategy", "median ms", "GFLOP/s", "workspace B"
+        );
+    }
+    for w in file.workload.iter() {
+        if !a.only.is_empty() && !a.only.contains(&w.name) {
+            continue;
+        }
+        let shape = w.shape().map_err(|e| format!("workload {}: {e}", w.name))?;
+        let mut plan = Conv3dPlan::new(shape, Activation::None);
+        if a.tile_cols.is_some() || a.k_chunk.is_some() {
+            let t = plan.tiling();
+            plan = plan.with_tiling(Tiling {
+                tile_cols: a.tile_cols.unwrap_or(t.tile_cols),
+                k_chunk: a.k_chunk.unwrap_or(t.k_chunk),
+                slab_depth: t.slab_depth,
+            });
+        }
+        let input = seeded(shape.input_len(), 1);
+        let filters = seeded(shape.filters_len(), 2);
+        let bias = seeded(shape.c_out(), 3);
+        let mut out = vec![0f32; shape.output_len()];
+        let mut times = Vec::with_capacity(repeat);
+        for i in 0..=repeat {
+            let t0 = Instant::now();
+            plan.run_into(&input, &filters, Some(&bias), &mut out, threads, None)?;
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let median_ms = median(&mut times);
+        let line = BenchLine {
+            name: &w.name,
+            threads,
+            strategy: plan.strategy().name(),
+            median_ms,
+            min_ms,
+            gflops: shape.flops() / (median_ms * 1e6),
+            workspace_bytes: plan.workspace_bytes(threads),
+            runs: repeat,
+        };
+        if a.json {
+            println!("{}", serde_json::to_string(&line)?);
+        } else {
+            println!(
+                "{:<24} {:>7} {:>16} {:>11.2} {:>9.1} {:>14}",
+                line.name,
+                line.threads,
+                line.strategy,
+                line.median_ms,
+                line.gflops,
+                line.workspace_bytes
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! 3-D im2col of one output tile into a caller-owned buffer.
+//!
+//! For a tile of output voxels `[start, start + cols)` (flattened `(od, oh, ow)` of one batch
+//! item) and a range of reduction rows `[r0, r1)` (row `r = ((ci·kD + a)·kH + b)·kW + c`, the
+//! filter layout), the buffer receives a row-major `(r1 − r0) × cols` matrix: entry
+//! `(r − r0, j)` is the input value under tap `r` for output voxel `start + j`, or 0 in the
+//! zero padding. The full im2col matrix is never built: the caller reuses one small buffer.
+
+use super::Conv3dShape;
+
+/// Copies `dst.len()` taps along one output row: `dst[j] = src[(ow0 + j)·stride + off]`, or 0
+/// where that index falls outside `src`.
+#[inline]
+fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize) {
+    let len = dst.len();
+    let w = src.len() as isize;
+    // First input index of this run, and the valid range of j: 0 <= first + j·stride < w.
+    let first = (ow0 * stride) as isize + off;
+    let s = stride as isize;
+    let j_lo = if first >= 0 {
+        0
+    } else {
+        ((-first + s - 1) / s) as usize
+    };
+    let j_hi = if first >= w {
+        0
+    } else {
+        (((w - 1 - first) / s) + 1) as usize
+    };
+    let j_lo = j_lo.min(len);
+    let j_hi = j_hi.clamp(j_lo, len);
+    dst[..j_lo].fill(0.0);
+    if j_hi > j_lo {
+        let base = (first + (j_lo as isize) * s) as usize;
+        if stride == 1 {
+            dst[j_lo..j_hi].copy_from_slice(&src[base..base + (j_hi - j_lo)]);
+        } else {
+            for (d, &v) in dst[j_lo..j_hi]
+                .iter_mut()
+                .zip(src[base..].iter().step_by(stride))
+            {
+                *d = v;
+            }
+        }
+    }
+    dst[j_hi..].fill(0.0);
+}
+
+/// Fills the im2col rows `[r0, r1)` of output voxels `[start, start + cols)` of one batch
+/// item into `col`, row `r − r0` starting at `(r − r0)·stride` (`stride >= cols`; a stride
+/// that is not a multiple of 4 KiB keeps the GEMM's strided reads off a single cache set).
+/// `input_n` is that item's `C_in·D·H·W` values.
+pub fn im2col_tile(
+    shape: &Conv3dShape,
+    input_n: &[f32],
+    start: usize,
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    col: &mut [f32],
+    stride: usize,
+) {
+    debug_assert!(stride >= cols);
+    let [_, _, d, h, w] = shape.input;
+    let [_, _, kd, kh, kw] = shape.filters;
+    let [_, oh, ow] = shape.out_dims();
+    let p = shape.params;
+    let n_rows = rows.end - rows.start;
+    let col = &mut col[..(n_rows - 1) * stride + cols];
+    let end = start + cols;
+    let mut v = start;
+    let mut col_off = 0;
+    while v < end {
+        // One run of the tile along a single output row (fixed od, oh).
+        let ow0 = v % ow;
+        let row = v / ow;
+        let oy = row % oh;
+        let oz = row / oh;
+        let len = (ow - ow0).min(end - v);
+        for r in rows.clone() {
+            let c = r % kw;
+            let b = (r / kw) % kh;
+            let a = (r / (kw * kh)) % kd;
+            let ci = r / (kw * kh * kd);
+            let dst_start = (r - rows.start) * stride + col_off;
+            let dst = &mut col[dst_start..dst_start + len];
+            let iz = (oz * p.stride[0] + a * p.dilation[0]) as isize - p.padding[0] as isize;
+            let iy = (oy * p.stride[1] + b * p.dilation[1]) as isize - p.padding[1] as isize;
+            if iz < 0 || iy < 0 || iz >= d as isize || iy >= h as isize {
+                dst.fill(0.0);
+                continue;
+            }
+            let src_start = ((ci * d + iz as usize) * h + iy as usize) * w;
+            let off = (c * p.dilation[2]) as isize - p.padding[2] as isize;
+            fill_row(
+                dst,
+                &input_n[src_start..src_start + w],
+                ow0,
+                p.stride[2],
+                off,
+            );
+        }
+        v += len;
+        col_off += len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_row_pads_both_edges_with_stride() {
+        let src = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let mut dst = [9.0f32; 4];
+        // positions: -1, 1, 3, 5 -> 0, 2, 4, 0
+        fill_row(&mut dst, &src, 0, 2, -1);
+        assert_eq!(dst, [0.0, 2.0, 4.0, 0.0]);
+        let mut dst = [9.0f32; 7];
+        fill_row(&mut dst, &src, 0, 1, -1);
+        assert_eq!(dst, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0]);
+        // Entirely out of range on the right.
+        let mut dst = [9.0f32; 2];
+        fill_row(&mut dst, &src, 3, 2, 0);
+        assert_eq!(dst, [0.0, 0.0]);
+    }
+}

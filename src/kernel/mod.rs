@@ -1,0 +1,184 @@
+//! Conv3D numerics: PyTorch layout, f32, stride / zero padding / dilation per axis, bias and a
+//! fused activation.
+//!
+//! Pure numerics: std, ndarray-free slices and the `gemm` crate; nothing async, no tracing.
+//!
+//! * [`shape`]: output geometry with checked arithmetic.
+//! * [`reference`]: direct loops with f64 accumulation, the oracle.
+//! * [`im2col`]: 3-D im2col of one output tile into a reusable buffer.
+//! * [`plan`]: [`Conv3dPlan`], validated once, names its [`Strategy`], runs tile by tile on a
+//!   caller-chosen number of threads and hands finished output slabs over in order.
+
+pub mod im2col;
+pub mod plan;
+pub mod reference;
+pub mod shape;
+
+pub use plan::{Conv3dPlan, Slab, Strategy, Tiling};
+pub use reference::conv3d_reference;
+pub use shape::{Conv3dParams, Conv3dShape};
+
+use std::str::FromStr;
+
+/// Every way a Conv3D request can be wrong, as data (never a panic).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    #[error("stride along {axis} must be at least 1, got 0")]
+    ZeroStride { axis: &'static str },
+    #[error("dilation along {axis} must be at least 1, got 0")]
+    ZeroDilation { axis: &'static str },
+    #[error(
+        "kernel along {axis} spans {effective} voxels (dilation included) but the padded input \
+         has only {padded}"
+    )]
+    KernelTooLarge {
+        axis: &'static str,
+        effective: usize,
+        padded: usize,
+    },
+    #[error("filters expect C_in = {filters} input channels, input has {input}")]
+    ChannelMismatch { input: usize, filters: usize },
+    #[error("{tensor} dimension {dim} must be at least 1, got 0")]
+    EmptyDimension {
+        tensor: &'static str,
+        dim: &'static str,
+    },
+    #[error("{what} overflow the address space")]
+    Overflow { what: &'static str },
+    #[error("{what} buffer holds {got} values, expected {expected}")]
+    BufferLength {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("thread count must be at least 1, got 0")]
+    ZeroThreads,
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// The activation fused after bias.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Activation {
+    #[default]
+    None,
+    Relu,
+    /// `x` for `x >= 0`, else `alpha·x` (PyTorch's LeakyReLU).
+    LeakyRelu(f32),
+    Sigmoid,
+}
+
+impl Activation {
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::None => x,
+            Activation::Relu => x.max(0.0),
+            Activation::LeakyRelu(a) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    a * x
+                }
+            }
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        }
+    }
+
+    /// The same function in f64, for the reference.
+    pub fn apply_f64(self, x: f64) -> f64 {
+        match self {
+            Activation::None => x,
+            Activation::Relu => x.max(0.0),
+            Activation::LeakyRelu(a) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    f64::from(a) * x
+                }
+            }
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        }
+    }
+
+    /// Adds `bias` to every value of `row`, then applies the activation, in one pass.
+    #[inline]
+    pub fn bias_apply(self, row: &mut [f32], bias: f32) {
+        match self {
+            Activation::None => row.iter_mut().for_each(|v| *v += bias),
+            Activation::Relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+            Activation::LeakyRelu(a) => row.iter_mut().for_each(|v| {
+                let x = *v + bias;
+                *v = if x >= 0.0 { x } else { a * x };
+            }),
+            Activation::Sigmoid => row
+                .iter_mut()
+                .for_each(|v| *v = 1.0 / (1.0 + (-(*v + bias)).exp())),
+        }
+    }
+}
+
+impl FromStr for Activation {
+    type Err = String;
+    /// `none`, `relu`, `sigmoid`, `leaky_relu` (alpha 0.01) or `leaky_relu:ALPHA`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Activation::None),
+            "relu" => Ok(Activation::Relu),
+            "sigmoid" => Ok(Activation::Sigmoid),
+            "leaky_relu" => Ok(Activation::LeakyRelu(0.01)),
+            _ => match s.strip_prefix("leaky_relu:") {
+                Some(a) => a
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|a| a.is_finite())
+                    .map(Activation::LeakyRelu)
+                    .ok_or_else(|| format!("leaky_relu alpha must be a finite number, got {a:?}")),
+                None => Err(format!(
+                    "expected none, relu, leaky_relu[:ALPHA] or sigmoid, got {s:?}"
+                )),
+            },
+        }
+    }
+}
+
+/// Checks that the buffers have exactly the lengths the shape implies.
+pub fn check_buffers(
+    shape: &Conv3dShape,
+    input: &[f32],
+    filters: &[f32],
+    bias: Option<&[f32]>,
+) -> Result<(), KernelError> {
+    let check = |what, expected: usize, got: usize| {
+        if expected == got {
+            Ok(())
+        } else {
+            Err(KernelError::BufferLength {
+                what,
+                expected,
+                got,
+            })
+        }
+    };
+    check("input", shape.input_len(), input.len())?;
+    check("filters", shape.filters_len(), filters.len())?;
+    if let Some(b) = bias {
+        check("bias", shape.c_out(), b.len())?;
+    }
+    Ok(())
+}
+
+/// One-call convenience: plans, allocates the output and runs the fast path.
+pub fn conv3d(
+    shape: &Conv3dShape,
+    input: &[f32],
+    filters: &[f32],
+    bias: Option<&[f32]>,
+    activation: Activation,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let plan = Conv3dPlan::new(*shape, activation);
+    let mut out = vec![0f32; shape.output_len()];
+    plan.run_into(input, filters, bias, &mut out, threads, None)?;
+    Ok(out)
+}

@@ -1,0 +1,603 @@
+//! `Conv3dPlan`: a validated problem, its strategy and its tiling, computed once.
+//!
+//! Work unit: a *tile* is a run of `tile_cols` consecutive output voxels (flattened
+//! `(od, oh, ow)`) of one batch item, for all output channels. A *slab* is a range of output
+//! depth planes of one batch item; tiles never cross a slab. Tiles and slabs depend only on
+//! the shape, never on the thread count, and each tile is computed by one thread with a
+//! single-threaded GEMM, so every output value is summed in the same order whatever the
+//! number of threads: results are bit-identical across thread counts.
+//!
+//! Per tile (strategy `Im2colGemm`): for each chunk of `k_chunk` reduction rows, im2col the
+//! chunk into the thread's buffer (sized to stay in L2) and accumulate one GEMM
+//! `W[:, chunk] · cols` straight into the destination; then the epilogue adds the bias and
+//! applies the activation while the tile is still in cache.
+
+use std::ops::{ControlFlow, Range};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::im2col::im2col_tile;
+use super::{check_buffers, Activation, Conv3dShape, KernelError};
+
+/// How a plan computes its tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// General path: 3-D im2col of each tile (in reduction chunks), one GEMM per chunk.
+    Im2colGemm,
+    /// 1×1×1 kernel, stride 1, no padding: the input already is the column matrix, so the
+    /// GEMM reads it in place (no im2col, no workspace).
+    Pointwise,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Im2colGemm => "im2col+gemm",
+            Strategy::Pointwise => "pointwise-1x1x1",
+        }
+    }
+}
+
+/// Tile geometry. Defaults come from [`Tiling::for_shape`]; tests and benchmarks may override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    /// Output voxels per tile (GEMM `n`).
+    pub tile_cols: usize,
+    /// Reduction rows per GEMM (GEMM `k`); the im2col buffer is `k_chunk × tile_cols`.
+    pub k_chunk: usize,
+    /// Output depth planes per slab.
+    pub slab_depth: usize,
+}
+
+/// Target size of one thread's im2col buffer: comfortably inside a 1 MiB L2.
+const COL_BUFFER_BYTES: usize = 384 * 1024;
+/// Preferred tile width before rounding to whole output rows.
+const TARGET_TILE_COLS: usize = 1024;
+/// Target size of one output slab (all channels).
+const SLAB_BYTES: usize = 2 * 1024 * 1024;
+/// Padding (in f32) after each im2col row.
+const COL_ROW_PAD: usize = 16;
+/// Slab buffers in flight in streaming mode (one being delivered, the rest being computed).
+const RING_SLABS: usize = 3;
+
+impl Tiling {
+    /// Default tiling for a shape: independent of the thread count (determinism).
+    pub fn for_shape(shape: &Conv3dShape) -> Self {
+        let [od, oh, ow] = shape.out_dims();
+        let plane = oh * ow;
+        let slab_vox_target = (SLAB_BYTES / 4 / shape.c_out()).max(1);
+        let slab_depth = (slab_vox_target / plane).clamp(1, od);
+        let slab_vox = slab_depth * plane;
+        // Whole output rows per tile when rows are short enough.
+        let mut tile_cols = TARGET_TILE_COLS.min(slab_vox);
+        if ow <= tile_cols {
+            tile_cols = tile_cols / ow * ow;
+        }
+        let k = shape.reduction_len();
+        let k_chunk = (COL_BUFFER_BYTES / 4 / tile_cols)
+            .clamp(16, k.max(16))
+            .min(k);
+        Self {
+            tile_cols,
+            k_chunk,
+            slab_depth,
+        }
+    }
+
+    fn sanitized(self, shape: &Conv3dShape) -> Self {
+        let [od, oh, ow] = shape.out_dims();
+        let slab_depth = self.slab_depth.clamp(1, od);
+        Self {
+            tile_cols: self.tile_cols.clamp(1, slab_depth * oh * ow),
+            k_chunk: self.k_chunk.clamp(1, shape.reduction_len()),
+            slab_depth,
+        }
+    }
+}
+
+/// A finished slab of output: depth planes `depth` of batch item `batch`, all channels,
+/// laid out `[C_out, depth.len(), oH, oW]`.
+#[derive(Debug)]
+pub struct Slab<'a> {
+    pub batch: usize,
+    pub depth: Range<usize>,
+    pub data: &'a [f32],
+}
+
+/// A validated Conv3D with its strategy and tiling.
+#[derive(Clone, Debug)]
+pub struct Conv3dPlan {
+    shape: Conv3dShape,
+    activation: Activation,
+    strategy: Strategy,
+    tiling: Tiling,
+}
+
+/// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
+/// channel `c` starts `c·row_stride` values later.
+#[derive(Clone, Copy)]
+struct Dest {
+    base: *mut f32,
+    row_stride: usize,
+}
+
+/// A raw pointer that may cross threads; what it points to is split between threads by the
+/// tile protocol (see SAFETY notes at the uses).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced under the tile/slab protocol of `run_parallel`:
+// each tile writes a region no other thread touches until the slab is delivered.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; shared references to `SendPtr` only copy the address.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// `self + off` elements (a method, so closures capture the whole `SendPtr`).
+    fn offset(self, off: usize) -> *mut f32 {
+        self.0.wrapping_add(off)
+    }
+}
+
+struct SlabInfo {
+    /// Position in output order.
+    index: usize,
+    batch: usize,
+    depth: Range<usize>,
+    /// First output voxel (within the batch item) and voxel count.
+    start: usize,
+    voxels: usize,
+    /// Index of the slab's first tile in the global tile sequence.
+    first_tile: usize,
+    tiles: usize,
+}
+
+impl Conv3dPlan {
+    /// Plans a validated shape with the default tiling.
+    pub fn new(shape: Conv3dShape, activation: Activation) -> Self {
+        let k = shape.kernel_dims();
+        let p = shape.params;
+        let strategy = if k == [1, 1, 1] && p.stride == [1; 3] && p.padding == [0; 3] {
+            Strategy::Pointwise
+        } else {
+            Strategy::Im2colGemm
+        };
+        Self {
+            shape,
+            activation,
+            strategy,
+            tiling: Tiling::for_shape(&shape),
+        }
+    }
+
+    /// Overrides the tiling (clamped to the shape). For tests and tuning.
+    pub fn with_tiling(mut self, tiling: Tiling) -> Self {
+        self.tiling = tiling.sanitized(&self.shape);
+        self
+    }
+
+    /// Forces the general strategy even where a cheaper one applies (tests compare them).
+    pub fn with_strategy(mut self, strategy: Strategy) -> Self {
+        if strategy == Strategy::Im2colGemm || self.strategy == strategy {
+            self.strategy = strategy;
+        }
+        self
+    }
+
+    pub fn shape(&self) -> &Conv3dShape {
+        &self.shape
+    }
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+    pub fn tiling(&self) -> Tiling {
+        self.tiling
+    }
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// Bytes of the per-thread im2col buffers for `threads` threads (0 for pointwise).
+    pub fn im2col_bytes(&self, threads: usize) -> usize {
+        match self.strategy {
+            Strategy::Pointwise => 0,
+            Strategy::Im2colGemm => threads * self.tiling.k_chunk * self.col_stride() * 4,
+        }
+    }
+
+    /// Row stride of the im2col buffer: the tile width plus one cache line, so that rows
+    /// never sit a multiple of 4 KiB apart (which would alias in L1 during the GEMM).
+    fn col_stride(&self) -> usize {
+        self.tiling.tile_cols + COL_ROW_PAD
+    }
+
+    /// Bytes of one slab buffer (all channels).
+    pub fn slab_bytes(&self) -> usize {
+        let [_, oh, ow] = self.shape.out_dims();
+        self.shape.c_out() * self.tiling.slab_depth * oh * ow * 4
+    }
+
+    /// Workspace of [`run_into`](Self::run_into): the im2col buffers. Bounded by a constant
+    /// per thread, whatever the volume size.
+    pub fn workspace_bytes(&self, threads: usize) -> usize {
+        self.im2col_bytes(threads)
+    }
+
+    /// Workspace of [`run_slabs`](Self::run_slabs): im2col buffers plus the slab ring.
+    pub fn streaming_workspace_bytes(&self, threads: usize) -> usize {
+        let ring = if threads <= 1 { 1 } else { RING_SLABS };
+        self.im2col_bytes(threads) + ring * self.slab_bytes()
+    }
+
+    fn slabs(&self) -> Vec<SlabInfo> {
+        let [od, oh, ow] = self.shape.out_dims();
+        let plane = oh * ow;
+        let mut out = Vec::new();
+        let mut first_tile = 0;
+        for batch in 0..self.shape.batch() {
+            let mut d0 = 0;
+            while d0 < od {
+                let d1 = (d0 + self.tiling.slab_depth).min(od);
+                let voxels = (d1 - d0) * plane;
+                let tiles = voxels.div_ceil(self.tiling.tile_cols);
+                out.push(SlabInfo {
+                    index: out.len(),
+                    batch,
+                    depth: d0..d1,
+                    start: d0 * plane,
+                    voxels,
+                    first_tile,
+                    tiles,
+                });
+                first_tile += tiles;
+                d0 = d1;
+            }
+        }
+        out
+    }
+
+    /// Computes tile `t` of `slab` into `dest`, using `col` as im2col workspace.
+    ///
+    /// # Safety
+    /// `dest` must be valid for writes of `C_out` rows of `slab.voxels` values at stride
+    /// `dest.row_stride`, and no other thread may access the columns of tile `t` meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn compute_tile(
+        &self,
+        input: &[f32],
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        slab: &SlabInfo,
+        t: usize,
+        dest: Dest,
+        col: &mut [f32],
+    ) {
+        let shape = &self.shape;
+        let c_out = shape.c_out();
+        let c_in = shape.c_in();
+        let k = shape.reduction_len();
+        let in_item = c_in * shape.in_voxels();
+        let input_n = &input[slab.batch * in_item..(slab.batch + 1) * in_item];
+        let off = t * self.tiling.tile_cols;
+        let cols = self.tiling.tile_cols.min(slab.voxels - off);
+        let v0 = slab.start + off;
+        // SAFETY: `off < slab.voxels`, so the tile's first column lies inside the slab's
+        // destination rows (caller's contract).
+        let dst = unsafe { dest.base.add(off) };
+        let rs = dest.row_stride as isize;
+        match self.strategy {
+            Strategy::Pointwise => {
+                // SAFETY: lhs is `filters` (c_out × c_in, row-major, in bounds); rhs reads
+                // rows `ci·in_voxels + v0 .. + cols` of `input_n` (in bounds since
+                // v0 + cols <= out_voxels == in_voxels for a pointwise plan); dst per the
+                // caller's contract.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        cols,
+                        c_in,
+                        dst,
+                        1,
+                        rs,
+                        false,
+                        filters.as_ptr(),
+                        1,
+                        k as isize,
+                        input_n.as_ptr().add(v0),
+                        1,
+                        shape.in_voxels() as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            Strategy::Im2colGemm => {
+                let kc = self.tiling.k_chunk;
+                let mut r0 = 0;
+                while r0 < k {
+                    let r1 = (r0 + kc).min(k);
+                    let stride = self.col_stride();
+                    im2col_tile(shape, input_n, v0, cols, r0..r1, col, stride);
+                    // SAFETY: lhs = filters[:, r0..r1] (row stride k, in bounds); rhs = the
+                    // (r1−r0) × cols matrix just written to `col` (row stride cols); dst per
+                    // the caller's contract. The first chunk overwrites dst (read_dst =
+                    // false), later chunks accumulate in a fixed order.
+                    unsafe {
+                        gemm::gemm(
+                            c_out,
+                            cols,
+                            r1 - r0,
+                            dst,
+                            1,
+                            rs,
+                            r0 > 0,
+                            filters.as_ptr().add(r0),
+                            1,
+                            k as isize,
+                            col.as_ptr(),
+                            1,
+                            stride as isize,
+                            1.0f32,
+                            1.0f32,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    r0 = r1;
+                }
+            }
+        }
+        // Epilogue: bias + activation while the tile is hot.
+        if bias.is_some() || self.activation != Activation::None {
+            for co in 0..c_out {
+                // SAFETY: row `co` of the tile: `cols` values at dst + co·row_stride, inside
+                // the destination and owned by this tile (caller's contract).
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(co * dest.row_stride), cols) };
+                self.activation.bias_apply(row, bias.map_or(0.0, |b| b[co]));
+            }
+        }
+    }
+
+    fn check(
+        &self,
+        input: &[f32],
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        threads: usize,
+    ) -> Result<(), KernelError> {
+        if threads == 0 {
+            return Err(KernelError::ZeroThreads);
+        }
+        check_buffers(&self.shape, input, filters, bias)
+    }
+
+    /// Runs the convolution into `output` (`[N, C_out, oD, oH, oW]`, fully overwritten) on
+    /// `threads` threads. Returns `Cancelled` if `cancel` is set before the end.
+    pub fn run_into(
+        &self,
+        input: &[f32],
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(), KernelError> {
+        self.check(input, filters, bias, threads)?;
+        if output.len() != self.shape.output_len() {
+            return Err(KernelError::BufferLength {
+                what: "output",
+                expected: self.shape.output_len(),
+                got: output.len(),
+            });
+        }
+        let out_vox = self.shape.out_voxels();
+        let item = self.shape.c_out() * out_vox;
+        let base = SendPtr(output.as_mut_ptr());
+        let dest_of = move |s: &SlabInfo| Dest {
+            // SAFETY (of the arithmetic): batch·item + start < output.len().
+            base: base.offset(s.batch * item + s.start),
+            row_stride: out_vox,
+        };
+        self.drive(
+            input,
+            filters,
+            bias,
+            threads,
+            cancel,
+            usize::MAX,
+            &dest_of,
+            &mut |_| ControlFlow::Continue(()),
+        )
+    }
+
+    /// Runs the convolution and hands each finished slab, in output order, to `on_slab`.
+    /// Memory: `streaming_workspace_bytes(threads)`, not the output size. `on_slab` may
+    /// return `Break` to stop early (the result is then `Cancelled`).
+    pub fn run_slabs(
+        &self,
+        input: &[f32],
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
+    ) -> Result<(), KernelError> {
+        self.check(input, filters, bias, threads)?;
+        let ring = if threads <= 1 { 1 } else { RING_SLABS };
+        let slab_len = self.slab_bytes() / 4;
+        let mut buffers = vec![0f32; ring * slab_len];
+        let base = SendPtr(buffers.as_mut_ptr());
+        // Slab k lives in ring slot k % ring.
+        let dest_of = move |s: &SlabInfo| Dest {
+            base: base.offset((s.index % ring) * slab_len),
+            row_stride: s.voxels,
+        };
+        let result = self.drive(
+            input,
+            filters,
+            bias,
+            threads,
+            cancel,
+            ring,
+            &dest_of,
+            &mut |s| {
+                // SAFETY: the slab is complete and its ring slot is not written again until
+                // `drive` marks it delivered, after this callback returns.
+                let data = unsafe {
+                    std::slice::from_raw_parts(dest_of(s).base, self.shape.c_out() * s.voxels)
+                };
+                on_slab(Slab {
+                    batch: s.batch,
+                    depth: s.depth.clone(),
+                    data,
+                })
+            },
+        );
+        drop(buffers);
+        result
+    }
+
+    /// The scheduler. Sequential for one thread; otherwise `threads` workers take tiles in
+    /// order from a shared counter while the calling thread delivers slabs in order. At most
+    /// `ring` slabs are in flight (computed but not delivered).
+    #[allow(clippy::too_many_arguments)]
+    fn drive(
+        &self,
+        input: &[f32],
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        ring: usize,
+        dest_of: &(dyn Fn(&SlabInfo) -> Dest + Sync),
+        deliver: &mut dyn FnMut(&SlabInfo) -> ControlFlow<()>,
+    ) -> Result<(), KernelError> {
+        let slabs = self.slabs();
+        let col_len = self.im2col_bytes(1) / 4;
+        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        if threads == 1 {
+            let mut col = vec![0f32; col_len];
+            for s in &slabs {
+                for t in 0..s.tiles {
+                    if cancelled() {
+                        return Err(KernelError::Cancelled);
+                    }
+                    // SAFETY: one thread; dest_of gives the slab's own rows.
+                    unsafe { self.compute_tile(input, filters, bias, s, t, dest_of(s), &mut col) };
+                }
+                if deliver(s).is_break() {
+                    return Err(KernelError::Cancelled);
+                }
+            }
+            return Ok(());
+        }
+
+        let total_tiles: usize = slabs.iter().map(|s| s.tiles).sum();
+        let next_tile = AtomicUsize::new(0);
+        let done: Vec<AtomicUsize> = slabs.iter().map(|_| AtomicUsize::new(0)).collect();
+        let delivered = AtomicUsize::new(0);
+        let abort = AtomicBool::new(false);
+        let lock = Mutex::new(());
+        let cv = Condvar::new();
+        let notify = || {
+            drop(lock.lock().unwrap_or_else(|e| e.into_inner()));
+            cv.notify_all();
+        };
+        // Wakes everyone if a worker unwinds, so the deliverer never waits forever.
+        struct PanicGuard<'a>(&'a AtomicBool, &'a dyn Fn());
+        impl Drop for PanicGuard<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.store(true, Ordering::SeqCst);
+                    (self.1)();
+                }
+            }
+        }
+        let wait_until = |ready: &dyn Fn() -> bool| {
+            let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+            while !ready() && !abort.load(Ordering::SeqCst) {
+                if cancelled() {
+                    abort.store(true, Ordering::SeqCst);
+                    cv.notify_all();
+                    break;
+                }
+                g = cv
+                    .wait_timeout(g, Duration::from_millis(20))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        };
+
+        let mut outcome = Ok(());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let _guard = PanicGuard(&abort, &notify);
+                    let mut col = vec![0f32; col_len];
+                    loop {
+                        if abort.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if cancelled() {
+                            abort.store(true, Ordering::SeqCst);
+                            notify();
+                            break;
+                        }
+                        let g = next_tile.fetch_add(1, Ordering::Relaxed);
+                        if g >= total_tiles {
+                            break;
+                        }
+                        let si = slabs.partition_point(|s| s.first_tile <= g) - 1;
+                        let s = &slabs[si];
+                        if ring != usize::MAX {
+                            wait_until(&|| si < delivered.load(Ordering::SeqCst) + ring);
+                            if abort.load(Ordering::SeqCst) {
+                                break;
+                            }
+                        }
+                        // SAFETY: tile g is taken by this thread alone (atomic counter); its
+                        // slab's ring slot is free (waited above) and stays reserved until
+                        // the slab is delivered, which needs this tile to finish.
+                        unsafe {
+                            self.compute_tile(
+                                input,
+                                filters,
+                                bias,
+                                s,
+                                g - s.first_tile,
+                                dest_of(s),
+                                &mut col,
+                            )
+                        };
+                        if done[si].fetch_add(1, Ordering::SeqCst) + 1 == s.tiles {
+                            notify();
+                        }
+                    }
+                });
+            }
+            for (si, s) in slabs.iter().enumerate() {
+                wait_until(&|| done[si].load(Ordering::SeqCst) == s.tiles);
+                if abort.load(Ordering::SeqCst) {
+                    outcome = Err(KernelError::Cancelled);
+                    break;
+                }
+                if deliver(s).is_break() {
+                    abort.store(true, Ordering::SeqCst);
+                    notify();
+                    outcome = Err(KernelError::Cancelled);
+                    break;
+                }
+                delivered.store(si + 1, Ordering::SeqCst);
+                notify();
+            }
+        });
+        outcome
+    }
+}

@@ -1,0 +1,606 @@
+//! The fast path against the f64 reference, PyTorch golden values, determinism across thread
+//! counts, slab streaming, cancellation and every error case.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use serde::Deserialize;
+use voxconv::kernel::reference::conv3d_reference_with_magnitude;
+use voxconv::kernel::{
+    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError, Strategy as KernelStrategy,
+    Tiling,
+};
+
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    voxconv::cli::seeded(len, seed)
+}
+
+/// Asserts `got` is within the f32 rounding bound of the f64 reference: for each element,
+/// `|got − ref| <= 2·(K + 1)·ε·Σ|w·x| + ε` (K = reduction length; the activations used are
+/// 1-Lipschitz, so the bound carries through them).
+fn assert_close(shape: &Conv3dShape, got: &[f32], want: &[f32], mag: &[f64], what: &str) {
+    let k = shape.reduction_len() as f64 + 1.0;
+    let eps = f32::EPSILON as f64;
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let tol = 2.0 * k * eps * m + eps;
+        let err = (g as f64 - w as f64).abs();
+        assert!(
+            err <= tol,
+            "{what}: element {i}: got {g}, want {w} (|err| {err:e} > tol {tol:e}), shape {shape:?}"
+        );
+    }
+}
+
+fn run_plan(
+    plan: &Conv3dPlan,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; plan.shape().output_len()];
+    plan.run_into(x, w, b, &mut out, threads, None).unwrap();
+    out
+}
+
+fn activation_strategy() -> impl proptest::strategy::Strategy<Value = Activation> {
+    prop_oneof![
+        Just(Activation::None),
+        Just(Activation::Relu),
+        (0.0f32..0.5).prop_map(Activation::LeakyRelu),
+        Just(Activation::Sigmoid),
+    ]
+}
+
+/// A random valid problem: per axis, input size, kernel, stride, padding, dilation such that
+/// the dilated kernel fits the padded input.
+fn problem() -> impl proptest::strategy::Strategy<Value = (Conv3dShape, Activation, bool)> {
+    let axis =
+        (1usize..4, 1usize..4, 0usize..3, 1usize..4, 0usize..9).prop_map(|(k, s, p, d, extra)| {
+            let eff = d * (k - 1) + 1;
+            // input x such that x + 2p >= eff, plus some slack for odd sizes
+            let x = eff.saturating_sub(2 * p).max(1) + extra;
+            (x, k, s, p, d)
+        });
+    (
+        1usize..3,
+        1usize..5,
+        1usize..6,
+        [axis.clone(), axis.clone(), axis],
+        activation_strategy(),
+        any::<bool>(),
+    )
+        .prop_map(|(n, cin, cout, axes, act, bias)| {
+            let input = [n, cin, axes[0].0, axes[1].0, axes[2].0];
+            let filters = [cout, cin, axes[0].1, axes[1].1, axes[2].1];
+            let params = Conv3dParams {
+                stride: [axes[0].2, axes[1].2, axes[2].2],
+                padding: [axes[0].3, axes[1].3, axes[2].3],
+                dilation: [axes[0].4, axes[1].4, axes[2].4],
+            };
+            (Conv3dShape::new(input, filters, params).unwrap(), act, bias)
+        })
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: 160,
+        rng_seed: RngSeed::Fixed(0x766f78),
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    /// Default tiling and random tilings (tile widths that split output rows, reduction
+    /// chunks that do not divide K, one-plane slabs), 1–3 threads, against the reference.
+    #[test]
+    fn fast_path_matches_reference(
+        (shape, act, with_bias) in problem(),
+        tile_cols in 1usize..70,
+        k_chunk in 1usize..40,
+        slab_depth in 1usize..4,
+        threads in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        let x = data(shape.input_len(), seed);
+        let w = data(shape.filters_len(), seed + 1);
+        let b = data(shape.c_out(), seed + 2);
+        let bias = with_bias.then_some(b.as_slice());
+        let (want, mag) = conv3d_reference_with_magnitude(&shape, &x, &w, bias, act).unwrap();
+        let plan = Conv3dPlan::new(shape, act);
+        assert_close(&shape, &run_plan(&plan, &x, &w, bias, threads), &want, &mag, "default tiling");
+        let tiled = plan.clone().with_tiling(Tiling { tile_cols, k_chunk, slab_depth });
+        assert_close(&shape, &run_plan(&tiled, &x, &w, bias, threads), &want, &mag, "random tiling");
+    }
+}
+
+#[test]
+fn one_two_and_three_threads_are_bit_identical() {
+    // Big enough for many tiles and slabs, with a reduction split into several chunks.
+    let shape = Conv3dShape::new(
+        [2, 16, 20, 24, 28],
+        [12, 16, 3, 3, 3],
+        Conv3dParams {
+            stride: [1, 1, 1],
+            padding: [1, 1, 1],
+            dilation: [1, 1, 1],
+        },
+    )
+    .unwrap();
+    let x = data(shape.input_len(), 7);
+    let w = data(shape.filters_len(), 8);
+    let b = data(12, 9);
+    for plan in [
+        Conv3dPlan::new(shape, Activation::LeakyRelu(0.1)),
+        Conv3dPlan::new(shape, Activation::Relu).with_tiling(Tiling {
+            tile_cols: 100,
+            k_chunk: 50,
+            slab_depth: 3,
+        }),
+    ] {
+        let one = run_plan(&plan, &x, &w, Some(&b), 1);
+        for threads in [2, 3] {
+            let many = run_plan(&plan, &x, &w, Some(&b), threads);
+            let same = one
+                .iter()
+                .zip(&many)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{threads} threads differ from 1 thread ({:?})",
+                plan.tiling()
+            );
+        }
+    }
+}
+
+#[test]
+fn slabs_arrive_in_order_and_tile_the_output() {
+    let shape =
+        Conv3dShape::new([2, 3, 9, 10, 11], [5, 3, 3, 3, 3], Conv3dParams::default()).unwrap();
+    let x = data(shape.input_len(), 1);
+    let w = data(shape.filters_len(), 2);
+    let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
+        tile_cols: 37,
+        k_chunk: 20,
+        slab_depth: 2,
+    });
+    let full = run_plan(&plan, &x, &w, None, 2);
+    let [_, c_out, od, oh, ow] = shape.output;
+    for threads in [1, 2, 3] {
+        let mut next = (0usize, 0usize);
+        let mut rebuilt = vec![f32::NAN; shape.output_len()];
+        plan.run_slabs(&x, &w, None, threads, None, &mut |s| {
+            assert_eq!((s.batch, s.depth.start), next, "slab out of order");
+            let planes = s.depth.len();
+            assert_eq!(s.data.len(), c_out * planes * oh * ow);
+            for c in 0..c_out {
+                let src = &s.data[c * planes * oh * ow..(c + 1) * planes * oh * ow];
+                let dst = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
+                rebuilt[dst..dst + src.len()].copy_from_slice(src);
+            }
+            next = if s.depth.end == od {
+                (s.batch + 1, 0)
+            } else {
+                (s.batch, s.depth.end)
+            };
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(next, (2, 0), "every slab delivered");
+        assert!(rebuilt
+            .iter()
+            .zip(&full)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
+#[test]
+fn pointwise_strategy_matches_general_path() {
+    let shape =
+        Conv3dShape::new([2, 7, 5, 6, 7], [9, 7, 1, 1, 1], Conv3dParams::default()).unwrap();
+    let plan = Conv3dPlan::new(shape, Activation::Sigmoid);
+    assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
+    assert_eq!(plan.workspace_bytes(4), 0);
+    let general = plan.clone().with_strategy(KernelStrategy::Im2colGemm);
+    assert_eq!(general.strategy(), KernelStrategy::Im2colGemm);
+    let x = data(shape.input_len(), 3);
+    let w = data(shape.filters_len(), 4);
+    let b = data(9, 5);
+    let (want, mag) =
+        conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), Activation::Sigmoid).unwrap();
+    assert_close(
+        &shape,
+        &run_plan(&plan, &x, &w, Some(&b), 2),
+        &want,
+        &mag,
+        "pointwise",
+    );
+    assert_close(
+        &shape,
+        &run_plan(&general, &x, &w, Some(&b), 2),
+        &want,
+        &mag,
+        "general",
+    );
+    // A 1×1×1 kernel with stride or padding is not pointwise.
+    let strided = Conv3dShape::new(
+        [1, 2, 4, 4, 4],
+        [3, 2, 1, 1, 1],
+        Conv3dParams {
+            stride: [2, 1, 1],
+            ..Conv3dParams::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        Conv3dPlan::new(strided, Activation::None).strategy(),
+        KernelStrategy::Im2colGemm
+    );
+}
+
+#[derive(Deserialize)]
+struct GoldenFile {
+    case: Vec<GoldenCase>,
+}
+#[derive(Deserialize)]
+struct GoldenCase {
+    name: String,
+    stride: [usize; 3],
+    padding: [usize; 3],
+    dilation: [usize; 3],
+    activation: String,
+}
+
+#[test]
+fn golden_values_from_pytorch() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
+    let cases: GoldenFile =
+        toml::from_str(&std::fs::read_to_string(dir.join("cases.toml")).unwrap()).unwrap();
+    assert!(cases.case.len() >= 3);
+    for c in cases.case {
+        let load =
+            |s: &str| voxconv::tensor::read_npy(&dir.join(format!("{}.{s}.npy", c.name))).unwrap();
+        let (x, w, b, want) = (
+            load("input"),
+            load("filters"),
+            load("bias"),
+            load("expected"),
+        );
+        let d5 = |v: &[usize]| [v[0], v[1], v[2], v[3], v[4]];
+        let params = Conv3dParams {
+            stride: c.stride,
+            padding: c.padding,
+            dilation: c.dilation,
+        };
+        let shape = Conv3dShape::new(d5(&x.shape), d5(&w.shape), params).unwrap();
+        assert_eq!(
+            shape.output.to_vec(),
+            want.shape,
+            "{}: output shape",
+            c.name
+        );
+        let act: Activation = c.activation.parse().unwrap();
+        let (_, mag) =
+            conv3d_reference_with_magnitude(&shape, &x.data, &w.data, Some(&b.data), act).unwrap();
+        for threads in [1, 2] {
+            let got = run_plan(
+                &Conv3dPlan::new(shape, act),
+                &x.data,
+                &w.data,
+                Some(&b.data),
+                threads,
+            );
+            assert_close(&shape, &got, &want.data, &mag, &c.name);
+        }
+        let reference =
+            voxconv::kernel::conv3d_reference(&shape, &x.data, &w.data, Some(&b.data), act)
+                .unwrap();
+        assert_close(
+            &shape,
+            &reference,
+            &want.data,
+            &mag,
+            &format!("{} (reference)", c.name),
+        );
+    }
+}
+
+// ---- named regression cases -------------------------------------------------------------
+
+/// Guards the right-edge clamp of strided row copies: with stride 2 and padding 2 the last
+/// output taps read past the input's end and must be zero, not the next row's values.
+#[test]
+fn regression_strided_taps_past_row_end_are_zero() {
+    let shape = Conv3dShape::new(
+        [1, 1, 3, 3, 5],
+        [1, 1, 1, 1, 3],
+        Conv3dParams {
+            stride: [1, 1, 2],
+            padding: [0, 0, 2],
+            dilation: [1, 1, 1],
+        },
+    )
+    .unwrap();
+    let x: Vec<f32> = (0..shape.input_len()).map(|i| i as f32 + 1.0).collect();
+    let w = vec![1.0; 3];
+    let want = voxconv::kernel::conv3d_reference(&shape, &x, &w, None, Activation::None).unwrap();
+    let got = run_plan(&Conv3dPlan::new(shape, Activation::None), &x, &w, None, 1);
+    assert_eq!(got, want);
+}
+
+/// Guards the first GEMM of a tile overwriting its destination: a NaN-prefilled output must
+/// come back without NaN, also when the reduction is split into chunks.
+#[test]
+fn regression_nan_prefilled_output_is_overwritten() {
+    let shape =
+        Conv3dShape::new([1, 4, 6, 6, 6], [3, 4, 3, 3, 3], Conv3dParams::default()).unwrap();
+    let x = data(shape.input_len(), 1);
+    let w = data(shape.filters_len(), 2);
+    for k_chunk in [7, 108] {
+        let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
+            tile_cols: 10,
+            k_chunk,
+            slab_depth: 1,
+        });
+        let got = run_plan(&plan, &x, &w, None, 2);
+        assert!(got.iter().all(|v| v.is_finite()), "k_chunk {k_chunk}");
+    }
+}
+
+/// Guards tiles that start mid-row: a tile width of 1 makes every column its own tile.
+#[test]
+fn regression_single_column_tiles() {
+    let shape = Conv3dShape::new(
+        [1, 2, 4, 5, 3],
+        [2, 2, 2, 3, 2],
+        Conv3dParams {
+            stride: [1, 2, 1],
+            padding: [1, 1, 0],
+            dilation: [1, 1, 2],
+        },
+    )
+    .unwrap();
+    let x = data(shape.input_len(), 4);
+    let w = data(shape.filters_len(), 5);
+    let (want, mag) =
+        conv3d_reference_with_magnitude(&shape, &x, &w, None, Activation::None).unwrap();
+    let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
+        tile_cols: 1,
+        k_chunk: 1,
+        slab_depth: 1,
+    });
+    assert_close(
+        &shape,
+        &run_plan(&plan, &x, &w, None, 3),
+        &want,
+        &mag,
+        "1-column tiles",
+    );
+}
+
+// ---- cancellation -----------------------------------------------------------------------
+
+#[test]
+fn cancel_flag_and_callback_break_stop_the_run() {
+    let shape =
+        Conv3dShape::new([1, 2, 16, 16, 16], [4, 2, 3, 3, 3], Conv3dParams::default()).unwrap();
+    let x = data(shape.input_len(), 1);
+    let w = data(shape.filters_len(), 2);
+    let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
+        tile_cols: 14,
+        k_chunk: 54,
+        slab_depth: 1,
+    });
+    let flag = AtomicBool::new(true);
+    for threads in [1, 2] {
+        let mut out = vec![0.0; shape.output_len()];
+        assert_eq!(
+            plan.run_into(&x, &w, None, &mut out, threads, Some(&flag)),
+            Err(KernelError::Cancelled)
+        );
+        let mut seen = 0;
+        let r = plan.run_slabs(&x, &w, None, threads, None, &mut |_| {
+            seen += 1;
+            if seen == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert_eq!(r, Err(KernelError::Cancelled));
+        assert_eq!(seen, 3, "no slab delivered after Break");
+    }
+}
+
+// ---- errors -----------------------------------------------------------------------------
+
+#[test]
+fn every_error_is_typed() {
+    let p = Conv3dParams::default();
+    let e = |i, f, p| Conv3dShape::new(i, f, p).unwrap_err();
+    assert_eq!(
+        e(
+            [1, 1, 4, 4, 4],
+            [1, 1, 3, 3, 3],
+            Conv3dParams {
+                stride: [1, 0, 1],
+                ..p
+            }
+        ),
+        KernelError::ZeroStride { axis: "height" }
+    );
+    assert_eq!(
+        e(
+            [1, 1, 4, 4, 4],
+            [1, 1, 3, 3, 3],
+            Conv3dParams {
+                dilation: [1, 1, 0],
+                ..p
+            }
+        ),
+        KernelError::ZeroDilation { axis: "width" }
+    );
+    assert_eq!(
+        e([1, 1, 2, 4, 4], [1, 1, 3, 3, 3], p),
+        KernelError::KernelTooLarge {
+            axis: "depth",
+            effective: 3,
+            padded: 2
+        }
+    );
+    assert_eq!(
+        e(
+            [1, 1, 9, 9, 9],
+            [1, 1, 3, 3, 3],
+            Conv3dParams {
+                dilation: [5, 1, 1],
+                ..p
+            }
+        ),
+        KernelError::KernelTooLarge {
+            axis: "depth",
+            effective: 11,
+            padded: 9
+        }
+    );
+    assert_eq!(
+        e([1, 2, 4, 4, 4], [1, 3, 3, 3, 3], p),
+        KernelError::ChannelMismatch {
+            input: 2,
+            filters: 3
+        }
+    );
+    assert_eq!(
+        e([1, 1, 4, 0, 4], [1, 1, 1, 1, 1], p),
+        KernelError::EmptyDimension {
+            tensor: "input",
+            dim: "H"
+        }
+    );
+    assert_eq!(
+        e([1, 1, 4, 4, 4], [0, 1, 1, 1, 1], p),
+        KernelError::EmptyDimension {
+            tensor: "filters",
+            dim: "C_out"
+        }
+    );
+    assert!(matches!(
+        e([1 << 20, 1, 1 << 20, 1 << 20, 1 << 20], [1, 1, 1, 1, 1], p),
+        KernelError::Overflow { .. }
+    ));
+    assert!(matches!(
+        e(
+            [1, 1, 4, 4, 4],
+            [1, 1, 3, 3, 3],
+            Conv3dParams {
+                padding: [usize::MAX, 0, 0],
+                ..p
+            }
+        ),
+        KernelError::Overflow { .. }
+    ));
+    assert!(matches!(
+        e(
+            [1, 1, 4, 4, 4],
+            [1, 1, usize::MAX, 1, 1],
+            Conv3dParams {
+                dilation: [2, 1, 1],
+                ..p
+            }
+        ),
+        KernelError::Overflow { .. }
+    ));
+
+    let shape = Conv3dShape::new([1, 1, 4, 4, 4], [2, 1, 3, 3, 3], p).unwrap();
+    let plan = Conv3dPlan::new(shape, Activation::None);
+    let x = vec![0.0; 64];
+    let w = vec![0.0; 54];
+    let mut out = vec![0.0; 16];
+    assert_eq!(
+        plan.run_into(&x[..63], &w, None, &mut out, 1, None),
+        Err(KernelError::BufferLength {
+            what: "input",
+            expected: 64,
+            got: 63
+        })
+    );
+    assert_eq!(
+        plan.run_into(&x, &w[..1], None, &mut out, 1, None),
+        Err(KernelError::BufferLength {
+            what: "filters",
+            expected: 54,
+            got: 1
+        })
+    );
+    assert_eq!(
+        plan.run_into(&x, &w, Some(&[1.0]), &mut out, 1, None),
+        Err(KernelError::BufferLength {
+            what: "bias",
+            expected: 2,
+            got: 1
+        })
+    );
+    assert_eq!(
+        plan.run_into(&x, &w, None, &mut out[..3], 1, None),
+        Err(KernelError::BufferLength {
+            what: "output",
+            expected: 16,
+            got: 3
+        })
+    );
+    assert_eq!(
+        plan.run_into(&x, &w, None, &mut out, 0, None),
+        Err(KernelError::ZeroThreads)
+    );
+    // Messages name the field and both values.
+    let msg = KernelError::KernelTooLarge {
+        axis: "depth",
+        effective: 3,
+        padded: 2,
+    }
+    .to_string();
+    assert!(
+        msg.contains("depth") && msg.contains('3') && msg.contains('2'),
+        "{msg}"
+    );
+}
+
+#[test]
+fn activation_parsing() {
+    assert_eq!("relu".parse::<Activation>(), Ok(Activation::Relu));
+    assert_eq!(
+        "leaky_relu:0.2".parse::<Activation>(),
+        Ok(Activation::LeakyRelu(0.2))
+    );
+    assert_eq!(
+        "leaky_relu".parse::<Activation>(),
+        Ok(Activation::LeakyRelu(0.01))
+    );
+    assert!("leaky_relu:nan".parse::<Activation>().is_err());
+    assert!("tanh".parse::<Activation>().unwrap_err().contains("tanh"));
+}
+
+#[test]
+fn workspace_does_not_grow_with_the_volume() {
+    let plan_for = |d: usize| {
+        let s = Conv3dShape::new(
+            [1, 4, d, d, d],
+            [16, 4, 3, 3, 3],
+            Conv3dParams {
+                padding: [1; 3],
+                ..Conv3dParams::default()
+            },
+        )
+        .unwrap();
+        Conv3dPlan::new(s, Activation::None)
+    };
+    let small = plan_for(64).workspace_bytes(2);
+    let large = plan_for(512).workspace_bytes(2);
+    assert!(small > 0);
+    assert_eq!(small, large, "im2col workspace is per tile, not per volume");
+    assert!(large <= 2 * 1024 * 1024);
+}
