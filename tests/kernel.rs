@@ -10,8 +10,8 @@ use proptest::test_runner::{Config, RngSeed};
 use serde::Deserialize;
 use voxconv::kernel::reference::conv3d_reference_with_magnitude;
 use voxconv::kernel::{
-    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError, Strategy as KernelStrategy,
-    Tiling,
+    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, KernelError,
+    Strategy as KernelStrategy, Tiling,
 };
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
@@ -86,6 +86,49 @@ fn problem() -> impl proptest::strategy::Strategy<Value = (Conv3dShape, Activati
         })
 }
 
+/// Every (strategy, GEMM) combination this CPU supports for `shape`, default first.
+fn variants(shape: Conv3dShape, act: Activation) -> Vec<Conv3dPlan> {
+    let base = Conv3dPlan::new(shape, act);
+    let mut out = vec![base.clone()];
+    for gemm in [GemmImpl::Portable, GemmImpl::Avx512] {
+        for strategy in [
+            KernelStrategy::Im2colGemm,
+            KernelStrategy::Pointwise,
+            KernelStrategy::Direct,
+        ] {
+            let p = base.clone().with_gemm(gemm).with_strategy(strategy);
+            if p.strategy() == strategy
+                && p.gemm_impl() == gemm
+                && !out
+                    .iter()
+                    .any(|q| q.strategy() == strategy && q.gemm_impl() == gemm)
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn variants_cover_every_supported_path() {
+    let shape =
+        Conv3dShape::new([1, 2, 6, 6, 6], [3, 2, 1, 1, 1], Conv3dParams::default()).unwrap();
+    let names: Vec<_> = variants(shape, Activation::None)
+        .iter()
+        .map(|p| (p.strategy(), p.gemm_impl()))
+        .collect();
+    assert!(names.contains(&(KernelStrategy::Im2colGemm, GemmImpl::Portable)));
+    assert!(names.contains(&(KernelStrategy::Pointwise, GemmImpl::Portable)));
+    if voxconv::kernel::avx512::available() {
+        assert!(
+            names.contains(&(KernelStrategy::Direct, GemmImpl::Avx512)),
+            "{names:?}"
+        );
+        assert!(names.contains(&(KernelStrategy::Im2colGemm, GemmImpl::Avx512)));
+    }
+}
+
 proptest! {
     #![proptest_config(Config {
         cases: 160,
@@ -110,10 +153,13 @@ proptest! {
         let b = data(shape.c_out(), seed + 2);
         let bias = with_bias.then_some(b.as_slice());
         let (want, mag) = conv3d_reference_with_magnitude(&shape, &x, &w, bias, act).unwrap();
-        let plan = Conv3dPlan::new(shape, act);
-        assert_close(&shape, &run_plan(&plan, &x, &w, bias, threads), &want, &mag, "default tiling");
-        let tiled = plan.clone().with_tiling(Tiling { tile_cols, k_chunk, slab_depth });
-        assert_close(&shape, &run_plan(&tiled, &x, &w, bias, threads), &want, &mag, "random tiling");
+        for plan in variants(shape, act) {
+            let what = format!("{:?}/{:?} default tiling", plan.strategy(), plan.gemm_impl());
+            assert_close(&shape, &run_plan(&plan, &x, &w, bias, threads), &want, &mag, &what);
+            let tiled = plan.clone().with_tiling(Tiling { tile_cols, k_chunk, slab_depth });
+            let what = format!("{:?}/{:?} {:?}", plan.strategy(), plan.gemm_impl(), tiled.tiling());
+            assert_close(&shape, &run_plan(&tiled, &x, &w, bias, threads), &want, &mag, &what);
+        }
     }
 }
 
@@ -133,14 +179,15 @@ fn one_two_and_three_threads_are_bit_identical() {
     let x = data(shape.input_len(), 7);
     let w = data(shape.filters_len(), 8);
     let b = data(12, 9);
-    for plan in [
-        Conv3dPlan::new(shape, Activation::LeakyRelu(0.1)),
+    let mut plans = variants(shape, Activation::LeakyRelu(0.1));
+    plans.push(
         Conv3dPlan::new(shape, Activation::Relu).with_tiling(Tiling {
             tile_cols: 100,
             k_chunk: 50,
             slab_depth: 3,
         }),
-    ] {
+    );
+    for plan in plans {
         let one = run_plan(&plan, &x, &w, Some(&b), 1);
         for threads in [2, 3] {
             let many = run_plan(&plan, &x, &w, Some(&b), threads);
@@ -236,9 +283,9 @@ fn pointwise_strategy_matches_general_path() {
         },
     )
     .unwrap();
-    assert_eq!(
+    assert_ne!(
         Conv3dPlan::new(strided, Activation::None).strategy(),
-        KernelStrategy::Im2colGemm
+        KernelStrategy::Pointwise
     );
 }
 
@@ -596,11 +643,16 @@ fn workspace_does_not_grow_with_the_volume() {
             },
         )
         .unwrap();
-        Conv3dPlan::new(s, Activation::None)
+        Conv3dPlan::new(s, Activation::None).with_strategy(KernelStrategy::Im2colGemm)
     };
     let small = plan_for(64).workspace_bytes(2);
     let large = plan_for(512).workspace_bytes(2);
     assert!(small > 0);
+    // The direct strategy needs no workspace at all.
+    let direct = plan_for(64).with_strategy(KernelStrategy::Direct);
+    if direct.strategy() == KernelStrategy::Direct {
+        assert_eq!(direct.workspace_bytes(2), 0);
+    }
     assert_eq!(small, large, "im2col workspace is per tile, not per volume");
     assert!(large <= 2 * 1024 * 1024);
 }

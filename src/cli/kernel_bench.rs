@@ -7,7 +7,9 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::{Activation, Conv3dParams, Conv3dPlan, Conv3dShape, Tiling};
+use crate::kernel::{
+    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, Strategy, Tiling,
+};
 
 #[derive(Debug, Args)]
 pub struct KernelBenchArgs {
@@ -32,6 +34,12 @@ pub struct KernelBenchArgs {
     /// Override reduction rows per GEMM (tuning).
     #[arg(long, hide = true)]
     pub k_chunk: Option<usize>,
+    /// Force a strategy where supported: im2col | direct | pointwise (comparison).
+    #[arg(long, hide = true)]
+    pub strategy: Option<String>,
+    /// Use the portable gemm crate instead of the AVX-512 microkernel (comparison).
+    #[arg(long, hide = true)]
+    pub portable_gemm: bool,
 }
 
 /// A file of `[[workload]]` tables.
@@ -78,6 +86,7 @@ struct BenchLine<'a> {
     name: &'a str,
     threads: usize,
     strategy: &'static str,
+    gemm: &'static str,
     median_ms: f64,
     min_ms: f64,
     gflops: f64,
@@ -125,6 +134,16 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 slab_depth: t.slab_depth,
             });
         }
+        if a.portable_gemm {
+            plan = plan.with_gemm(GemmImpl::Portable);
+        }
+        match a.strategy.as_deref() {
+            None => {}
+            Some("im2col") => plan = plan.with_strategy(Strategy::Im2colGemm),
+            Some("direct") => plan = plan.with_strategy(Strategy::Direct),
+            Some("pointwise") => plan = plan.with_strategy(Strategy::Pointwise),
+            Some(other) => return Err(format!("unknown strategy {other:?}").into()),
+        }
         let input = seeded(shape.input_len(), 1);
         let filters = seeded(shape.filters_len(), 2);
         let bias = seeded(shape.c_out(), 3);
@@ -143,6 +162,7 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             name: &w.name,
             threads,
             strategy: plan.strategy().name(),
+            gemm: plan.gemm_impl().name(),
             median_ms,
             min_ms,
             gflops: shape.flops() / (median_ms * 1e6),

@@ -8,6 +8,32 @@
 
 use super::Conv3dShape;
 
+/// `dst.copy_from_slice(src)` without a call into `memcpy` for the short runs that small
+/// volumes produce (a 14-voxel output row costs more in call overhead than in copying).
+#[inline]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    if n >= 64 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let mut i = 0;
+    while i + 16 <= n {
+        let v: [f32; 16] = src[i..i + 16].try_into().expect("16 values");
+        dst[i..i + 16].copy_from_slice(&v);
+        i += 16;
+    }
+    if i + 8 <= n {
+        let v: [f32; 8] = src[i..i + 8].try_into().expect("8 values");
+        dst[i..i + 8].copy_from_slice(&v);
+        i += 8;
+    }
+    while i < n {
+        dst[i] = src[i];
+        i += 1;
+    }
+}
+
 /// Copies `dst.len()` taps along one output row: `dst[j] = src[(ow0 + j)·stride + off]`, or 0
 /// where that index falls outside `src`.
 #[inline]
@@ -16,24 +42,32 @@ fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize)
     let w = src.len() as isize;
     // First input index of this run, and the valid range of j: 0 <= first + j·stride < w.
     let first = (ow0 * stride) as isize + off;
-    let s = stride as isize;
-    let j_lo = if first >= 0 {
-        0
+    let (j_lo, j_hi) = if stride == 1 {
+        // The common case, without divisions.
+        (
+            (-first).clamp(0, len as isize) as usize,
+            (w - first).clamp(0, len as isize) as usize,
+        )
     } else {
-        ((-first + s - 1) / s) as usize
+        let s = stride as isize;
+        let lo = if first >= 0 {
+            0
+        } else {
+            ((-first + s - 1) / s) as usize
+        };
+        let hi = if first >= w {
+            0
+        } else {
+            (((w - 1 - first) / s) + 1) as usize
+        };
+        (lo.min(len), hi.min(len))
     };
-    let j_hi = if first >= w {
-        0
-    } else {
-        (((w - 1 - first) / s) + 1) as usize
-    };
-    let j_lo = j_lo.min(len);
-    let j_hi = j_hi.clamp(j_lo, len);
+    let j_hi = j_hi.max(j_lo);
     dst[..j_lo].fill(0.0);
     if j_hi > j_lo {
-        let base = (first + (j_lo as isize) * s) as usize;
+        let base = (first + (j_lo * stride) as isize) as usize;
         if stride == 1 {
-            dst[j_lo..j_hi].copy_from_slice(&src[base..base + (j_hi - j_lo)]);
+            copy_run(&mut dst[j_lo..j_hi], &src[base..base + (j_hi - j_lo)]);
         } else {
             for (d, &v) in dst[j_lo..j_hi]
                 .iter_mut()
@@ -65,7 +99,18 @@ pub fn im2col_tile(
     let [_, oh, ow] = shape.out_dims();
     let p = shape.params;
     let n_rows = rows.end - rows.start;
+    if n_rows == 0 {
+        return;
+    }
     let col = &mut col[..(n_rows - 1) * stride + cols];
+    // The reduction row r0 as (ci, a, b, c); advanced with carries, no divisions per row.
+    let r0 = rows.start;
+    let first = (
+        r0 / (kw * kh * kd),
+        (r0 / (kw * kh)) % kd,
+        (r0 / kw) % kh,
+        r0 % kw,
+    );
     let end = start + cols;
     let mut v = start;
     let mut col_off = 0;
@@ -76,28 +121,42 @@ pub fn im2col_tile(
         let oy = row % oh;
         let oz = row / oh;
         let len = (ow - ow0).min(end - v);
-        for r in rows.clone() {
-            let c = r % kw;
-            let b = (r / kw) % kh;
-            let a = (r / (kw * kh)) % kd;
-            let ci = r / (kw * kh * kd);
-            let dst_start = (r - rows.start) * stride + col_off;
-            let dst = &mut col[dst_start..dst_start + len];
-            let iz = (oz * p.stride[0] + a * p.dilation[0]) as isize - p.padding[0] as isize;
-            let iy = (oy * p.stride[1] + b * p.dilation[1]) as isize - p.padding[1] as isize;
-            if iz < 0 || iy < 0 || iz >= d as isize || iy >= h as isize {
-                dst.fill(0.0);
-                continue;
+        let (mut ci, mut a, mut b, mut c) = first;
+        let mut dst_start = col_off;
+        let mut src: Option<usize> = None;
+        let mut src_valid = false;
+        for _ in 0..n_rows {
+            if !src_valid {
+                // Source row for (ci, a, b), or None in the zero padding.
+                let iz = (oz * p.stride[0] + a * p.dilation[0]) as isize - p.padding[0] as isize;
+                let iy = (oy * p.stride[1] + b * p.dilation[1]) as isize - p.padding[1] as isize;
+                src = (iz >= 0 && iy >= 0 && iz < d as isize && iy < h as isize)
+                    .then(|| ((ci * d + iz as usize) * h + iy as usize) * w);
+                src_valid = true;
             }
-            let src_start = ((ci * d + iz as usize) * h + iy as usize) * w;
-            let off = (c * p.dilation[2]) as isize - p.padding[2] as isize;
-            fill_row(
-                dst,
-                &input_n[src_start..src_start + w],
-                ow0,
-                p.stride[2],
-                off,
-            );
+            let dst = &mut col[dst_start..dst_start + len];
+            match src {
+                None => dst.fill(0.0),
+                Some(s) => {
+                    let off = (c * p.dilation[2]) as isize - p.padding[2] as isize;
+                    fill_row(dst, &input_n[s..s + w], ow0, p.stride[2], off);
+                }
+            }
+            dst_start += stride;
+            c += 1;
+            if c == kw {
+                c = 0;
+                b += 1;
+                src_valid = false;
+                if b == kh {
+                    b = 0;
+                    a += 1;
+                    if a == kd {
+                        a = 0;
+                        ci += 1;
+                    }
+                }
+            }
         }
         v += len;
         col_off += len;

@@ -9,12 +9,13 @@
 //! * [`plan`]: [`Conv3dPlan`], validated once, names its [`Strategy`], runs tile by tile on a
 //!   caller-chosen number of threads and hands finished output slabs over in order.
 
+pub mod avx512;
 pub mod im2col;
 pub mod plan;
 pub mod reference;
 pub mod shape;
 
-pub use plan::{Conv3dPlan, Slab, Strategy, Tiling};
+pub use plan::{Conv3dPlan, GemmImpl, Slab, Strategy, Tiling};
 pub use reference::conv3d_reference;
 pub use shape::{Conv3dParams, Conv3dShape};
 

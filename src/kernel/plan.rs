@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use super::avx512;
 use super::im2col::im2col_tile;
 use super::{check_buffers, Activation, Conv3dShape, KernelError};
 
@@ -28,6 +29,9 @@ pub enum Strategy {
     /// 1×1×1 kernel, stride 1, no padding: the input already is the column matrix, so the
     /// GEMM reads it in place (no im2col, no workspace).
     Pointwise,
+    /// Width stride 1 on AVX-512: the microkernel reads input rows in place for every tap
+    /// (masked loads give the zero padding), so no im2col at all.
+    Direct,
 }
 
 impl Strategy {
@@ -35,6 +39,25 @@ impl Strategy {
         match self {
             Strategy::Im2colGemm => "im2col+gemm",
             Strategy::Pointwise => "pointwise-1x1x1",
+            Strategy::Direct => "direct-avx512",
+        }
+    }
+}
+
+/// Which GEMM computes the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmImpl {
+    /// Our AVX-512 microkernel (48 voxels × 8 channels), reading the im2col buffer in place.
+    Avx512,
+    /// The portable `gemm` crate (any CPU).
+    Portable,
+}
+
+impl GemmImpl {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmImpl::Avx512 => "avx512",
+            GemmImpl::Portable => "gemm-crate",
         }
     }
 }
@@ -56,6 +79,10 @@ const COL_BUFFER_BYTES: usize = 384 * 1024;
 const TARGET_TILE_COLS: usize = 1024;
 /// Target size of one output slab (all channels).
 const SLAB_BYTES: usize = 2 * 1024 * 1024;
+/// The direct strategy is the default from this reduction length on ...
+const DIRECT_MIN_K: usize = 64;
+/// ... or for output rows shorter than this.
+const DIRECT_SHORT_ROW: usize = 48;
 /// Padding (in f32) after each im2col row.
 const COL_ROW_PAD: usize = 16;
 /// Slab buffers in flight in streaming mode (one being delivered, the rest being computed).
@@ -111,7 +138,25 @@ pub struct Conv3dPlan {
     shape: Conv3dShape,
     activation: Activation,
     strategy: Strategy,
+    gemm: GemmImpl,
     tiling: Tiling,
+}
+
+/// The tensors of one run; `packed` holds the filters packed for the AVX-512 microkernel
+/// (empty for the portable GEMM).
+struct Operands<'a> {
+    input: &'a [f32],
+    filters: &'a [f32],
+    packed: Vec<f32>,
+    bias: Option<&'a [f32]>,
+}
+
+/// One thread's reusable buffers: the im2col tile and, when the reduction is split into
+/// chunks, the tile's running sums.
+struct Scratch {
+    col: Vec<f32>,
+    acc: Vec<f32>,
+    segments: Vec<avx512::Segment>,
 }
 
 /// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
@@ -153,21 +198,48 @@ struct SlabInfo {
 }
 
 impl Conv3dPlan {
-    /// Plans a validated shape with the default tiling.
+    /// Plans a validated shape: the cheapest strategy this CPU supports, default tiling.
     pub fn new(shape: Conv3dShape, activation: Activation) -> Self {
-        let k = shape.kernel_dims();
-        let p = shape.params;
-        let strategy = if k == [1, 1, 1] && p.stride == [1; 3] && p.padding == [0; 3] {
+        let gemm = if avx512::available() {
+            GemmImpl::Avx512
+        } else {
+            GemmImpl::Portable
+        };
+        let mut plan = Self {
+            shape,
+            activation,
+            strategy: Strategy::Im2colGemm,
+            gemm,
+            tiling: Tiling::for_shape(&shape),
+        };
+        plan.strategy = if plan.supports(Strategy::Pointwise) {
             Strategy::Pointwise
+        } else if plan.supports(Strategy::Direct)
+            && (shape.reduction_len() >= DIRECT_MIN_K || shape.out_dims()[2] < DIRECT_SHORT_ROW)
+        {
+            // Measured (docs/kernel-performance.md): direct wins where im2col is a large
+            // share (short rows, small C_out) and ties on long reductions; for very short
+            // reductions over long rows (single-channel first layers) im2col+GEMM is faster.
+            Strategy::Direct
         } else {
             Strategy::Im2colGemm
         };
-        Self {
-            shape,
-            activation,
-            strategy,
-            tiling: Tiling::for_shape(&shape),
+        plan
+    }
+
+    /// Chooses the GEMM; `Avx512` is honoured only where the CPU has it.
+    pub fn with_gemm(mut self, gemm: GemmImpl) -> Self {
+        if gemm == GemmImpl::Portable || avx512::available() {
+            self.gemm = gemm;
         }
+        if self.strategy == Strategy::Direct && gemm == GemmImpl::Portable {
+            self.strategy = Strategy::Im2colGemm;
+        }
+        self
+    }
+
+    pub fn gemm_impl(&self) -> GemmImpl {
+        self.gemm
     }
 
     /// Overrides the tiling (clamped to the shape). For tests and tuning.
@@ -176,9 +248,26 @@ impl Conv3dPlan {
         self
     }
 
-    /// Forces the general strategy even where a cheaper one applies (tests compare them).
+    /// Whether `strategy` can compute this shape on this CPU.
+    pub fn supports(&self, strategy: Strategy) -> bool {
+        let p = self.shape.params;
+        match strategy {
+            Strategy::Im2colGemm => true,
+            Strategy::Pointwise => {
+                self.shape.kernel_dims() == [1, 1, 1] && p.stride == [1; 3] && p.padding == [0; 3]
+            }
+            Strategy::Direct => {
+                self.gemm == GemmImpl::Avx512
+                    && p.stride[2] == 1
+                    && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
+            }
+        }
+    }
+
+    /// Chooses the strategy where supported (tests and benchmarks compare them); otherwise
+    /// the plan is unchanged.
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {
-        if strategy == Strategy::Im2colGemm || self.strategy == strategy {
+        if self.supports(strategy) {
             self.strategy = strategy;
         }
         self
@@ -197,18 +286,64 @@ impl Conv3dPlan {
         self.activation
     }
 
-    /// Bytes of the per-thread im2col buffers for `threads` threads (0 for pointwise).
+    /// Bytes of the per-thread scratch buffers for `threads` threads.
     pub fn im2col_bytes(&self, threads: usize) -> usize {
+        threads * (self.col_len() + self.acc_len()) * 4
+    }
+
+    fn col_len(&self) -> usize {
         match self.strategy {
-            Strategy::Pointwise => 0,
-            Strategy::Im2colGemm => threads * self.tiling.k_chunk * self.col_stride() * 4,
+            Strategy::Pointwise | Strategy::Direct => 0,
+            Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride(),
         }
     }
 
-    /// Row stride of the im2col buffer: the tile width plus one cache line, so that rows
-    /// never sit a multiple of 4 KiB apart (which would alias in L1 during the GEMM).
+    /// Reduction chunks per tile.
+    fn chunked(&self) -> bool {
+        self.strategy == Strategy::Im2colGemm && self.tiling.k_chunk < self.shape.reduction_len()
+    }
+
+    fn acc_len(&self) -> usize {
+        if self.gemm == GemmImpl::Avx512 && self.chunked() {
+            self.shape.c_out() * self.col_stride()
+        } else {
+            0
+        }
+    }
+
+    /// Row stride of the im2col buffer: the tile width rounded up to whole microkernel blocks
+    /// plus one cache line, so rows never sit a multiple of 4 KiB apart (which would alias in
+    /// L1 during the GEMM).
     fn col_stride(&self) -> usize {
-        self.tiling.tile_cols + COL_ROW_PAD
+        self.tiling.tile_cols.next_multiple_of(avx512::MV) + COL_ROW_PAD
+    }
+
+    fn operands<'a>(
+        &self,
+        input: &'a [f32],
+        filters: &'a [f32],
+        bias: Option<&'a [f32]>,
+    ) -> Operands<'a> {
+        let packed = match self.gemm {
+            GemmImpl::Avx512 => {
+                avx512::pack_weights(filters, self.shape.c_out(), self.shape.reduction_len())
+            }
+            GemmImpl::Portable => Vec::new(),
+        };
+        Operands {
+            input,
+            filters,
+            packed,
+            bias,
+        }
+    }
+
+    fn scratch(&self) -> Scratch {
+        Scratch {
+            col: vec![0f32; self.col_len()],
+            acc: vec![0f32; self.acc_len()],
+            segments: Vec::new(),
+        }
     }
 
     /// Bytes of one slab buffer (all channels).
@@ -256,112 +391,268 @@ impl Conv3dPlan {
         out
     }
 
-    /// Computes tile `t` of `slab` into `dest`, using `col` as im2col workspace.
+    /// Computes tile `t` of `slab` into `dest`, using `scratch` as workspace.
     ///
     /// # Safety
     /// `dest` must be valid for writes of `C_out` rows of `slab.voxels` values at stride
     /// `dest.row_stride`, and no other thread may access the columns of tile `t` meanwhile.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn compute_tile(
         &self,
-        input: &[f32],
-        filters: &[f32],
-        bias: Option<&[f32]>,
+        ops: &Operands<'_>,
         slab: &SlabInfo,
         t: usize,
         dest: Dest,
-        col: &mut [f32],
+        scratch: &mut Scratch,
     ) {
         let shape = &self.shape;
         let c_out = shape.c_out();
-        let c_in = shape.c_in();
         let k = shape.reduction_len();
-        let in_item = c_in * shape.in_voxels();
-        let input_n = &input[slab.batch * in_item..(slab.batch + 1) * in_item];
+        let in_item = shape.c_in() * shape.in_voxels();
+        let input_n = &ops.input[slab.batch * in_item..(slab.batch + 1) * in_item];
         let off = t * self.tiling.tile_cols;
         let cols = self.tiling.tile_cols.min(slab.voxels - off);
         let v0 = slab.start + off;
         // SAFETY: `off < slab.voxels`, so the tile's first column lies inside the slab's
         // destination rows (caller's contract).
         let dst = unsafe { dest.base.add(off) };
-        let rs = dest.row_stride as isize;
-        match self.strategy {
-            Strategy::Pointwise => {
-                // SAFETY: lhs is `filters` (c_out × c_in, row-major, in bounds); rhs reads
-                // rows `ci·in_voxels + v0 .. + cols` of `input_n` (in bounds since
-                // v0 + cols <= out_voxels == in_voxels for a pointwise plan); dst per the
-                // caller's contract.
-                unsafe {
+        let rs = dest.row_stride;
+        if self.strategy == Strategy::Direct {
+            // SAFETY: forwarded caller's contract (dst rows of `cols` values at stride rs).
+            unsafe { self.direct_tile(ops, input_n, v0, cols, dst, rs, &mut scratch.segments) };
+            self.activation_pass(dst, rs, cols);
+            return;
+        }
+        let kc = match self.strategy {
+            Strategy::Pointwise | Strategy::Direct => k,
+            Strategy::Im2colGemm => self.tiling.k_chunk,
+        };
+        let stride = self.col_stride();
+        let mut r0 = 0;
+        while r0 < k {
+            let r1 = (r0 + kc).min(k);
+            // The chunk's column matrix: rows r0..r1, `cols` wide, row stride `lda`.
+            let (a, lda) = match self.strategy {
+                Strategy::Pointwise | Strategy::Direct => {
+                    (input_n[v0..].as_ptr(), shape.in_voxels())
+                }
+                Strategy::Im2colGemm => {
+                    im2col_tile(shape, input_n, v0, cols, r0..r1, &mut scratch.col, stride);
+                    (scratch.col.as_ptr(), stride)
+                }
+            };
+            match self.gemm {
+                // SAFETY: `a` holds rows r0..r1 (each `cols` values) at stride lda; `packed`
+                // holds all groups × k rows; dst per the caller's contract; `acc` holds
+                // c_out rows of `stride >= cols` values.
+                GemmImpl::Avx512 => unsafe {
+                    self.avx512_chunk(ops, a, lda, r0..r1, cols, dst, rs, &mut scratch.acc)
+                },
+                // SAFETY: lhs = filters[:, r0..r1] (row stride k, in bounds); rhs = `a` as
+                // above; dst per the caller's contract. The first chunk overwrites dst
+                // (read_dst = false), later chunks accumulate in a fixed order.
+                GemmImpl::Portable => unsafe {
                     gemm::gemm(
                         c_out,
                         cols,
-                        c_in,
+                        r1 - r0,
                         dst,
                         1,
-                        rs,
-                        false,
-                        filters.as_ptr(),
+                        rs as isize,
+                        r0 > 0,
+                        ops.filters.as_ptr().add(r0),
                         1,
                         k as isize,
-                        input_n.as_ptr().add(v0),
+                        a,
                         1,
-                        shape.in_voxels() as isize,
-                        0.0f32,
+                        lda as isize,
+                        1.0f32,
                         1.0f32,
                         false,
                         false,
                         false,
                         gemm::Parallelism::None,
-                    );
-                }
+                    )
+                },
             }
-            Strategy::Im2colGemm => {
-                let kc = self.tiling.k_chunk;
-                let mut r0 = 0;
-                while r0 < k {
-                    let r1 = (r0 + kc).min(k);
-                    let stride = self.col_stride();
-                    im2col_tile(shape, input_n, v0, cols, r0..r1, col, stride);
-                    // SAFETY: lhs = filters[:, r0..r1] (row stride k, in bounds); rhs = the
-                    // (r1−r0) × cols matrix just written to `col` (row stride cols); dst per
-                    // the caller's contract. The first chunk overwrites dst (read_dst =
-                    // false), later chunks accumulate in a fixed order.
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            cols,
-                            r1 - r0,
-                            dst,
-                            1,
-                            rs,
-                            r0 > 0,
-                            filters.as_ptr().add(r0),
-                            1,
-                            k as isize,
-                            col.as_ptr(),
-                            1,
-                            stride as isize,
-                            1.0f32,
-                            1.0f32,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    r0 = r1;
-                }
-            }
+            r0 = r1;
         }
-        // Epilogue: bias + activation while the tile is hot.
+        // Epilogue: (bias, unless the microkernel added it) + activation, tile still hot.
+        let bias = match self.gemm {
+            GemmImpl::Avx512 => None,
+            GemmImpl::Portable => ops.bias,
+        };
         if bias.is_some() || self.activation != Activation::None {
             for co in 0..c_out {
                 // SAFETY: row `co` of the tile: `cols` values at dst + co·row_stride, inside
                 // the destination and owned by this tile (caller's contract).
-                let row =
-                    unsafe { std::slice::from_raw_parts_mut(dst.add(co * dest.row_stride), cols) };
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
                 self.activation.bias_apply(row, bias.map_or(0.0, |b| b[co]));
             }
+        }
+    }
+
+    /// Applies the activation to a finished tile (bias already added).
+    fn activation_pass(&self, dst: *mut f32, rs: usize, cols: usize) {
+        if self.activation == Activation::None {
+            return;
+        }
+        for co in 0..self.shape.c_out() {
+            // SAFETY: row `co` of a tile this thread owns (see `compute_tile`).
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
+            self.activation.bias_apply(row, 0.0);
+        }
+    }
+
+    /// A tile by the direct strategy: split into row segments of at most 16 voxels, three
+    /// segments × 8 channels per microkernel call.
+    ///
+    /// # Safety
+    /// As `compute_tile`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn direct_tile(
+        &self,
+        ops: &Operands<'_>,
+        input_n: &[f32],
+        v0: usize,
+        cols: usize,
+        dst: *mut f32,
+        rs: usize,
+        segments: &mut Vec<avx512::Segment>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::{DirectGeom, Segment, DIRECT_SEGS, NC};
+            let shape = &self.shape;
+            let [_, oh, ow] = shape.out_dims();
+            let p = shape.params;
+            segments.clear();
+            let mut v = v0;
+            while v < v0 + cols {
+                let (ow0, row) = (v % ow, v / ow);
+                let len = (ow - ow0).min(v0 + cols - v).min(16);
+                segments.push(Segment {
+                    oz: row / oh,
+                    oy: row % oh,
+                    ow0,
+                    len,
+                    col: v - v0,
+                });
+                v += len;
+            }
+            let geom = DirectGeom {
+                c_in: shape.c_in(),
+                dims: shape.in_dims(),
+                kernel: shape.kernel_dims(),
+                stride: [p.stride[0], p.stride[1]],
+                padding: p.padding,
+                dilation: p.dilation,
+            };
+            let c_out = shape.c_out();
+            let k = shape.reduction_len();
+            for g in 0..c_out.div_ceil(NC) {
+                let nch = NC.min(c_out - g * NC);
+                let b = ops.packed[g * k * NC..].as_ptr();
+                let bias = ops.bias.map_or(std::ptr::null(), |b| b[g * NC..].as_ptr());
+                for segs in segments.chunks(DIRECT_SEGS) {
+                    // SAFETY: packed group g holds k·NC weights; rows g·NC.. g·NC+nch of the
+                    // tile at stride rs cover every segment's columns (caller's contract);
+                    // AVX-512F and the shape limits were checked by `supports(Direct)`.
+                    unsafe {
+                        avx512::block_direct(
+                            &geom,
+                            input_n.as_ptr(),
+                            segs,
+                            b,
+                            dst.add(g * NC * rs),
+                            rs,
+                            nch,
+                            bias,
+                        )
+                    };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ops, input_n, v0, cols, dst, rs, segments);
+            unreachable!("Strategy::Direct is only chosen on x86_64");
+        }
+    }
+
+    /// One reduction chunk `rows` of a tile with the AVX-512 microkernel. A single chunk
+    /// writes `dst` directly (bias fused); otherwise the first chunks accumulate in `acc`
+    /// and the last one adds bias and writes `dst`.
+    ///
+    /// # Safety
+    /// As `compute_tile`; `a` holds the chunk's rows (`cols` values each) at stride `lda`;
+    /// `acc` holds `c_out · col_stride()` values when the tile is chunked.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512_chunk(
+        &self,
+        ops: &Operands<'_>,
+        a: *const f32,
+        lda: usize,
+        rows: Range<usize>,
+        cols: usize,
+        dst: *mut f32,
+        rs: usize,
+        acc: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::{MV, NC};
+            let c_out = self.shape.c_out();
+            let k = self.shape.reduction_len();
+            let first = rows.start == 0;
+            let last = rows.end == k;
+            let accs = self.col_stride();
+            let acc = acc.as_mut_ptr();
+            for g in 0..c_out.div_ceil(NC) {
+                let nch = NC.min(c_out - g * NC);
+                let b = ops.packed[(g * k + rows.start) * NC..].as_ptr();
+                let bias = match (last, ops.bias) {
+                    (true, Some(bias)) => bias[g * NC..].as_ptr(),
+                    _ => std::ptr::null(),
+                };
+                for p in 0..cols.div_ceil(MV) {
+                    let nvox = MV.min(cols - p * MV);
+                    let o = p * MV;
+                    // SAFETY: every pointer below stays inside the buffers described in this
+                    // function's contract: block (g, p) covers channels g·NC.. g·NC+nch and
+                    // columns o..o+nvox of the tile; AVX-512F was detected when the plan
+                    // chose `GemmImpl::Avx512`.
+                    unsafe {
+                        let (src, lds) = if first {
+                            (std::ptr::null(), 0)
+                        } else {
+                            (acc.add(g * NC * accs + o) as *const f32, accs)
+                        };
+                        let (out, ldo) = if last {
+                            (dst.add(g * NC * rs + o), rs)
+                        } else {
+                            (acc.add(g * NC * accs + o), accs)
+                        };
+                        avx512::block_48x8(
+                            rows.len(),
+                            a.add(o),
+                            lda,
+                            b,
+                            src,
+                            lds,
+                            out,
+                            ldo,
+                            nch,
+                            nvox,
+                            bias,
+                        );
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ops, a, lda, rows, cols, dst, rs, acc);
+            unreachable!("GemmImpl::Avx512 is only chosen on x86_64");
         }
     }
 
@@ -480,17 +771,18 @@ impl Conv3dPlan {
         deliver: &mut dyn FnMut(&SlabInfo) -> ControlFlow<()>,
     ) -> Result<(), KernelError> {
         let slabs = self.slabs();
-        let col_len = self.im2col_bytes(1) / 4;
+        let ops = self.operands(input, filters, bias);
+        let ops = &ops;
         let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
         if threads == 1 {
-            let mut col = vec![0f32; col_len];
+            let mut scratch = self.scratch();
             for s in &slabs {
                 for t in 0..s.tiles {
                     if cancelled() {
                         return Err(KernelError::Cancelled);
                     }
                     // SAFETY: one thread; dest_of gives the slab's own rows.
-                    unsafe { self.compute_tile(input, filters, bias, s, t, dest_of(s), &mut col) };
+                    unsafe { self.compute_tile(ops, s, t, dest_of(s), &mut scratch) };
                 }
                 if deliver(s).is_break() {
                     return Err(KernelError::Cancelled);
@@ -540,7 +832,7 @@ impl Conv3dPlan {
             for _ in 0..threads {
                 scope.spawn(|| {
                     let _guard = PanicGuard(&abort, &notify);
-                    let mut col = vec![0f32; col_len];
+                    let mut scratch = self.scratch();
                     loop {
                         if abort.load(Ordering::Relaxed) {
                             break;
@@ -566,15 +858,7 @@ impl Conv3dPlan {
                         // slab's ring slot is free (waited above) and stays reserved until
                         // the slab is delivered, which needs this tile to finish.
                         unsafe {
-                            self.compute_tile(
-                                input,
-                                filters,
-                                bias,
-                                s,
-                                g - s.first_tile,
-                                dest_of(s),
-                                &mut col,
-                            )
+                            self.compute_tile(ops, s, g - s.first_tile, dest_of(s), &mut scratch)
                         };
                         if done[si].fetch_add(1, Ordering::SeqCst) + 1 == s.tiles {
                             notify();
