@@ -210,11 +210,13 @@ fn slabs_arrive_in_order_and_tile_the_output() {
         Conv3dShape::new([2, 3, 9, 10, 11], [5, 3, 3, 3, 3], Conv3dParams::default()).unwrap();
     let x = data(shape.input_len(), 1);
     let w = data(shape.filters_len(), 2);
-    let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
-        tile_cols: 37,
-        k_chunk: 20,
-        slab_depth: 2,
-    });
+    let plan = Conv3dPlan::new(shape, Activation::None)
+        .with_tiling(Tiling {
+            tile_cols: 37,
+            k_chunk: 20,
+            slab_depth: 2,
+        })
+        .with_min_flops_per_thread(0.0);
     let full = run_plan(&plan, &x, &w, None, 2);
     let [_, c_out, od, oh, ow] = shape.output;
     for threads in [1, 2, 3] {
@@ -437,11 +439,13 @@ fn cancel_flag_and_callback_break_stop_the_run() {
         Conv3dShape::new([1, 2, 16, 16, 16], [4, 2, 3, 3, 3], Conv3dParams::default()).unwrap();
     let x = data(shape.input_len(), 1);
     let w = data(shape.filters_len(), 2);
-    let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
-        tile_cols: 14,
-        k_chunk: 54,
-        slab_depth: 1,
-    });
+    let plan = Conv3dPlan::new(shape, Activation::None)
+        .with_tiling(Tiling {
+            tile_cols: 14,
+            k_chunk: 54,
+            slab_depth: 1,
+        })
+        .with_min_flops_per_thread(0.0);
     let flag = AtomicBool::new(true);
     for threads in [1, 2] {
         let mut out = vec![0.0; shape.output_len()];
@@ -614,6 +618,24 @@ fn every_error_is_typed() {
         msg.contains("depth") && msg.contains('3') && msg.contains('2'),
         "{msg}"
     );
+}
+
+#[test]
+fn tiny_problems_use_fewer_threads_with_identical_results() {
+    let shape =
+        Conv3dShape::new([1, 2, 8, 40, 40], [4, 2, 3, 3, 3], Conv3dParams::default()).unwrap();
+    let plan = Conv3dPlan::new(shape, Activation::None);
+    assert_eq!(plan.useful_threads(), 1, "{} FLOPs", shape.flops());
+    assert!(plan.clone().with_min_flops_per_thread(0.0).useful_threads() > 1);
+    let x = data(shape.input_len(), 1);
+    let w = data(shape.filters_len(), 2);
+    let mut capped = vec![f32::NAN; shape.output_len()];
+    plan.run_into(&x, &w, None, &mut capped, 8, None).unwrap();
+    let forced = run_plan(&plan, &x, &w, None, 8);
+    assert!(capped
+        .iter()
+        .zip(&forced)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
 #[test]

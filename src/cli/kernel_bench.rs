@@ -85,6 +85,7 @@ impl WorkloadFile {
 struct BenchLine<'a> {
     name: &'a str,
     threads: usize,
+    threads_used: usize,
     strategy: &'static str,
     gemm: &'static str,
     median_ms: f64,
@@ -161,6 +162,7 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         let line = BenchLine {
             name: &w.name,
             threads,
+            threads_used: threads.min(plan.useful_threads()),
             strategy: plan.strategy().name(),
             gemm: plan.gemm_impl().name(),
             median_ms,

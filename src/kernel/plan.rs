@@ -83,6 +83,8 @@ const SLAB_BYTES: usize = 2 * 1024 * 1024;
 const DIRECT_MIN_K: usize = 64;
 /// ... or for output rows shorter than this.
 const DIRECT_SHORT_ROW: usize = 48;
+/// Work (FLOPs) below which another thread costs more to start than it saves.
+const MIN_FLOPS_PER_THREAD: f64 = 16e6;
 /// Padding (in f32) after each im2col row.
 const COL_ROW_PAD: usize = 16;
 /// Slab buffers in flight in streaming mode (one being delivered, the rest being computed).
@@ -140,6 +142,7 @@ pub struct Conv3dPlan {
     strategy: Strategy,
     gemm: GemmImpl,
     tiling: Tiling,
+    min_flops_per_thread: f64,
 }
 
 /// The tensors of one run; `packed` holds the filters packed for the AVX-512 microkernel
@@ -211,6 +214,7 @@ impl Conv3dPlan {
             strategy: Strategy::Im2colGemm,
             gemm,
             tiling: Tiling::for_shape(&shape),
+            min_flops_per_thread: MIN_FLOPS_PER_THREAD,
         };
         plan.strategy = if plan.supports(Strategy::Pointwise) {
             Strategy::Pointwise
@@ -225,6 +229,13 @@ impl Conv3dPlan {
             Strategy::Im2colGemm
         };
         plan
+    }
+
+    /// Sets the work per extra thread (`0` uses every thread offered; tests use it to drive
+    /// the parallel scheduler on small shapes).
+    pub fn with_min_flops_per_thread(mut self, flops: f64) -> Self {
+        self.min_flops_per_thread = flops;
+        self
     }
 
     /// Chooses the GEMM; `Avx512` is honoured only where the CPU has it.
@@ -344,6 +355,20 @@ impl Conv3dPlan {
             acc: vec![0f32; self.acc_len()],
             segments: Vec::new(),
         }
+    }
+
+    /// Most threads worth starting for this problem: about one per `MIN_FLOPS_PER_THREAD`,
+    /// and never more than there are tiles.
+    pub fn useful_threads(&self) -> usize {
+        let by_work = if self.min_flops_per_thread > 0.0 {
+            (self.shape.flops() / self.min_flops_per_thread)
+                .ceil()
+                .max(1.0) as usize
+        } else {
+            usize::MAX
+        };
+        let tiles: usize = self.slabs().iter().map(|s| s.tiles).sum();
+        by_work.min(tiles).max(1)
     }
 
     /// Bytes of one slab buffer (all channels).
@@ -774,6 +799,9 @@ impl Conv3dPlan {
         let ops = self.operands(input, filters, bias);
         let ops = &ops;
         let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        // `threads` is an upper bound: spawning costs tens of microseconds, so tiny problems
+        // stay on fewer threads. Tiling does not depend on it, so neither do the results.
+        let threads = threads.min(self.useful_threads());
         if threads == 1 {
             let mut scratch = self.scratch();
             for s in &slabs {
@@ -828,43 +856,54 @@ impl Conv3dPlan {
         };
 
         let mut outcome = Ok(());
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| {
-                    let _guard = PanicGuard(&abort, &notify);
-                    let mut scratch = self.scratch();
-                    loop {
-                        if abort.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        if cancelled() {
-                            abort.store(true, Ordering::SeqCst);
-                            notify();
-                            break;
-                        }
-                        let g = next_tile.fetch_add(1, Ordering::Relaxed);
-                        if g >= total_tiles {
-                            break;
-                        }
-                        let si = slabs.partition_point(|s| s.first_tile <= g) - 1;
-                        let s = &slabs[si];
-                        if ring != usize::MAX {
-                            wait_until(&|| si < delivered.load(Ordering::SeqCst) + ring);
-                            if abort.load(Ordering::SeqCst) {
-                                break;
-                            }
-                        }
-                        // SAFETY: tile g is taken by this thread alone (atomic counter); its
-                        // slab's ring slot is free (waited above) and stays reserved until
-                        // the slab is delivered, which needs this tile to finish.
-                        unsafe {
-                            self.compute_tile(ops, s, g - s.first_tile, dest_of(s), &mut scratch)
-                        };
-                        if done[si].fetch_add(1, Ordering::SeqCst) + 1 == s.tiles {
-                            notify();
-                        }
+        let work = || {
+            let _guard = PanicGuard(&abort, &notify);
+            let mut scratch = self.scratch();
+            loop {
+                if abort.load(Ordering::Relaxed) {
+                    break;
+                }
+                if cancelled() {
+                    abort.store(true, Ordering::SeqCst);
+                    notify();
+                    break;
+                }
+                let g = next_tile.fetch_add(1, Ordering::Relaxed);
+                if g >= total_tiles {
+                    break;
+                }
+                let si = slabs.partition_point(|s| s.first_tile <= g) - 1;
+                let s = &slabs[si];
+                if ring != usize::MAX {
+                    wait_until(&|| si < delivered.load(Ordering::SeqCst) + ring);
+                    if abort.load(Ordering::SeqCst) {
+                        break;
                     }
-                });
+                }
+                // SAFETY: tile g is taken by this thread alone (atomic counter); its
+                // slab's ring slot is free (waited above) and stays reserved until
+                // the slab is delivered, which needs this tile to finish.
+                unsafe { self.compute_tile(ops, s, g - s.first_tile, dest_of(s), &mut scratch) };
+                if done[si].fetch_add(1, Ordering::SeqCst) + 1 == s.tiles {
+                    notify();
+                }
+            }
+        };
+        // Writing straight into the output (no ring), the calling thread computes too and
+        // delivers afterwards; streaming, it only delivers, so a slow consumer never holds
+        // up a tile.
+        let calling_thread_works = ring == usize::MAX;
+        std::thread::scope(|scope| {
+            let helpers = if calling_thread_works {
+                threads - 1
+            } else {
+                threads
+            };
+            for _ in 0..helpers {
+                scope.spawn(work);
+            }
+            if calling_thread_works {
+                work();
             }
             for (si, s) in slabs.iter().enumerate() {
                 wait_until(&|| done[si].load(Ordering::SeqCst) == s.tiles);
