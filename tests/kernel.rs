@@ -95,6 +95,7 @@ fn variants(shape: Conv3dShape, act: Activation) -> Vec<Conv3dPlan> {
             KernelStrategy::Im2colGemm,
             KernelStrategy::Pointwise,
             KernelStrategy::Direct,
+            KernelStrategy::Winograd,
         ] {
             let p = base.clone().with_gemm(gemm).with_strategy(strategy);
             if p.strategy() == strategy
@@ -162,6 +163,52 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(Config {
+        cases: 48,
+        rng_seed: RngSeed::Fixed(0x77696e6f),
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    /// Winograd F(2×2×2, 3×3×3) (3×3×3, stride 1, dilation 1): odd and even sizes, every
+    /// padding, partial blocks at every edge, random tilings, against the reference. Its
+    /// transforms add rounding, so the bound is `WINOGRAD_TOLERANCE` times the direct one.
+    #[test]
+    fn winograd_matches_reference(
+        n in 1usize..3,
+        c_in in 1usize..6,
+        c_out in 1usize..11,
+        dims in [1usize..12, 1usize..12, 1usize..40],
+        pads in [0usize..3, 0usize..3, 0usize..3],
+        act in activation_strategy(),
+        slab_depth in 1usize..6,
+        threads in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        let input = [n, c_in, dims[0] + 2, dims[1] + 2, dims[2] + 2];
+        let params = Conv3dParams { padding: pads, ..Conv3dParams::default() };
+        let shape = Conv3dShape::new(input, [c_out, c_in, 3, 3, 3], params).unwrap();
+        let plan = Conv3dPlan::new(shape, act).with_strategy(KernelStrategy::Winograd);
+        if plan.strategy() != KernelStrategy::Winograd {
+            return Ok(()); // no AVX-512 here
+        }
+        let x = data(shape.input_len(), seed);
+        let w = data(shape.filters_len(), seed + 1);
+        let b = data(c_out, seed + 2);
+        let (want, mag) = conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), act).unwrap();
+        let mag: Vec<f64> = mag.iter().map(|m| m * WINOGRAD_TOLERANCE).collect();
+        assert_close(&shape, &run_plan(&plan, &x, &w, Some(&b), threads), &want, &mag, "winograd");
+        let t = plan.tiling();
+        let tiled = plan.with_tiling(Tiling { slab_depth, ..t });
+        assert_close(&shape, &run_plan(&tiled, &x, &w, Some(&b), threads), &want, &mag, "winograd tiled");
+    }
+}
+
+/// How much more rounding error Winograd F(2,3) may add than the direct method's bound (the
+/// seeded cases pass at 1.0; 2.0 leaves headroom for other seeds).
+const WINOGRAD_TOLERANCE: f64 = 2.0;
 
 #[test]
 fn one_two_and_three_threads_are_bit_identical() {

@@ -14,6 +14,7 @@ pub mod im2col;
 pub mod plan;
 pub mod reference;
 pub mod shape;
+pub mod winograd;
 
 pub use plan::{Conv3dPlan, GemmImpl, Slab, Strategy, Tiling};
 pub use reference::conv3d_reference;

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::avx512;
 use super::im2col::im2col_tile;
+use super::winograd;
 use super::{check_buffers, Activation, Conv3dShape, KernelError};
 
 /// How a plan computes its tiles.
@@ -32,6 +33,9 @@ pub enum Strategy {
     /// Width stride 1 on AVX-512: the microkernel reads input rows in place for every tap
     /// (masked loads give the zero padding), so no im2col at all.
     Direct,
+    /// 3×3×3, stride 1, dilation 1 on AVX-512: Winograd F(2×2×2, 3×3×3), 3.4× fewer
+    /// multiplies, one microkernel GEMM per transform position.
+    Winograd,
 }
 
 impl Strategy {
@@ -40,6 +44,7 @@ impl Strategy {
             Strategy::Im2colGemm => "im2col+gemm",
             Strategy::Pointwise => "pointwise-1x1x1",
             Strategy::Direct => "direct-avx512",
+            Strategy::Winograd => "winograd-f2x3",
         }
     }
 }
@@ -79,6 +84,9 @@ const COL_BUFFER_BYTES: usize = 384 * 1024;
 const TARGET_TILE_COLS: usize = 1024;
 /// Target size of one output slab (all channels).
 const SLAB_BYTES: usize = 2 * 1024 * 1024;
+/// Winograd is the default when input and output channels reach this (below, the
+/// transforms cost more than the multiplies they save).
+const WINOGRAD_MIN_CHANNELS: usize = 16;
 /// The direct strategy is the default from this reduction length on ...
 const DIRECT_MIN_K: usize = 64;
 /// ... or for output rows shorter than this.
@@ -160,6 +168,10 @@ struct Scratch {
     col: Vec<f32>,
     acc: Vec<f32>,
     segments: Vec<avx512::Segment>,
+    /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
+    wino_v: Vec<f32>,
+    wino_m: Vec<f32>,
+    lane_groups: Vec<winograd::LaneGroup>,
 }
 
 /// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
@@ -218,6 +230,11 @@ impl Conv3dPlan {
         };
         plan.strategy = if plan.supports(Strategy::Pointwise) {
             Strategy::Pointwise
+        } else if plan.supports(Strategy::Winograd)
+            && shape.c_in() >= WINOGRAD_MIN_CHANNELS
+            && shape.c_out() >= WINOGRAD_MIN_CHANNELS
+        {
+            Strategy::Winograd
         } else if plan.supports(Strategy::Direct)
             && (shape.reduction_len() >= DIRECT_MIN_K || shape.out_dims()[2] < DIRECT_SHORT_ROW)
         {
@@ -228,6 +245,7 @@ impl Conv3dPlan {
         } else {
             Strategy::Im2colGemm
         };
+        plan.tiling = plan.adapt_tiling(plan.tiling);
         plan
     }
 
@@ -243,8 +261,11 @@ impl Conv3dPlan {
         if gemm == GemmImpl::Portable || avx512::available() {
             self.gemm = gemm;
         }
-        if self.strategy == Strategy::Direct && gemm == GemmImpl::Portable {
+        if matches!(self.strategy, Strategy::Direct | Strategy::Winograd)
+            && gemm == GemmImpl::Portable
+        {
             self.strategy = Strategy::Im2colGemm;
+            self.tiling = Tiling::for_shape(&self.shape);
         }
         self
     }
@@ -255,7 +276,7 @@ impl Conv3dPlan {
 
     /// Overrides the tiling (clamped to the shape). For tests and tuning.
     pub fn with_tiling(mut self, tiling: Tiling) -> Self {
-        self.tiling = tiling.sanitized(&self.shape);
+        self.tiling = self.adapt_tiling(tiling);
         self
     }
 
@@ -272,6 +293,29 @@ impl Conv3dPlan {
                     && p.stride[2] == 1
                     && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
             }
+            Strategy::Winograd => self.gemm == GemmImpl::Avx512 && winograd::eligible(&self.shape),
+        }
+    }
+
+    /// Winograd works on pairs of output planes: tiles of whole plane pairs (enough for
+    /// about 24 lane groups), slabs of an even number of planes.
+    fn winograd_tiling(&self, t: Tiling) -> Tiling {
+        let [od, oh, ow] = self.shape.out_dims();
+        let plane = oh * ow;
+        let groups_per_pair = oh.div_ceil(2) * ow.div_ceil(2).div_ceil(winograd::LANES);
+        let pairs = 24usize.div_ceil(groups_per_pair).max(1);
+        let slab_depth = t
+            .slab_depth
+            .next_multiple_of(2)
+            .max(2 * pairs)
+            .min(od.next_multiple_of(2));
+        let slab_depth = slab_depth
+            .next_multiple_of(2 * pairs)
+            .min(od.next_multiple_of(2));
+        Tiling {
+            tile_cols: 2 * pairs * plane,
+            k_chunk: t.k_chunk,
+            slab_depth,
         }
     }
 
@@ -280,8 +324,18 @@ impl Conv3dPlan {
     pub fn with_strategy(mut self, strategy: Strategy) -> Self {
         if self.supports(strategy) {
             self.strategy = strategy;
+            self.tiling = self.adapt_tiling(self.tiling);
         }
         self
+    }
+
+    /// Tiling constraints of the strategy (Winograd: whole plane pairs).
+    fn adapt_tiling(&self, t: Tiling) -> Tiling {
+        let t = t.sanitized(&self.shape);
+        match self.strategy {
+            Strategy::Winograd => self.winograd_tiling(t),
+            _ => t,
+        }
     }
 
     pub fn shape(&self) -> &Conv3dShape {
@@ -299,12 +353,26 @@ impl Conv3dPlan {
 
     /// Bytes of the per-thread scratch buffers for `threads` threads.
     pub fn im2col_bytes(&self, threads: usize) -> usize {
-        threads * (self.col_len() + self.acc_len()) * 4
+        threads * (self.col_len() + self.acc_len() + self.wino_v_len() + self.wino_m_len()) * 4
+    }
+
+    fn wino_v_len(&self) -> usize {
+        match self.strategy {
+            Strategy::Winograd => winograd::XI * self.shape.c_in() * winograd::COLS,
+            _ => 0,
+        }
+    }
+
+    fn wino_m_len(&self) -> usize {
+        match self.strategy {
+            Strategy::Winograd => winograd::XI * self.shape.c_out() * winograd::COLS,
+            _ => 0,
+        }
     }
 
     fn col_len(&self) -> usize {
         match self.strategy {
-            Strategy::Pointwise | Strategy::Direct => 0,
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => 0,
             Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride(),
         }
     }
@@ -335,11 +403,14 @@ impl Conv3dPlan {
         filters: &'a [f32],
         bias: Option<&'a [f32]>,
     ) -> Operands<'a> {
-        let packed = match self.gemm {
-            GemmImpl::Avx512 => {
+        let packed = match (self.gemm, self.strategy) {
+            (GemmImpl::Avx512, Strategy::Winograd) => {
+                winograd::transform_filters(filters, self.shape.c_out(), self.shape.c_in())
+            }
+            (GemmImpl::Avx512, _) => {
                 avx512::pack_weights(filters, self.shape.c_out(), self.shape.reduction_len())
             }
-            GemmImpl::Portable => Vec::new(),
+            (GemmImpl::Portable, _) => Vec::new(),
         };
         Operands {
             input,
@@ -354,6 +425,9 @@ impl Conv3dPlan {
             col: vec![0f32; self.col_len()],
             acc: vec![0f32; self.acc_len()],
             segments: Vec::new(),
+            wino_v: vec![0f32; self.wino_v_len()],
+            wino_m: vec![0f32; self.wino_m_len()],
+            lane_groups: Vec::new(),
         }
     }
 
@@ -447,8 +521,13 @@ impl Conv3dPlan {
             self.activation_pass(dst, rs, cols);
             return;
         }
+        if self.strategy == Strategy::Winograd {
+            // SAFETY: forwarded caller's contract.
+            unsafe { self.winograd_tile(ops, input_n, v0, cols, dst, rs, scratch) };
+            return;
+        }
         let kc = match self.strategy {
-            Strategy::Pointwise | Strategy::Direct => k,
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => k,
             Strategy::Im2colGemm => self.tiling.k_chunk,
         };
         let stride = self.col_stride();
@@ -457,7 +536,7 @@ impl Conv3dPlan {
             let r1 = (r0 + kc).min(k);
             // The chunk's column matrix: rows r0..r1, `cols` wide, row stride `lda`.
             let (a, lda) = match self.strategy {
-                Strategy::Pointwise | Strategy::Direct => {
+                Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => {
                     (input_n[v0..].as_ptr(), shape.in_voxels())
                 }
                 Strategy::Im2colGemm => {
@@ -601,6 +680,94 @@ impl Conv3dPlan {
         {
             let _ = (ops, input_n, v0, cols, dst, rs, segments);
             unreachable!("Strategy::Direct is only chosen on x86_64");
+        }
+    }
+
+    /// A tile of whole output plane pairs by Winograd F(2×2×2, 3×3×3), 48 columns (three
+    /// lane groups) at a time: input transform, 64 microkernel GEMMs, output transform.
+    ///
+    /// # Safety
+    /// As `compute_tile`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn winograd_tile(
+        &self,
+        ops: &Operands<'_>,
+        input_n: &[f32],
+        v0: usize,
+        cols: usize,
+        dst: *mut f32,
+        rs: usize,
+        scratch: &mut Scratch,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::NC;
+            use winograd::{LaneGroup, COLS, GROUPS, LANES, XI};
+            let shape = &self.shape;
+            let [_, oh, ow] = shape.out_dims();
+            let plane = oh * ow;
+            let z_start = v0 / plane;
+            let planes = cols.div_ceil(plane);
+            let (c_in, c_out) = (shape.c_in(), shape.c_out());
+            let n_groups = c_out.div_ceil(NC);
+            let lane_groups = &mut scratch.lane_groups;
+            lane_groups.clear();
+            for z0 in (z_start..z_start + planes).step_by(2) {
+                for ty in 0..oh.div_ceil(2) {
+                    let ntx = ow.div_ceil(2);
+                    for tx0 in (0..ntx).step_by(LANES) {
+                        lane_groups.push(LaneGroup {
+                            z0,
+                            ty,
+                            tx0,
+                            lanes: LANES.min(ntx - tx0),
+                        });
+                    }
+                }
+            }
+            for block in lane_groups.chunks(GROUPS) {
+                winograd::input_transform(shape, input_n, block, &mut scratch.wino_v);
+                for xi in 0..XI {
+                    for g in 0..n_groups {
+                        let nch = NC.min(c_out - g * NC);
+                        // SAFETY: V[ξ] is c_in rows × COLS; the packed U[ξ][g] holds c_in·NC
+                        // weights; M[ξ] rows g·NC.. g·NC+nch (COLS each) are inside wino_m.
+                        unsafe {
+                            avx512::block_48x8(
+                                c_in,
+                                scratch.wino_v[xi * c_in * COLS..].as_ptr(),
+                                COLS,
+                                ops.packed[(xi * n_groups + g) * c_in * NC..].as_ptr(),
+                                std::ptr::null(),
+                                0,
+                                scratch.wino_m[(xi * c_out + g * NC) * COLS..].as_mut_ptr(),
+                                COLS,
+                                nch,
+                                COLS,
+                                std::ptr::null(),
+                            )
+                        };
+                    }
+                }
+                // SAFETY: the lane groups lie in this tile's planes (caller's contract).
+                unsafe {
+                    winograd::output_transform(
+                        shape,
+                        &scratch.wino_m,
+                        block,
+                        ops.bias,
+                        self.activation,
+                        dst,
+                        rs,
+                        z_start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ops, input_n, v0, cols, dst, rs, scratch);
+            unreachable!("Strategy::Winograd is only chosen on x86_64");
         }
     }
 
