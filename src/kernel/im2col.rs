@@ -11,7 +11,7 @@ use super::Conv3dShape;
 /// `dst.copy_from_slice(src)` without a call into `memcpy` for the short runs that small
 /// volumes produce (a 14-voxel output row costs more in call overhead than in copying).
 #[inline]
-fn copy_run(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn copy_run(dst: &mut [f32], src: &[f32]) {
     let n = dst.len();
     if n >= 64 {
         dst.copy_from_slice(src);

@@ -358,14 +358,14 @@ impl Conv3dPlan {
 
     fn wino_v_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => winograd::XI * self.shape.c_in() * winograd::COLS,
+            Strategy::Winograd => self.shape.c_in() * winograd::CH_STRIDE,
             _ => 0,
         }
     }
 
     fn wino_m_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => winograd::XI * self.shape.c_out() * winograd::COLS,
+            Strategy::Winograd => self.shape.c_out() * winograd::CH_STRIDE,
             _ => 0,
         }
     }
@@ -702,7 +702,7 @@ impl Conv3dPlan {
         #[cfg(target_arch = "x86_64")]
         {
             use avx512::NC;
-            use winograd::{LaneGroup, COLS, GROUPS, LANES, XI};
+            use winograd::{LaneGroup, CH_STRIDE, COLS, GROUPS, LANES, XI};
             let shape = &self.shape;
             let [_, oh, ow] = shape.out_dims();
             let plane = oh * ow;
@@ -726,22 +726,24 @@ impl Conv3dPlan {
                 }
             }
             for block in lane_groups.chunks(GROUPS) {
-                winograd::input_transform(shape, input_n, block, &mut scratch.wino_v);
+                // SAFETY: AVX-512F was detected when the plan chose this strategy.
+                unsafe { winograd::input_transform(shape, input_n, block, &mut scratch.wino_v) };
                 for xi in 0..XI {
                     for g in 0..n_groups {
                         let nch = NC.min(c_out - g * NC);
-                        // SAFETY: V[ξ] is c_in rows × COLS; the packed U[ξ][g] holds c_in·NC
-                        // weights; M[ξ] rows g·NC.. g·NC+nch (COLS each) are inside wino_m.
+                        // SAFETY: V holds c_in channel rows (stride CH_STRIDE) with COLS values
+                        // at position ξ; the packed U[ξ][g] holds c_in·NC weights; M rows
+                        // g·NC.. g·NC+nch (stride CH_STRIDE) are inside wino_m.
                         unsafe {
                             avx512::block_48x8(
                                 c_in,
-                                scratch.wino_v[xi * c_in * COLS..].as_ptr(),
-                                COLS,
+                                scratch.wino_v[xi * COLS..].as_ptr(),
+                                CH_STRIDE,
                                 ops.packed[(xi * n_groups + g) * c_in * NC..].as_ptr(),
                                 std::ptr::null(),
                                 0,
-                                scratch.wino_m[(xi * c_out + g * NC) * COLS..].as_mut_ptr(),
-                                COLS,
+                                scratch.wino_m[g * NC * CH_STRIDE + xi * COLS..].as_mut_ptr(),
+                                CH_STRIDE,
                                 nch,
                                 COLS,
                                 std::ptr::null(),
@@ -749,7 +751,8 @@ impl Conv3dPlan {
                         };
                     }
                 }
-                // SAFETY: the lane groups lie in this tile's planes (caller's contract).
+                // SAFETY: the lane groups lie in this tile's planes (caller's contract);
+                // AVX-512F was detected when the plan chose this strategy.
                 unsafe {
                     winograd::output_transform(
                         shape,

@@ -26,6 +26,10 @@ pub const GROUPS: usize = 3;
 pub const COLS: usize = LANES * GROUPS;
 /// Transform positions.
 pub const XI: usize = 64;
+/// Stride between channels in the transformed buffers: all 64 positions × 48 columns, plus
+/// one cache line so channel rows never sit a multiple of 4 KiB apart (L1 aliasing when the
+/// microkernel walks down a column).
+pub const CH_STRIDE: usize = XI * COLS + 16;
 
 /// Whether a shape can use this transform.
 pub fn eligible(shape: &Conv3dShape) -> bool {
@@ -81,6 +85,19 @@ pub fn transform_filters(filters: &[f32], c_out: usize, c_in: usize) -> Vec<f32>
 
 type Lanes = [f32; LANES];
 
+/// 16 values at `at` as an array (a fixed-size copy: no call into `memcpy`).
+#[inline(always)]
+fn load(v: &[f32], at: usize) -> Lanes {
+    v[at..at + LANES].try_into().expect("16 values")
+}
+
+/// Stores 16 values at `at` (a fixed-size copy).
+#[inline(always)]
+fn store(v: &mut [f32], at: usize, x: &Lanes) {
+    let d: &mut Lanes = (&mut v[at..at + LANES]).try_into().expect("16 values");
+    *d = *x;
+}
+
 /// `Bᵀ d` for one axis.
 #[inline(always)]
 fn bt(d: [Lanes; 4]) -> [Lanes; 4] {
@@ -105,10 +122,21 @@ fn at(m: [Lanes; 4]) -> [Lanes; 2] {
     y
 }
 
-/// Input transform of up to three lane groups of one batch item into `v`: position ξ, input
-/// channel ci, column `g·16 + lane` at `(ξ·C_in + ci)·COLS + g·16 + lane` (zero padding
-/// outside the input; unused lanes are zero).
-pub fn input_transform(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
+/// Input transform of up to three lane groups of one batch item into `v`: input channel ci,
+/// position ξ, column `g·16 + lane` at `ci·CH_STRIDE + ξ·COLS + g·16 + lane` (zero padding
+/// outside the input).
+///
+/// # Safety
+/// The CPU must support AVX-512F (the Winograd strategy is only chosen where it does); the
+/// function is compiled for it so the lane arithmetic uses 512-bit vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn input_transform(
+    shape: &Conv3dShape,
+    input_n: &[f32],
+    groups: &[LaneGroup],
+    v: &mut [f32],
+) {
     let [_, c_in, d, h, w] = shape.input;
     let [pd, ph, pw] = shape.params.padding;
     for ci in 0..c_in {
@@ -133,7 +161,7 @@ pub fn input_transform(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup
                     let hi = (w as isize - x_start).clamp(lo as isize, span as isize) as usize;
                     if hi > lo {
                         let s0 = (x_start + lo as isize) as usize;
-                        seg[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                        super::im2col::copy_run(&mut seg[lo..hi], &row[s0..s0 + (hi - lo)]);
                     }
                     for (l, pijl) in pij.iter_mut().enumerate() {
                         for (k, x) in pijl.iter_mut().enumerate() {
@@ -159,8 +187,7 @@ pub fn input_transform(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup
                     let t = bt([p[0][j][l], p[1][j][l], p[2][j][l], p[3][j][l]]);
                     for i in 0..4 {
                         let xi = (i * 4 + j) * 4 + l;
-                        let at = (xi * c_in + ci) * COLS + gi * LANES;
-                        v[at..at + LANES].copy_from_slice(&t[i]);
+                        store(v, ci * CH_STRIDE + xi * COLS + gi * LANES, &t[i]);
                     }
                 }
             }
@@ -168,13 +195,16 @@ pub fn input_transform(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup
     }
 }
 
-/// Output transform of `m` (position ξ, channel co, column at `(ξ·C_out + co)·COLS + col`)
+/// Output transform of `m` (channel co, position ξ, column at `co·CH_STRIDE + ξ·COLS + col`)
 /// into the destination: output plane `z`, row `y`, column `x` of channel `co` at
 /// `dst[co·rs + (z − tile_z0)·oH·oW + y·oW + x]`, with bias and activation applied.
 ///
 /// # Safety
-/// `dst` must be writable at every such index for the planes of the lane groups that exist
-/// (`z < oD`, `y < oH`, `x < oW`), and no other thread may access them meanwhile.
+/// The CPU must support AVX-512F. `dst` must be writable at every such index for the planes
+/// of the lane groups that exist (`z < oD`, `y < oH`, `x < oW`), and no other thread may
+/// access them meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn output_transform(
     shape: &Conv3dShape,
@@ -191,21 +221,18 @@ pub unsafe fn output_transform(
     for co in 0..c_out {
         let b = bias.map_or(0.0, |b| b[co]);
         for (gi, grp) in groups.iter().enumerate() {
-            let mut q = [[[[0f32; LANES]; 4]; 4]; 4];
-            for (i, qi) in q.iter_mut().enumerate() {
-                for (j, qij) in qi.iter_mut().enumerate() {
-                    for (l, qijl) in qij.iter_mut().enumerate() {
-                        let xi = (i * 4 + j) * 4 + l;
-                        let at = (xi * c_out + co) * COLS + gi * LANES;
-                        qijl.copy_from_slice(&m[at..at + LANES]);
-                    }
-                }
-            }
-            // Aᵀ along x, y, z: 4×4×4 → 2×2×2 per lane.
+            // Aᵀ along x while loading: 4×4×4 → 4×4×2 per lane.
+            let base = co * CH_STRIDE + gi * LANES;
             let mut r = [[[[0f32; LANES]; 2]; 4]; 4];
             for i in 0..4 {
                 for j in 0..4 {
-                    r[i][j] = at(q[i][j]);
+                    let xi = (i * 4 + j) * 4;
+                    r[i][j] = at([
+                        load(m, base + xi * COLS),
+                        load(m, base + (xi + 1) * COLS),
+                        load(m, base + (xi + 2) * COLS),
+                        load(m, base + (xi + 3) * COLS),
+                    ]);
                 }
             }
             let mut s = [[[[0f32; LANES]; 2]; 2]; 4];
