@@ -59,18 +59,22 @@ fn activation_strategy() -> impl proptest::strategy::Strategy<Value = Activation
 /// A random valid problem: per axis, input size, kernel, stride, padding, dilation such that
 /// the dilated kernel fits the padded input.
 fn problem() -> impl proptest::strategy::Strategy<Value = (Conv3dShape, Activation, bool)> {
-    let axis =
-        (1usize..4, 1usize..4, 0usize..3, 1usize..4, 0usize..9).prop_map(|(k, s, p, d, extra)| {
-            let eff = d * (k - 1) + 1;
-            // input x such that x + 2p >= eff, plus some slack for odd sizes
-            let x = eff.saturating_sub(2 * p).max(1) + extra;
-            (x, k, s, p, d)
-        });
+    // Width gets more room: 16-lane row segments (also at stride 2) need long rows.
+    let axis = |extra: usize| {
+        (1usize..4, 1usize..4, 0usize..3, 1usize..4, 0usize..extra).prop_map(
+            |(k, s, p, d, extra)| {
+                let eff = d * (k - 1) + 1;
+                // input x such that x + 2p >= eff, plus some slack for odd sizes
+                let x = eff.saturating_sub(2 * p).max(1) + extra;
+                (x, k, s, p, d)
+            },
+        )
+    };
     (
         1usize..3,
         1usize..5,
         1usize..6,
-        [axis.clone(), axis.clone(), axis],
+        [axis(9), axis(9), axis(48)],
         activation_strategy(),
         any::<bool>(),
     )
@@ -476,6 +480,37 @@ fn regression_single_column_tiles() {
         &mag,
         "1-column tiles",
     );
+}
+
+/// Guards the stride-2 direct path's even-lane permute on full 16-voxel row segments (the
+/// last lane is only used by rows of at least 16 output voxels).
+#[test]
+fn regression_direct_stride2_full_segments() {
+    let shape = Conv3dShape::new(
+        [1, 3, 5, 6, 70],
+        [9, 3, 3, 3, 3],
+        Conv3dParams {
+            stride: [1, 2, 2],
+            padding: [1, 1, 1],
+            dilation: [1, 1, 1],
+        },
+    )
+    .unwrap();
+    let x = data(shape.input_len(), 11);
+    let w = data(shape.filters_len(), 12);
+    let b = data(9, 13);
+    let (want, mag) =
+        conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), Activation::None).unwrap();
+    for plan in variants(shape, Activation::None) {
+        let what = format!("{:?}", plan.strategy());
+        assert_close(
+            &shape,
+            &run_plan(&plan, &x, &w, Some(&b), 2),
+            &want,
+            &mag,
+            &what,
+        );
+    }
 }
 
 // ---- cancellation -----------------------------------------------------------------------

@@ -138,31 +138,72 @@ pub struct Segment {
     pub col: usize,
 }
 
-/// Geometry the direct kernel needs (stride along width must be 1).
+/// Geometry the direct kernel needs (stride along width 1 or 2).
 #[derive(Clone, Copy, Debug)]
 pub struct DirectGeom {
     pub c_in: usize,
     pub dims: [usize; 3],
     pub kernel: [usize; 3],
-    pub stride: [usize; 2],
+    /// Strides along depth, height and width.
+    pub stride: [usize; 3],
     pub padding: [usize; 3],
     pub dilation: [usize; 3],
 }
 
+/// Width strides the direct kernel supports.
+pub fn direct_supports_width_stride(s: usize) -> bool {
+    s == 1 || s == 2
+}
+
 /// Direct convolution of up to three row segments × 8 output channels, reading the input rows
 /// in place (no im2col): for every tap `(ci, a, b, c)`, in filter order, one masked load per
-/// segment (lanes outside the input are zero: the padding) and eight broadcast FMAs.
+/// segment (two and a permute for width stride 2; lanes outside the input are zero: the
+/// padding) and eight broadcast FMAs.
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `input_n` must hold one batch item (`c_in·D·H·W` values);
 /// `b` the packed weights of one channel group (`c_in·kD·kH·kW·NC` values); `dst` must be
 /// writable for `nch` rows at stride `ldd`, each covering every segment's columns; `bias`
 /// (if not null) must hold `nch` values; `segs.len() <= DIRECT_SEGS`, each `len <= 16`;
-/// `geom.kernel[2] <= DIRECT_MAX_KW`.
+/// `geom.kernel[2] <= DIRECT_MAX_KW`; `geom.stride[2]` is 1 or 2.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block_direct(
+    geom: &DirectGeom,
+    input_n: *const f32,
+    segs: &[Segment],
+    b: *const f32,
+    dst: *mut f32,
+    ldd: usize,
+    nch: usize,
+    bias: *const f32,
+) {
+    // SAFETY: forwarded contract; the width stride selects the instantiation.
+    unsafe {
+        if geom.stride[2] == 2 {
+            block_direct_sw::<2>(geom, input_n, segs, b, dst, ldd, nch, bias)
+        } else {
+            block_direct_sw::<1>(geom, input_n, segs, b, dst, ldd, nch, bias)
+        }
+    }
+}
+
+/// Mask of bits `lo..hi` (clamped to 16).
+#[inline(always)]
+fn bits(lo: isize, hi: isize) -> u16 {
+    let lo = lo.clamp(0, 16) as u32;
+    let hi = hi.clamp(0, 16) as u32;
+    if hi > lo {
+        (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16
+    } else {
+        0
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn block_direct(
+unsafe fn block_direct_sw<const SW: usize>(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
@@ -177,27 +218,24 @@ pub unsafe fn block_direct(
     let [pd, ph, pw] = geom.padding;
     let [dd, dh, dw] = geom.dilation;
     let plane = d * h * w;
-    // Lane masks per (tap column, segment): inside the row and inside the segment.
-    let mut masks = [[0 as __mmask16; DIRECT_SEGS]; DIRECT_MAX_KW];
+    // Per (tap column, segment): the first input column and load masks. Lane j of a segment
+    // reads input column first + SW·j; with SW = 2, two loads cover elements q = 0..32 of
+    // the span and the even ones are kept.
+    let mut masks = [[[0 as __mmask16; 2]; DIRECT_SEGS]; DIRECT_MAX_KW];
     let mut store = [0 as __mmask16; DIRECT_SEGS];
     let mut xoff = [[0isize; DIRECT_SEGS]; DIRECT_MAX_KW];
     for (s, seg) in segs.iter().enumerate() {
-        let len_mask = ((1u32 << seg.len) - 1) as u16;
-        store[s] = len_mask;
-        for (c, (m, x)) in masks.iter_mut().zip(xoff.iter_mut()).take(kw).enumerate() {
-            // Input column of lane j: ow0 + j + c·dw − pw; valid in [0, w).
-            let first = (seg.ow0 + c * dw) as isize - pw as isize;
-            let lo = (-first).clamp(0, 16) as u32;
-            let hi = (w as isize - first).clamp(0, 16) as u32;
-            let valid = if hi > lo {
-                (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16
-            } else {
-                0
-            };
-            m[s] = valid & len_mask;
-            x[s] = first;
+        store[s] = bits(0, seg.len as isize);
+        for c in 0..kw {
+            let first = (seg.ow0 * SW + c * dw) as isize - pw as isize;
+            // Span elements q with 0 <= first + q < w and q <= SW·(len − 1).
+            let q_lo = -first;
+            let q_hi = (w as isize - first).min((SW * (seg.len - 1) + 1) as isize);
+            masks[c][s] = [bits(q_lo, q_hi), bits(q_lo - 16, q_hi - 16)];
+            xoff[c][s] = first;
         }
     }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let mut acc = [[_mm512_setzero_ps(); DIRECT_SEGS]; NC];
     let mut b = b;
     for ci in 0..geom.c_in {
@@ -218,13 +256,18 @@ pub unsafe fn block_direct(
                     let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
                     for s in 0..DIRECT_SEGS {
                         if row_ok[s] {
-                            // SAFETY: lanes enabled by the mask read input columns inside
+                            let p = input_n.wrapping_offset(row[s] + xoff[c][s]);
+                            // SAFETY: lanes enabled by the masks read input columns inside
                             // [0, w) of an existing row; masked-off lanes are not accessed.
                             x[s] = unsafe {
-                                _mm512_maskz_loadu_ps(
-                                    masks[c][s],
-                                    input_n.wrapping_offset(row[s] + xoff[c][s]),
-                                )
+                                if SW == 1 {
+                                    _mm512_maskz_loadu_ps(masks[c][s][0], p)
+                                } else {
+                                    let lo = _mm512_maskz_loadu_ps(masks[c][s][0], p);
+                                    let hi =
+                                        _mm512_maskz_loadu_ps(masks[c][s][1], p.wrapping_add(16));
+                                    _mm512_permutex2var_ps(lo, even, hi)
+                                }
                             };
                         }
                     }

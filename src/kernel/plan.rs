@@ -30,8 +30,8 @@ pub enum Strategy {
     /// 1×1×1 kernel, stride 1, no padding: the input already is the column matrix, so the
     /// GEMM reads it in place (no im2col, no workspace).
     Pointwise,
-    /// Width stride 1 on AVX-512: the microkernel reads input rows in place for every tap
-    /// (masked loads give the zero padding), so no im2col at all.
+    /// Width stride 1 or 2 on AVX-512: the microkernel reads input rows in place for every
+    /// tap (masked loads give the zero padding), so no im2col at all.
     Direct,
     /// 3×3×3, stride 1, dilation 1 on AVX-512: Winograd F(2×2×2, 3×3×3), 3.4× fewer
     /// multiplies, one microkernel GEMM per transform position.
@@ -290,7 +290,7 @@ impl Conv3dPlan {
             }
             Strategy::Direct => {
                 self.gemm == GemmImpl::Avx512
-                    && p.stride[2] == 1
+                    && avx512::direct_supports_width_stride(p.stride[2])
                     && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
             }
             Strategy::Winograd => self.gemm == GemmImpl::Avx512 && winograd::eligible(&self.shape),
@@ -647,7 +647,7 @@ impl Conv3dPlan {
                 c_in: shape.c_in(),
                 dims: shape.in_dims(),
                 kernel: shape.kernel_dims(),
-                stride: [p.stride[0], p.stride[1]],
+                stride: p.stride,
                 padding: p.padding,
                 dilation: p.dilation,
             };
