@@ -34,7 +34,7 @@ pub struct KernelBenchArgs {
     /// Override reduction rows per GEMM (tuning).
     #[arg(long, hide = true)]
     pub k_chunk: Option<usize>,
-    /// Force a strategy where supported: im2col | direct | pointwise (comparison).
+    /// Force a strategy where supported: im2col | direct | pointwise | winograd (comparison).
     #[arg(long, hide = true)]
     pub strategy: Option<String>,
     /// Use the portable gemm crate instead of the AVX-512 microkernel (comparison).
@@ -143,6 +143,7 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             Some("im2col") => plan = plan.with_strategy(Strategy::Im2colGemm),
             Some("direct") => plan = plan.with_strategy(Strategy::Direct),
             Some("pointwise") => plan = plan.with_strategy(Strategy::Pointwise),
+            Some("winograd") => plan = plan.with_strategy(Strategy::Winograd),
             Some(other) => return Err(format!("unknown strategy {other:?}").into()),
         }
         let input = seeded(shape.input_len(), 1);
