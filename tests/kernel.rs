@@ -261,16 +261,19 @@ fn slabs_arrive_in_order_and_tile_the_output() {
         Conv3dShape::new([2, 3, 9, 10, 11], [5, 3, 3, 3, 3], Conv3dParams::default()).unwrap();
     let x = data(shape.input_len(), 1);
     let w = data(shape.filters_len(), 2);
-    let plan = Conv3dPlan::new(shape, Activation::None)
-        .with_tiling(Tiling {
-            tile_cols: 37,
-            k_chunk: 20,
-            slab_depth: 2,
-        })
-        .with_min_flops_per_thread(0.0);
-    let full = run_plan(&plan, &x, &w, None, 2);
     let [_, c_out, od, oh, ow] = shape.output;
-    for threads in [1, 2, 3] {
+    for (plan, threads) in variants(shape, Activation::None)
+        .into_iter()
+        .flat_map(|p| [1, 2, 3].map(|t| (p.clone(), t)))
+    {
+        let plan = plan
+            .with_tiling(Tiling {
+                tile_cols: 37,
+                k_chunk: 20,
+                slab_depth: 2,
+            })
+            .with_min_flops_per_thread(0.0);
+        let full = run_plan(&plan, &x, &w, None, 2);
         let mut next = (0usize, 0usize);
         let mut rebuilt = vec![f32::NAN; shape.output_len()];
         plan.run_slabs(&x, &w, None, threads, None, &mut |s| {
