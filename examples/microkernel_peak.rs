@@ -1,4 +1,5 @@
-//! Measures the microkernel with all operands in L1 (its ceiling on this CPU).
+//! Measures the AVX-512 microkernel with all operands in L1: its ceiling on this CPU.
+//! `cargo run --release --example microkernel_peak`
 use std::time::Instant;
 fn main() {
     let kc = 256;
