@@ -13,5 +13,11 @@
 //! yet; see the README's "Status" section.
 
 pub mod cli;
+pub mod config;
 pub mod kernel;
+pub mod model;
+pub mod pool;
+pub mod proto;
+pub mod server;
+pub mod service;
 pub mod tensor;

@@ -1,6 +1,6 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = voxconv::cli::Cli::parse();
-    voxconv::cli::run(cli)
+    match voxconv::cli::parse() {
+        Ok(cli) => voxconv::cli::run(cli),
+        Err(code) => code,
+    }
 }

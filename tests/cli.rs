@@ -83,7 +83,7 @@ fn conv3d_subcommand_reports_bad_shapes_in_one_line() {
         .args(["--stride", "1,2"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "usage error");
+    assert_eq!(out.status.code(), Some(64), "usage error (EX_USAGE)");
     assert!(String::from_utf8_lossy(&out.stderr).contains("D,H,W"));
 }
 

@@ -1,7 +1,9 @@
 //! The `voxconv` command line.
 
+mod client;
 mod conv3d;
 mod kernel_bench;
+pub mod serve;
 
 use std::process::ExitCode;
 
@@ -27,6 +29,48 @@ pub enum Command {
     Conv3d(Conv3dArgs),
     /// Time the kernel on the workloads of a TOML file.
     KernelBench(KernelBenchArgs),
+    /// Run the gRPC server (built-in models: sobel3d, gaussian3d).
+    Serve(crate::config::ServeArgs),
+    /// Send a volume through a model over the streaming RPC.
+    Infer(client::InferArgs),
+    /// Ask a server whether it is SERVING (exit 0) or not (exit 1).
+    Health(client::HealthArgs),
+}
+
+/// Parses the command line. Usage and configuration errors exit 64 (EX_USAGE) with one
+/// line; `--help` and `--version` exit 0.
+pub fn parse() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            let _ = e.print();
+            Err(
+                if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(serve::EXIT_CONFIG)
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("voxconv: {line}");
+            Err(ExitCode::from(serve::EXIT_CONFIG))
+        }
+    }
 }
 
 /// Runs a parsed command; errors are printed as one line on stderr.
@@ -34,6 +78,9 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Conv3d(a) => conv3d::run(a),
         Command::KernelBench(a) => kernel_bench::run(a),
+        Command::Serve(a) => return serve::run(a),
+        Command::Infer(a) => client::infer(a),
+        Command::Health(a) => client::health(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

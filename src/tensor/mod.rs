@@ -1,4 +1,6 @@
-//! Tensor files: `.npy` (float32) in and out for the command line.
+//! Tensors: `.npy` files for the command line and wire dtypes for the service.
+
+pub mod dtype;
 
 use std::path::Path;
 

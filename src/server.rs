@@ -1,0 +1,123 @@
+//! Builds and runs the tonic server: limits, health, reflection, graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::model::ModelSet;
+use crate::pool::{Pool, PoolStats};
+use crate::proto::voxconv::v1::inference_server::InferenceServer;
+use crate::service::InferenceService;
+
+/// The gRPC service name of our API (health reports it by this name too).
+pub const SERVICE_NAME: &str = "voxconv.v1.Inference";
+
+/// What the server shares with its embedder (tests, metrics).
+#[derive(Clone)]
+pub struct ServerState {
+    pub stats: Arc<PoolStats>,
+}
+
+/// Starts the pool and returns the state, then serves on `listener` until `shutdown`
+/// resolves; then health turns NOT_SERVING, new calls are refused and in-flight calls get
+/// `config.shutdown_grace` to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    models: ModelSet,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(ServerState),
+) -> Result<(), tonic::transport::Error> {
+    let pool = Arc::new(Pool::new(
+        config.workers,
+        config.queue_len,
+        config.memory_budget,
+        config.threads_per_job,
+    ));
+    let state = ServerState {
+        stats: pool.stats(),
+    };
+    let config = Arc::new(config);
+    let service = InferenceService::new(Arc::new(models), pool, Arc::clone(&config));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // Not serving until everything below is built.
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("our descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("our descriptor sets are valid");
+    let inference = InferenceServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip);
+
+    let draining = Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let health = health.clone();
+        let draining = Arc::clone(&draining);
+        async move {
+            shutdown.await;
+            info!("shutting down: refusing new calls, draining in-flight ones");
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            draining.notify_one();
+        }
+    };
+    let addr = listener.local_addr().ok();
+    let serve = tonic::transport::Server::builder()
+        .http2_max_header_list_size(Some(8 * 1024))
+        // Volumes stream in MiB-sized chunks: HTTP/2's default 64 KiB windows would stall
+        // every chunk on a round trip.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        );
+
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    info!(
+        ?addr,
+        workers = config.workers,
+        threads_per_job = config.threads_per_job,
+        "serving"
+    );
+    on_ready(state);
+
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        r = serve => r,
+        _ = async { draining.notified().await; tokio::time::sleep(grace).await } => {
+            warn!(grace_s = grace.as_secs_f64(), "grace period over; closing the remaining calls");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,687 @@
+//! `voxconv.v1.Inference`: thin handlers (validate → convert → submit → stream). Numerics
+//! run on the pool's worker threads; errors become statuses in [`error`].
+
+pub mod error;
+
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, info_span, Instrument, Span};
+
+pub use error::ServiceError;
+
+use crate::config::Config;
+use crate::model::{LayerTiming, Model, ModelPlan, ModelSet};
+use crate::pool::Pool;
+use crate::proto::voxconv::v1 as pb;
+use crate::tensor::dtype::{self, DType, StreamDecoder};
+
+/// The service state shared by all calls.
+#[derive(Clone)]
+pub struct InferenceService {
+    models: Arc<ModelSet>,
+    pool: Arc<Pool>,
+    config: Arc<Config>,
+}
+
+/// Cancels a call's job when the call ends for any reason (client gone, deadline, error):
+/// dropped with the handler's future or task.
+struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A call's cancellation: a flag for the kernel (checked between tiles) and a token for
+/// async waits.
+#[derive(Clone, Default)]
+struct Cancel {
+    flag: Arc<AtomicBool>,
+    token: CancellationToken,
+}
+
+impl Cancel {
+    fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+}
+
+/// A validated request: model, its plan for the input shape, dtypes, sizes.
+struct Prepared {
+    model: Arc<Model>,
+    plan: ModelPlan,
+    in_dtype: DType,
+    out_dtype: DType,
+    input_elems: usize,
+    input_bytes: usize,
+    output_bytes: usize,
+}
+
+fn to_dtype(field: &str, v: i32, output: bool) -> Result<DType, ServiceError> {
+    let d = match pb::DType::try_from(v) {
+        Ok(pb::DType::Fp32) => DType::F32,
+        Ok(pb::DType::Fp16) => DType::F16,
+        Ok(pb::DType::Bf16) => DType::BF16,
+        Ok(pb::DType::Int16) => DType::I16,
+        Ok(pb::DType::Uint16) => DType::U16,
+        Ok(pb::DType::Uint8) => DType::U8,
+        Ok(pb::DType::DtypeUnspecified) if output => DType::F32,
+        Ok(pb::DType::DtypeUnspecified) | Err(_) => {
+            return Err(ServiceError::invalid(format!(
+                "{field}: expected one of FP32, FP16, BF16, INT16, UINT16, UINT8, got {v}"
+            )))
+        }
+    };
+    if output && !d.is_output() {
+        return Err(ServiceError::invalid(format!(
+            "{field}: expected FP32 or FP16, got {}",
+            d.name()
+        )));
+    }
+    Ok(d)
+}
+
+pub fn to_pb_dtype(d: DType) -> pb::DType {
+    match d {
+        DType::F32 => pb::DType::Fp32,
+        DType::F16 => pb::DType::Fp16,
+        DType::BF16 => pb::DType::Bf16,
+        DType::I16 => pb::DType::Int16,
+        DType::U16 => pb::DType::Uint16,
+        DType::U8 => pb::DType::Uint8,
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn deadline(meta: &MetadataMap) -> Option<Instant> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(d)
+}
+
+/// Runs `fut` until the deadline, if any.
+async fn until<T>(
+    deadline: Option<Instant>,
+    stage: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, ServiceError> {
+    match deadline {
+        None => Ok(fut.await),
+        Some(d) => tokio::time::timeout_at(d.into(), fut)
+            .await
+            .map_err(|_| ServiceError::DeadlineExceeded(format!("deadline passed while {stage}"))),
+    }
+}
+
+impl InferenceService {
+    pub fn new(models: Arc<ModelSet>, pool: Arc<Pool>, config: Arc<Config>) -> Self {
+        Self {
+            models,
+            pool,
+            config,
+        }
+    }
+
+    /// Validates model, dtypes and shape (checked arithmetic, before any allocation).
+    fn prepare(
+        &self,
+        prefix: &str,
+        model: &str,
+        in_dtype: i32,
+        shape: &[u64],
+        out_dtype: i32,
+    ) -> Result<Prepared, ServiceError> {
+        let _span = info_span!("validate").entered();
+        let m = self.models.get(model).ok_or_else(|| {
+            let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+            ServiceError::NotFound(format!(
+                "{prefix}model: no model named {model:?} (available: {})",
+                names.join(", ")
+            ))
+        })?;
+        let in_dtype = to_dtype(&format!("{prefix}dtype"), in_dtype, false)?;
+        let out_dtype = to_dtype(&format!("{prefix}output_dtype"), out_dtype, true)?;
+        let field = format!("{prefix}shape");
+        if shape.len() != 5 {
+            return Err(ServiceError::invalid(format!(
+                "{field}: expected 5 dimensions [N, C, D, H, W], got {} ({shape:?})",
+                shape.len()
+            )));
+        }
+        let mut dims = [0usize; 5];
+        for (d, &s) in dims.iter_mut().zip(shape) {
+            *d = usize::try_from(s).map_err(|_| {
+                ServiceError::invalid(format!("{field}: dimension {s} is too large"))
+            })?;
+        }
+        if dims[1] != m.in_channels() {
+            return Err(ServiceError::invalid(format!(
+                "{field}[1] (channels): model {} expects {}, got {}",
+                m.name,
+                m.in_channels(),
+                dims[1]
+            )));
+        }
+        let plan = m.plan(dims).map_err(|e| ServiceError::kernel(&field, e))?;
+        let too_big = || ServiceError::invalid(format!("{field}: {shape:?} is too large"));
+        let input_elems = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(too_big)?;
+        let input_bytes = input_elems
+            .checked_mul(in_dtype.size())
+            .ok_or_else(too_big)?;
+        let output_bytes = plan
+            .output_len()
+            .checked_mul(out_dtype.size())
+            .ok_or_else(too_big)?;
+        Ok(Prepared {
+            model: m,
+            plan,
+            in_dtype,
+            out_dtype,
+            input_elems,
+            input_bytes,
+            output_bytes,
+        })
+    }
+
+    /// Working memory of a call, reserved before its input buffer is allocated.
+    fn memory_needed(&self, p: &Prepared, output_buffers: usize) -> u64 {
+        let threads = self.pool.threads_per_job();
+        (p.input_elems as u64)
+            .saturating_mul(4)
+            .saturating_add(p.plan.working_bytes(threads) as u64)
+            .saturating_add(output_buffers as u64)
+    }
+}
+
+/// Output chunks of one slab: for each channel, its planes are contiguous in the output
+/// tensor at `((n·C + c)·oD + d0)·oH·oW` elements; pieces of at most `chunk` bytes.
+fn slab_chunks(
+    slab: &crate::kernel::Slab<'_>,
+    output: [usize; 5],
+    out_dtype: DType,
+    chunk: usize,
+    mut emit: impl FnMut(u64, Bytes) -> bool,
+) -> bool {
+    let [_, c_out, od, oh, ow] = output;
+    let plane = oh * ow;
+    let per_channel = slab.depth.len() * plane;
+    let elem = out_dtype.size();
+    let per_chunk = (chunk / elem).max(1);
+    for c in 0..c_out {
+        let values = &slab.data[c * per_channel..(c + 1) * per_channel];
+        let first = ((slab.batch * c_out + c) * od + slab.depth.start) * plane;
+        for (i, piece) in values.chunks(per_chunk).enumerate() {
+            let mut buf = Vec::with_capacity(piece.len() * elem);
+            dtype::encode(out_dtype, piece, &mut buf);
+            let offset = ((first + i * per_chunk) * elem) as u64;
+            if !emit(offset, Bytes::from(buf)) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn summary(
+    p: &Prepared,
+    receive: Duration,
+    queue: Duration,
+    compute: Duration,
+    started: Instant,
+    layers: &[LayerTiming],
+) -> pb::Summary {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    pb::Summary {
+        input_bytes: p.input_bytes as u64,
+        output_bytes: p.output_bytes as u64,
+        flops: p.plan.flops(),
+        receive_ms: ms(receive),
+        queue_ms: ms(queue),
+        compute_ms: ms(compute),
+        total_ms: ms(started.elapsed()),
+        layers: layers
+            .iter()
+            .map(|l| pb::LayerTiming {
+                strategy: l.strategy.to_string(),
+                compute_ms: l.compute_ms,
+            })
+            .collect(),
+    }
+}
+
+/// One line per call: sizes, shapes, durations and status; never values or identifiers.
+fn log_call(
+    method: &str,
+    model: &str,
+    p: Option<&Prepared>,
+    result: &Result<(), ServiceError>,
+    started: Instant,
+) {
+    let status = match result {
+        Ok(()) => "OK".to_string(),
+        Err(e) => format!("{:?}", e.code()),
+    };
+    info!(
+        target: "voxconv::rpc",
+        method,
+        model,
+        input_shape = ?p.map(|p| p.plan.input),
+        output_shape = ?p.map(|p| p.plan.output),
+        input_bytes = p.map_or(0, |p| p.input_bytes),
+        output_bytes = p.map_or(0, |p| p.output_bytes),
+        status,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        "call finished"
+    );
+}
+
+type Outbound = mpsc::Sender<Result<pb::InferStreamResponse, Status>>;
+
+impl InferenceService {
+    /// Everything of InferStream after the header: memory, upload, compute, streaming.
+    async fn stream_call(
+        &self,
+        p: Prepared,
+        mut inbound: Streaming<pb::InferStreamRequest>,
+        out: Outbound,
+        chunk: usize,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> (Result<(), ServiceError>, Prepared) {
+        let cancel = Cancel::default();
+        let _guard = CancelOnDrop(cancel.clone());
+        let result = async {
+            // Admission: memory first (input buffer, intermediates, ring, output buffers).
+            let need = self.memory_needed(&p, chunk.saturating_mul(self.config.stream_buffer + 2));
+            let reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
+                .instrument(info_span!("queue_wait", stage = "memory"))
+                .await??;
+
+            // Upload: ordered chunks, decoded as they arrive.
+            let t_recv = Instant::now();
+            let mut dec = StreamDecoder::new(p.in_dtype, p.input_elems);
+            async {
+                while dec.bytes_received() < dec.bytes_expected() {
+                    let msg = tokio::select! {
+                        m = until(deadline, "receiving the input", inbound.message()) => m?,
+                        _ = out.closed() => return Err(ServiceError::Cancelled("client went away".into())),
+                    };
+                    let msg = msg.map_err(|s| ServiceError::Cancelled(format!("input stream failed: {}", s.message())))?;
+                    let Some(msg) = msg else {
+                        return Err(ServiceError::invalid(format!(
+                            "chunk: input ended after {} of {} bytes",
+                            dec.bytes_received(),
+                            dec.bytes_expected()
+                        )));
+                    };
+                    match msg.msg {
+                        Some(pb::infer_stream_request::Msg::Chunk(c)) => {
+                            let at = dec.bytes_received() as u64;
+                            if c.offset != at {
+                                return Err(ServiceError::invalid(format!(
+                                    "chunk.offset: expected {at} (chunks in order), got {}",
+                                    c.offset
+                                )));
+                            }
+                            let end = at.saturating_add(c.data.len() as u64);
+                            if end > dec.bytes_expected() as u64 {
+                                return Err(ServiceError::invalid(format!(
+                                    "chunk.data: input is {} bytes, this chunk ends at {end}",
+                                    dec.bytes_expected()
+                                )));
+                            }
+                            dec.push(&c.data);
+                        }
+                        Some(pb::infer_stream_request::Msg::Header(_)) => {
+                            return Err(ServiceError::invalid(
+                                "header: expected chunks after the first header, got a second header",
+                            ))
+                        }
+                        None => return Err(ServiceError::invalid("msg: expected header or chunk, got neither")),
+                    }
+                }
+                Ok(())
+            }
+            .instrument(info_span!("decode", bytes = p.input_bytes))
+            .await?;
+            let input = dec.finish().ok_or_else(|| ServiceError::Internal("input incomplete".into()))?;
+            let receive = t_recv.elapsed();
+
+            let header = pb::InferStreamResponse {
+                msg: Some(pb::infer_stream_response::Msg::Header(pb::OutputHeader {
+                    dtype: to_pb_dtype(p.out_dtype) as i32,
+                    shape: p.plan.output.iter().map(|&d| d as u64).collect(),
+                    total_bytes: p.output_bytes as u64,
+                })),
+            };
+            out.send(Ok(header))
+                .await
+                .map_err(|_| ServiceError::Cancelled("client went away".into()))?;
+
+            // Compute on a worker; finished slabs go straight to the response stream. The
+            // bounded channel is the backpressure: a slow reader slows the worker down.
+            let (model, plan, out_dtype, output) = (Arc::clone(&p.model), p.plan.clone(), p.out_dtype, p.plan.output);
+            let tx = out.clone();
+            let job_cancel = cancel.clone();
+            let rt = tokio::runtime::Handle::current();
+            let compute_span = info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
+            let t_queue = Instant::now();
+            let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
+                let _e = compute_span.enter();
+                let t0 = Instant::now();
+                let mut send = |offset: u64, data: Bytes| {
+                    let msg = Ok(pb::InferStreamResponse {
+                        msg: Some(pb::infer_stream_response::Msg::Chunk(pb::Chunk { offset, data })),
+                    });
+                    rt.block_on(async {
+                        tokio::select! {
+                            r = tx.send(msg) => r.is_ok(),
+                            _ = job_cancel.token.cancelled() => false,
+                        }
+                    })
+                };
+                let r = plan.run(&model, input, ctx.threads, Some(&ctx.cancel), &mut |slab| {
+                    if slab_chunks(&slab, output, out_dtype, chunk, &mut send) {
+                        ControlFlow::Continue(())
+                    } else {
+                        ControlFlow::Break(())
+                    }
+                });
+                (r, ctx.queue_wait, t0.elapsed())
+            })?;
+            let outcome = tokio::select! {
+                r = until(deadline, "computing", job) => r?,
+                _ = out.closed() => return Err(ServiceError::Cancelled("client went away".into())),
+            };
+            let (r, queue, compute) = outcome
+                .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
+            let _ = t_queue;
+            let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
+            drop(reservation);
+            let s = summary(&p, receive, queue, compute, started, &layers);
+            out.send(Ok(pb::InferStreamResponse {
+                msg: Some(pb::infer_stream_response::Msg::Summary(s)),
+            }))
+            .instrument(info_span!("send"))
+            .await
+            .map_err(|_| ServiceError::Cancelled("client went away".into()))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &result {
+            // The deadline or a failure: stop the worker, tell the client if it listens.
+            cancel.cancel();
+            let _ = out.try_send(Err(Status::from(e.clone())));
+        }
+        (result, p)
+    }
+}
+
+type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::InferStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for InferenceService {
+    async fn infer(
+        &self,
+        request: Request<pb::InferRequest>,
+    ) -> Result<Response<pb::InferResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline(request.metadata());
+        let req = request.into_inner();
+        let span = info_span!("rpc", method = "Infer", model = %req.model);
+        let cancel = Cancel::default();
+        let _guard = CancelOnDrop(cancel.clone());
+        let mut prepared = None;
+        let result: Result<pb::InferResponse, ServiceError> = async {
+            let input = req.input.unwrap_or_default();
+            let p = self.prepare(
+                "input.",
+                &req.model,
+                input.dtype,
+                &input.shape,
+                req.output_dtype,
+            )?;
+            if input.data.len() != p.input_bytes {
+                return Err(ServiceError::invalid(format!(
+                    "input.data: expected {} bytes ({:?} x {} bytes per {}), got {}",
+                    p.input_bytes,
+                    p.plan.input,
+                    p.in_dtype.size(),
+                    p.in_dtype.name(),
+                    input.data.len()
+                )));
+            }
+            let limit = self.config.max_message_bytes.saturating_sub(1024);
+            if p.output_bytes > limit {
+                return Err(ServiceError::ResourceExhausted(format!(
+                    "output: {} bytes exceed the unary message limit of {limit} bytes; use \
+                     voxconv.v1.Inference/InferStream for large volumes",
+                    p.output_bytes
+                )));
+            }
+            let need = self.memory_needed(&p, p.plan.output_len() * 4 + p.output_bytes);
+            let _reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
+                .instrument(info_span!("queue_wait", stage = "memory"))
+                .await??;
+            let (model, plan, in_dtype, out_dtype) = (
+                Arc::clone(&p.model),
+                p.plan.clone(),
+                p.in_dtype,
+                p.out_dtype,
+            );
+            let elems = p.input_elems;
+            let compute_span =
+                info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
+            let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
+                let _e = compute_span.enter();
+                let t0 = Instant::now();
+                let mut x = vec![0f32; elems];
+                info_span!("decode").in_scope(|| dtype::decode(in_dtype, &input.data, &mut x));
+                drop(input);
+                let [_, c_out, od, oh, ow] = plan.output;
+                let mut y = vec![0f32; plan.output_len()];
+                let r = plan.run(&model, x, ctx.threads, Some(&ctx.cancel), &mut |s| {
+                    let per = s.depth.len() * oh * ow;
+                    for c in 0..c_out {
+                        let at = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
+                        y[at..at + per].copy_from_slice(&s.data[c * per..(c + 1) * per]);
+                    }
+                    ControlFlow::Continue(())
+                });
+                let mut bytes = Vec::new();
+                info_span!("encode").in_scope(|| dtype::encode(out_dtype, &y, &mut bytes));
+                (r, bytes, ctx.queue_wait, t0.elapsed())
+            })?;
+            let (r, bytes, queue, compute) = until(deadline, "computing", job)
+                .await?
+                .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
+            let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
+            let resp = pb::InferResponse {
+                model: p.model.name.clone(),
+                output: Some(pb::Tensor {
+                    dtype: to_pb_dtype(p.out_dtype) as i32,
+                    shape: p.plan.output.iter().map(|&d| d as u64).collect(),
+                    data: Bytes::from(bytes),
+                }),
+                summary: Some(summary(
+                    &p,
+                    Duration::ZERO,
+                    queue,
+                    compute,
+                    started,
+                    &layers,
+                )),
+            };
+            prepared = Some(p);
+            Ok(resp)
+        }
+        .instrument(span.clone())
+        .await;
+        let _e = span.enter();
+        match result {
+            Ok(resp) => {
+                log_call("Infer", &req.model, prepared.as_ref(), &Ok(()), started);
+                Ok(Response::new(resp))
+            }
+            Err(e) => {
+                log_call(
+                    "Infer",
+                    &req.model,
+                    prepared.as_ref(),
+                    &Err(e.clone()),
+                    started,
+                );
+                Err(e.into())
+            }
+        }
+    }
+
+    type InferStreamStream = StreamOut;
+
+    async fn infer_stream(
+        &self,
+        request: Request<Streaming<pb::InferStreamRequest>>,
+    ) -> Result<Response<Self::InferStreamStream>, Status> {
+        let started = Instant::now();
+        let deadline = deadline(request.metadata());
+        let mut inbound = request.into_inner();
+        let first = until(deadline, "waiting for the header", inbound.message())
+            .await
+            .map_err(Status::from)??;
+        let header = match first.and_then(|m| m.msg) {
+            Some(pb::infer_stream_request::Msg::Header(h)) => h,
+            Some(pb::infer_stream_request::Msg::Chunk(_)) => {
+                return Err(ServiceError::invalid(
+                    "header: expected a header as the first message, got a chunk",
+                )
+                .into())
+            }
+            None => {
+                return Err(ServiceError::invalid(
+                    "header: expected a header as the first message, got none",
+                )
+                .into())
+            }
+        };
+        let span = info_span!("rpc", method = "InferStream", model = %header.model);
+        let p = {
+            let _e = span.enter();
+            self.prepare(
+                "header.input_",
+                &header.model,
+                header.input_dtype,
+                &header.input_shape,
+                header.output_dtype,
+            )
+        };
+        let p = match p {
+            Ok(p) => p,
+            Err(e) => {
+                let _e = span.enter();
+                log_call("InferStream", &header.model, None, &Err(e.clone()), started);
+                return Err(e.into());
+            }
+        };
+        let chunk = match header.max_chunk_bytes {
+            0 => self.config.chunk_bytes,
+            n => usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .clamp(4096, self.config.chunk_bytes),
+        };
+        let (tx, rx) = mpsc::channel(self.config.stream_buffer);
+        let this = self.clone();
+        let model_name = header.model.clone();
+        tokio::spawn(
+            async move {
+                let (result, p) = this
+                    .stream_call(p, inbound, tx, chunk, deadline, started)
+                    .await;
+                log_call("InferStream", &model_name, Some(&p), &result, started);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(pb::ListModelsResponse {
+            models: self.models.iter().map(|m| model_info(m)).collect(),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let name = request.into_inner().name;
+        let m = self.models.get(&name).ok_or_else(|| {
+            Status::from(ServiceError::NotFound(format!(
+                "name: no model named {name:?}"
+            )))
+        })?;
+        Ok(Response::new(model_info(&m)))
+    }
+}
+
+/// A model's description for ListModels / GetModel.
+pub fn model_info(m: &Model) -> pb::ModelInfo {
+    let u = |v: &[usize]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+    pb::ModelInfo {
+        name: m.name.clone(),
+        description: m.description.clone(),
+        input_channels: m.in_channels() as u32,
+        output_channels: m.out_channels() as u32,
+        layers: m
+            .layers
+            .iter()
+            .map(|l| pb::LayerInfo {
+                op: "conv3d".into(),
+                in_channels: l.filter_shape[1] as u32,
+                out_channels: l.filter_shape[0] as u32,
+                kernel: u(&l.filter_shape[2..]),
+                stride: u(&l.params.stride),
+                padding: u(&l.params.padding),
+                dilation: u(&l.params.dilation),
+                bias: l.bias.is_some(),
+                activation: match l.activation {
+                    crate::kernel::Activation::None => "none".into(),
+                    crate::kernel::Activation::Relu => "relu".into(),
+                    crate::kernel::Activation::LeakyRelu(a) => format!("leaky_relu:{a}"),
+                    crate::kernel::Activation::Sigmoid => "sigmoid".into(),
+                },
+            })
+            .collect(),
+        accepted_dtypes: DType::ALL.iter().map(|&d| to_pb_dtype(d) as i32).collect(),
+        output_shape: m.output_shape_rule(),
+        receptive_field: u(&m.receptive_field()),
+    }
+}
