@@ -437,7 +437,11 @@ impl InferenceService {
         if let Err(e) = &result {
             // The deadline or a failure: stop the worker, tell the client if it listens.
             cancel.cancel();
-            let _ = out.try_send(Err(Status::from(e.clone())));
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                out.send(Err(Status::from(e.clone()))),
+            )
+            .await;
         }
         (result, p)
     }

@@ -1,0 +1,155 @@
+//! A real server on 127.0.0.1:0 with a shutdown handle, and helpers for its clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use voxconv::config::Config;
+use voxconv::kernel::{Activation, Conv3dParams};
+use voxconv::model::{ConvLayer, Model, ModelSet};
+use voxconv::pool::PoolStats;
+use voxconv::proto::voxconv::v1 as pb;
+use voxconv::proto::voxconv::v1::inference_client::InferenceClient;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub stats: Arc<PoolStats>,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub join: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config, models: ModelSet) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let join = tokio::spawn(voxconv::server::run(
+            listener,
+            config,
+            models,
+            async move {
+                let _ = rx.await;
+            },
+            move |state| {
+                let _ = ready_tx.send(state);
+            },
+        ));
+        let state = ready_rx.await.unwrap();
+        Self {
+            addr,
+            stats: state.stats,
+            shutdown: Some(tx),
+            join,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> InferenceClient<tonic::transport::Channel> {
+        InferenceClient::connect(self.url())
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+    }
+
+    /// Begins graceful shutdown.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes (a bounded wait on an observable condition,
+/// not a sleep that orders events).
+pub async fn wait_for(what: &str, limit: Duration, cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Built-in models plus test ones: `c16` (1 → 16 channels, 3×3×3, padding 1, bias, ReLU) and
+/// `nopad` (1 → 1, 3×3×3, no padding).
+pub fn models() -> ModelSet {
+    let mut set = ModelSet::builtin();
+    set.insert(Model {
+        name: "c16".into(),
+        description: "test: 16 random filters".into(),
+        layers: vec![ConvLayer {
+            filter_shape: [16, 1, 3, 3, 3],
+            weights: voxconv::cli::seeded(16 * 27, 5),
+            bias: Some(voxconv::cli::seeded(16, 6)),
+            params: Conv3dParams {
+                padding: [1; 3],
+                ..Conv3dParams::default()
+            },
+            activation: Activation::Relu,
+        }],
+    });
+    set.insert(Model {
+        name: "nopad".into(),
+        description: "test: no padding".into(),
+        layers: vec![ConvLayer {
+            filter_shape: [1, 1, 3, 3, 3],
+            weights: voxconv::cli::seeded(27, 7),
+            bias: None,
+            params: Conv3dParams::default(),
+            activation: Activation::None,
+        }],
+    });
+    set
+}
+
+pub fn f32_bytes(v: &[f32]) -> Bytes {
+    Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+}
+
+pub fn header(
+    model: &str,
+    shape: &[u64],
+    dtype: pb::DType,
+    max_chunk: u64,
+) -> pb::InferStreamRequest {
+    pb::InferStreamRequest {
+        msg: Some(pb::infer_stream_request::Msg::Header(pb::StreamHeader {
+            model: model.into(),
+            input_dtype: dtype as i32,
+            input_shape: shape.to_vec(),
+            output_dtype: pb::DType::Fp32 as i32,
+            max_chunk_bytes: max_chunk,
+        })),
+    }
+}
+
+pub fn chunks(data: &Bytes, size: usize) -> Vec<pb::InferStreamRequest> {
+    (0..data.len())
+        .step_by(size)
+        .map(|o| pb::InferStreamRequest {
+            msg: Some(pb::infer_stream_request::Msg::Chunk(pb::Chunk {
+                offset: o as u64,
+                data: data.slice(o..(o + size).min(data.len())),
+            })),
+        })
+        .collect()
+}
+
+/// The kernel's own result for a model on an f32 input (the reference for the service).
+pub fn kernel_output(models: &ModelSet, name: &str, shape: [usize; 5], x: &[f32]) -> Vec<f32> {
+    let m = models.get(name).unwrap();
+    let plan = m.plan(shape).unwrap();
+    let l = &m.layers[0];
+    let mut out = vec![0f32; plan.output_len()];
+    plan.plans[0]
+        .run_into(x, &l.weights, l.bias.as_deref(), &mut out, 1, None)
+        .unwrap();
+    out
+}
