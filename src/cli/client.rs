@@ -99,6 +99,7 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         })
         .collect();
     let outbound = tokio_stream::iter(std::iter::once(header).chain(chunks));
+    let t_call = Instant::now();
     let mut inbound = client.infer_stream(outbound).await?.into_inner();
     let mut shape = Vec::new();
     let mut y: Vec<f32> = Vec::new();
@@ -124,16 +125,19 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
             None => {}
         }
     }
+    let stream_ms = t_call.elapsed().as_secs_f64() * 1e3;
     let s = summary.ok_or("stream ended without a summary")?;
     if received as u64 != s.output_bytes {
         return Err(format!("received {received} of {} output bytes", s.output_bytes).into());
     }
     write_npy(&a.output, &shape, y)?;
     eprintln!(
-        "{}: output {:?} ({} bytes) in {:.1} ms (server: receive {:.1} ms, queue {:.1} ms, compute {:.1} ms)",
+        "{}: output {:?} ({} bytes); call {:.1} ms, total with files {:.1} ms (server: receive \
+         {:.1} ms, queue {:.1} ms, compute {:.1} ms)",
         a.model,
         shape,
         s.output_bytes,
+        stream_ms,
         t0.elapsed().as_secs_f64() * 1e3,
         s.receive_ms,
         s.queue_ms,

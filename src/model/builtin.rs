@@ -5,7 +5,78 @@ use crate::kernel::{Activation, Conv3dParams};
 
 /// Every built-in model.
 pub fn all() -> Vec<Model> {
-    vec![sobel3d(), gaussian3d(1.0)]
+    vec![sobel3d(), gaussian3d(1.0), filterbank16()]
+}
+
+/// Separable 3×3×3 kernel `fz ⊗ fy ⊗ fx`.
+fn separable(fz: [f32; 3], fy: [f32; 3], fx: [f32; 3]) -> Vec<f32> {
+    let mut k = Vec::with_capacity(27);
+    for a in fz {
+        for b in fy {
+            for c in fx {
+                k.push(a * b * c);
+            }
+        }
+    }
+    k
+}
+
+/// A first-layer feature bank, 1 → 16 channels, 3×3×3, padding 1 (same size): smoothing,
+/// the 3 gradients, the 6 Hessian entries, the Laplacian and 5 diagonal derivatives, all
+/// from Sobel-style derivative and `[1, 2, 1]/4` smoothing taps. The shape of a typical
+/// first Conv3d layer (`mri-t1-first-layer`), with filters that mean something.
+pub fn filterbank16() -> Model {
+    let s = [0.25f32, 0.5, 0.25]; // smoothing
+    let d = [-0.5f32, 0.0, 0.5]; // first derivative
+    let dd = [1.0f32, -2.0, 1.0]; // second derivative
+    let add = |a: &[f32], b: &[f32], w: f32| -> Vec<f32> {
+        a.iter().zip(b).map(|(x, y)| x + w * y).collect()
+    };
+    let gz = separable(d, s, s);
+    let gy = separable(s, d, s);
+    let gx = separable(s, s, d);
+    let hzz = separable(dd, s, s);
+    let hyy = separable(s, dd, s);
+    let hxx = separable(s, s, dd);
+    let lap = add(&add(&hzz, &hyy, 1.0), &hxx, 1.0);
+    let inv2 = std::f32::consts::FRAC_1_SQRT_2;
+    let inv3 = 1.0 / 3f32.sqrt();
+    let filters = [
+        separable(s, s, s),
+        gz.clone(),
+        gy.clone(),
+        gx.clone(),
+        hzz,
+        hyy,
+        hxx,
+        separable(d, d, s),
+        separable(d, s, d),
+        separable(s, d, d),
+        lap,
+        add(&gz, &gy, 1.0).iter().map(|v| v * inv2).collect(),
+        add(&gz, &gy, -1.0).iter().map(|v| v * inv2).collect(),
+        add(&gz, &gx, 1.0).iter().map(|v| v * inv2).collect(),
+        add(&gy, &gx, 1.0).iter().map(|v| v * inv2).collect(),
+        add(&add(&gz, &gy, 1.0), &gx, 1.0)
+            .iter()
+            .map(|v| v * inv3)
+            .collect(),
+    ];
+    Model {
+        name: "filterbank16".into(),
+        description: "first-layer feature bank: 1 channel in, 16 out (smoothing, 3 gradients,                       6 Hessian entries, Laplacian, 5 diagonal derivatives), 3x3x3, same size                       (zero padding 1)"
+            .into(),
+        layers: vec![ConvLayer {
+            filter_shape: [16, 1, 3, 3, 3],
+            weights: filters.concat(),
+            bias: None,
+            params: Conv3dParams {
+                padding: [1; 3],
+                ..Conv3dParams::default()
+            },
+            activation: Activation::None,
+        }],
+    }
 }
 
 /// 3-D Sobel gradient, 1 → 3 channels (d/dz, d/dy, d/dx), 3×3×3, padding 1 (same size).
@@ -107,6 +178,36 @@ mod tests {
         assert!(
             (at(0) - 2.0).abs() < 1e-5 && (at(1) - 3.0).abs() < 1e-5 && (at(2) + 1.0).abs() < 1e-5
         );
+    }
+
+    #[test]
+    fn filterbank_gradient_of_a_ramp_is_its_slope() {
+        let m = filterbank16();
+        assert_eq!(m.layers[0].weights.len(), 16 * 27);
+        let n = 6;
+        let x: Vec<f32> = (0..n * n * n)
+            .map(|i| 2.0 * (i / (n * n)) as f32 + 3.0 * ((i / n) % n) as f32 - (i % n) as f32)
+            .collect();
+        let plan = m.plan([1, 1, n, n, n]).unwrap();
+        let mut out = vec![f32::NAN; plan.output_len()];
+        plan.plans[0]
+            .run_into(&x, &m.layers[0].weights, None, &mut out, 1, None)
+            .unwrap();
+        let at = |c: usize| out[((c * n + 2) * n + 3) * n + 2];
+        let centre = 2.0 * 2.0 + 3.0 * 3.0 - 2.0;
+        assert!(
+            (at(0) - centre).abs() < 1e-4,
+            "smoothing keeps a linear function"
+        );
+        assert!(
+            (at(1) - 2.0).abs() < 1e-5 && (at(2) - 3.0).abs() < 1e-5 && (at(3) + 1.0).abs() < 1e-5
+        );
+        for c in 4..11 {
+            assert!(
+                at(c).abs() < 1e-4,
+                "second derivatives of a ramp vanish (channel {c})"
+            );
+        }
     }
 
     #[test]

@@ -55,6 +55,10 @@ impl DType {
 pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     match dtype {
+        DType::F32 if cfg!(target_endian = "little") => {
+            // The wire format is the memory format: one copy.
+            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
+        }
         DType::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -96,6 +100,9 @@ pub fn encode(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
             for v in values {
                 out.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
             }
+        }
+        _ if cfg!(target_endian = "little") => {
+            out.extend_from_slice(bytemuck::cast_slice::<f32, u8>(values));
         }
         _ => {
             out.reserve(values.len() * 4);
