@@ -17,6 +17,12 @@ use crate::service::InferenceService;
 /// The gRPC service name of our API (health reports it by this name too).
 pub const SERVICE_NAME: &str = "voxconv.v1.Inference";
 
+/// Sets the overall status ("") and our service's together.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
 /// What the server shares with its embedder (tests, metrics).
 #[derive(Clone)]
 pub struct ServerState {
@@ -47,20 +53,16 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Not serving until everything below is built.
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    set_health(&health, ServingStatus::NotServing).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .expect("our descriptor sets are valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("our descriptor sets are valid");
     let inference = InferenceServer::new(service)
@@ -75,12 +77,7 @@ pub async fn run(
         async move {
             shutdown.await;
             info!("shutting down: refusing new calls, draining in-flight ones");
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health
-                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                .await;
+            set_health(&health, ServingStatus::NotServing).await;
             draining.notify_one();
         }
     };
@@ -100,10 +97,7 @@ pub async fn run(
             signal,
         );
 
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
     info!(
         ?addr,
         workers = config.workers,

@@ -8,6 +8,34 @@ pub fn all() -> Vec<Model> {
     vec![sobel3d(), gaussian3d(1.0), filterbank16()]
 }
 
+/// A one-layer model without bias or activation, padded to keep the volume's size.
+fn same_size(
+    name: &str,
+    description: String,
+    filter_shape: [usize; 5],
+    weights: Vec<f32>,
+) -> Model {
+    let pad = |k: usize| (k - 1) / 2;
+    Model {
+        name: name.into(),
+        description,
+        layers: vec![ConvLayer {
+            filter_shape,
+            weights,
+            bias: None,
+            params: Conv3dParams {
+                padding: [
+                    pad(filter_shape[2]),
+                    pad(filter_shape[3]),
+                    pad(filter_shape[4]),
+                ],
+                ..Conv3dParams::default()
+            },
+            activation: Activation::None,
+        }],
+    }
+}
+
 /// Separable 3×3×3 kernel `fz ⊗ fy ⊗ fx`.
 fn separable(fz: [f32; 3], fy: [f32; 3], fx: [f32; 3]) -> Vec<f32> {
     let mut k = Vec::with_capacity(27);
@@ -62,21 +90,14 @@ pub fn filterbank16() -> Model {
             .map(|v| v * inv3)
             .collect(),
     ];
-    Model {
-        name: "filterbank16".into(),
-        description: "first-layer feature bank: 1 channel in, 16 out (smoothing, 3 gradients,                       6 Hessian entries, Laplacian, 5 diagonal derivatives), 3x3x3, same size                       (zero padding 1)"
+    same_size(
+        "filterbank16",
+        "first-layer feature bank: 1 channel in, 16 out (smoothing, 3 gradients, 6 Hessian \
+         entries, Laplacian, 5 diagonal derivatives), 3x3x3, same size (zero padding 1)"
             .into(),
-        layers: vec![ConvLayer {
-            filter_shape: [16, 1, 3, 3, 3],
-            weights: filters.concat(),
-            bias: None,
-            params: Conv3dParams {
-                padding: [1; 3],
-                ..Conv3dParams::default()
-            },
-            activation: Activation::None,
-        }],
-    }
+        [16, 1, 3, 3, 3],
+        filters.concat(),
+    )
 }
 
 /// 3-D Sobel gradient, 1 → 3 channels (d/dz, d/dy, d/dx), 3×3×3, padding 1 (same size).
@@ -100,22 +121,14 @@ pub fn sobel3d() -> Model {
             }
         }
     }
-    Model {
-        name: "sobel3d".into(),
-        description: "3-D Sobel gradient: 1 channel in, 3 out (d/dz, d/dy, d/dx), same size \
-                      (zero padding 1); a ramp of slope s along an axis gives s"
+    same_size(
+        "sobel3d",
+        "3-D Sobel gradient: 1 channel in, 3 out (d/dz, d/dy, d/dx), same size (zero padding \
+         1); a ramp of slope s along an axis gives s"
             .into(),
-        layers: vec![ConvLayer {
-            filter_shape: [3, 1, 3, 3, 3],
-            weights,
-            bias: None,
-            params: Conv3dParams {
-                padding: [1; 3],
-                ..Conv3dParams::default()
-            },
-            activation: Activation::None,
-        }],
-    }
+        [3, 1, 3, 3, 3],
+        weights,
+    )
 }
 
 /// 3-D Gaussian smoothing, σ voxels, 1 → 1 channel, kernel 5×5×5 (radius 2), padding 2
@@ -134,23 +147,15 @@ pub fn gaussian3d(sigma: f64) -> Model {
             }
         }
     }
-    Model {
-        name: "gaussian3d".into(),
-        description: format!(
+    same_size(
+        "gaussian3d",
+        format!(
             "3-D Gaussian smoothing (sigma {sigma} voxel, 5x5x5): 1 channel in, 1 out, same \
              size (zero padding 2)"
         ),
-        layers: vec![ConvLayer {
-            filter_shape: [1, 1, 5, 5, 5],
-            weights,
-            bias: None,
-            params: Conv3dParams {
-                padding: [2; 3],
-                ..Conv3dParams::default()
-            },
-            activation: Activation::None,
-        }],
-    }
+        [1, 1, 5, 5, 5],
+        weights,
+    )
 }
 
 #[cfg(test)]
