@@ -4,15 +4,21 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/voxconv/v1/voxconv.proto"];
-    for p in protos {
-        println!("cargo:rerun-if-changed={p}");
-    }
-    let fds = protox::compile(protos, ["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    // The KServe protos import each other by bare file name, as Triton's do, so their
+    // directory is an include root of its own (listed first: each file gets one name).
+    let fds = protox::compile(
+        [
+            "proto/voxconv/v1/voxconv.proto",
+            "proto/inference/grpc_service.proto",
+        ],
+        ["proto/inference", "proto"],
+    )?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("voxconv_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .bytes(".voxconv.v1")
+        .bytes(".inference")
         .compile_fds(fds)?;
     Ok(())
 }

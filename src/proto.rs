@@ -8,6 +8,11 @@ pub mod voxconv {
     }
 }
 
-/// Encoded descriptor set of our API, for server reflection.
+/// KServe v2 / Open Inference Protocol (Triton-compatible).
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Encoded descriptor set of our APIs (voxconv.v1 and inference), for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/voxconv_descriptor.bin"));

@@ -11,7 +11,9 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::model::ModelSet;
 use crate::pool::{Pool, PoolStats};
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::voxconv::v1::inference_server::InferenceServer;
+use crate::service::kserve::KserveService;
 use crate::service::InferenceService;
 
 /// The gRPC service name of our API (health reports it by this name too).
@@ -65,6 +67,10 @@ pub async fn run(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("our descriptor sets are valid");
+    let kserve = GrpcInferenceServiceServer::new(KserveService::new(service.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip);
     let inference = InferenceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes)
@@ -92,6 +98,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
+        .add_service(kserve)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             signal,

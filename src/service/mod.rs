@@ -2,6 +2,7 @@
 //! run on the pool's worker threads; errors become statuses in [`error`].
 
 pub mod error;
+pub mod kserve;
 
 use std::ops::ControlFlow;
 use std::pin::Pin;
@@ -29,9 +30,10 @@ use crate::tensor::dtype::{self, DType, StreamDecoder};
 /// The service state shared by all calls.
 #[derive(Clone)]
 pub struct InferenceService {
-    models: Arc<ModelSet>,
+    /// The models served (also by the KServe service).
+    pub(crate) models: Arc<ModelSet>,
     pool: Arc<Pool>,
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 /// Cancels a call's job when the call ends for any reason (client gone, deadline, error):
@@ -60,7 +62,7 @@ impl Cancel {
 }
 
 /// A validated request: model, its plan for the input shape, dtypes, sizes.
-struct Prepared {
+pub(crate) struct Prepared {
     model: Arc<Model>,
     plan: ModelPlan,
     in_dtype: DType,
@@ -70,7 +72,7 @@ struct Prepared {
     output_bytes: usize,
 }
 
-fn to_dtype(field: &str, v: i32, output: bool) -> Result<DType, ServiceError> {
+pub(crate) fn to_dtype(field: &str, v: i32, output: bool) -> Result<DType, ServiceError> {
     let d = match pb::DType::try_from(v) {
         Ok(pb::DType::Fp32) => DType::F32,
         Ok(pb::DType::Fp16) => DType::F16,
@@ -106,7 +108,7 @@ pub fn to_pb_dtype(d: DType) -> pb::DType {
 }
 
 /// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
-fn deadline(meta: &MetadataMap) -> Option<Instant> {
+pub(crate) fn deadline(meta: &MetadataMap) -> Option<Instant> {
     let v = meta.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
@@ -146,25 +148,25 @@ impl InferenceService {
     }
 
     /// Validates model, dtypes and shape (checked arithmetic, before any allocation).
-    fn prepare(
+    /// `model_field` and `shape_field` name the request fields in messages.
+    pub(crate) fn prepare(
         &self,
-        prefix: &str,
+        model_field: &str,
+        shape_field: &str,
         model: &str,
-        in_dtype: i32,
+        in_dtype: DType,
         shape: &[u64],
-        out_dtype: i32,
+        out_dtype: DType,
     ) -> Result<Prepared, ServiceError> {
         let _span = info_span!("validate").entered();
         let m = self.models.get(model).ok_or_else(|| {
             let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
             ServiceError::NotFound(format!(
-                "{prefix}model: no model named {model:?} (available: {})",
+                "{model_field}: no model named {model:?} (available: {})",
                 names.join(", ")
             ))
         })?;
-        let in_dtype = to_dtype(&format!("{prefix}dtype"), in_dtype, false)?;
-        let out_dtype = to_dtype(&format!("{prefix}output_dtype"), out_dtype, true)?;
-        let field = format!("{prefix}shape");
+        let field = shape_field.to_string();
         if shape.len() != 5 {
             return Err(ServiceError::invalid(format!(
                 "{field}: expected 5 dimensions [N, C, D, H, W], got {} ({shape:?})",
@@ -276,7 +278,7 @@ fn summary(
 }
 
 /// One line per call: sizes, shapes, durations and status; never values or identifiers.
-fn log_call(
+pub(crate) fn log_call(
     method: &str,
     model: &str,
     p: Option<&Prepared>,
@@ -304,6 +306,83 @@ fn log_call(
 type Outbound = mpsc::Sender<Result<pb::InferStreamResponse, Status>>;
 
 impl InferenceService {
+    /// A whole-tensor call (voxconv.v1 Infer, KServe ModelInfer): validate, reserve memory,
+    /// decode + compute + encode on a worker. `fields` names the model, shape and data
+    /// fields in messages. The output must fit one message.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn run_whole(
+        &self,
+        fields: (&str, &str, &str),
+        model: &str,
+        in_dtype: DType,
+        shape: &[u64],
+        data: Bytes,
+        out_dtype: DType,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> Result<(Prepared, Vec<u8>, pb::Summary), ServiceError> {
+        let (model_field, shape_field, data_field) = fields;
+        let p = self.prepare(model_field, shape_field, model, in_dtype, shape, out_dtype)?;
+        if data.len() != p.input_bytes {
+            return Err(ServiceError::invalid(format!(
+                "{data_field}: expected {} bytes ({:?} x {} bytes per {}), got {}",
+                p.input_bytes,
+                p.plan.input,
+                p.in_dtype.size(),
+                p.in_dtype.name(),
+                data.len()
+            )));
+        }
+        let limit = self.config.max_message_bytes.saturating_sub(1024);
+        if p.output_bytes > limit {
+            return Err(ServiceError::ResourceExhausted(format!(
+                "output: {} bytes exceed the message limit of {limit} bytes; use \
+                 voxconv.v1.Inference/InferStream, which streams volumes of any size",
+                p.output_bytes
+            )));
+        }
+        let need = self.memory_needed(&p, p.plan.output_len() * 4 + p.output_bytes);
+        let _reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
+            .instrument(info_span!("queue_wait", stage = "memory"))
+            .await??;
+        let cancel = Cancel::default();
+        let _guard = CancelOnDrop(cancel.clone());
+        let (model, plan, in_dtype, out_dtype) = (
+            Arc::clone(&p.model),
+            p.plan.clone(),
+            p.in_dtype,
+            p.out_dtype,
+        );
+        let elems = p.input_elems;
+        let compute_span = info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
+        let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
+            let _e = compute_span.enter();
+            let t0 = Instant::now();
+            let mut x = vec![0f32; elems];
+            info_span!("decode").in_scope(|| dtype::decode(in_dtype, &data, &mut x));
+            drop(data);
+            let [_, c_out, od, oh, ow] = plan.output;
+            let mut y = vec![0f32; plan.output_len()];
+            let r = plan.run(&model, x, ctx.threads, Some(&ctx.cancel), &mut |s| {
+                let per = s.depth.len() * oh * ow;
+                for c in 0..c_out {
+                    let at = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
+                    y[at..at + per].copy_from_slice(&s.data[c * per..(c + 1) * per]);
+                }
+                ControlFlow::Continue(())
+            });
+            let mut bytes = Vec::new();
+            info_span!("encode").in_scope(|| dtype::encode(out_dtype, &y, &mut bytes));
+            (r, bytes, ctx.queue_wait, t0.elapsed())
+        })?;
+        let (r, bytes, queue, compute) = until(deadline, "computing", job)
+            .await?
+            .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
+        let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
+        let summary = summary(&p, Duration::ZERO, queue, compute, started, &layers);
+        Ok((p, bytes, summary))
+    }
+
     /// Everything of InferStream after the header: memory, upload, compute, streaming.
     async fn stream_call(
         &self,
@@ -464,68 +543,20 @@ impl pb::inference_server::Inference for InferenceService {
         let mut prepared = None;
         let result: Result<pb::InferResponse, ServiceError> = async {
             let input = req.input.unwrap_or_default();
-            let p = self.prepare(
-                "input.",
-                &req.model,
-                input.dtype,
-                &input.shape,
-                req.output_dtype,
-            )?;
-            if input.data.len() != p.input_bytes {
-                return Err(ServiceError::invalid(format!(
-                    "input.data: expected {} bytes ({:?} x {} bytes per {}), got {}",
-                    p.input_bytes,
-                    p.plan.input,
-                    p.in_dtype.size(),
-                    p.in_dtype.name(),
-                    input.data.len()
-                )));
-            }
-            let limit = self.config.max_message_bytes.saturating_sub(1024);
-            if p.output_bytes > limit {
-                return Err(ServiceError::ResourceExhausted(format!(
-                    "output: {} bytes exceed the unary message limit of {limit} bytes; use \
-                     voxconv.v1.Inference/InferStream for large volumes",
-                    p.output_bytes
-                )));
-            }
-            let need = self.memory_needed(&p, p.plan.output_len() * 4 + p.output_bytes);
-            let _reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
-                .instrument(info_span!("queue_wait", stage = "memory"))
-                .await??;
-            let (model, plan, in_dtype, out_dtype) = (
-                Arc::clone(&p.model),
-                p.plan.clone(),
-                p.in_dtype,
-                p.out_dtype,
-            );
-            let elems = p.input_elems;
-            let compute_span =
-                info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
-            let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
-                let _e = compute_span.enter();
-                let t0 = Instant::now();
-                let mut x = vec![0f32; elems];
-                info_span!("decode").in_scope(|| dtype::decode(in_dtype, &input.data, &mut x));
-                drop(input);
-                let [_, c_out, od, oh, ow] = plan.output;
-                let mut y = vec![0f32; plan.output_len()];
-                let r = plan.run(&model, x, ctx.threads, Some(&ctx.cancel), &mut |s| {
-                    let per = s.depth.len() * oh * ow;
-                    for c in 0..c_out {
-                        let at = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
-                        y[at..at + per].copy_from_slice(&s.data[c * per..(c + 1) * per]);
-                    }
-                    ControlFlow::Continue(())
-                });
-                let mut bytes = Vec::new();
-                info_span!("encode").in_scope(|| dtype::encode(out_dtype, &y, &mut bytes));
-                (r, bytes, ctx.queue_wait, t0.elapsed())
-            })?;
-            let (r, bytes, queue, compute) = until(deadline, "computing", job)
-                .await?
-                .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
-            let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
+            let in_dtype = to_dtype("input.dtype", input.dtype, false)?;
+            let out_dtype = to_dtype("output_dtype", req.output_dtype, true)?;
+            let (p, bytes, summary) = self
+                .run_whole(
+                    ("model", "input.shape", "input.data"),
+                    &req.model,
+                    in_dtype,
+                    &input.shape,
+                    input.data,
+                    out_dtype,
+                    deadline,
+                    started,
+                )
+                .await?;
             let resp = pb::InferResponse {
                 model: p.model.name.clone(),
                 output: Some(pb::Tensor {
@@ -533,14 +564,7 @@ impl pb::inference_server::Inference for InferenceService {
                     shape: p.plan.output.iter().map(|&d| d as u64).collect(),
                     data: Bytes::from(bytes),
                 }),
-                summary: Some(summary(
-                    &p,
-                    Duration::ZERO,
-                    queue,
-                    compute,
-                    started,
-                    &layers,
-                )),
+                summary: Some(summary),
             };
             prepared = Some(p);
             Ok(resp)
@@ -596,13 +620,17 @@ impl pb::inference_server::Inference for InferenceService {
         let span = info_span!("rpc", method = "InferStream", model = %header.model);
         let p = {
             let _e = span.enter();
-            self.prepare(
-                "header.input_",
-                &header.model,
-                header.input_dtype,
-                &header.input_shape,
-                header.output_dtype,
-            )
+            to_dtype("header.input_dtype", header.input_dtype, false).and_then(|i| {
+                let o = to_dtype("header.output_dtype", header.output_dtype, true)?;
+                self.prepare(
+                    "header.model",
+                    "header.input_shape",
+                    &header.model,
+                    i,
+                    &header.input_shape,
+                    o,
+                )
+            })
         };
         let p = match p {
             Ok(p) => p,

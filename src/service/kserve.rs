@@ -1,0 +1,395 @@
+//! KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`), so Triton's
+//! clients and KServe work unchanged. Thin: it maps OIP messages onto the same validation,
+//! admission and worker path as `voxconv.v1.Inference/Infer`.
+//!
+//! Each model has one input `input` (`[N, C_in, D, H, W]`, dims -1 where free) and one output
+//! `output` (`[N, C_out, oD, oH, oW]`, FP32). The OIP has no chunking: outputs larger than
+//! the message limit are refused with a pointer to `voxconv.v1.Inference/InferStream`.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info_span, Instrument};
+
+use super::{deadline, log_call, InferenceService, ServiceError};
+use crate::model::Model;
+use crate::proto::inference as kv;
+use crate::tensor::dtype::DType;
+
+/// Input and output tensor names of every model.
+pub const INPUT_NAME: &str = "input";
+pub const OUTPUT_NAME: &str = "output";
+
+/// The OIP service; shares models, pool and limits with [`InferenceService`].
+#[derive(Clone)]
+pub struct KserveService {
+    inner: InferenceService,
+}
+
+impl KserveService {
+    pub fn new(inner: InferenceService) -> Self {
+        Self { inner }
+    }
+
+    fn model(&self, field: &str, name: &str) -> Result<std::sync::Arc<Model>, ServiceError> {
+        self.inner
+            .models
+            .get(name)
+            .ok_or_else(|| ServiceError::NotFound(format!("{field}: no model named {name:?}")))
+    }
+
+    /// One ModelInfer request, start to finish.
+    async fn infer_one(
+        &self,
+        req: kv::ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<kv::ModelInferResponse, ServiceError> {
+        let started = Instant::now();
+        let span = info_span!("rpc", method = "ModelInfer", model = %req.model_name);
+        let model_name = req.model_name.clone();
+        let result = self
+            .infer_inner(req, deadline, started)
+            .instrument(span.clone())
+            .await;
+        let _e = span.enter();
+        let status = result.as_ref().map(|_| ()).map_err(Clone::clone);
+        log_call("ModelInfer", &model_name, None, &status, started);
+        result
+    }
+
+    async fn infer_inner(
+        &self,
+        mut req: kv::ModelInferRequest,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> Result<kv::ModelInferResponse, ServiceError> {
+        // `timeout` (µs) bounds queueing beside the gRPC deadline; other parameters
+        // (priority, unknown ones) are accepted and ignored.
+        let deadline = match req
+            .parameters
+            .get("timeout")
+            .and_then(|p| p.parameter_choice.as_ref())
+        {
+            Some(kv::infer_parameter::ParameterChoice::Int64Param(us)) if *us > 0 => {
+                let t = Instant::now() + Duration::from_micros(*us as u64);
+                Some(deadline.map_or(t, |d| d.min(t)))
+            }
+            Some(kv::infer_parameter::ParameterChoice::Int64Param(us)) => {
+                return Err(ServiceError::invalid(format!(
+                    "parameters.timeout: expected a positive number of microseconds, got {us}"
+                )))
+            }
+            Some(_) => {
+                return Err(ServiceError::invalid(
+                    "parameters.timeout: expected an int64 (microseconds)",
+                ))
+            }
+            None => deadline,
+        };
+        if !req.model_version.is_empty() && req.model_version != "1" {
+            return Err(ServiceError::NotFound(format!(
+                "model_version: {} has only version \"1\", got {:?}",
+                req.model_name, req.model_version
+            )));
+        }
+        if req.inputs.len() != 1 {
+            return Err(ServiceError::invalid(format!(
+                "inputs: expected exactly 1 input ({INPUT_NAME:?}), got {}",
+                req.inputs.len()
+            )));
+        }
+        for (i, o) in req.outputs.iter().enumerate() {
+            if o.name != OUTPUT_NAME {
+                return Err(ServiceError::invalid(format!(
+                    "outputs[{i}].name: expected {OUTPUT_NAME:?}, got {:?}",
+                    o.name
+                )));
+            }
+        }
+        let input = req.inputs.remove(0);
+        if input.name != INPUT_NAME {
+            return Err(ServiceError::invalid(format!(
+                "inputs[0].name: expected {INPUT_NAME:?}, got {:?}",
+                input.name
+            )));
+        }
+        let dtype = parse_datatype("inputs[0].datatype", &input.datatype)?;
+        let mut shape = Vec::with_capacity(input.shape.len());
+        for &d in &input.shape {
+            shape.push(u64::try_from(d).map_err(|_| {
+                ServiceError::invalid(format!(
+                    "inputs[0].shape: dimensions must be non-negative, got {:?}",
+                    input.shape
+                ))
+            })?);
+        }
+        let data = match (req.raw_input_contents.len(), input.contents) {
+            (0, Some(c)) => typed_contents(dtype, &c)?,
+            (0, None) => return Err(ServiceError::invalid(
+                "inputs[0]: expected data in raw_input_contents or inputs[0].contents, got neither",
+            )),
+            (1, None) => req.raw_input_contents.remove(0),
+            (1, Some(_)) => {
+                return Err(ServiceError::invalid(
+                    "inputs[0].contents: data came both raw and typed; send one",
+                ))
+            }
+            (n, _) => {
+                return Err(ServiceError::invalid(format!(
+                    "raw_input_contents: expected 1 entry (one per input), got {n}"
+                )))
+            }
+        };
+        let (p, bytes, _summary) = self
+            .inner
+            .run_whole(
+                ("model_name", "inputs[0].shape", "raw_input_contents[0]"),
+                &req.model_name,
+                dtype,
+                &shape,
+                data,
+                DType::F32,
+                deadline,
+                started,
+            )
+            .await?;
+        Ok(kv::ModelInferResponse {
+            model_name: p.model.name.clone(),
+            model_version: "1".into(),
+            id: req.id,
+            parameters: Default::default(),
+            outputs: vec![kv::model_infer_response::InferOutputTensor {
+                name: OUTPUT_NAME.into(),
+                datatype: "FP32".into(),
+                shape: p.plan.output.iter().map(|&d| d as i64).collect(),
+                parameters: Default::default(),
+                contents: None,
+            }],
+            raw_output_contents: vec![Bytes::from(bytes)],
+        })
+    }
+}
+
+/// OIP datatype string → our dtype.
+fn parse_datatype(field: &str, s: &str) -> Result<DType, ServiceError> {
+    Ok(match s {
+        "FP32" => DType::F32,
+        "FP16" => DType::F16,
+        "BF16" => DType::BF16,
+        "INT16" => DType::I16,
+        "UINT16" => DType::U16,
+        "UINT8" => DType::U8,
+        _ => {
+            return Err(ServiceError::invalid(format!(
+                "{field}: expected FP32, FP16, BF16, INT16, UINT16 or UINT8, got {s:?}"
+            )))
+        }
+    })
+}
+
+/// Typed `contents` → little-endian bytes (FP16/BF16 travel only raw).
+fn typed_contents(dtype: DType, c: &kv::InferTensorContents) -> Result<Bytes, ServiceError> {
+    let mut out = Vec::new();
+    let range = |v: u64, lo: i64, hi: i64, what: &str| -> Result<(), ServiceError> {
+        let v = v as i64;
+        if v < lo || v > hi {
+            Err(ServiceError::invalid(format!(
+                "inputs[0].contents: {what} value out of range {lo}..={hi}"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    match dtype {
+        DType::F32 => c
+            .fp32_contents
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        DType::I16 => {
+            for &v in &c.int_contents {
+                if v < i32::from(i16::MIN) || v > i32::from(i16::MAX) {
+                    return Err(ServiceError::invalid(
+                        "inputs[0].contents.int_contents: value out of the INT16 range",
+                    ));
+                }
+                out.extend_from_slice(&(v as i16).to_le_bytes());
+            }
+        }
+        DType::U16 => {
+            for &v in &c.uint_contents {
+                range(u64::from(v), 0, i64::from(u16::MAX), "UINT16")?;
+                out.extend_from_slice(&(v as u16).to_le_bytes());
+            }
+        }
+        DType::U8 => {
+            for &v in &c.uint_contents {
+                range(u64::from(v), 0, i64::from(u8::MAX), "UINT8")?;
+                out.push(v as u8);
+            }
+        }
+        DType::F16 | DType::BF16 => {
+            return Err(ServiceError::invalid(format!(
+                "inputs[0].contents: {} data must come in raw_input_contents",
+                dtype.name()
+            )))
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+fn tensor_meta(
+    name: &str,
+    datatype: &str,
+    shape: Vec<i64>,
+) -> kv::model_metadata_response::TensorMetadata {
+    kv::model_metadata_response::TensorMetadata {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+    }
+}
+
+type StreamOut = Pin<Box<dyn Stream<Item = Result<kv::ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
+    async fn server_live(
+        &self,
+        _r: Request<kv::ServerLiveRequest>,
+    ) -> Result<Response<kv::ServerLiveResponse>, Status> {
+        Ok(Response::new(kv::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _r: Request<kv::ServerReadyRequest>,
+    ) -> Result<Response<kv::ServerReadyResponse>, Status> {
+        Ok(Response::new(kv::ServerReadyResponse { ready: true }))
+    }
+
+    async fn model_ready(
+        &self,
+        r: Request<kv::ModelReadyRequest>,
+    ) -> Result<Response<kv::ModelReadyResponse>, Status> {
+        let r = r.into_inner();
+        let ready =
+            self.inner.models.get(&r.name).is_some() && (r.version.is_empty() || r.version == "1");
+        Ok(Response::new(kv::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _r: Request<kv::ServerMetadataRequest>,
+    ) -> Result<Response<kv::ServerMetadataResponse>, Status> {
+        Ok(Response::new(kv::ServerMetadataResponse {
+            name: "voxconv".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec!["model_configuration".into()],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<kv::ModelMetadataRequest>,
+    ) -> Result<Response<kv::ModelMetadataResponse>, Status> {
+        let r = r.into_inner();
+        let m = self.model("name", &r.name)?;
+        Ok(Response::new(kv::ModelMetadataResponse {
+            name: m.name.clone(),
+            versions: vec!["1".into()],
+            platform: "voxconv_conv3d".into(),
+            inputs: vec![tensor_meta(
+                INPUT_NAME,
+                "FP32",
+                vec![-1, m.in_channels() as i64, -1, -1, -1],
+            )],
+            outputs: vec![tensor_meta(
+                OUTPUT_NAME,
+                "FP32",
+                vec![-1, m.out_channels() as i64, -1, -1, -1],
+            )],
+        }))
+    }
+
+    async fn model_config(
+        &self,
+        r: Request<kv::ModelConfigRequest>,
+    ) -> Result<Response<kv::ModelConfigResponse>, Status> {
+        let r = r.into_inner();
+        let m = self.model("name", &r.name)?;
+        Ok(Response::new(kv::ModelConfigResponse {
+            config: Some(kv::ModelConfig {
+                name: m.name.clone(),
+                platform: "voxconv_conv3d".into(),
+                backend: "voxconv".into(),
+                max_batch_size: 0,
+                input: vec![kv::ModelInput {
+                    name: INPUT_NAME.into(),
+                    data_type: kv::DataType::TypeFp32 as i32,
+                    format: kv::model_input::Format::None as i32,
+                    dims: vec![-1, m.in_channels() as i64, -1, -1, -1],
+                }],
+                output: vec![kv::ModelOutput {
+                    name: OUTPUT_NAME.into(),
+                    data_type: kv::DataType::TypeFp32 as i32,
+                    dims: vec![-1, m.out_channels() as i64, -1, -1, -1],
+                }],
+            }),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        r: Request<kv::ModelInferRequest>,
+    ) -> Result<Response<kv::ModelInferResponse>, Status> {
+        let deadline = deadline(r.metadata());
+        let resp = self.infer_one(r.into_inner(), deadline).await?;
+        Ok(Response::new(resp))
+    }
+
+    type ModelStreamInferStream = StreamOut;
+
+    /// Requests are answered in order; a failed one is reported in `error_message` and the
+    /// stream stays open.
+    async fn model_stream_infer(
+        &self,
+        r: Request<Streaming<kv::ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let deadline = deadline(r.metadata());
+        let mut inbound = r.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let reply = match msg {
+                    Err(_) => break, // the client's stream failed or was cancelled
+                    Ok(req) => {
+                        let id = req.id.clone();
+                        match this.infer_one(req, deadline).await {
+                            Ok(resp) => kv::ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(resp),
+                            },
+                            Err(e) => kv::ModelStreamInferResponse {
+                                error_message: e.to_string(),
+                                infer_response: Some(kv::ModelInferResponse {
+                                    id,
+                                    ..Default::default()
+                                }),
+                            },
+                        }
+                    }
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
