@@ -144,7 +144,9 @@ async fn errors_and_a_stream_that_survives_them() {
     let mut tp = HashMap::new();
     tp.insert(
         "timeout".to_string(),
-        kv::InferParameter { parameter_choice: Some(kv::infer_parameter::ParameterChoice::Int64Param(1)) },
+        kv::InferParameter {
+            parameter_choice: Some(kv::infer_parameter::ParameterChoice::Int64Param(1)),
+        },
     );
     slow.parameters = tp;
     let e = c.model_infer(slow).await.unwrap_err();

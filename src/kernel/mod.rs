@@ -11,6 +11,7 @@
 
 pub mod avx512;
 pub mod im2col;
+pub mod maxpool;
 pub mod plan;
 pub mod reference;
 pub mod shape;

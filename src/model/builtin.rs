@@ -16,10 +16,10 @@ fn same_size(
     weights: Vec<f32>,
 ) -> Model {
     let pad = |k: usize| (k - 1) / 2;
-    Model {
-        name: name.into(),
+    Model::single(
+        name,
         description,
-        layers: vec![ConvLayer {
+        ConvLayer {
             filter_shape,
             weights,
             bias: None,
@@ -32,8 +32,8 @@ fn same_size(
                 ..Conv3dParams::default()
             },
             activation: Activation::None,
-        }],
-    }
+        },
+    )
 }
 
 /// Separable 3×3×3 kernel `fz ⊗ fy ⊗ fx`.
@@ -175,8 +175,16 @@ mod tests {
             .collect();
         let plan = m.plan([1, 1, n, n, n]).unwrap();
         let mut out = vec![f32::NAN; plan.output_len()];
-        plan.plans[0]
-            .run_into(&x, &m.layers[0].weights, None, &mut out, 1, None)
+        plan.conv(0)
+            .unwrap()
+            .run_into(
+                &x,
+                &m.convs().next().unwrap().weights,
+                None,
+                &mut out,
+                1,
+                None,
+            )
             .unwrap();
         // An interior voxel (no padding effects).
         let at = |c: usize| out[((c * n + 2) * n + 3) * n + 2];
@@ -188,15 +196,23 @@ mod tests {
     #[test]
     fn filterbank_gradient_of_a_ramp_is_its_slope() {
         let m = filterbank16();
-        assert_eq!(m.layers[0].weights.len(), 16 * 27);
+        assert_eq!(m.convs().next().unwrap().weights.len(), 16 * 27);
         let n = 6;
         let x: Vec<f32> = (0..n * n * n)
             .map(|i| 2.0 * (i / (n * n)) as f32 + 3.0 * ((i / n) % n) as f32 - (i % n) as f32)
             .collect();
         let plan = m.plan([1, 1, n, n, n]).unwrap();
         let mut out = vec![f32::NAN; plan.output_len()];
-        plan.plans[0]
-            .run_into(&x, &m.layers[0].weights, None, &mut out, 1, None)
+        plan.conv(0)
+            .unwrap()
+            .run_into(
+                &x,
+                &m.convs().next().unwrap().weights,
+                None,
+                &mut out,
+                1,
+                None,
+            )
             .unwrap();
         let at = |c: usize| out[((c * n + 2) * n + 3) * n + 2];
         let centre = 2.0 * 2.0 + 3.0 * 3.0 - 2.0;
@@ -218,7 +234,7 @@ mod tests {
     #[test]
     fn gaussian_preserves_a_constant_inside() {
         let m = gaussian3d(1.0);
-        let s: f32 = m.layers[0].weights.iter().sum();
+        let s: f32 = m.convs().next().unwrap().weights.iter().sum();
         assert!((s - 1.0).abs() < 1e-6);
         assert_eq!(m.receptive_field(), [5, 5, 5]);
     }

@@ -10,6 +10,7 @@ use std::ops::ControlFlow;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use crate::kernel::maxpool::{maxpool3d, maxpool3d_shape};
 use crate::kernel::{Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError, Slab};
 
 /// One Conv3D layer: filters `[C_out, C_in, kD, kH, kW]`, optional bias, fused activation.
@@ -22,18 +23,64 @@ pub struct ConvLayer {
     pub activation: Activation,
 }
 
+/// 3-D max pooling (no padding), then an activation (monotonic, so it commutes with the
+/// max: an activation after pooling is fused here).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaxPoolLayer {
+    pub kernel: [usize; 3],
+    pub stride: [usize; 3],
+    pub activation: Activation,
+}
+
+/// A layer of a model.
+#[derive(Clone, Debug)]
+pub enum Layer {
+    Conv(ConvLayer),
+    MaxPool(MaxPoolLayer),
+}
+
 /// A named stack of layers.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub name: String,
     pub description: String,
-    pub layers: Vec<ConvLayer>,
+    pub layers: Vec<Layer>,
+}
+
+/// One layer planned for its input shape.
+#[derive(Clone, Debug)]
+pub enum LayerPlan {
+    Conv(Conv3dPlan),
+    MaxPool {
+        input: [usize; 5],
+        output: [usize; 5],
+    },
+}
+
+impl LayerPlan {
+    pub fn output(&self) -> [usize; 5] {
+        match self {
+            LayerPlan::Conv(p) => p.shape().output,
+            LayerPlan::MaxPool { output, .. } => *output,
+        }
+    }
+
+    fn output_len(&self) -> usize {
+        self.output().iter().product()
+    }
+
+    fn strategy(&self) -> &'static str {
+        match self {
+            LayerPlan::Conv(p) => p.strategy().name(),
+            LayerPlan::MaxPool { .. } => "maxpool3d",
+        }
+    }
 }
 
 /// A model planned for one input shape.
 #[derive(Clone, Debug)]
 pub struct ModelPlan {
-    pub plans: Vec<Conv3dPlan>,
+    pub plans: Vec<LayerPlan>,
     pub input: [usize; 5],
     pub output: [usize; 5],
 }
@@ -46,12 +93,29 @@ pub struct LayerTiming {
 }
 
 impl Model {
+    /// A single-conv-layer model.
+    pub fn single(name: &str, description: String, layer: ConvLayer) -> Self {
+        Self {
+            name: name.into(),
+            description,
+            layers: vec![Layer::Conv(layer)],
+        }
+    }
+
+    /// The conv layers, in order.
+    pub fn convs(&self) -> impl Iterator<Item = &ConvLayer> {
+        self.layers.iter().filter_map(|l| match l {
+            Layer::Conv(c) => Some(c),
+            Layer::MaxPool(_) => None,
+        })
+    }
+
     pub fn in_channels(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.filter_shape[1])
+        self.convs().next().map_or(0, |l| l.filter_shape[1])
     }
 
     pub fn out_channels(&self) -> usize {
-        self.layers.last().map_or(0, |l| l.filter_shape[0])
+        self.convs().last().map_or(0, |l| l.filter_shape[0])
     }
 
     /// Validates `input` (`[N, C, D, H, W]`) through every layer.
@@ -59,9 +123,18 @@ impl Model {
         let mut plans = Vec::with_capacity(self.layers.len());
         let mut shape = input;
         for layer in &self.layers {
-            let s = Conv3dShape::new(shape, layer.filter_shape, layer.params)?;
-            shape = s.output;
-            plans.push(Conv3dPlan::new(s, layer.activation));
+            let plan = match layer {
+                Layer::Conv(c) => LayerPlan::Conv(Conv3dPlan::new(
+                    Conv3dShape::new(shape, c.filter_shape, c.params)?,
+                    c.activation,
+                )),
+                Layer::MaxPool(m) => LayerPlan::MaxPool {
+                    input: shape,
+                    output: maxpool3d_shape(shape, m.kernel, m.stride)?,
+                },
+            };
+            shape = plan.output();
+            plans.push(plan);
         }
         Ok(ModelPlan {
             plans,
@@ -76,9 +149,15 @@ impl Model {
         let mut jump = [1usize; 3];
         for l in &self.layers {
             for a in 0..3 {
-                let k = l.filter_shape[2 + a];
-                rf[a] += (k - 1) * l.params.dilation[a] * jump[a];
-                jump[a] *= l.params.stride[a];
+                let (span, stride) = match l {
+                    Layer::Conv(c) => (
+                        (c.filter_shape[2 + a] - 1) * c.params.dilation[a],
+                        c.params.stride[a],
+                    ),
+                    Layer::MaxPool(m) => (m.kernel[a] - 1, m.stride[a]),
+                };
+                rf[a] += span * jump[a];
+                jump[a] *= stride;
             }
         }
         rf
@@ -88,14 +167,22 @@ impl Model {
     pub fn output_shape_rule(&self) -> String {
         let mut parts = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let p = l.params;
-            parts.push(format!(
-                "layer {i}: o = floor((x + 2*{:?} - {:?}*({:?} - 1) - 1) / {:?}) + 1 per [d,h,w]",
-                p.padding,
-                p.dilation,
-                [l.filter_shape[2], l.filter_shape[3], l.filter_shape[4]],
-                p.stride
-            ));
+            parts.push(match l {
+                Layer::Conv(c) => {
+                    let p = c.params;
+                    format!(
+                        "layer {i} conv3d: o = floor((x + 2*{:?} - {:?}*({:?} - 1) - 1) / {:?}) + 1 per [d,h,w]",
+                        p.padding,
+                        p.dilation,
+                        [c.filter_shape[2], c.filter_shape[3], c.filter_shape[4]],
+                        p.stride
+                    )
+                }
+                Layer::MaxPool(m) => format!(
+                    "layer {i} maxpool3d: o = floor((x - {:?}) / {:?}) + 1 per [d,h,w]",
+                    m.kernel, m.stride
+                ),
+            });
         }
         format!(
             "[N, {}, D, H, W] -> [N, {}, oD, oH, oW]; {}",
@@ -107,42 +194,53 @@ impl Model {
 }
 
 impl ModelPlan {
-    /// FLOPs of all layers (direct-convolution count).
+    /// FLOPs of all conv layers (direct-convolution count).
     pub fn flops(&self) -> f64 {
-        self.plans.iter().map(|p| p.shape().flops()).sum()
+        self.plans
+            .iter()
+            .map(|p| match p {
+                LayerPlan::Conv(c) => c.shape().flops(),
+                LayerPlan::MaxPool { .. } => 0.0,
+            })
+            .sum()
     }
 
     pub fn output_len(&self) -> usize {
         self.output.iter().product()
     }
 
+    /// The plan of layer `i` if it is a convolution.
+    pub fn conv(&self, i: usize) -> Option<&Conv3dPlan> {
+        match self.plans.get(i) {
+            Some(LayerPlan::Conv(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Peak bytes the run needs besides the caller's input: the largest pair of consecutive
-    /// intermediate activations, plus the last layer's streaming workspace.
+    /// activations alive together, plus workspace; a last conv layer streams (ring only).
     pub fn working_bytes(&self, threads: usize) -> usize {
         let n = self.plans.len();
         let mut peak = 0usize;
-        for i in 0..n.saturating_sub(1) {
-            let cur = self.plans[i].shape().output_len() * 4;
+        for (i, p) in self.plans.iter().enumerate() {
             let prev = if i == 0 {
                 0
             } else {
-                self.plans[i - 1].shape().output_len() * 4
+                self.plans[i - 1].output_len() * 4
             };
-            peak = peak.max(cur + prev + self.plans[i].workspace_bytes(threads));
+            let here = match (p, i + 1 == n) {
+                (LayerPlan::Conv(c), true) => c.streaming_workspace_bytes(threads),
+                (LayerPlan::Conv(c), false) => p.output_len() * 4 + c.workspace_bytes(threads),
+                (LayerPlan::MaxPool { .. }, _) => p.output_len() * 4,
+            };
+            peak = peak.max(prev + here);
         }
-        let last = self.plans.last().map_or(0, |p| {
-            let prev = if n >= 2 {
-                self.plans[n - 2].shape().output_len() * 4
-            } else {
-                0
-            };
-            prev + p.streaming_workspace_bytes(threads)
-        });
-        peak.max(last)
+        peak
     }
 
-    /// Runs every layer on `input`; the last layer's finished slabs go to `on_slab` in
-    /// order. Between layers only the previous and the current activation are alive.
+    /// Runs every layer on `input`; the output goes to `on_slab` in order (slab by slab
+    /// when the last layer is a convolution, as one slab after a final pooling). Between
+    /// layers only the previous and the current activation are alive.
     pub fn run(
         &self,
         model: &Model,
@@ -156,16 +254,45 @@ impl ModelPlan {
         let last = self.plans.len() - 1;
         for (i, (plan, layer)) in self.plans.iter().zip(&model.layers).enumerate() {
             let t0 = Instant::now();
-            let bias = layer.bias.as_deref();
-            if i == last {
-                plan.run_slabs(&cur, &layer.weights, bias, threads, cancel, on_slab)?;
-            } else {
-                let mut out = vec![0f32; plan.shape().output_len()];
-                plan.run_into(&cur, &layer.weights, bias, &mut out, threads, cancel)?;
-                cur = out;
+            match (plan, layer) {
+                (LayerPlan::Conv(p), Layer::Conv(c)) => {
+                    let bias = c.bias.as_deref();
+                    if i == last {
+                        p.run_slabs(&cur, &c.weights, bias, threads, cancel, on_slab)?;
+                    } else {
+                        let mut out = vec![0f32; p.shape().output_len()];
+                        p.run_into(&cur, &c.weights, bias, &mut out, threads, cancel)?;
+                        cur = out;
+                    }
+                }
+                (LayerPlan::MaxPool { input, .. }, Layer::MaxPool(m)) => {
+                    if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                        return Err(KernelError::Cancelled);
+                    }
+                    let mut out = maxpool3d(&cur, *input, m.kernel, m.stride)?;
+                    if m.activation != Activation::None {
+                        m.activation.bias_apply(&mut out, 0.0);
+                    }
+                    cur = out;
+                    if i == last {
+                        let [n, c, od, oh, ow] = self.output;
+                        // One slab per batch item: [C, oD, oH, oW] is contiguous there.
+                        for (b, item) in cur.chunks_exact(c * od * oh * ow).enumerate().take(n) {
+                            let slab = Slab {
+                                batch: b,
+                                depth: 0..od,
+                                data: item,
+                            };
+                            if on_slab(slab).is_break() {
+                                return Err(KernelError::Cancelled);
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("plans are built from the model's layers, in order"),
             }
             timings.push(LayerTiming {
-                strategy: plan.strategy().name(),
+                strategy: plan.strategy(),
                 compute_ms: t0.elapsed().as_secs_f64() * 1e3,
             });
         }

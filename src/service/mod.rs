@@ -22,7 +22,7 @@ use tracing::{info, info_span, Instrument, Span};
 pub use error::ServiceError;
 
 use crate::config::Config;
-use crate::model::{LayerTiming, Model, ModelPlan, ModelSet};
+use crate::model::{Layer, LayerTiming, Model, ModelPlan, ModelSet};
 use crate::pool::Pool;
 use crate::proto::voxconv::v1 as pb;
 use crate::tensor::dtype::{self, DType, StreamDecoder};
@@ -684,6 +684,15 @@ impl pb::inference_server::Inference for InferenceService {
     }
 }
 
+fn activation_name(a: crate::kernel::Activation) -> String {
+    match a {
+        crate::kernel::Activation::None => "none".into(),
+        crate::kernel::Activation::Relu => "relu".into(),
+        crate::kernel::Activation::LeakyRelu(a) => format!("leaky_relu:{a}"),
+        crate::kernel::Activation::Sigmoid => "sigmoid".into(),
+    }
+}
+
 /// A model's description for ListModels / GetModel.
 pub fn model_info(m: &Model) -> pb::ModelInfo {
     let u = |v: &[usize]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
@@ -695,20 +704,24 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
         layers: m
             .layers
             .iter()
-            .map(|l| pb::LayerInfo {
-                op: "conv3d".into(),
-                in_channels: l.filter_shape[1] as u32,
-                out_channels: l.filter_shape[0] as u32,
-                kernel: u(&l.filter_shape[2..]),
-                stride: u(&l.params.stride),
-                padding: u(&l.params.padding),
-                dilation: u(&l.params.dilation),
-                bias: l.bias.is_some(),
-                activation: match l.activation {
-                    crate::kernel::Activation::None => "none".into(),
-                    crate::kernel::Activation::Relu => "relu".into(),
-                    crate::kernel::Activation::LeakyRelu(a) => format!("leaky_relu:{a}"),
-                    crate::kernel::Activation::Sigmoid => "sigmoid".into(),
+            .map(|l| match l {
+                Layer::Conv(c) => pb::LayerInfo {
+                    op: "conv3d".into(),
+                    in_channels: c.filter_shape[1] as u32,
+                    out_channels: c.filter_shape[0] as u32,
+                    kernel: u(&c.filter_shape[2..]),
+                    stride: u(&c.params.stride),
+                    padding: u(&c.params.padding),
+                    dilation: u(&c.params.dilation),
+                    bias: c.bias.is_some(),
+                    activation: activation_name(c.activation),
+                },
+                Layer::MaxPool(p) => pb::LayerInfo {
+                    op: "maxpool3d".into(),
+                    kernel: u(&p.kernel),
+                    stride: u(&p.stride),
+                    activation: activation_name(p.activation),
+                    ..Default::default()
                 },
             })
             .collect(),

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use voxconv::config::Config;
 use voxconv::kernel::{Activation, Conv3dParams};
-use voxconv::model::{ConvLayer, Model, ModelSet};
+use voxconv::model::{ConvLayer, Layer, Model, ModelSet};
 use voxconv::pool::PoolStats;
 use voxconv::proto::voxconv::v1 as pb;
 use voxconv::proto::voxconv::v1::inference_client::InferenceClient;
@@ -84,7 +84,7 @@ pub fn models() -> ModelSet {
     set.insert(Model {
         name: "c16".into(),
         description: "test: 16 random filters".into(),
-        layers: vec![ConvLayer {
+        layers: vec![Layer::Conv(ConvLayer {
             filter_shape: [16, 1, 3, 3, 3],
             weights: voxconv::cli::seeded(16 * 27, 5),
             bias: Some(voxconv::cli::seeded(16, 6)),
@@ -93,18 +93,18 @@ pub fn models() -> ModelSet {
                 ..Conv3dParams::default()
             },
             activation: Activation::Relu,
-        }],
+        })],
     });
     set.insert(Model {
         name: "nopad".into(),
         description: "test: no padding".into(),
-        layers: vec![ConvLayer {
+        layers: vec![Layer::Conv(ConvLayer {
             filter_shape: [1, 1, 3, 3, 3],
             weights: voxconv::cli::seeded(27, 7),
             bias: None,
             params: Conv3dParams::default(),
             activation: Activation::None,
-        }],
+        })],
     });
     set
 }
@@ -146,9 +146,10 @@ pub fn chunks(data: &Bytes, size: usize) -> Vec<pb::InferStreamRequest> {
 pub fn kernel_output(models: &ModelSet, name: &str, shape: [usize; 5], x: &[f32]) -> Vec<f32> {
     let m = models.get(name).unwrap();
     let plan = m.plan(shape).unwrap();
-    let l = &m.layers[0];
+    let l = m.convs().next().unwrap();
     let mut out = vec![0f32; plan.output_len()];
-    plan.plans[0]
+    plan.conv(0)
+        .unwrap()
         .run_into(x, &l.weights, l.bias.as_deref(), &mut out, 1, None)
         .unwrap();
     out
