@@ -52,6 +52,13 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `voxconv=debug`).
     #[arg(long, env = "VOXCONV_LOG", default_value = "info")]
     pub log: String,
+    /// Model repository: each subdirectory holds model.toml + weights.safetensors. Reloaded
+    /// on SIGHUP.
+    #[arg(long, env = "VOXCONV_MODEL_REPOSITORY")]
+    pub model_repository: Option<std::path::PathBuf>,
+    /// Also reload the repository at this interval (e.g. 30s); unchanged models are kept.
+    #[arg(long, env = "VOXCONV_MODEL_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    pub model_poll_interval: Option<Duration>,
 }
 
 /// Validated configuration.
@@ -68,6 +75,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     pub log: String,
+    pub model_repository: Option<std::path::PathBuf>,
+    pub model_poll_interval: Option<Duration>,
 }
 
 /// A configuration error: one line naming the setting, the expected and the received value.
@@ -90,6 +99,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             log_format: LogFormat::Text,
             log: "warn".into(),
+            model_repository: None,
+            model_poll_interval: None,
         }
     }
 }
@@ -161,6 +172,24 @@ impl TryFrom<ServeArgs> for Config {
             shutdown_grace: a.shutdown_grace,
             log_format: a.log_format,
             log: a.log,
+            model_repository: match a.model_repository {
+                Some(d) if !d.is_dir() => {
+                    return Err(ConfigError(format!(
+                        "--model-repository: expected a directory, got {}",
+                        d.display()
+                    )))
+                }
+                d => d,
+            },
+            model_poll_interval: match a.model_poll_interval {
+                Some(i) if i < Duration::from_millis(100) => {
+                    return Err(ConfigError(format!(
+                        "--model-poll-interval: expected at least 100ms, got {}",
+                        humantime::format_duration(i)
+                    )))
+                }
+                i => i,
+            },
         })
     }
 }

@@ -9,7 +9,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::model::ModelSet;
+use crate::model::repo::ModelRegistry;
 use crate::pool::{Pool, PoolStats};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::voxconv::v1::inference_server::InferenceServer;
@@ -37,7 +37,7 @@ pub struct ServerState {
 pub async fn run(
     listener: TcpListener,
     config: Config,
-    models: ModelSet,
+    models: Arc<ModelRegistry>,
     shutdown: impl Future<Output = ()> + Send,
     on_ready: impl FnOnce(ServerState),
 ) -> Result<(), tonic::transport::Error> {
@@ -51,7 +51,7 @@ pub async fn run(
         stats: pool.stats(),
     };
     let config = Arc::new(config);
-    let service = InferenceService::new(Arc::new(models), pool, Arc::clone(&config));
+    let service = InferenceService::new(models, pool, Arc::clone(&config));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Not serving until everything below is built.

@@ -99,3 +99,17 @@ def test_wrong_shape_is_invalid_argument(client):
         infer(client, x, "FP32")
     assert "INVALID_ARGUMENT" in str(e.value.status())
     assert "inputs[0].shape" in e.value.message() and "5 dimensions" in e.value.message()
+
+
+def test_repository_model_matches_pytorch(client):
+    """The model exported from PyTorch (tests/fixtures/models/tiny_net), when served."""
+    if not client.is_model_ready("tiny_net"):
+        pytest.skip("server runs without the fixture repository")
+    io = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "tiny_net_io")
+    x = np.load(os.path.join(io, "input.npy"))
+    want = np.load(os.path.join(io, "expected.npy"))
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    y = client.infer("tiny_net", [inp]).as_numpy("output")
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-6)
+    assert list(client.get_model_metadata("tiny_net").outputs[0].shape) == [-1, 3, -1, -1, -1]

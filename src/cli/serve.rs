@@ -3,6 +3,9 @@
 use std::process::ExitCode;
 
 use crate::config::{Config, LogFormat, ServeArgs};
+use std::sync::Arc;
+
+use crate::model::repo::{ModelRegistry, ReloadReport};
 use crate::model::ModelSet;
 
 /// Exit code for bad configuration (EX_USAGE).
@@ -35,15 +38,23 @@ pub fn run(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match crate::server::run(
-            listener,
-            config,
-            ModelSet::builtin(),
-            shutdown_signal(),
-            |_| {},
-        )
-        .await
-        {
+        let registry = match &config.model_repository {
+            None => Arc::new(ModelRegistry::fixed(ModelSet::builtin())),
+            Some(dir) => match ModelRegistry::with_repository(dir.clone()) {
+                Ok((reg, report)) => {
+                    log_report(&report);
+                    Arc::new(reg)
+                }
+                Err(e) => {
+                    eprintln!("voxconv: --model-repository {}: {e}", dir.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+        };
+        if config.model_repository.is_some() {
+            spawn_reloader(Arc::clone(&registry), config.model_poll_interval);
+        }
+        match crate::server::run(listener, config, registry, shutdown_signal(), |_| {}).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("voxconv: server failed: {e}");
@@ -51,6 +62,65 @@ pub fn run(args: ServeArgs) -> ExitCode {
             }
         }
     })
+}
+
+fn log_report(r: &ReloadReport) {
+    tracing::info!(
+        loaded = ?r.loaded,
+        unchanged = r.unchanged.len(),
+        removed = ?r.removed,
+        failed = r.failed.len(),
+        "model repository loaded"
+    );
+    for (name, error) in &r.failed {
+        tracing::error!(model = %name, %error, "model failed to load");
+    }
+}
+
+/// Reloads the repository on SIGHUP and, if set, every `poll` interval.
+fn spawn_reloader(registry: Arc<ModelRegistry>, poll: Option<std::time::Duration>) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = poll.map(tokio::time::interval);
+        if let Some(t) = tick.as_mut() {
+            t.tick().await; // the first tick is immediate
+        }
+        loop {
+            #[cfg(unix)]
+            let hup_fut = async {
+                match hup.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup_fut = std::future::pending::<()>();
+            let tick_fut = async {
+                match tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hup_fut => tracing::info!("SIGHUP: reloading the model repository"),
+                _ = tick_fut => {}
+            }
+            let r = Arc::clone(&registry);
+            if let Ok(report) = tokio::task::spawn_blocking(move || r.reload()).await {
+                if !report.loaded.is_empty()
+                    || !report.removed.is_empty()
+                    || !report.failed.is_empty()
+                {
+                    log_report(&report);
+                }
+            }
+        }
+    });
 }
 
 fn init_logging(config: &Config) {

@@ -5,6 +5,7 @@
 //! activations alive between layers and streams the last layer's output slab by slab.
 
 pub mod builtin;
+pub mod repo;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::AtomicBool;
@@ -300,10 +301,11 @@ impl ModelPlan {
     }
 }
 
-/// The models a server offers, by name.
+/// The models a server offers, by name, and the ones that failed to load (with why).
 #[derive(Clone, Debug, Default)]
 pub struct ModelSet {
     models: std::collections::BTreeMap<String, std::sync::Arc<Model>>,
+    broken: std::collections::BTreeMap<String, String>,
 }
 
 impl ModelSet {
@@ -317,8 +319,26 @@ impl ModelSet {
     }
 
     pub fn insert(&mut self, model: Model) {
-        self.models
-            .insert(model.name.clone(), std::sync::Arc::new(model));
+        self.insert_arc(std::sync::Arc::new(model));
+    }
+
+    pub fn insert_arc(&mut self, model: std::sync::Arc<Model>) {
+        self.models.insert(model.name.clone(), model);
+    }
+
+    /// Records a model that failed to load.
+    pub fn insert_broken(&mut self, name: &str, error: String) {
+        self.broken.insert(name.to_string(), error);
+    }
+
+    /// Models that failed to load, with the error.
+    pub fn broken(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.broken.iter()
+    }
+
+    /// The load error of `name`, if its last load failed.
+    pub fn error(&self, name: &str) -> Option<&String> {
+        self.broken.get(name)
     }
 
     pub fn get(&self, name: &str) -> Option<std::sync::Arc<Model>> {

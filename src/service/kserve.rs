@@ -39,6 +39,7 @@ impl KserveService {
     fn model(&self, field: &str, name: &str) -> Result<std::sync::Arc<Model>, ServiceError> {
         self.inner
             .models
+            .snapshot()
             .get(name)
             .ok_or_else(|| ServiceError::NotFound(format!("{field}: no model named {name:?}")))
     }
@@ -277,8 +278,8 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         r: Request<kv::ModelReadyRequest>,
     ) -> Result<Response<kv::ModelReadyResponse>, Status> {
         let r = r.into_inner();
-        let ready =
-            self.inner.models.get(&r.name).is_some() && (r.version.is_empty() || r.version == "1");
+        let ready = self.inner.models.snapshot().get(&r.name).is_some()
+            && (r.version.is_empty() || r.version == "1");
         Ok(Response::new(kv::ModelReadyResponse { ready }))
     }
 

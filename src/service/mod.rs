@@ -22,7 +22,8 @@ use tracing::{info, info_span, Instrument, Span};
 pub use error::ServiceError;
 
 use crate::config::Config;
-use crate::model::{Layer, LayerTiming, Model, ModelPlan, ModelSet};
+use crate::model::repo::ModelRegistry;
+use crate::model::{Layer, LayerTiming, Model, ModelPlan};
 use crate::pool::Pool;
 use crate::proto::voxconv::v1 as pb;
 use crate::tensor::dtype::{self, DType, StreamDecoder};
@@ -31,7 +32,7 @@ use crate::tensor::dtype::{self, DType, StreamDecoder};
 #[derive(Clone)]
 pub struct InferenceService {
     /// The models served (also by the KServe service).
-    pub(crate) models: Arc<ModelSet>,
+    pub(crate) models: Arc<ModelRegistry>,
     pool: Arc<Pool>,
     pub(crate) config: Arc<Config>,
 }
@@ -139,7 +140,7 @@ async fn until<T>(
 }
 
 impl InferenceService {
-    pub fn new(models: Arc<ModelSet>, pool: Arc<Pool>, config: Arc<Config>) -> Self {
+    pub fn new(models: Arc<ModelRegistry>, pool: Arc<Pool>, config: Arc<Config>) -> Self {
         Self {
             models,
             pool,
@@ -159,8 +160,9 @@ impl InferenceService {
         out_dtype: DType,
     ) -> Result<Prepared, ServiceError> {
         let _span = info_span!("validate").entered();
-        let m = self.models.get(model).ok_or_else(|| {
-            let names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        let models = self.models.snapshot();
+        let m = models.get(model).ok_or_else(|| {
+            let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
             ServiceError::NotFound(format!(
                 "{model_field}: no model named {model:?} (available: {})",
                 names.join(", ")
@@ -665,9 +667,27 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        Ok(Response::new(pb::ListModelsResponse {
-            models: self.models.iter().map(|m| model_info(m)).collect(),
-        }))
+        let set = self.models.snapshot();
+        let mut models: Vec<pb::ModelInfo> = set
+            .iter()
+            .map(|m| {
+                let mut info = model_info(m);
+                info.error = set.error(&m.name).cloned().unwrap_or_default();
+                info
+            })
+            .collect();
+        // Models that failed to load and have no earlier version serving.
+        for (name, error) in set.broken() {
+            if set.get(name).is_none() {
+                models.push(pb::ModelInfo {
+                    name: name.clone(),
+                    ready: false,
+                    error: error.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
     async fn get_model(
@@ -675,12 +695,18 @@ impl pb::inference_server::Inference for InferenceService {
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
         let name = request.into_inner().name;
-        let m = self.models.get(&name).ok_or_else(|| {
-            Status::from(ServiceError::NotFound(format!(
+        let set = self.models.snapshot();
+        let m = set.get(&name).ok_or_else(|| match set.error(&name) {
+            Some(e) => Status::from(ServiceError::Unavailable(format!(
+                "name: model {name:?} failed to load: {e}"
+            ))),
+            None => Status::from(ServiceError::NotFound(format!(
                 "name: no model named {name:?}"
-            )))
+            ))),
         })?;
-        Ok(Response::new(model_info(&m)))
+        let mut info = model_info(&m);
+        info.error = set.error(&name).cloned().unwrap_or_default();
+        Ok(Response::new(info))
     }
 }
 
@@ -728,5 +754,7 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
         accepted_dtypes: DType::ALL.iter().map(|&d| to_pb_dtype(d) as i32).collect(),
         output_shape: m.output_shape_rule(),
         receptive_field: u(&m.receptive_field()),
+        ready: true,
+        error: String::new(),
     }
 }

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use voxconv::config::Config;
 use voxconv::kernel::{Activation, Conv3dParams};
+use voxconv::model::repo::ModelRegistry;
 use voxconv::model::{ConvLayer, Layer, Model, ModelSet};
 use voxconv::pool::PoolStats;
 use voxconv::proto::voxconv::v1 as pb;
@@ -24,6 +25,10 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config, models: ModelSet) -> Self {
+        Self::start_registry(config, Arc::new(ModelRegistry::fixed(models))).await
+    }
+
+    pub async fn start_registry(config: Config, models: Arc<ModelRegistry>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
