@@ -25,6 +25,52 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     health.set_service_status(SERVICE_NAME, status).await;
 }
 
+/// Health per model, as service `model/<name>`: SERVING when loaded, NOT_SERVING when its
+/// load failed with no earlier version serving, or when it was removed.
+async fn sync_model_health(
+    models: &ModelRegistry,
+    health: &tonic_health::server::HealthReporter,
+    known: &mut std::collections::BTreeSet<String>,
+) {
+    let set = models.snapshot();
+    let mut now = std::collections::BTreeSet::new();
+    for m in set.iter() {
+        health
+            .set_service_status(format!("model/{}", m.name), ServingStatus::Serving)
+            .await;
+        now.insert(m.name.clone());
+    }
+    for (name, _) in set.broken() {
+        if set.get(name).is_none() {
+            health
+                .set_service_status(format!("model/{name}"), ServingStatus::NotServing)
+                .await;
+        }
+    }
+    for gone in known.difference(&now) {
+        if set.error(gone).is_none() {
+            health
+                .set_service_status(format!("model/{gone}"), ServingStatus::NotServing)
+                .await;
+        }
+    }
+    *known = now;
+}
+
+/// Keeps per-model health in step with reloads.
+fn spawn_model_health(
+    models: Arc<ModelRegistry>,
+    health: tonic_health::server::HealthReporter,
+    mut known: std::collections::BTreeSet<String>,
+) {
+    let mut changes = models.subscribe();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            sync_model_health(&models, &health, &mut known).await;
+        }
+    });
+}
+
 /// What the server shares with its embedder (tests, metrics).
 #[derive(Clone)]
 pub struct ServerState {
@@ -51,7 +97,7 @@ pub async fn run(
         stats: pool.stats(),
     };
     let config = Arc::new(config);
-    let service = InferenceService::new(models, pool, Arc::clone(&config));
+    let service = InferenceService::new(Arc::clone(&models), pool, Arc::clone(&config));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Not serving until everything below is built.
@@ -104,6 +150,9 @@ pub async fn run(
             signal,
         );
 
+    let mut known = std::collections::BTreeSet::new();
+    sync_model_health(&models, &health, &mut known).await;
+    spawn_model_health(Arc::clone(&models), health.clone(), known);
     set_health(&health, ServingStatus::Serving).await;
     info!(
         ?addr,

@@ -322,6 +322,8 @@ pub struct ReloadReport {
 /// a snapshot (`Arc`), so a reload never disturbs requests in flight.
 pub struct ModelRegistry {
     current: RwLock<Arc<ModelSet>>,
+    /// Bumped after every reload (health follows it).
+    version: tokio::sync::watch::Sender<u64>,
     repo: Option<PathBuf>,
     /// name → (fingerprint, loaded model) of the repository's good models.
     cache: std::sync::Mutex<BTreeMap<String, (Fingerprint, Arc<Model>)>>,
@@ -332,6 +334,7 @@ impl ModelRegistry {
     pub fn fixed(base: ModelSet) -> Self {
         Self {
             current: RwLock::new(Arc::new(base)),
+            version: tokio::sync::watch::Sender::new(0),
             repo: None,
             cache: Default::default(),
         }
@@ -342,11 +345,17 @@ impl ModelRegistry {
         std::fs::read_dir(&dir)?; // the directory itself must be readable
         let reg = Self {
             current: RwLock::new(Arc::new(ModelSet::builtin())),
+            version: tokio::sync::watch::Sender::new(0),
             repo: Some(dir),
             cache: Default::default(),
         };
         let report = reg.reload();
         Ok((reg, report))
+    }
+
+    /// Changes after every reload.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     pub fn snapshot(&self) -> Arc<ModelSet> {
@@ -417,6 +426,7 @@ impl ModelRegistry {
             keep
         });
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        self.version.send_modify(|v| *v += 1);
         report
     }
 }
@@ -424,6 +434,44 @@ impl ModelRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_and_bf16_weights_are_converted_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let w16: Vec<u8> = [0.5f32, -2.0]
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let b16: Vec<u8> = [0.25f32, 1.5]
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let st = safetensors::serialize(
+            [
+                (
+                    "w",
+                    safetensors::tensor::TensorView::new(Dtype::F16, vec![2, 1, 1, 1, 1], &w16)
+                        .unwrap(),
+                ),
+                (
+                    "b",
+                    safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &b16).unwrap(),
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("weights.safetensors"), st).unwrap();
+        std::fs::write(
+            dir.path().join("model.toml"),
+            "[[layers]]\nop = \"conv3d\"\nweight = \"w\"\nbias = \"b\"\n",
+        )
+        .unwrap();
+        let m = load_model(dir.path(), "half").unwrap();
+        let c = m.convs().next().unwrap();
+        assert_eq!(c.weights, vec![0.5, -2.0]);
+        assert_eq!(c.bias, Some(vec![0.25, 1.5]));
+    }
 
     #[test]
     fn batchnorm_folding_equals_conv_then_batchnorm() {
