@@ -763,3 +763,44 @@ fn workspace_does_not_grow_with_the_volume() {
     assert_eq!(small, large, "im2col workspace is per tile, not per volume");
     assert!(large <= 2 * 1024 * 1024);
 }
+
+#[test]
+fn stage_times_are_accounted_per_strategy() {
+    let shape = Conv3dShape::new(
+        [1, 16, 12, 14, 16],
+        [16, 16, 3, 3, 3],
+        Conv3dParams {
+            padding: [1; 3],
+            ..Conv3dParams::default()
+        },
+    )
+    .unwrap();
+    let x = data(shape.input_len(), 1);
+    let w = data(shape.filters_len(), 2);
+    assert_eq!(
+        Conv3dPlan::new(shape, Activation::Relu).stage_times(),
+        Default::default(),
+        "a fresh plan has spent no time"
+    );
+    for plan in variants(shape, Activation::Relu) {
+        // Clones share the clock (a plan and the copy handed to a worker): compare deltas.
+        let before = plan.stage_times();
+        run_plan(&plan, &x, &w, None, 2);
+        let after = plan.stage_times();
+        let what = plan.strategy();
+        assert!(
+            after.gemm > before.gemm,
+            "{what:?}: {before:?} -> {after:?}"
+        );
+        assert!(
+            after.epilogue > before.epilogue,
+            "{what:?}: {before:?} -> {after:?}"
+        );
+        if matches!(what, KernelStrategy::Im2colGemm | KernelStrategy::Winograd) {
+            assert!(
+                after.im2col > before.im2col,
+                "{what:?}: {before:?} -> {after:?}"
+            );
+        }
+    }
+}

@@ -90,6 +90,11 @@ async fn unary_and_streamed_results_equal_the_kernel() {
         assert_eq!(out_shape, t.shape);
         assert_eq!(got, want, "{model}: InferStream");
         assert!(summary.flops > 0.0 && summary.total_ms >= summary.compute_ms);
+        let layer = &summary.layers[0];
+        assert!(
+            layer.gemm_ms > 0.0,
+            "{model}: stage times reported: {layer:?}"
+        );
     }
 }
 

@@ -13,9 +13,9 @@
 //! applies the activation while the tile is still in cache.
 
 use std::ops::{ControlFlow, Range};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::avx512;
 use super::im2col::im2col_tile;
@@ -151,6 +151,33 @@ pub struct Conv3dPlan {
     gemm: GemmImpl,
     tiling: Tiling,
     min_flops_per_thread: f64,
+    /// Time spent per stage, summed over threads and runs of this plan (and its clones).
+    clock: Arc<StageClock>,
+}
+
+/// Nanoseconds per stage, summed over every thread.
+#[derive(Debug, Default)]
+struct StageClock {
+    im2col: AtomicU64,
+    gemm: AtomicU64,
+    epilogue: AtomicU64,
+}
+
+/// Thread time per stage: building columns (im2col, or Winograd's input transform), the
+/// multiplies (GEMM, direct microkernel), and the epilogue (bias/activation, Winograd's
+/// output transform). Summed over threads, so it can exceed wall time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    pub im2col: Duration,
+    pub gemm: Duration,
+    pub epilogue: Duration,
+}
+
+/// Adds the time since `since` to `slot` and restarts `since`.
+fn lap(slot: &AtomicU64, since: &mut Instant) {
+    let now = Instant::now();
+    slot.fetch_add((now - *since).as_nanos() as u64, Ordering::Relaxed);
+    *since = now;
 }
 
 /// The tensors of one run; `packed` holds the filters packed for the AVX-512 microkernel
@@ -227,6 +254,7 @@ impl Conv3dPlan {
             gemm,
             tiling: Tiling::for_shape(&shape),
             min_flops_per_thread: MIN_FLOPS_PER_THREAD,
+            clock: Arc::default(),
         };
         plan.strategy = if plan.supports(Strategy::Pointwise) {
             Strategy::Pointwise
@@ -247,6 +275,16 @@ impl Conv3dPlan {
         };
         plan.tiling = plan.adapt_tiling(plan.tiling);
         plan
+    }
+
+    /// Thread time per stage of every run of this plan so far (clones share it).
+    pub fn stage_times(&self) -> StageTimes {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        StageTimes {
+            im2col: d(&self.clock.im2col),
+            gemm: d(&self.clock.gemm),
+            epilogue: d(&self.clock.epilogue),
+        }
     }
 
     /// Sets the work per extra thread (`0` uses every thread offered; tests use it to drive
@@ -515,10 +553,14 @@ impl Conv3dPlan {
         // destination rows (caller's contract).
         let dst = unsafe { dest.base.add(off) };
         let rs = dest.row_stride;
+        let clock = &*self.clock;
+        let mut since = Instant::now();
         if self.strategy == Strategy::Direct {
             // SAFETY: forwarded caller's contract (dst rows of `cols` values at stride rs).
             unsafe { self.direct_tile(ops, input_n, v0, cols, dst, rs, &mut scratch.segments) };
+            lap(&clock.gemm, &mut since);
             self.activation_pass(dst, rs, cols);
+            lap(&clock.epilogue, &mut since);
             return;
         }
         if self.strategy == Strategy::Winograd {
@@ -541,6 +583,7 @@ impl Conv3dPlan {
                 }
                 Strategy::Im2colGemm => {
                     im2col_tile(shape, input_n, v0, cols, r0..r1, &mut scratch.col, stride);
+                    lap(&clock.im2col, &mut since);
                     (scratch.col.as_ptr(), stride)
                 }
             };
@@ -578,6 +621,7 @@ impl Conv3dPlan {
                     )
                 },
             }
+            lap(&clock.gemm, &mut since);
             r0 = r1;
         }
         // Epilogue: (bias, unless the microkernel added it) + activation, tile still hot.
@@ -593,6 +637,7 @@ impl Conv3dPlan {
                 self.activation.bias_apply(row, bias.map_or(0.0, |b| b[co]));
             }
         }
+        lap(&clock.epilogue, &mut since);
     }
 
     /// Applies the activation to a finished tile (bias already added).
@@ -725,9 +770,12 @@ impl Conv3dPlan {
                     }
                 }
             }
+            let clock = &*self.clock;
+            let mut since = Instant::now();
             for block in lane_groups.chunks(GROUPS) {
                 // SAFETY: AVX-512F was detected when the plan chose this strategy.
                 unsafe { winograd::input_transform(shape, input_n, block, &mut scratch.wino_v) };
+                lap(&clock.im2col, &mut since);
                 for xi in 0..XI {
                     for g in 0..n_groups {
                         let nch = NC.min(c_out - g * NC);
@@ -751,6 +799,7 @@ impl Conv3dPlan {
                         };
                     }
                 }
+                lap(&clock.gemm, &mut since);
                 // SAFETY: the lane groups lie in this tile's planes (caller's contract);
                 // AVX-512F was detected when the plan chose this strategy.
                 unsafe {
@@ -765,6 +814,7 @@ impl Conv3dPlan {
                         z_start,
                     )
                 };
+                lap(&clock.epilogue, &mut since);
             }
         }
         #[cfg(not(target_arch = "x86_64"))]

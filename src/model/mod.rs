@@ -91,6 +91,8 @@ pub struct ModelPlan {
 pub struct LayerTiming {
     pub strategy: &'static str,
     pub compute_ms: f64,
+    /// Thread time per stage (conv layers; zero for pooling).
+    pub stages: crate::kernel::StageTimes,
 }
 
 impl Model {
@@ -295,6 +297,10 @@ impl ModelPlan {
             timings.push(LayerTiming {
                 strategy: plan.strategy(),
                 compute_ms: t0.elapsed().as_secs_f64() * 1e3,
+                stages: match plan {
+                    LayerPlan::Conv(p) => p.stage_times(),
+                    LayerPlan::MaxPool { .. } => Default::default(),
+                },
             });
         }
         Ok(timings)

@@ -252,6 +252,22 @@ fn slab_chunks(
     true
 }
 
+/// One event per layer with its stage times (inside the call's `rpc` span).
+fn log_layers(layers: &[LayerTiming]) {
+    for (i, l) in layers.iter().enumerate() {
+        tracing::debug!(
+            target: "voxconv::compute",
+            layer = i,
+            strategy = l.strategy,
+            compute_ms = l.compute_ms,
+            im2col_ms = l.stages.im2col.as_secs_f64() * 1e3,
+            gemm_ms = l.stages.gemm.as_secs_f64() * 1e3,
+            epilogue_ms = l.stages.epilogue.as_secs_f64() * 1e3,
+            "layer"
+        );
+    }
+}
+
 fn summary(
     p: &Prepared,
     receive: Duration,
@@ -274,6 +290,9 @@ fn summary(
             .map(|l| pb::LayerTiming {
                 strategy: l.strategy.to_string(),
                 compute_ms: l.compute_ms,
+                im2col_ms: ms(l.stages.im2col),
+                gemm_ms: ms(l.stages.gemm),
+                epilogue_ms: ms(l.stages.epilogue),
             })
             .collect(),
     }
@@ -381,6 +400,7 @@ impl InferenceService {
             .await?
             .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
         let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
+        log_layers(&layers);
         let summary = summary(&p, Duration::ZERO, queue, compute, started, &layers);
         Ok((p, bytes, summary))
     }
@@ -504,6 +524,7 @@ impl InferenceService {
                 .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
             let _ = t_queue;
             let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
+            log_layers(&layers);
             drop(reservation);
             let s = summary(&p, receive, queue, compute, started, &layers);
             out.send(Ok(pb::InferStreamResponse {
