@@ -162,34 +162,31 @@ pub fn gaussian3d(sigma: f64) -> Model {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sobel_of_a_ramp_is_its_slope() {
-        let m = sobel3d();
+    /// Runs a one-layer model on the ramp f(z, y, x) = 2z + 3y − x (6³) and returns each
+    /// channel's value at the interior voxel (2, 3, 2), away from padding effects.
+    fn at_interior_of_ramp(m: &Model) -> Vec<f32> {
         let n = 6;
-        // f(z, y, x) = 2z + 3y − x
         let x: Vec<f32> = (0..n * n * n)
-            .map(|i| {
-                let (z, y, xx) = (i / (n * n), (i / n) % n, i % n);
-                2.0 * z as f32 + 3.0 * y as f32 - xx as f32
-            })
+            .map(|i| 2.0 * (i / (n * n)) as f32 + 3.0 * ((i / n) % n) as f32 - (i % n) as f32)
             .collect();
         let plan = m.plan([1, 1, n, n, n]).unwrap();
         let mut out = vec![f32::NAN; plan.output_len()];
+        let weights = &m.convs().next().unwrap().weights;
         plan.conv(0)
             .unwrap()
-            .run_into(
-                &x,
-                &m.convs().next().unwrap().weights,
-                None,
-                &mut out,
-                1,
-                None,
-            )
+            .run_into(&x, weights, None, &mut out, 1, None)
             .unwrap();
-        // An interior voxel (no padding effects).
-        let at = |c: usize| out[((c * n + 2) * n + 3) * n + 2];
+        (0..m.out_channels())
+            .map(|c| out[((c * n + 2) * n + 3) * n + 2])
+            .collect()
+    }
+
+    #[test]
+    fn sobel_of_a_ramp_is_its_slope() {
+        let at = at_interior_of_ramp(&sobel3d());
         assert!(
-            (at(0) - 2.0).abs() < 1e-5 && (at(1) - 3.0).abs() < 1e-5 && (at(2) + 1.0).abs() < 1e-5
+            (at[0] - 2.0).abs() < 1e-5 && (at[1] - 3.0).abs() < 1e-5 && (at[2] + 1.0).abs() < 1e-5,
+            "{at:?}"
         );
     }
 
@@ -197,35 +194,18 @@ mod tests {
     fn filterbank_gradient_of_a_ramp_is_its_slope() {
         let m = filterbank16();
         assert_eq!(m.convs().next().unwrap().weights.len(), 16 * 27);
-        let n = 6;
-        let x: Vec<f32> = (0..n * n * n)
-            .map(|i| 2.0 * (i / (n * n)) as f32 + 3.0 * ((i / n) % n) as f32 - (i % n) as f32)
-            .collect();
-        let plan = m.plan([1, 1, n, n, n]).unwrap();
-        let mut out = vec![f32::NAN; plan.output_len()];
-        plan.conv(0)
-            .unwrap()
-            .run_into(
-                &x,
-                &m.convs().next().unwrap().weights,
-                None,
-                &mut out,
-                1,
-                None,
-            )
-            .unwrap();
-        let at = |c: usize| out[((c * n + 2) * n + 3) * n + 2];
+        let at = at_interior_of_ramp(&m);
         let centre = 2.0 * 2.0 + 3.0 * 3.0 - 2.0;
         assert!(
-            (at(0) - centre).abs() < 1e-4,
+            (at[0] - centre).abs() < 1e-4,
             "smoothing keeps a linear function"
         );
         assert!(
-            (at(1) - 2.0).abs() < 1e-5 && (at(2) - 3.0).abs() < 1e-5 && (at(3) + 1.0).abs() < 1e-5
+            (at[1] - 2.0).abs() < 1e-5 && (at[2] - 3.0).abs() < 1e-5 && (at[3] + 1.0).abs() < 1e-5
         );
-        for c in 4..11 {
+        for (c, v) in at.iter().enumerate().take(11).skip(4) {
             assert!(
-                at(c).abs() < 1e-4,
+                v.abs() < 1e-4,
                 "second derivatives of a ramp vanish (channel {c})"
             );
         }

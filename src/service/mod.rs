@@ -492,7 +492,6 @@ impl InferenceService {
             let job_cancel = cancel.clone();
             let rt = tokio::runtime::Handle::current();
             let compute_span = info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
-            let t_queue = Instant::now();
             let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
                 let _e = compute_span.enter();
                 let t0 = Instant::now();
@@ -522,7 +521,6 @@ impl InferenceService {
             };
             let (r, queue, compute) = outcome
                 .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
-            let _ = t_queue;
             let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
             log_layers(&layers);
             drop(reservation);
@@ -561,8 +559,6 @@ impl pb::inference_server::Inference for InferenceService {
         let deadline = deadline(request.metadata());
         let req = request.into_inner();
         let span = info_span!("rpc", method = "Infer", model = %req.model);
-        let cancel = Cancel::default();
-        let _guard = CancelOnDrop(cancel.clone());
         let mut prepared = None;
         let result: Result<pb::InferResponse, ServiceError> = async {
             let input = req.input.unwrap_or_default();
