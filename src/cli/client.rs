@@ -1,4 +1,4 @@
-//! Client subcommands: `voxconv infer` (streaming) and `voxconv health`.
+//! Client subcommands: `voxconv infer` (streaming, NIfTI or NumPy) and `voxconv health`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,7 +12,9 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::proto::voxconv::v1 as pb;
 use crate::proto::voxconv::v1::inference_client::InferenceClient;
 use crate::tensor::dtype::{self, DType};
-use crate::tensor::{read_npy_rank, write_npy};
+use crate::tensor::nifti::{is_nifti, output_header, read_scan, write_volume, AxisMap};
+use crate::tensor::{read_npy_raw, write_npy};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum OutDType {
@@ -28,18 +30,24 @@ pub struct InferArgs {
     /// Model name (see ListModels).
     #[arg(long)]
     pub model: String,
-    /// Input volume, float32 .npy [N, C, D, H, W].
+    /// Input volume: .nii / .nii.gz (3-D, or 4-D with channels last), or .npy
+    /// ([N, C, D, H, W], [C, D, H, W] or [D, H, W]) of float32, int16, uint16 or uint8. Sent
+    /// in its own dtype.
     #[arg(long)]
     pub input: PathBuf,
-    /// Output .npy (float32).
+    /// Output: .nii / .nii.gz (the input's header, affine adjusted for the model; channels on
+    /// the 4th dimension) or .npy ([N, C, D, H, W]). Written as float32.
     #[arg(long)]
     pub output: PathBuf,
-    /// Dtype the server sends back.
+    /// Dtype the server sends back (fp16 halves the bytes on the wire).
     #[arg(long, value_enum, default_value_t = OutDType::Fp32)]
     pub output_dtype: OutDType,
     /// Input chunk size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub chunk_bytes: usize,
+    /// Deadline for the whole call, e.g. 30s or 2m (sent as grpc-timeout).
+    #[arg(long)]
+    pub timeout: Option<humantime::Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -61,9 +69,100 @@ pub fn infer(a: InferArgs) -> Result<(), BoxError> {
     rt.block_on(infer_async(a))
 }
 
+/// The volume to send, in its own dtype, and its NIfTI header when it came from one.
+struct Input {
+    shape: Vec<usize>,
+    dtype: DType,
+    bytes: Vec<u8>,
+    header: Option<nifti::NiftiHeader>,
+}
+
+fn load_input(path: &std::path::Path) -> Result<Input, BoxError> {
+    if is_nifti(path) {
+        let scan = read_scan(path)?;
+        if scan.converted {
+            eprintln!(
+                "note: {}: stored dtype or intensity scaling (scl_slope/scl_inter) has no wire \
+                 equivalent; sending float32",
+                path.display()
+            );
+        }
+        return Ok(Input {
+            shape: scan.shape.to_vec(),
+            dtype: scan.dtype,
+            bytes: scan.bytes,
+            header: Some(scan.header),
+        });
+    }
+    let t = read_npy_raw(path)?;
+    let shape = match t.shape.len() {
+        3 => [&[1, 1][..], &t.shape].concat(),
+        4 => [&[1][..], &t.shape].concat(),
+        5 => t.shape.clone(),
+        _ => {
+            return Err(format!(
+                "{}: expected [N, C, D, H, W], [C, D, H, W] or [D, H, W], got shape {:?}",
+                path.display(),
+                t.shape
+            )
+            .into())
+        }
+    };
+    Ok(Input {
+        shape,
+        dtype: t.dtype,
+        bytes: t.bytes,
+        header: None,
+    })
+}
+
+/// Per-axis maps from output voxels to input voxels for `(x, y, z)` = `(W, H, D)`, from the
+/// model's layers as GetModel describes them.
+fn axis_maps(info: &pb::ModelInfo) -> [AxisMap; 3] {
+    let mut maps = [AxisMap::IDENTITY; 3];
+    for l in &info.layers {
+        let at = |v: &[u32], i: usize, default: u32| v.get(i).copied().unwrap_or(default);
+        for (xyz, map) in maps.iter_mut().enumerate() {
+            let dhw = 2 - xyz;
+            let k = at(&l.kernel, dhw, 1);
+            *map = map.then(
+                k,
+                at(&l.stride, dhw, 1),
+                at(&l.padding, dhw, 0),
+                at(&l.dilation, dhw, 1),
+            );
+        }
+    }
+    maps
+}
+
+fn bar(multi: &MultiProgress, prefix: &'static str, len: u64) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix:>8} [{bar:32}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    let pb = multi.add(ProgressBar::new(len));
+    pb.set_style(style);
+    pb.set_prefix(prefix);
+    pb
+}
+
 async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let t0 = Instant::now();
-    let x = read_npy_rank(&a.input, 5)?;
+    let out_nifti = is_nifti(&a.output);
+    let out_npy = a
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    if !out_nifti && !out_npy {
+        return Err(format!(
+            "--output: expected a .nii, .nii.gz or .npy path, got {}",
+            a.output.display()
+        )
+        .into());
+    }
+    let input = load_input(&a.input)?;
     let channel = tonic::transport::Endpoint::from_shared(a.server.clone())?
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
@@ -71,6 +170,18 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("{}: {e}", a.server))?;
     let mut client = InferenceClient::new(channel).max_decoding_message_size(64 << 20);
+    // NIfTI output needs the model's geometry to place the output voxels.
+    let maps = if out_nifti {
+        let info = client
+            .get_model(pb::GetModelRequest {
+                name: a.model.clone(),
+            })
+            .await?
+            .into_inner();
+        Some(axis_maps(&info))
+    } else {
+        None
+    };
     let out_dtype = match a.output_dtype {
         OutDType::Fp32 => DType::F32,
         OutDType::Fp16 => DType::F16,
@@ -78,29 +189,36 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let header = pb::InferStreamRequest {
         msg: Some(pb::infer_stream_request::Msg::Header(pb::StreamHeader {
             model: a.model.clone(),
-            input_dtype: pb::DType::Fp32 as i32,
-            input_shape: x.shape.iter().map(|&d| d as u64).collect(),
+            input_dtype: crate::service::to_pb_dtype(input.dtype) as i32,
+            input_shape: input.shape.iter().map(|&d| d as u64).collect(),
             output_dtype: crate::service::to_pb_dtype(out_dtype) as i32,
             max_chunk_bytes: 0,
         })),
     };
-    let mut raw = Vec::with_capacity(x.data.len() * 4);
-    dtype::encode(DType::F32, &x.data, &mut raw);
-    drop(x);
-    let raw = Bytes::from(raw);
+    let raw = Bytes::from(input.bytes);
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let up = bar(&multi, "sent", raw.len() as u64);
+    let down = bar(&multi, "received", 0);
     let chunk = a.chunk_bytes.clamp(4096, 3 << 20);
-    let chunks: Vec<pb::InferStreamRequest> = (0..raw.len())
-        .step_by(chunk)
-        .map(|off| pb::InferStreamRequest {
+    let up_tick = up.clone();
+    let raw_out = raw.clone();
+    let chunks = (0..raw.len()).step_by(chunk).map(move |off| {
+        let data = raw_out.slice(off..(off + chunk).min(raw_out.len()));
+        up_tick.inc(data.len() as u64);
+        pb::InferStreamRequest {
             msg: Some(pb::infer_stream_request::Msg::Chunk(pb::Chunk {
                 offset: off as u64,
-                data: raw.slice(off..(off + chunk).min(raw.len())),
+                data,
             })),
-        })
-        .collect();
-    let outbound = tokio_stream::iter(std::iter::once(header).chain(chunks));
+        }
+    });
+    let mut request =
+        tonic::Request::new(tokio_stream::iter(std::iter::once(header).chain(chunks)));
+    if let Some(t) = a.timeout {
+        request.set_timeout(*t);
+    }
     let t_call = Instant::now();
-    let mut inbound = client.infer_stream(outbound).await?.into_inner();
+    let mut inbound = client.infer_stream(request).await?.into_inner();
     let mut shape = Vec::new();
     let mut y: Vec<f32> = Vec::new();
     let mut received = 0usize;
@@ -109,34 +227,59 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         match msg.msg {
             Some(pb::infer_stream_response::Msg::Header(h)) => {
                 shape = h.shape.iter().map(|&d| d as usize).collect();
-                y = vec![0f32; shape.iter().product()];
+                let elements = shape
+                    .iter()
+                    .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                    .ok_or("server announced an output too large to address")?;
+                y = vec![0f32; elements];
+                down.set_length(h.total_bytes);
+                up.finish();
             }
             Some(pb::infer_stream_response::Msg::Chunk(c)) => {
                 let size = out_dtype.size();
                 let at = c.offset as usize / size;
                 let n = c.data.len() / size;
-                let dst = y
-                    .get_mut(at..at + n)
+                let dst = at
+                    .checked_add(n)
+                    .and_then(|end| y.get_mut(at..end))
                     .ok_or("server sent a chunk outside the announced output")?;
                 dtype::decode(out_dtype, &c.data, dst);
                 received += c.data.len();
+                down.inc(c.data.len() as u64);
             }
             Some(pb::infer_stream_response::Msg::Summary(s)) => summary = Some(s),
             None => {}
         }
     }
+    down.finish();
+    multi.clear().ok();
     let stream_ms = t_call.elapsed().as_secs_f64() * 1e3;
     let s = summary.ok_or("stream ended without a summary")?;
     if received as u64 != s.output_bytes {
         return Err(format!("received {received} of {} output bytes", s.output_bytes).into());
     }
-    write_npy(&a.output, &shape, y)?;
+    if out_nifti {
+        let shape5: [usize; 5] = shape
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("server sent a rank-{} output", shape.len()))?;
+        let reference = input.header.unwrap_or_default();
+        let maps = maps.expect("fetched for NIfTI output");
+        let h = output_header(&reference, maps, &format!("voxconv {}", a.model));
+        write_volume(&a.output, &h, shape5, &y)?;
+    } else {
+        write_npy(&a.output, &shape, y)?;
+    }
     eprintln!(
-        "{}: output {:?} ({} bytes); call {:.1} ms, total with files {:.1} ms (server: receive \
-         {:.1} ms, queue {:.1} ms, compute {:.1} ms)",
+        "{}: sent {} {:?} ({}), received {} {:?} ({}); call {:.1} ms, total with files {:.1} ms \
+         (server: receive {:.1} ms, queue {:.1} ms, compute {:.1} ms)",
         a.model,
+        input.dtype.name(),
+        input.shape,
+        bytesize::ByteSize(raw.len() as u64),
+        out_dtype.name(),
         shape,
-        s.output_bytes,
+        bytesize::ByteSize(s.output_bytes),
         stream_ms,
         t0.elapsed().as_secs_f64() * 1e3,
         s.receive_ms,

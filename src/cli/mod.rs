@@ -3,6 +3,7 @@
 mod client;
 mod conv3d;
 mod kernel_bench;
+mod phantom;
 pub mod serve;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ pub enum Command {
     Infer(client::InferArgs),
     /// Ask a server whether it is SERVING (exit 0) or not (exit 1).
     Health(client::HealthArgs),
+    /// Write a 3-D Shepp-Logan phantom (NIfTI or .npy) to try the service without patient data.
+    Phantom(phantom::PhantomArgs),
 }
 
 /// Parses the command line. Usage and configuration errors exit 64 (EX_USAGE) with one
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(a) => return serve::run(a),
         Command::Infer(a) => client::infer(a),
         Command::Health(a) => client::health(a),
+        Command::Phantom(a) => phantom::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
