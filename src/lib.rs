@@ -21,3 +21,4 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod tensor;
+pub mod workloads;

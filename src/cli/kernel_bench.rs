@@ -1,15 +1,14 @@
 //! `voxconv kernel-bench`: the kernel on named workloads, seeded random data, medians.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::kernel::{
-    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, Strategy, Tiling,
-};
+use crate::workloads::{seeded, WorkloadFile};
+
+use crate::kernel::{Activation, Conv3dPlan, GemmImpl, Strategy, Tiling};
 
 #[derive(Debug, Args)]
 pub struct KernelBenchArgs {
@@ -42,45 +41,6 @@ pub struct KernelBenchArgs {
     pub portable_gemm: bool,
 }
 
-/// A file of `[[workload]]` tables.
-#[derive(Debug, Deserialize)]
-pub struct WorkloadFile {
-    pub workload: Vec<Workload>,
-}
-
-/// One Conv3D shape to benchmark.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Workload {
-    pub name: String,
-    pub input: [usize; 5],
-    pub filters: [usize; 5],
-    pub stride: Option<[usize; 3]>,
-    pub padding: Option<[usize; 3]>,
-    pub dilation: Option<[usize; 3]>,
-}
-
-impl Workload {
-    pub fn shape(&self) -> Result<Conv3dShape, crate::kernel::KernelError> {
-        let d = Conv3dParams::default();
-        Conv3dShape::new(
-            self.input,
-            self.filters,
-            Conv3dParams {
-                stride: self.stride.unwrap_or(d.stride),
-                padding: self.padding.unwrap_or(d.padding),
-                dilation: self.dilation.unwrap_or(d.dilation),
-            },
-        )
-    }
-}
-
-impl WorkloadFile {
-    pub fn load(path: &Path) -> Result<Self, Box<dyn std::error::Error>> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
-    }
-}
-
 #[derive(Debug, Serialize)]
 struct BenchLine<'a> {
     name: &'a str,
@@ -93,12 +53,6 @@ struct BenchLine<'a> {
     gflops: f64,
     workspace_bytes: usize,
     runs: usize,
-}
-
-/// Uniform values in [-1, 1) from a fixed seed.
-pub fn seeded(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -1,5 +1,6 @@
 //! The `voxconv` command line.
 
+mod bench;
 mod client;
 mod conv3d;
 mod kernel_bench;
@@ -10,8 +11,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use crate::workloads::{seeded, Workload, WorkloadFile};
 pub use conv3d::Conv3dArgs;
-pub use kernel_bench::{seeded, KernelBenchArgs, Workload, WorkloadFile};
+pub use kernel_bench::KernelBenchArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +38,10 @@ pub enum Command {
     Infer(client::InferArgs),
     /// Ask a server whether it is SERVING (exit 0) or not (exit 1).
     Health(client::HealthArgs),
+    /// Closed-loop load against a server: requests/s, MB/s, latency percentiles, errors.
+    Bench(bench::BenchArgs),
+    /// Write a serialized request (Infer or KServe ModelInfer) for `ghz --binary-file`.
+    GhzData(bench::GhzDataArgs),
     /// Write a 3-D Shepp-Logan phantom (NIfTI or .npy) to try the service without patient data.
     Phantom(phantom::PhantomArgs),
 }
@@ -85,6 +91,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Infer(a) => client::infer(a),
         Command::Health(a) => client::health(a),
         Command::Phantom(a) => phantom::run(a),
+        Command::Bench(a) => bench::bench(a),
+        Command::GhzData(a) => bench::ghz_data(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,42 @@ use crate::kernel::{Activation, Conv3dParams};
 
 /// Every built-in model.
 pub fn all() -> Vec<Model> {
-    vec![sobel3d(), gaussian3d(1.0), filterbank16()]
+    let mut models = vec![sobel3d(), gaussian3d(1.0), filterbank16()];
+    models.extend(bench_models());
+    models
+}
+
+/// One model per reference workload (`bench-<workload>`): its filter shape, stride, padding
+/// and dilation, seeded random weights and bias, so `voxconv bench --workload NAME` and the
+/// ghz configs load the server with exactly the shapes the kernel benchmarks report on.
+pub fn bench_models() -> Vec<Model> {
+    let file = crate::workloads::WorkloadFile::builtin();
+    file.workload
+        .iter()
+        .map(|w| {
+            let d = Conv3dParams::default();
+            let f = w.filters;
+            Model::single(
+                &format!("bench-{}", w.name),
+                format!(
+                    "load-test model for workload {:?}: input {:?}, filters {:?}, seeded random \
+                     weights",
+                    w.name, w.input, w.filters
+                ),
+                ConvLayer {
+                    filter_shape: f,
+                    weights: crate::workloads::seeded(f.iter().product(), 2),
+                    bias: Some(crate::workloads::seeded(f[0], 3)),
+                    params: Conv3dParams {
+                        stride: w.stride.unwrap_or(d.stride),
+                        padding: w.padding.unwrap_or(d.padding),
+                        dilation: w.dilation.unwrap_or(d.dilation),
+                    },
+                    activation: Activation::None,
+                },
+            )
+        })
+        .collect()
 }
 
 /// A one-layer model without bias or activation, padded to keep the volume's size.
@@ -179,6 +214,20 @@ mod tests {
         (0..m.out_channels())
             .map(|c| out[((c * n + 2) * n + 3) * n + 2])
             .collect()
+    }
+
+    #[test]
+    fn every_workload_has_a_bench_model_that_accepts_its_input() {
+        let file = crate::workloads::WorkloadFile::builtin();
+        let models = bench_models();
+        assert_eq!(models.len(), file.workload.len());
+        for (w, m) in file.workload.iter().zip(&models) {
+            assert_eq!(m.name, format!("bench-{}", w.name));
+            let plan = m
+                .plan(w.input)
+                .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            assert_eq!(plan.output, w.shape().unwrap().output);
+        }
     }
 
     #[test]

@@ -2,13 +2,12 @@
 NumPy convolution written here from the models' definitions. VOXCONV_SERVER names the
 server (default 127.0.0.1:50051)."""
 import os
-import sys
 
 import numpy as np
+import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from voxconv_client import Client  # noqa: E402
+from voxconv_client import Client
 
 TARGET = os.environ.get("VOXCONV_SERVER", "127.0.0.1:50051")
 
@@ -70,3 +69,49 @@ def test_list_models_and_errors():
             assert "channels" in e.details()
         else:
             raise AssertionError("channel mismatch accepted")
+
+
+def test_health_and_get_model():
+    with Client(TARGET) as c:
+        assert c.health() == "SERVING"
+        assert c.health("voxconv.v1.Inference") == "SERVING"
+        assert c.health("model/sobel3d") == "SERVING"
+        info = c.get_model("sobel3d")
+        assert (info.input_channels, info.output_channels) == (1, 3)
+        assert list(info.layers[0].kernel) == [3, 3, 3]
+
+
+def test_lower_rank_volumes_keep_their_layout():
+    x = np.arange(7 * 6 * 5, dtype=np.uint8).reshape(7, 6, 5)
+    with Client(TARGET) as c:
+        y3 = c.infer("sobel3d", x)
+        y5 = c.infer("sobel3d", x[None, None])
+        assert c.last_summary.input_bytes == x.nbytes  # uint8 on the wire, not upcast
+    assert y3.shape == (3, 7, 6, 5)
+    np.testing.assert_array_equal(y3, y5[0])
+    with pytest.raises(ValueError, match="volume"):
+        Client(TARGET).infer("sobel3d", np.zeros((4, 4), np.float32))
+    with pytest.raises(TypeError, match="float64"):
+        Client(TARGET).infer("sobel3d", np.zeros((4, 4, 4)))
+
+
+def test_nifti_example_overlays_the_scan(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from infer_nifti import infer_nifti
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 1000, size=(12, 10, 8), dtype=np.int16)  # (x, y, z)
+    affine = np.array([[0.9, 0, 0, -10], [0, 1.1, 0, 20], [0, 0, 2.0, -5], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
+    with Client(TARGET) as c:
+        out = infer_nifti(c, "sobel3d", str(tmp_path / "scan.nii.gz"),
+                          str(tmp_path / "grad.nii.gz"))
+    img = nib.load(tmp_path / "grad.nii.gz")
+    assert img.shape == (12, 10, 8, 3) and out.shape == img.shape
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)  # same-size model
+    x = np.transpose(data, (2, 1, 0)).astype(np.float64)
+    want = correlate3d(x, sobel_kernels()[2], 1)  # d/dx in [z, y, x]
+    np.testing.assert_allclose(np.transpose(img.get_fdata()[..., 2], (2, 1, 0)), want,
+                               rtol=1e-5, atol=1e-3)

@@ -1,22 +1,21 @@
-"""A small Python client for voxconv's streaming API (grpcio).
+"""Python client for voxconv's streaming API (grpcio), NumPy in and out.
 
     from voxconv_client import Client
     with Client("127.0.0.1:50051") as c:
-        y = c.infer("sobel3d", x)          # x: numpy array [N, C, D, H, W]
+        y = c.infer("sobel3d", x)          # x: numpy [N, C, D, H, W], [C, D, H, W] or [D, H, W]
 
-The volume travels as ordered chunks (InferStream); chunking is hidden. Stubs are generated
-from proto/ by ./generate_stubs.sh.
+The volume travels as ordered chunks (InferStream) in its own dtype; chunking is hidden.
+Stubs are generated from proto/ by ./generate_stubs.sh and committed.
 """
-import os
-import sys
-
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "_gen"))
+from ._gen.voxconv.v1 import voxconv_pb2 as pb
+from ._gen.voxconv.v1 import voxconv_pb2_grpc as pb_grpc
 
-import grpc  # noqa: E402
-from voxconv.v1 import voxconv_pb2 as pb  # noqa: E402
-from voxconv.v1 import voxconv_pb2_grpc as pb_grpc  # noqa: E402
+__all__ = ["Client", "pb"]
+__version__ = "0.1.0"
 
 _DTYPES = {
     np.dtype("float32"): pb.FP32,
@@ -28,14 +27,25 @@ _DTYPES = {
 
 
 class Client:
-    def __init__(self, target, chunk_bytes=1 << 20):
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[("grpc.max_receive_message_length", 64 << 20),
-                     ("grpc.max_send_message_length", 64 << 20)],
-        )
+    """A connection to one voxconv server.
+
+    target: "host:port". credentials: grpc.ChannelCredentials for TLS (default plaintext).
+    chunk_bytes: input chunk size. timeout: default deadline per call in seconds.
+    """
+
+    def __init__(self, target="127.0.0.1:50051", *, credentials=None, chunk_bytes=1 << 20,
+                 timeout=None):
+        options = [("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.max_send_message_length", 64 << 20)]
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.InferenceStub(self.channel)
-        self.chunk_bytes = chunk_bytes
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.chunk_bytes = int(chunk_bytes)
+        self.timeout = timeout
+        self.last_summary = None
 
     def close(self):
         self.channel.close()
@@ -47,30 +57,55 @@ class Client:
         self.close()
 
     def list_models(self):
-        return list(self.stub.ListModels(pb.ListModelsRequest()).models)
+        """ModelInfo of every model the server knows (including ones that failed to load)."""
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def get_model(self, name):
+        return self.stub.GetModel(pb.GetModelRequest(name=name), timeout=self.timeout)
+
+    def health(self, service=""):
+        """The serving status name of the server ("") or of a service / "model/<name>"."""
+        r = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                   timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     def infer(self, model, volume, output_dtype="float32", timeout=None):
-        """Sends `volume` ([N, C, D, H, W], in its own dtype) through `model`; returns the
-        output as a NumPy array in `output_dtype` (float32 or float16)."""
-        volume = np.ascontiguousarray(volume)
-        if volume.dtype.newbyteorder("<") != volume.dtype and volume.dtype.byteorder == ">":
-            volume = volume.astype(volume.dtype.newbyteorder("<"))
-        in_dtype = _DTYPES[np.dtype(volume.dtype.name)]
+        """Runs `volume` through `model` and returns the output as a NumPy array.
+
+        volume: [N, C, D, H, W], [C, D, H, W] or [D, H, W], float32 / float16 / int16 /
+        uint16 / uint8, sent in its own dtype. The result keeps the leading layout:
+        [N, C_out, ...] for 5-D input, [C_out, ...] for 4-D and 3-D input.
+        output_dtype: "float32" or "float16" (what the server sends back).
+        """
+        volume = np.asarray(volume)
+        if volume.ndim not in (3, 4, 5):
+            raise ValueError(
+                f"volume: expected [N, C, D, H, W], [C, D, H, W] or [D, H, W], got shape "
+                f"{volume.shape}")
+        ndim = volume.ndim
+        volume = volume.reshape((1,) * (5 - ndim) + volume.shape)
+        dtype = np.dtype(volume.dtype.name)  # native byte order, same kind
+        if dtype not in _DTYPES:
+            raise TypeError(f"volume: dtype {volume.dtype} is not one of "
+                            f"{sorted(str(d) for d in _DTYPES)}")
+        volume = np.ascontiguousarray(volume, dtype=dtype.newbyteorder("<"))
         out_np = np.dtype(output_dtype)
+        if out_np not in (np.dtype("float32"), np.dtype("float16")):
+            raise ValueError(f"output_dtype: expected float32 or float16, got {output_dtype}")
         out_pb = pb.FP16 if out_np == np.float16 else pb.FP32
         raw = memoryview(volume.reshape(-1).view(np.uint8))
+        step = self.chunk_bytes
 
         def requests():
             yield pb.InferStreamRequest(header=pb.StreamHeader(
-                model=model, input_dtype=in_dtype, input_shape=list(volume.shape),
+                model=model, input_dtype=_DTYPES[dtype], input_shape=list(volume.shape),
                 output_dtype=out_pb))
-            for off in range(0, len(raw), self.chunk_bytes):
+            for off in range(0, len(raw), step):
                 yield pb.InferStreamRequest(chunk=pb.Chunk(
-                    offset=off, data=bytes(raw[off:off + self.chunk_bytes])))
+                    offset=off, data=bytes(raw[off:off + step])))
 
-        out = None
-        summary = None
-        for msg in self.stub.InferStream(requests(), timeout=timeout):
+        out = shape = summary = None
+        for msg in self.stub.InferStream(requests(), timeout=timeout or self.timeout):
             kind = msg.WhichOneof("msg")
             if kind == "header":
                 out = np.empty(int(msg.header.total_bytes), dtype=np.uint8)
@@ -80,7 +115,8 @@ class Client:
                 out[msg.chunk.offset:msg.chunk.offset + len(data)] = data
             elif kind == "summary":
                 summary = msg.summary
-        if summary is None:
-            raise RuntimeError("stream ended without a summary")
+        if summary is None or out is None:
+            raise RuntimeError("stream ended without a header and summary")
         self.last_summary = summary
-        return out.view("<f2" if out_pb == pb.FP16 else "<f4").reshape(shape)
+        y = out.view("<f2" if out_pb == pb.FP16 else "<f4").reshape(shape)
+        return y if ndim == 5 else y[0]
