@@ -59,6 +59,13 @@ pub struct ServeArgs {
     /// Also reload the repository at this interval (e.g. 30s); unchanged models are kept.
     #[arg(long, env = "VOXCONV_MODEL_POLL_INTERVAL", value_parser = humantime::parse_duration)]
     pub model_poll_interval: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090); off when unset.
+    #[arg(long, env = "VOXCONV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317);
+    /// off when unset. A caller's W3C `traceparent` becomes the parent of the `rpc` span.
+    #[arg(long, env = "VOXCONV_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Validated configuration.
@@ -77,6 +84,8 @@ pub struct Config {
     pub log: String,
     pub model_repository: Option<std::path::PathBuf>,
     pub model_poll_interval: Option<Duration>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A configuration error: one line naming the setting, the expected and the received value.
@@ -101,6 +110,8 @@ impl Config {
             log: "warn".into(),
             model_repository: None,
             model_poll_interval: None,
+            metrics_listen: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -189,6 +200,25 @@ impl TryFrom<ServeArgs> for Config {
                     )))
                 }
                 i => i,
+            },
+            metrics_listen: match a.metrics_listen {
+                Some(m) if m == a.listen && m.port() != 0 => {
+                    return Err(ConfigError(format!(
+                        "--metrics-listen: expected an address other than --listen, got {m}"
+                    )))
+                }
+                m => m,
+            },
+            otlp_endpoint: match a.otlp_endpoint {
+                Some(e)
+                    if !(e.starts_with("http://") || e.starts_with("https://"))
+                        || e.parse::<tonic::transport::Uri>().is_err() =>
+                {
+                    return Err(ConfigError(format!(
+                        "--otlp-endpoint: expected an http:// or https:// URL, got {e:?}"
+                    )))
+                }
+                e => e,
             },
         })
     }

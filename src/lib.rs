@@ -15,10 +15,12 @@
 pub mod cli;
 pub mod config;
 pub mod kernel;
+pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod tensor;
 pub mod workloads;

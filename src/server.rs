@@ -9,6 +9,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::model::repo::ModelRegistry;
 use crate::pool::{Pool, PoolStats};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -71,10 +72,22 @@ fn spawn_model_health(
     });
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the server shares with its embedder (tests, metrics).
 #[derive(Clone)]
 pub struct ServerState {
     pub stats: Arc<PoolStats>,
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics` is served, when a metrics listener was given.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Starts the pool and returns the state, then serves on `listener` until `shutdown`
@@ -87,17 +100,52 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     on_ready: impl FnOnce(ServerState),
 ) -> Result<(), tonic::transport::Error> {
+    run_with_metrics(listener, None, config, models, shutdown, on_ready).await
+}
+
+/// [`run`], also serving Prometheus metrics at `/metrics` on `metrics_listener`.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    models: Arc<ModelRegistry>,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(ServerState),
+) -> Result<(), tonic::transport::Error> {
     let pool = Arc::new(Pool::new(
         config.workers,
         config.queue_len,
         config.memory_budget,
         config.threads_per_job,
     ));
+    let metrics = Arc::new(Metrics::new(
+        pool.stats(),
+        config.workers,
+        config.queue_len,
+        pool.budget_bytes(),
+    ));
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    // Dropped (and so stopped) when this function returns.
+    let _metrics_task = metrics_listener.map(|l| {
+        let m = Arc::clone(&metrics);
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(l, m).await {
+                warn!(error = %e, "metrics listener failed");
+            }
+        }))
+    });
     let state = ServerState {
         stats: pool.stats(),
+        metrics: Arc::clone(&metrics),
+        metrics_addr,
     };
     let config = Arc::new(config);
-    let service = InferenceService::new(Arc::clone(&models), pool, Arc::clone(&config));
+    let service = InferenceService::new(
+        Arc::clone(&models),
+        pool,
+        Arc::clone(&config),
+        Arc::clone(&metrics),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Not serving until everything below is built.
@@ -156,6 +204,7 @@ pub async fn run(
     set_health(&health, ServingStatus::Serving).await;
     info!(
         ?addr,
+        ?metrics_addr,
         workers = config.workers,
         threads_per_job = config.threads_per_job,
         "serving"

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::config::{Config, LogFormat, ServeArgs};
+use crate::config::{Config, ServeArgs};
 use std::sync::Arc;
 
 use crate::model::repo::{ModelRegistry, ReloadReport};
@@ -19,7 +19,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(&config);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,13 +29,37 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let telemetry = {
+        let _rt = rt.enter();
+        match crate::telemetry::init(
+            &config.log,
+            config.log_format,
+            config.otlp_endpoint.as_deref(),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("voxconv: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    };
+    let code = rt.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("voxconv: --listen {}: {e}", config.listen);
                 return ExitCode::FAILURE;
             }
+        };
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("voxconv: --metrics-listen {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
         };
         let registry = match &config.model_repository {
             None => Arc::new(ModelRegistry::fixed(ModelSet::builtin())),
@@ -54,14 +77,29 @@ pub fn run(args: ServeArgs) -> ExitCode {
         if config.model_repository.is_some() {
             spawn_reloader(Arc::clone(&registry), config.model_poll_interval);
         }
-        match crate::server::run(listener, config, registry, shutdown_signal(), |_| {}).await {
+        let served = crate::server::run_with_metrics(
+            listener,
+            metrics_listener,
+            config,
+            registry,
+            shutdown_signal(),
+            |_| {},
+        )
+        .await;
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("voxconv: server failed: {e}");
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Export the spans still buffered, on the runtime the exporter lives on.
+    {
+        let _rt = rt.enter();
+        telemetry.shutdown();
+    }
+    code
 }
 
 fn log_report(r: &ReloadReport) {
@@ -121,20 +159,6 @@ fn spawn_reloader(registry: Arc<ModelRegistry>, poll: Option<std::time::Duration
             }
         }
     });
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

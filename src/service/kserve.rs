@@ -16,7 +16,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use super::{deadline, log_call, InferenceService, ServiceError};
+use super::{deadline, InferenceService, Prepared, ServiceError};
 use crate::model::Model;
 use crate::proto::inference as kv;
 use crate::tensor::dtype::DType;
@@ -49,17 +49,26 @@ impl KserveService {
         &self,
         req: kv::ModelInferRequest,
         deadline: Option<Instant>,
+        metadata: &tonic::metadata::MetadataMap,
     ) -> Result<kv::ModelInferResponse, ServiceError> {
         let started = Instant::now();
         let span = info_span!("rpc", method = "ModelInfer", model = %req.model_name);
+        crate::telemetry::set_remote_parent(&span, metadata);
         let model_name = req.model_name.clone();
+        let mut prepared = None;
         let result = self
-            .infer_inner(req, deadline, started)
+            .infer_inner(req, deadline, started, &mut prepared)
             .instrument(span.clone())
             .await;
         let _e = span.enter();
         let status = result.as_ref().map(|_| ()).map_err(Clone::clone);
-        log_call("ModelInfer", &model_name, None, &status, started);
+        self.inner.finish_call(
+            "ModelInfer",
+            &model_name,
+            prepared.as_ref(),
+            &status,
+            started,
+        );
         result
     }
 
@@ -68,6 +77,7 @@ impl KserveService {
         mut req: kv::ModelInferRequest,
         deadline: Option<Instant>,
         started: Instant,
+        prepared: &mut Option<Prepared>,
     ) -> Result<kv::ModelInferResponse, ServiceError> {
         // `timeout` (µs) bounds queueing beside the gRPC deadline; other parameters
         // (priority, unknown ones) are accepted and ignored.
@@ -159,7 +169,7 @@ impl KserveService {
                 started,
             )
             .await?;
-        Ok(kv::ModelInferResponse {
+        let response = kv::ModelInferResponse {
             model_name: p.model.name.clone(),
             model_version: "1".into(),
             id: req.id,
@@ -172,7 +182,9 @@ impl KserveService {
                 contents: None,
             }],
             raw_output_contents: vec![Bytes::from(bytes)],
-        })
+        };
+        *prepared = Some(p);
+        Ok(response)
     }
 }
 
@@ -349,7 +361,8 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         r: Request<kv::ModelInferRequest>,
     ) -> Result<Response<kv::ModelInferResponse>, Status> {
         let deadline = deadline(r.metadata());
-        let resp = self.infer_one(r.into_inner(), deadline).await?;
+        let (metadata, _, req) = r.into_parts();
+        let resp = self.infer_one(req, deadline, &metadata).await?;
         Ok(Response::new(resp))
     }
 
@@ -362,7 +375,7 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         r: Request<Streaming<kv::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let deadline = deadline(r.metadata());
-        let mut inbound = r.into_inner();
+        let (metadata, _, mut inbound) = r.into_parts();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
@@ -371,7 +384,7 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
                     Err(_) => break, // the client's stream failed or was cancelled
                     Ok(req) => {
                         let id = req.id.clone();
-                        match this.infer_one(req, deadline).await {
+                        match this.infer_one(req, deadline, &metadata).await {
                             Ok(resp) => kv::ModelStreamInferResponse {
                                 error_message: String::new(),
                                 infer_response: Some(resp),

@@ -19,6 +19,8 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument, Span};
 
+use crate::metrics::{CallRecord, CallTimes, Metrics};
+
 pub use error::ServiceError;
 
 use crate::config::Config;
@@ -35,6 +37,7 @@ pub struct InferenceService {
     pub(crate) models: Arc<ModelRegistry>,
     pool: Arc<Pool>,
     pub(crate) config: Arc<Config>,
+    metrics: Arc<Metrics>,
 }
 
 /// Cancels a call's job when the call ends for any reason (client gone, deadline, error):
@@ -71,6 +74,8 @@ pub(crate) struct Prepared {
     input_elems: usize,
     input_bytes: usize,
     output_bytes: usize,
+    /// Stage times, set once when the call's summary is built (for metrics).
+    times: std::sync::OnceLock<CallTimes>,
 }
 
 pub(crate) fn to_dtype(field: &str, v: i32, output: bool) -> Result<DType, ServiceError> {
@@ -140,11 +145,17 @@ async fn until<T>(
 }
 
 impl InferenceService {
-    pub fn new(models: Arc<ModelRegistry>, pool: Arc<Pool>, config: Arc<Config>) -> Self {
+    pub fn new(
+        models: Arc<ModelRegistry>,
+        pool: Arc<Pool>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             models,
             pool,
             config,
+            metrics,
         }
     }
 
@@ -210,6 +221,7 @@ impl InferenceService {
             input_elems,
             input_bytes,
             output_bytes,
+            times: std::sync::OnceLock::new(),
         })
     }
 
@@ -277,6 +289,16 @@ fn summary(
     layers: &[LayerTiming],
 ) -> pb::Summary {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let total = started.elapsed();
+    let _ = p.times.set(CallTimes {
+        receive,
+        queue,
+        compute,
+        total,
+        im2col: layers.iter().map(|l| l.stages.im2col).sum(),
+        gemm: layers.iter().map(|l| l.stages.gemm).sum(),
+        epilogue: layers.iter().map(|l| l.stages.epilogue).sum(),
+    });
     pb::Summary {
         input_bytes: p.input_bytes as u64,
         output_bytes: p.output_bytes as u64,
@@ -284,7 +306,7 @@ fn summary(
         receive_ms: ms(receive),
         queue_ms: ms(queue),
         compute_ms: ms(compute),
-        total_ms: ms(started.elapsed()),
+        total_ms: ms(total),
         layers: layers
             .iter()
             .map(|l| pb::LayerTiming {
@@ -298,30 +320,78 @@ fn summary(
     }
 }
 
-/// One line per call: sizes, shapes, durations and status; never values or identifiers.
-pub(crate) fn log_call(
-    method: &str,
-    model: &str,
-    p: Option<&Prepared>,
-    result: &Result<(), ServiceError>,
-    started: Instant,
-) {
-    let status = match result {
-        Ok(()) => "OK".to_string(),
-        Err(e) => format!("{:?}", e.code()),
-    };
-    info!(
-        target: "voxconv::rpc",
-        method,
-        model,
-        input_shape = ?p.map(|p| p.plan.input),
-        output_shape = ?p.map(|p| p.plan.output),
-        input_bytes = p.map_or(0, |p| p.input_bytes),
-        output_bytes = p.map_or(0, |p| p.output_bytes),
-        status,
-        total_ms = started.elapsed().as_secs_f64() * 1e3,
-        "call finished"
-    );
+impl InferenceService {
+    /// One line per call (sizes, shapes, durations and status; never values or
+    /// identifiers) and the call's metrics.
+    pub(crate) fn finish_call(
+        &self,
+        method: &str,
+        model: &str,
+        p: Option<&Prepared>,
+        result: &Result<(), ServiceError>,
+        started: Instant,
+    ) {
+        let code = match result {
+            Ok(()) => "OK",
+            Err(e) => code_name(e.code()),
+        };
+        info!(
+            target: "voxconv::rpc",
+            method,
+            model,
+            input_shape = ?p.map(|p| p.plan.input),
+            output_shape = ?p.map(|p| p.plan.output),
+            input_bytes = p.map_or(0, |p| p.input_bytes),
+            output_bytes = p.map_or(0, |p| p.output_bytes),
+            status = code,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "call finished"
+        );
+        // Only names the server knows become label values.
+        let known = match p {
+            Some(p) => Some(p.model.name.clone()),
+            None => self.models.snapshot().get(model).map(|m| m.name.clone()),
+        };
+        let ok = result.is_ok();
+        let voxels = match p {
+            Some(p) if ok => p.plan.output.iter().product::<usize>() as u64,
+            _ => 0,
+        };
+        self.metrics.record(&CallRecord {
+            method,
+            model: known.as_deref(),
+            code,
+            times: p.and_then(|p| p.times.get().copied()),
+            input_bytes: p.map_or(0, |p| p.input_bytes as u64),
+            output_bytes: p.filter(|_| ok).map_or(0, |p| p.output_bytes as u64),
+            voxels,
+            flops: p.filter(|_| ok).map_or(0.0, |p| p.plan.flops()),
+        });
+    }
+}
+
+/// The canonical name of a status code (`INVALID_ARGUMENT`, ...).
+pub fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 type Outbound = mpsc::Sender<Result<pb::InferStreamResponse, Status>>;
@@ -557,8 +627,9 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<pb::InferResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline(request.metadata());
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         let span = info_span!("rpc", method = "Infer", model = %req.model);
+        crate::telemetry::set_remote_parent(&span, &metadata);
         let mut prepared = None;
         let result: Result<pb::InferResponse, ServiceError> = async {
             let input = req.input.unwrap_or_default();
@@ -593,11 +664,11 @@ impl pb::inference_server::Inference for InferenceService {
         let _e = span.enter();
         match result {
             Ok(resp) => {
-                log_call("Infer", &req.model, prepared.as_ref(), &Ok(()), started);
+                self.finish_call("Infer", &req.model, prepared.as_ref(), &Ok(()), started);
                 Ok(Response::new(resp))
             }
             Err(e) => {
-                log_call(
+                self.finish_call(
                     "Infer",
                     &req.model,
                     prepared.as_ref(),
@@ -617,7 +688,7 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<Self::InferStreamStream>, Status> {
         let started = Instant::now();
         let deadline = deadline(request.metadata());
-        let mut inbound = request.into_inner();
+        let (metadata, _, mut inbound) = request.into_parts();
         let first = until(deadline, "waiting for the header", inbound.message())
             .await
             .map_err(Status::from)??;
@@ -637,6 +708,7 @@ impl pb::inference_server::Inference for InferenceService {
             }
         };
         let span = info_span!("rpc", method = "InferStream", model = %header.model);
+        crate::telemetry::set_remote_parent(&span, &metadata);
         let p = {
             let _e = span.enter();
             to_dtype("header.input_dtype", header.input_dtype, false).and_then(|i| {
@@ -655,7 +727,7 @@ impl pb::inference_server::Inference for InferenceService {
             Ok(p) => p,
             Err(e) => {
                 let _e = span.enter();
-                log_call("InferStream", &header.model, None, &Err(e.clone()), started);
+                self.finish_call("InferStream", &header.model, None, &Err(e.clone()), started);
                 return Err(e.into());
             }
         };
@@ -673,7 +745,7 @@ impl pb::inference_server::Inference for InferenceService {
                 let (result, p) = this
                     .stream_call(p, inbound, tx, chunk, deadline, started)
                     .await;
-                log_call("InferStream", &model_name, Some(&p), &result, started);
+                this.finish_call("InferStream", &model_name, Some(&p), &result, started);
             }
             .instrument(span),
         );

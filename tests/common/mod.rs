@@ -19,6 +19,8 @@ use voxconv::proto::voxconv::v1::inference_client::InferenceClient;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub stats: Arc<PoolStats>,
+    /// Where `/metrics` is served (servers started with `start_with_metrics`).
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     pub join: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -29,12 +31,27 @@ impl TestServer {
     }
 
     pub async fn start_registry(config: Config, models: Arc<ModelRegistry>) -> Self {
+        Self::start_inner(config, models, false).await
+    }
+
+    /// Also serves Prometheus metrics on another 127.0.0.1 port.
+    pub async fn start_with_metrics(config: Config, models: ModelSet) -> Self {
+        Self::start_inner(config, Arc::new(ModelRegistry::fixed(models)), true).await
+    }
+
+    async fn start_inner(config: Config, models: Arc<ModelRegistry>, metrics: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics_listener = if metrics {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let join = tokio::spawn(voxconv::server::run(
+        let join = tokio::spawn(voxconv::server::run_with_metrics(
             listener,
+            metrics_listener,
             config,
             models,
             async move {
@@ -48,6 +65,7 @@ impl TestServer {
         Self {
             addr,
             stats: state.stats,
+            metrics_addr: state.metrics_addr,
             shutdown: Some(tx),
             join,
         }

@@ -1,0 +1,178 @@
+//! Prometheus metrics: a real server with `/metrics` on 127.0.0.1:0, scraped over HTTP
+//! before and after real calls.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{chunks, f32_bytes, header, models, TestServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use voxconv::config::Config;
+use voxconv::proto::voxconv::v1 as pb;
+
+/// GET /metrics with a plain HTTP/1.1 request; returns (status line, content type, body).
+async fn scrape(srv: &TestServer) -> (String, String, String) {
+    let addr = srv.metrics_addr.expect("metrics listener");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.lines().next().unwrap().to_string();
+    let ctype = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or_default()
+        .to_string();
+    (status, ctype, body.to_string())
+}
+
+/// Sample lines `name{labels} value` as a map from `name{labels}` to value.
+fn samples(body: &str) -> HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_and_histograms_move_with_their_labels() {
+    let mut config = Config::for_tests();
+    config.workers = 2;
+    let srv = TestServer::start_with_metrics(config, models()).await;
+    let (status, ctype, body) = scrape(&srv).await;
+    assert!(status.contains("200"), "{status}");
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let before = samples(&body);
+    assert_eq!(get(&before, "voxconv_workers"), 2.0);
+    assert_eq!(get(&before, "voxconv_queue_capacity"), 16.0);
+    assert_eq!(
+        get(&before, "voxconv_memory_budget_bytes"),
+        (1u64 << 30) as f64
+    );
+    assert_eq!(get(&before, "voxconv_queue_length"), 0.0);
+
+    let mut client = srv.client().await;
+    let shape = [1u64, 1, 10, 9, 8];
+    let x = f32_bytes(&voxconv::cli::seeded(720, 1));
+    // Two unary calls and one stream that succeed.
+    for _ in 0..2 {
+        client
+            .infer(pb::InferRequest {
+                model: "c16".into(),
+                input: Some(pb::Tensor {
+                    dtype: pb::DType::Fp32 as i32,
+                    shape: shape.to_vec(),
+                    data: x.clone(),
+                }),
+                output_dtype: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let msgs: Vec<_> = std::iter::once(header("sobel3d", &shape, pb::DType::Fp32, 0))
+        .chain(chunks(&x, 1000))
+        .collect();
+    let mut s = client
+        .infer_stream(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    while s.message().await.unwrap().is_some() {}
+    // Failures: an unknown model (its name must not become a label) and a bad shape.
+    let e = client
+        .infer(pb::InferRequest {
+            model: "no-such-model-123".into(),
+            input: Some(pb::Tensor {
+                dtype: pb::DType::Fp32 as i32,
+                shape: shape.to_vec(),
+                data: x.clone(),
+            }),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = client
+        .infer(pb::InferRequest {
+            model: "c16".into(),
+            input: Some(pb::Tensor {
+                dtype: pb::DType::Fp32 as i32,
+                shape: vec![1, 2, 4, 4, 4],
+                data: Default::default(),
+            }),
+            output_dtype: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // The stream's task records its call after the last message; wait for it to show.
+    let key = r#"voxconv_requests_total{method="InferStream",model="sobel3d",code="OK"}"#;
+    let mut after = samples(&scrape(&srv).await.2);
+    for _ in 0..500 {
+        if get(&after, key) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        after = samples(&scrape(&srv).await.2);
+    }
+    let moved = |k: &str| get(&after, k) - get(&before, k);
+    assert_eq!(
+        moved(r#"voxconv_requests_total{method="Infer",model="c16",code="OK"}"#),
+        2.0
+    );
+    assert_eq!(moved(key), 1.0);
+    assert_eq!(
+        moved(r#"voxconv_requests_total{method="Infer",model="_unknown",code="NOT_FOUND"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"voxconv_requests_total{method="Infer",model="c16",code="INVALID_ARGUMENT"}"#),
+        1.0
+    );
+    assert!(!after.keys().any(|k| k.contains("no-such-model")));
+    // Stage histograms: one observation per successful call and stage.
+    for stage in ["receive", "queue", "compute", "total"] {
+        assert_eq!(
+            moved(&format!(
+                r#"voxconv_stage_duration_seconds_count{{method="Infer",stage="{stage}"}}"#
+            )),
+            2.0,
+            "{stage}"
+        );
+        assert_eq!(
+            moved(&format!(
+                r#"voxconv_stage_duration_seconds_count{{method="InferStream",stage="{stage}"}}"#
+            )),
+            1.0,
+            "{stage}"
+        );
+    }
+    assert_eq!(moved("voxconv_queue_wait_seconds_count"), 3.0);
+    // Work done: 3 calls of 720 output voxels per channel (16 + 16 + 3 channels).
+    assert_eq!(
+        moved("voxconv_output_voxels_total"),
+        (720 * (16 + 16 + 3)) as f64
+    );
+    let flops = 2.0 * 720.0 * 27.0 * (16.0 + 16.0 + 3.0);
+    assert!(
+        (moved("voxconv_flops_total") - flops).abs() < 1.0,
+        "{after:?}"
+    );
+    assert_eq!(moved("voxconv_input_bytes_total"), 3.0 * 720.0 * 4.0);
+    assert!(moved(r#"voxconv_kernel_thread_seconds_total{stage="gemm"}"#) >= 0.0);
+    assert!(after.contains_key(r#"voxconv_kernel_thread_seconds_total{stage="gemm"}"#));
+    // Idle again: nothing queued, busy or reserved.
+    assert_eq!(get(&after, "voxconv_workers_busy"), 0.0);
+    assert_eq!(get(&after, "voxconv_memory_reserved_bytes"), 0.0);
+}
