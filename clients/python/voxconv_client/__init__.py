@@ -69,13 +69,15 @@ class Client:
                                    timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
-    def infer(self, model, volume, output_dtype="float32", timeout=None):
+    def infer(self, model, volume, output_dtype="float32", timeout=None, metadata=None):
         """Runs `volume` through `model` and returns the output as a NumPy array.
 
         volume: [N, C, D, H, W], [C, D, H, W] or [D, H, W], float32 / float16 / int16 /
         uint16 / uint8, sent in its own dtype. The result keeps the leading layout:
         [N, C_out, ...] for 5-D input, [C_out, ...] for 4-D and 3-D input.
         output_dtype: "float32" or "float16" (what the server sends back).
+        metadata: extra gRPC metadata, e.g. [("traceparent", "00-<trace>-<span>-01")] to
+        make the server's spans part of the caller's trace.
         """
         volume = np.asarray(volume)
         if volume.ndim not in (3, 4, 5):
@@ -105,7 +107,8 @@ class Client:
                     offset=off, data=bytes(raw[off:off + step])))
 
         out = shape = summary = None
-        for msg in self.stub.InferStream(requests(), timeout=timeout or self.timeout):
+        for msg in self.stub.InferStream(requests(), timeout=timeout or self.timeout,
+                                         metadata=metadata):
             kind = msg.WhichOneof("msg")
             if kind == "header":
                 out = np.empty(int(msg.header.total_bytes), dtype=np.uint8)
