@@ -66,6 +66,108 @@ pub struct ServeArgs {
     /// off when unset. A caller's W3C `traceparent` becomes the parent of the `rpc` span.
     #[arg(long, env = "VOXCONV_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key, the server speaks only TLS.
+    #[arg(long, env = "VOXCONV_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "VOXCONV_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS, clients without a valid
+    /// certificate are refused during the handshake.
+    #[arg(long, env = "VOXCONV_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Longest a TLS handshake may take before the connection is dropped.
+    #[arg(long, env = "VOXCONV_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Token file: one "ID SHA256-HEX" line per caller (`voxconv token-hash --id ID` makes
+    /// one). Every call except health must carry `authorization: Bearer <token>`.
+    #[arg(long, env = "VOXCONV_AUTH_TOKENS")]
+    pub auth_tokens: Option<std::path::PathBuf>,
+    /// Audit log file: one JSON line per call (time, caller, peer, method, model, sizes,
+    /// status, latency), appended and flushed per line.
+    #[arg(long, env = "VOXCONV_AUDIT_LOG")]
+    pub audit_log: Option<std::path::PathBuf>,
+    /// Concurrent streams (calls) per HTTP/2 connection.
+    #[arg(long, env = "VOXCONV_MAX_CONCURRENT_STREAMS", default_value_t = 32)]
+    pub max_concurrent_streams: u32,
+    /// Open connections at most; further ones are closed at once.
+    #[arg(long, env = "VOXCONV_MAX_CONNECTIONS", default_value_t = 256)]
+    pub max_connections: usize,
+    /// HTTP/2 PING interval on idle connections (0s: off).
+    #[arg(long, env = "VOXCONV_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// Time a PING may go unanswered before the connection is closed.
+    #[arg(long, env = "VOXCONV_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// Connections are asked to go away (GOAWAY) after this age, so silent or hoarding
+    /// clients cannot hold one for ever.
+    #[arg(long, env = "VOXCONV_MAX_CONNECTION_AGE", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+    /// After GOAWAY, time in-flight calls of an old connection get before it is closed.
+    #[arg(long, env = "VOXCONV_MAX_CONNECTION_AGE_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_connection_age_grace: Duration,
+    /// Streams reset by a client but not yet accepted, per connection, before the
+    /// connection is closed (HTTP/2 rapid-reset defence).
+    #[arg(long, env = "VOXCONV_MAX_PENDING_RESETS", default_value_t = 20)]
+    pub max_pending_resets: usize,
+}
+
+/// TLS material, read and checked during validation. The key is never printed.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert_bytes", &self.cert.len())
+            .field("key", &"<redacted>")
+            .field("mutual", &self.client_ca.is_some())
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let mut c = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .timeout(self.handshake_timeout);
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        c
+    }
+}
+
+/// HTTP/2 and connection limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_concurrent_streams: u32,
+    pub max_connections: usize,
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
+    pub max_pending_resets: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 32,
+            max_connections: 256,
+            http2_keepalive_interval: Some(Duration::from_secs(30)),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(5 * 60),
+            max_pending_resets: 20,
+        }
+    }
 }
 
 /// Validated configuration.
@@ -86,6 +188,10 @@ pub struct Config {
     pub model_poll_interval: Option<Duration>,
     pub metrics_listen: Option<SocketAddr>,
     pub otlp_endpoint: Option<String>,
+    pub tls: Option<TlsSettings>,
+    pub auth_tokens: Option<std::sync::Arc<crate::security::TokenSet>>,
+    pub audit_log: Option<std::path::PathBuf>,
+    pub limits: Limits,
 }
 
 /// A configuration error: one line naming the setting, the expected and the received value.
@@ -112,6 +218,10 @@ impl Config {
             model_poll_interval: None,
             metrics_listen: None,
             otlp_endpoint: None,
+            tls: None,
+            auth_tokens: None,
+            audit_log: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -220,6 +330,102 @@ impl TryFrom<ServeArgs> for Config {
                 }
                 e => e,
             },
+            tls: match (&a.tls_cert, &a.tls_key) {
+                (Some(c), Some(k)) => Some(read_tls(
+                    c,
+                    k,
+                    a.tls_client_ca.as_deref(),
+                    a.tls_handshake_timeout,
+                )?),
+                _ => None,
+            },
+            auth_tokens: match &a.auth_tokens {
+                Some(p) => Some(std::sync::Arc::new(
+                    crate::security::TokenSet::load(p).map_err(ConfigError)?,
+                )),
+                None => None,
+            },
+            audit_log: match a.audit_log {
+                Some(p) => {
+                    // Opened (created) now, so a bad path is a config error, not a runtime one.
+                    crate::security::AuditLog::open(&p).map_err(ConfigError)?;
+                    Some(p)
+                }
+                None => None,
+            },
+            limits: Limits {
+                max_concurrent_streams: bounded(
+                    "max-concurrent-streams",
+                    u64::from(a.max_concurrent_streams),
+                    1,
+                    10_000,
+                )? as u32,
+                max_connections: bounded("max-connections", a.max_connections as u64, 1, 1_000_000)?
+                    as usize,
+                http2_keepalive_interval: (!a.http2_keepalive_interval.is_zero())
+                    .then_some(a.http2_keepalive_interval),
+                http2_keepalive_timeout: a.http2_keepalive_timeout,
+                max_connection_age: match a.max_connection_age {
+                    d if d < Duration::from_secs(1) => {
+                        return Err(ConfigError(format!(
+                            "--max-connection-age: expected at least 1s, got {}",
+                            humantime::format_duration(d)
+                        )))
+                    }
+                    d => d,
+                },
+                max_connection_age_grace: a.max_connection_age_grace,
+                max_pending_resets: bounded(
+                    "max-pending-resets",
+                    a.max_pending_resets as u64,
+                    1,
+                    10_000,
+                )? as usize,
+            },
         })
     }
+}
+
+/// Reads the TLS files and checks that rustls accepts them, naming the flag on error.
+fn read_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    ca: Option<&std::path::Path>,
+    handshake_timeout: Duration,
+) -> Result<TlsSettings, ConfigError> {
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ConfigError(format!("--{flag} {}: {e}", p.display())))
+    };
+    let pem = |flag: &str, p: &std::path::Path, bytes: &[u8]| {
+        if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            Ok(())
+        } else {
+            Err(ConfigError(format!(
+                "--{flag} {}: expected PEM (-----BEGIN ...), got {} bytes of something else",
+                p.display(),
+                bytes.len()
+            )))
+        }
+    };
+    let s = TlsSettings {
+        cert: read("tls-cert", cert)?,
+        key: read("tls-key", key)?,
+        client_ca: ca.map(|p| read("tls-client-ca", p)).transpose()?,
+        handshake_timeout,
+    };
+    pem("tls-cert", cert, &s.cert)?;
+    pem("tls-key", key, &s.key)?;
+    if let (Some(p), Some(b)) = (ca, &s.client_ca) {
+        pem("tls-client-ca", p, b)?;
+    }
+    tonic::transport::Server::builder()
+        .tls_config(s.server_config())
+        .map_err(|e| {
+            ConfigError(format!(
+                "--tls-cert/--tls-key: {} and {} are not a usable certificate and key: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
+    Ok(s)
 }

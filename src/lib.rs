@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod pool;
 pub mod proto;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -14,6 +14,7 @@ use crate::model::repo::ModelRegistry;
 use crate::pool::{Pool, PoolStats};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::voxconv::v1::inference_server::InferenceServer;
+use crate::security::{AuditLog, Auth, AuthLayer};
 use crate::service::kserve::KserveService;
 use crate::service::InferenceService;
 
@@ -139,12 +140,24 @@ pub async fn run_with_metrics(
         metrics: Arc::clone(&metrics),
         metrics_addr,
     };
+    let audit = match &config.audit_log {
+        Some(p) => match AuditLog::open(p) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                // Checked at validation; a file that vanished since is not worth a crash.
+                warn!(error = %e, "audit log unavailable");
+                None
+            }
+        },
+        None => None,
+    };
     let config = Arc::new(config);
     let service = InferenceService::new(
         Arc::clone(&models),
         pool,
         Arc::clone(&config),
         Arc::clone(&metrics),
+        audit.clone(),
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -182,21 +195,41 @@ pub async fn run_with_metrics(
         }
     };
     let addr = listener.local_addr().ok();
-    let serve = tonic::transport::Server::builder()
+    let limits = &config.limits;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .expect("TLS settings were checked when the config was validated");
+    }
+    let auth = Arc::new(Auth {
+        tokens: config.auth_tokens.clone(),
+        audit: audit.clone(),
+    });
+    let incoming = crate::security::cap_connections(
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        limits.max_connections,
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
+    let serve = builder
         .http2_max_header_list_size(Some(8 * 1024))
         // Volumes stream in MiB-sized chunks: HTTP/2's default 64 KiB windows would stall
         // every chunk on a round trip.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(limits.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.max_connection_age_grace)
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
+        .layer(AuthLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
         .add_service(kserve)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        );
+        .serve_with_incoming_shutdown(incoming, signal);
 
     let mut known = std::collections::BTreeSet::new();
     sync_model_health(&models, &health, &mut known).await;

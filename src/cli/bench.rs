@@ -18,7 +18,6 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use prost::Message;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::proto::inference as kpb;
 use crate::proto::voxconv::v1 as pb;
@@ -38,9 +37,8 @@ pub enum Rpc {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Server URL.
-    #[arg(long, env = "VOXCONV_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    #[command(flatten)]
+    pub connect: super::connect::ConnectArgs,
     /// Model (default with --workload: the built-in `bench-<workload>`).
     #[arg(long)]
     pub model: Option<String>,
@@ -189,16 +187,7 @@ struct WorkerStats {
 }
 
 fn code_name(c: tonic::Code) -> String {
-    // Canonical names (INVALID_ARGUMENT, ...), as in grpc-status documentation.
-    let s = format!("{c:?}");
-    let mut out = String::with_capacity(s.len() + 4);
-    for (i, ch) in s.chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
-    }
-    out
+    crate::service::code_name(c).to_string()
 }
 
 struct Job {
@@ -213,7 +202,10 @@ struct Job {
 
 impl Job {
     /// One request; output bytes on success.
-    async fn call(&self, client: &mut InferenceClient<Channel>) -> Result<u64, tonic::Status> {
+    async fn call(
+        &self,
+        client: &mut InferenceClient<super::connect::Authed>,
+    ) -> Result<u64, tonic::Status> {
         match self.rpc {
             Rpc::Infer => {
                 let mut req = tonic::Request::new(pb::InferRequest {
@@ -301,14 +293,7 @@ async fn run_bench(
 ) -> Result<Report, BoxError> {
     let mut channels = Vec::new();
     for _ in 0..a.connections {
-        let ch = tonic::transport::Endpoint::from_shared(a.server.clone())?
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("{}: {e}", a.server))?;
-        channels.push(ch);
+        channels.push(a.connect.channel().await?);
     }
     let job = Arc::new(Job {
         model: model.clone(),
@@ -353,9 +338,9 @@ async fn run_bench(
     let stop_at = duration.map(|d| start + d);
     let mut tasks = Vec::new();
     for w in 0..a.concurrency {
-        let mut client = InferenceClient::new(channels[w as usize % channels.len()].clone())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+        let mut client = a
+            .connect
+            .inference(channels[w as usize % channels.len()].clone())?;
         let job = job.clone();
         let issued = issued.clone();
         let progress = progress.clone();
@@ -418,7 +403,7 @@ async fn run_bench(
     let failed: u64 = errors.values().sum();
     let ms = |us: u64| us as f64 / 1e3;
     Ok(Report {
-        server: a.server.clone(),
+        server: a.connect.server.clone(),
         model,
         rpc: a.rpc,
         input_shape: shape.to_vec(),

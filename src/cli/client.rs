@@ -9,8 +9,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use super::connect::ConnectArgs;
 use crate::proto::voxconv::v1 as pb;
-use crate::proto::voxconv::v1::inference_client::InferenceClient;
 use crate::tensor::dtype::{self, DType};
 use crate::tensor::nifti::{is_nifti, output_header, read_scan, write_volume, AxisMap};
 use crate::tensor::{read_npy_raw, write_npy};
@@ -24,9 +24,8 @@ pub enum OutDType {
 
 #[derive(Debug, Args)]
 pub struct InferArgs {
-    /// Server URL, e.g. http://127.0.0.1:50051
-    #[arg(long, env = "VOXCONV_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Model name (see ListModels).
     #[arg(long)]
     pub model: String,
@@ -52,15 +51,19 @@ pub struct InferArgs {
 
 #[derive(Debug, Args)]
 pub struct HealthArgs {
-    /// Server URL.
-    #[arg(long, env = "VOXCONV_SERVER", default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Service to ask about ("" = the whole server).
     #[arg(long, default_value = "")]
     pub service: String,
 }
 
 type BoxError = Box<dyn std::error::Error>;
+
+/// A gRPC status as one line: `CODE: message`.
+pub fn status_error(s: tonic::Status) -> BoxError {
+    format!("{}: {}", crate::service::code_name(s.code()), s.message()).into()
+}
 
 pub fn infer(a: InferArgs) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -163,20 +166,16 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         .into());
     }
     let input = load_input(&a.input)?;
-    let channel = tonic::transport::Endpoint::from_shared(a.server.clone())?
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
-        .connect()
-        .await
-        .map_err(|e| format!("{}: {e}", a.server))?;
-    let mut client = InferenceClient::new(channel).max_decoding_message_size(64 << 20);
+    let channel = a.connect.channel().await?;
+    let mut client = a.connect.inference(channel)?;
     // NIfTI output needs the model's geometry to place the output voxels.
     let maps = if out_nifti {
         let info = client
             .get_model(pb::GetModelRequest {
                 name: a.model.clone(),
             })
-            .await?
+            .await
+            .map_err(status_error)?
             .into_inner();
         Some(axis_maps(&info))
     } else {
@@ -218,12 +217,16 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         request.set_timeout(*t);
     }
     let t_call = Instant::now();
-    let mut inbound = client.infer_stream(request).await?.into_inner();
+    let mut inbound = client
+        .infer_stream(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let mut shape = Vec::new();
     let mut y: Vec<f32> = Vec::new();
     let mut received = 0usize;
     let mut summary = None;
-    while let Some(msg) = inbound.message().await? {
+    while let Some(msg) = inbound.message().await.map_err(status_error)? {
         match msg.msg {
             Some(pb::infer_stream_response::Msg::Header(h)) => {
                 shape = h.shape.iter().map(|&d| d as usize).collect();
@@ -295,16 +298,14 @@ pub fn health(a: HealthArgs) -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(a.server.clone())?
-            .connect()
-            .await
-            .map_err(|e| format!("{}: {e}", a.server))?;
-        let mut client = HealthClient::new(channel);
+        let channel = a.connect.channel().await?;
+        let mut client = HealthClient::with_interceptor(channel, a.connect.interceptor()?);
         let r = client
             .check(HealthCheckRequest {
                 service: a.service.clone(),
             })
-            .await?
+            .await
+            .map_err(status_error)?
             .into_inner();
         let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
         println!("{}", status.as_str_name());

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+pub mod connect;
 mod conv3d;
 mod kernel_bench;
 mod phantom;
@@ -42,6 +43,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Write a serialized request (Infer or KServe ModelInfer) for `ghz --binary-file`.
     GhzData(bench::GhzDataArgs),
+    /// Make a caller token and its line for the --auth-tokens file.
+    Token(connect::TokenArgs),
     /// Write a 3-D Shepp-Logan phantom (NIfTI or .npy) to try the service without patient data.
     Phantom(phantom::PhantomArgs),
 }
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Infer(a) => client::infer(a),
         Command::Health(a) => client::health(a),
         Command::Phantom(a) => phantom::run(a),
+        Command::Token(a) => connect::token(a),
         Command::Bench(a) => bench::bench(a),
         Command::GhzData(a) => bench::ghz_data(a),
     };

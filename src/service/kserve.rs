@@ -16,7 +16,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use super::{deadline, InferenceService, Prepared, ServiceError};
+use super::{deadline, InferenceService, Origin, Prepared, ServiceError};
 use crate::model::Model;
 use crate::proto::inference as kv;
 use crate::tensor::dtype::DType;
@@ -50,9 +50,14 @@ impl KserveService {
         req: kv::ModelInferRequest,
         deadline: Option<Instant>,
         metadata: &tonic::metadata::MetadataMap,
+        origin: &Origin,
     ) -> Result<kv::ModelInferResponse, ServiceError> {
         let started = Instant::now();
-        let span = info_span!("rpc", method = "ModelInfer", model = %req.model_name);
+        let span = info_span!(
+            "rpc",
+            method = "ModelInfer",
+            model = %self.inner.loggable_model(&req.model_name)
+        );
         crate::telemetry::set_remote_parent(&span, metadata);
         let model_name = req.model_name.clone();
         let mut prepared = None;
@@ -63,6 +68,7 @@ impl KserveService {
         let _e = span.enter();
         let status = result.as_ref().map(|_| ()).map_err(Clone::clone);
         self.inner.finish_call(
+            origin,
             "ModelInfer",
             &model_name,
             prepared.as_ref(),
@@ -361,8 +367,9 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         r: Request<kv::ModelInferRequest>,
     ) -> Result<Response<kv::ModelInferResponse>, Status> {
         let deadline = deadline(r.metadata());
+        let origin = Origin::of(&r);
         let (metadata, _, req) = r.into_parts();
-        let resp = self.infer_one(req, deadline, &metadata).await?;
+        let resp = self.infer_one(req, deadline, &metadata, &origin).await?;
         Ok(Response::new(resp))
     }
 
@@ -375,6 +382,7 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         r: Request<Streaming<kv::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let deadline = deadline(r.metadata());
+        let origin = Origin::of(&r);
         let (metadata, _, mut inbound) = r.into_parts();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -384,7 +392,7 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
                     Err(_) => break, // the client's stream failed or was cancelled
                     Ok(req) => {
                         let id = req.id.clone();
-                        match this.infer_one(req, deadline, &metadata).await {
+                        match this.infer_one(req, deadline, &metadata, &origin).await {
                             Ok(resp) => kv::ModelStreamInferResponse {
                                 error_message: String::new(),
                                 infer_response: Some(resp),

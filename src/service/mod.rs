@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument, Span};
 
 use crate::metrics::{CallRecord, CallTimes, Metrics};
+use crate::security::{now_utc, AuditLog, AuditRecord, Caller};
 
 pub use error::ServiceError;
 
@@ -38,6 +39,23 @@ pub struct InferenceService {
     pool: Arc<Pool>,
     pub(crate) config: Arc<Config>,
     metrics: Arc<Metrics>,
+    audit: Option<Arc<AuditLog>>,
+}
+
+/// Who made a call and from where, for the audit log (set by the auth layer).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Origin {
+    caller: Option<String>,
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl Origin {
+    pub(crate) fn of<T>(r: &Request<T>) -> Self {
+        Self {
+            caller: r.extensions().get::<Caller>().map(|c| c.0.clone()),
+            peer: r.remote_addr(),
+        }
+    }
 }
 
 /// Cancels a call's job when the call ends for any reason (client gone, deadline, error):
@@ -150,12 +168,14 @@ impl InferenceService {
         pool: Arc<Pool>,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
+        audit: Option<Arc<AuditLog>>,
     ) -> Self {
         Self {
             models,
             pool,
             config,
             metrics,
+            audit,
         }
     }
 
@@ -323,8 +343,10 @@ fn summary(
 impl InferenceService {
     /// One line per call (sizes, shapes, durations and status; never values or
     /// identifiers) and the call's metrics.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn finish_call(
         &self,
+        origin: &Origin,
         method: &str,
         model: &str,
         p: Option<&Prepared>,
@@ -335,10 +357,16 @@ impl InferenceService {
             Ok(()) => "OK",
             Err(e) => code_name(e.code()),
         };
+        // Only names the server knows become label values or log fields: a client could
+        // send anything as a model name, a patient identifier included.
+        let known = match p {
+            Some(p) => Some(p.model.name.clone()),
+            None => self.models.snapshot().get(model).map(|m| m.name.clone()),
+        };
         info!(
             target: "voxconv::rpc",
             method,
-            model,
+            model = known.as_deref().unwrap_or("_unknown"),
             input_shape = ?p.map(|p| p.plan.input),
             output_shape = ?p.map(|p| p.plan.output),
             input_bytes = p.map_or(0, |p| p.input_bytes),
@@ -347,12 +375,21 @@ impl InferenceService {
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "call finished"
         );
-        // Only names the server knows become label values.
-        let known = match p {
-            Some(p) => Some(p.model.name.clone()),
-            None => self.models.snapshot().get(model).map(|m| m.name.clone()),
-        };
         let ok = result.is_ok();
+        if let Some(audit) = &self.audit {
+            audit.write(&AuditRecord {
+                time: now_utc(),
+                caller: origin.caller.as_deref().unwrap_or("anonymous"),
+                peer: origin.peer.map(|a| a.to_string()),
+                method,
+                // A model name the server does not know is not echoed into the trail.
+                model: known.as_deref().unwrap_or(""),
+                input_bytes: p.map_or(0, |p| p.input_bytes as u64),
+                output_bytes: p.filter(|_| ok).map_or(0, |p| p.output_bytes as u64),
+                status: code,
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
         let voxels = match p {
             Some(p) if ok => p.plan.output.iter().product::<usize>() as u64,
             _ => 0,
@@ -367,6 +404,17 @@ impl InferenceService {
             voxels,
             flops: p.filter(|_| ok).map_or(0.0, |p| p.plan.flops()),
         });
+    }
+}
+
+impl InferenceService {
+    /// A model name fit for logs and spans: the name when the server knows the model,
+    /// `_unknown` otherwise (a client may send anything there).
+    pub(crate) fn loggable_model(&self, name: &str) -> String {
+        match self.models.snapshot().get(name) {
+            Some(m) => m.name.clone(),
+            None => "_unknown".into(),
+        }
     }
 }
 
@@ -627,8 +675,9 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<pb::InferResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline(request.metadata());
+        let origin = Origin::of(&request);
         let (metadata, _, req) = request.into_parts();
-        let span = info_span!("rpc", method = "Infer", model = %req.model);
+        let span = info_span!("rpc", method = "Infer", model = %self.loggable_model(&req.model));
         crate::telemetry::set_remote_parent(&span, &metadata);
         let mut prepared = None;
         let result: Result<pb::InferResponse, ServiceError> = async {
@@ -664,11 +713,19 @@ impl pb::inference_server::Inference for InferenceService {
         let _e = span.enter();
         match result {
             Ok(resp) => {
-                self.finish_call("Infer", &req.model, prepared.as_ref(), &Ok(()), started);
+                self.finish_call(
+                    &origin,
+                    "Infer",
+                    &req.model,
+                    prepared.as_ref(),
+                    &Ok(()),
+                    started,
+                );
                 Ok(Response::new(resp))
             }
             Err(e) => {
                 self.finish_call(
+                    &origin,
                     "Infer",
                     &req.model,
                     prepared.as_ref(),
@@ -688,6 +745,7 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<Self::InferStreamStream>, Status> {
         let started = Instant::now();
         let deadline = deadline(request.metadata());
+        let origin = Origin::of(&request);
         let (metadata, _, mut inbound) = request.into_parts();
         let first = until(deadline, "waiting for the header", inbound.message())
             .await
@@ -707,7 +765,11 @@ impl pb::inference_server::Inference for InferenceService {
                 .into())
             }
         };
-        let span = info_span!("rpc", method = "InferStream", model = %header.model);
+        let span = info_span!(
+            "rpc",
+            method = "InferStream",
+            model = %self.loggable_model(&header.model)
+        );
         crate::telemetry::set_remote_parent(&span, &metadata);
         let p = {
             let _e = span.enter();
@@ -727,7 +789,14 @@ impl pb::inference_server::Inference for InferenceService {
             Ok(p) => p,
             Err(e) => {
                 let _e = span.enter();
-                self.finish_call("InferStream", &header.model, None, &Err(e.clone()), started);
+                self.finish_call(
+                    &origin,
+                    "InferStream",
+                    &header.model,
+                    None,
+                    &Err(e.clone()),
+                    started,
+                );
                 return Err(e.into());
             }
         };
@@ -745,7 +814,14 @@ impl pb::inference_server::Inference for InferenceService {
                 let (result, p) = this
                     .stream_call(p, inbound, tx, chunk, deadline, started)
                     .await;
-                this.finish_call("InferStream", &model_name, Some(&p), &result, started);
+                this.finish_call(
+                    &origin,
+                    "InferStream",
+                    &model_name,
+                    Some(&p),
+                    &result,
+                    started,
+                );
             }
             .instrument(span),
         );
