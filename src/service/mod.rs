@@ -923,3 +923,90 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
         error: String::new(),
     }
 }
+
+#[cfg(test)]
+mod validation_props {
+    //! Request validation never panics and accepts exactly the consistent requests: a
+    //! known model, five positive dimensions, the model's channel count, and sizes that fit
+    //! the address space (checked here independently, in u128).
+    use super::*;
+    use proptest::prelude::*;
+
+    fn service() -> InferenceService {
+        let config = Arc::new(Config::for_tests());
+        let pool = Arc::new(Pool::new(1, 4, 1 << 30, 1));
+        let metrics = Arc::new(Metrics::new(pool.stats(), 1, 4, 1 << 30));
+        let models = Arc::new(ModelRegistry::fixed(crate::model::ModelSet::builtin()));
+        InferenceService::new(models, pool, config, metrics, None)
+    }
+
+    /// (name, C_in, C_out, kernel, stride, padding) of the models the property draws from.
+    const MODELS: [(&str, u128, u128, u128, u128, u128); 3] = [
+        ("sobel3d", 1, 3, 3, 1, 1),
+        ("gaussian3d", 1, 1, 5, 1, 2),
+        ("bench-strided-downsample", 16, 32, 3, 2, 1),
+    ];
+
+    fn dim() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            8 => 1u64..40,
+            1 => Just(0u64),
+            1 => 1u64 << 20..1u64 << 42,
+            1 => Just(u64::MAX),
+        ]
+    }
+
+    fn consistent(model: usize, shape: &[u64], in_size: u128, out_size: u128) -> bool {
+        let Some(&(_, c_in, c_out, k, s, p)) = MODELS.get(model) else {
+            return false; // unknown model
+        };
+        if shape.len() != 5 || shape.iter().any(|&d| d == 0) {
+            return false;
+        }
+        let d: Vec<u128> = shape.iter().map(|&v| u128::from(v)).collect();
+        if d[1] != c_in || d.iter().any(|&v| v > usize::MAX as u128) {
+            return false;
+        }
+        let out_sp: Vec<u128> = d[2..].iter().map(|&x| (x + 2 * p - k) / s + 1).collect();
+        let fits = |v: Option<u128>| v.is_some_and(|v| v <= usize::MAX as u128);
+        let input = d.iter().try_fold(1u128, |a, &x| a.checked_mul(x));
+        let output = out_sp
+            .iter()
+            .try_fold(d[0] * c_out, |a, &x| a.checked_mul(x));
+        fits(input)
+            && fits(input.and_then(|v| v.checked_mul(in_size)))
+            && fits(output)
+            && fits(output.and_then(|v| v.checked_mul(out_size)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        #[test]
+        fn validation_accepts_exactly_the_consistent_requests(
+            model in 0usize..4,
+            len in prop_oneof![8 => Just(5usize), 1 => 0usize..8],
+            dims in proptest::collection::vec(dim(), 8),
+            channel_hit in any::<bool>(),
+            in_dtype in proptest::sample::select(DType::ALL.to_vec()),
+            out_f16 in any::<bool>(),
+        ) {
+            let svc = service();
+            let mut shape: Vec<u64> = dims[..len].to_vec();
+            if channel_hit && shape.len() > 1 {
+                if let Some(m) = MODELS.get(model) {
+                    shape[1] = m.1 as u64;
+                }
+            }
+            let name = MODELS.get(model).map_or("no-such-model", |m| m.0);
+            let out = if out_f16 { DType::F16 } else { DType::F32 };
+            let got = svc.prepare("model", "shape", name, in_dtype, &shape, out);
+            let want = consistent(model, &shape, in_dtype.size() as u128, out.size() as u128);
+            prop_assert_eq!(got.is_ok(), want, "shape {:?} model {} -> {:?}", shape, name,
+                got.as_ref().err());
+            if let Ok(p) = got {
+                prop_assert_eq!(p.input_bytes as u128,
+                    shape.iter().map(|&v| u128::from(v)).product::<u128>() * in_dtype.size() as u128);
+            }
+        }
+    }
+}
