@@ -960,7 +960,7 @@ mod validation_props {
         let Some(&(_, c_in, c_out, k, s, p)) = MODELS.get(model) else {
             return false; // unknown model
         };
-        if shape.len() != 5 || shape.iter().any(|&d| d == 0) {
+        if shape.len() != 5 || shape.contains(&0) {
             return false;
         }
         let d: Vec<u128> = shape.iter().map(|&v| u128::from(v)).collect();
