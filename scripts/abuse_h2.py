@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""HTTP/2 abuse against a live voxconv server, with a healthy client measured throughout
+(run by .ci/run; loopback only, each phase bounded in time).
+
+Phases:
+  rapid-reset   bursts of HEADERS + RST_STREAM for InferStream on one connection (CVE-2023-44487
+                style), then the same paced; every abandoned job must be cancelled: workers
+                busy, queue and reserved memory back to 0 within a second.
+  continuation  HEADERS without END_HEADERS followed by a flood of CONTINUATION frames: the
+                connection must be refused once the 8 KiB header list is exceeded, without
+                the server's memory growing.
+  big-headers   a gRPC call with 16 KiB of metadata: refused before the handler runs.
+
+Prints the healthy client's p50/p99 before and during each attack, the server's RSS before
+and after, and the time for the pool to drain.
+
+    abuse_h2.py --server 127.0.0.1:50156 --metrics http://127.0.0.1:50157/metrics --pid PID
+"""
+import argparse
+import re
+import socket
+import statistics
+import struct
+import threading
+import time
+import urllib.request
+
+import grpc
+import h2.config
+import h2.connection
+import hpack
+import numpy as np
+
+from voxconv_client import Client
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        m = re.search(r"VmRSS:\s+(\d+) kB", f.read())
+    return int(m.group(1)) / 1024
+
+
+def metric(url, name):
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+class Healthy(threading.Thread):
+    """Sequential small InferStream calls; records latencies while running."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.client = Client(server)
+        self.x = np.random.default_rng(1).random((1, 1, 16, 16, 16), dtype=np.float32)
+        self.lat, self.errors, self.stop = [], [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                self.client.infer("sobel3d", self.x, timeout=10)
+                self.lat.append((time.perf_counter() - t0) * 1e3)
+            except grpc.RpcError as e:
+                self.errors.append(e.code().name)
+
+    def measure(self, seconds):
+        n0 = len(self.lat)
+        time.sleep(seconds)
+        return self.lat[n0:]
+
+
+def pct(v, q):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
+
+
+def h2_conn(host, port):
+    s = socket.create_connection((host, port), timeout=5)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    s.sendall(c.data_to_send())
+    return s, c
+
+
+def grpc_headers(host, port, path):
+    return [(":method", "POST"), (":scheme", "http"), (":authority", f"{host}:{port}"),
+            (":path", path), ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def rapid_reset(host, port, bursts, per_burst, pause):
+    """HEADERS (+ a header message) then RST_STREAM, many times; returns streams sent and
+    whether the server closed the connection (GOAWAY / reset) on us."""
+    s, c = h2_conn(host, port)
+    sent, closed = 0, False
+    # A valid first InferStream message: a StreamHeader for sobel3d [1,1,64,64,64] FP32.
+    from voxconv_client import pb
+    msg = pb.InferStreamRequest(header=pb.StreamHeader(
+        model="sobel3d", input_dtype=pb.FP32, input_shape=[1, 1, 64, 64, 64])).SerializeToString()
+    frame = b"\x00" + struct.pack(">I", len(msg)) + msg
+    sid = 1
+    try:
+        for _ in range(bursts):
+            for _ in range(per_burst):
+                c.send_headers(sid, grpc_headers(host, port, "/voxconv.v1.Inference/InferStream"))
+                c.send_data(sid, frame)
+                c.reset_stream(sid)
+                sid += 2
+                sent += 1
+            s.sendall(c.data_to_send())
+            s.setblocking(False)
+            try:
+                data = s.recv(65536)
+                if data == b"":
+                    closed = True
+                    break
+                for ev in c.receive_data(data):
+                    if type(ev).__name__ == "ConnectionTerminated":
+                        closed = True
+            except BlockingIOError:
+                pass
+            s.setblocking(True)
+            if closed:
+                break
+            if pause:
+                time.sleep(pause)
+    except (BrokenPipeError, ConnectionResetError, h2.exceptions.ProtocolError):
+        closed = True
+    finally:
+        s.close()
+    return sent, closed
+
+
+def frame(ftype, flags, sid, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", sid) + payload
+
+
+def continuation_flood(host, port, frames, size):
+    """Raw frames: HEADERS without END_HEADERS, then CONTINUATION frames of junk headers."""
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0, 0, b""))
+    enc = hpack.Encoder()
+    block = enc.encode(grpc_headers(host, port, "/voxconv.v1.Inference/Infer"))
+    s.sendall(frame(0x1, 0x0, 1, block))  # HEADERS, no END_HEADERS
+    junk = enc.encode([("x-junk", "a" * (size - 16))])
+    sent, closed = 0, False
+    try:
+        for _ in range(frames):
+            s.sendall(frame(0x9, 0x0, 1, junk))  # CONTINUATION, no END_HEADERS
+            sent += 1
+    except (BrokenPipeError, ConnectionResetError):
+        closed = True
+    s.settimeout(2)
+    try:
+        while s.recv(65536):
+            pass
+        closed = True
+    except (socket.timeout, ConnectionResetError):
+        closed = closed or False
+    s.close()
+    return sent, closed
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--pid", type=int, required=True)
+    a = ap.parse_args()
+    host, port = a.server.rsplit(":", 1)
+    port = int(port)
+
+    healthy = Healthy(a.server)
+    healthy.start()
+    base = healthy.measure(2.0)
+    rss0 = rss_mib(a.pid)
+    print(f"baseline: healthy p50 {pct(base, .5):.2f} ms, p99 {pct(base, .99):.2f} ms "
+          f"({len(base)} calls); server RSS {rss0:.0f} MiB")
+
+    for name, bursts, per, pause in (("burst", 50, 100, 0.0), ("paced", 100, 5, 0.02)):
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=rapid_reset(host, port, bursts, per, pause)))
+        n0 = len(healthy.lat)
+        t.start()
+        t.join(timeout=60)
+        during = healthy.lat[n0:]
+        sent, closed = box.get("r", (0, False))
+        t0 = time.perf_counter()
+        while True:
+            busy = metric(a.metrics, "voxconv_workers_busy")
+            queued = metric(a.metrics, "voxconv_queue_length")
+            reserved = metric(a.metrics, "voxconv_memory_reserved_bytes")
+            if busy == 0 and queued == 0 and reserved == 0:
+                break
+            assert time.perf_counter() - t0 < 1.0, (busy, queued, reserved)
+            time.sleep(0.01)
+        drain = (time.perf_counter() - t0) * 1e3
+        print(f"rapid reset ({name}): {sent} streams opened and reset, connection closed by the "
+              f"server: {closed}; healthy p99 during {pct(during, .99):.2f} ms ({len(during)} calls) "
+              f"vs {pct(base, .99):.2f} baseline; pool drained {drain:.0f} ms after")
+
+    sent, closed = continuation_flood(host, port, 2000, 4096)
+    rss1 = rss_mib(a.pid)
+    assert closed, "the server kept a CONTINUATION flood open"
+    print(f"CONTINUATION flood: connection closed after {sent} of 2000 4-KiB frames; "
+          f"RSS {rss0:.0f} -> {rss1:.0f} MiB")
+    assert rss1 < rss0 + 64, (rss0, rss1)
+
+    n0 = metric(a.metrics, 'voxconv_requests_total{method="Infer",model="sobel3d",code="OK"}')
+    ch = grpc.insecure_channel(a.server)
+    call = ch.unary_unary("/voxconv.v1.Inference/Infer")
+    try:
+        call(b"", metadata=[("x-big", "b" * 16384)], timeout=5)
+        raise AssertionError("16 KiB of metadata was accepted")
+    except grpc.RpcError as e:
+        code = e.code().name
+    n1 = metric(a.metrics, 'voxconv_requests_total{method="Infer",model="sobel3d",code="OK"}')
+    print(f"oversize headers (16 KiB): refused with {code}; Infer handler calls counted before/after: "
+          f"{n0:.0f}/{n1:.0f}")
+
+    healthy.stop.set()
+    healthy.join(timeout=15)
+    assert not healthy.errors, f"healthy client saw errors: {healthy.errors[:5]}"
+    print(f"healthy client: {len(healthy.lat)} calls, 0 errors, p99 overall {pct(healthy.lat, .99):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
