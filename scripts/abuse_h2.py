@@ -28,6 +28,7 @@ import urllib.request
 import grpc
 import h2.config
 import h2.connection
+import h2.settings
 import hpack
 import numpy as np
 
@@ -161,6 +162,116 @@ def continuation_flood(host, port, frames, size):
     return sent, closed
 
 
+def stream_msg(model, shape):
+    from voxconv_client import pb
+    m = pb.InferStreamRequest(header=pb.StreamHeader(
+        model=model, input_dtype=pb.FP32, input_shape=shape)).SerializeToString()
+    return b"\x00" + struct.pack(">I", len(m)) + m
+
+
+def chunk_msg(offset, data):
+    from voxconv_client import pb
+    m = pb.InferStreamRequest(chunk=pb.Chunk(offset=offset, data=data)).SerializeToString()
+    return b"\x00" + struct.pack(">I", len(m)) + m
+
+
+def huge_announcements(host, port, streams=30):
+    """Streams whose first gRPC message announces 1 GiB and never sends it."""
+    s, c = h2_conn(host, port)
+    for i in range(streams):
+        sid = 1 + 2 * i
+        c.send_headers(sid, grpc_headers(host, port, "/voxconv.v1.Inference/Infer"))
+        c.send_data(sid, b"\x00" + struct.pack(">I", 1 << 30) + b"\x00" * 64)
+    s.sendall(c.data_to_send())
+    time.sleep(1.0)
+    return s
+
+
+def read_status(s, c, sid, until):
+    """Reads events until stream `sid` ends; returns its grpc-status (or None)."""
+    status = None
+    s.settimeout(0.1)
+    while time.perf_counter() < until:
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        for ev in c.receive_data(data):
+            name = type(ev).__name__
+            if name in ("TrailersReceived", "ResponseReceived"):
+                for k, v in ev.headers:
+                    if k in ("grpc-status", b"grpc-status"):
+                        status = int(v)
+            if name in ("StreamEnded", "StreamReset") and getattr(ev, "stream_id", None) == sid:
+                return status
+        pending = c.data_to_send()
+        if pending:
+            s.sendall(pending)
+    return status
+
+
+def slow_uploader(host, port, timeout_ms=1500):
+    s, c = h2_conn(host, port)
+    hdrs = grpc_headers(host, port, "/voxconv.v1.Inference/InferStream") + [
+        ("grpc-timeout", f"{timeout_ms}m")]
+    c.send_headers(1, hdrs)
+    c.send_data(1, stream_msg("sobel3d", [1, 1, 64, 64, 64]))
+    s.sendall(c.data_to_send())
+    t0 = time.perf_counter()
+    status, off = None, 0
+    while time.perf_counter() - t0 < 10 and status is None:
+        c.send_data(1, chunk_msg(off, b"\x00" * 1024))
+        off += 1024
+        try:
+            s.sendall(c.data_to_send())
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        status = read_status(s, c, 1, time.perf_counter() + 0.3)
+    s.close()
+    return status, (time.perf_counter() - t0) * 1e3
+
+
+def zero_window_reader(host, port, metrics, timeout_ms=1500):
+    s = socket.create_connection((host, port), timeout=5)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.local_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    c.initiate_connection()
+    hdrs = grpc_headers(host, port, "/voxconv.v1.Inference/InferStream") + [
+        ("grpc-timeout", f"{timeout_ms}m")]
+    c.send_headers(1, hdrs)
+    shape = [1, 1, 32, 32, 32]
+    x = b"\x00" * (4 * 32 * 32 * 32)
+    body = stream_msg("filterbank16", shape) + chunk_msg(0, x)
+    sent = 0
+    while sent < len(body):
+        n = min(c.local_flow_control_window(1), c.max_outbound_frame_size, len(body) - sent)
+        if n <= 0:
+            for ev in c.receive_data(s.recv(65536)):
+                pass
+            continue
+        c.send_data(1, body[sent:sent + n], end_stream=sent + n == len(body))
+        sent += n
+        s.sendall(c.data_to_send())
+    s.sendall(c.data_to_send())
+    # Never read again: the 2 MiB output cannot flow through a zero window.
+    key = 'voxconv_requests_total{method="InferStream",model="filterbank16",code="DEADLINE_EXCEEDED"}'
+    n0 = metric(metrics, key)
+    t0 = time.perf_counter()
+    while metric(metrics, key) == n0:
+        assert time.perf_counter() - t0 < 10, "the zero-window reader was never timed out"
+        time.sleep(0.02)
+    ended = (time.perf_counter() - t0) * 1e3
+    t1 = time.perf_counter()
+    while metric(metrics, "voxconv_memory_reserved_bytes") > 0 or metric(metrics, "voxconv_workers_busy") > 0:
+        assert time.perf_counter() - t1 < 1.0
+        time.sleep(0.01)
+    s.close()
+    return ended
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True)
@@ -217,6 +328,26 @@ def main():
     n1 = metric(a.metrics, 'voxconv_requests_total{method="Infer",model="sobel3d",code="OK"}')
     print(f"oversize headers (16 KiB): refused with {code}; Infer handler calls counted before/after: "
           f"{n0:.0f}/{n1:.0f}")
+
+    rss_a = rss_mib(a.pid)
+    n0 = len(healthy.lat)
+    conn = huge_announcements(host, port, 30)
+    rss_b = rss_mib(a.pid)
+    during = healthy.lat[n0:]
+    conn.close()
+    print(f"huge announcements: 30 streams announcing 1 GiB messages: server RSS {rss_a:.0f} -> "
+          f"{rss_b:.0f} MiB (the 4 MiB message limit refuses them before reserving); healthy "
+          f"p99 during {pct(during, .99):.2f} ms")
+    assert rss_b < rss_a + 256, (rss_a, rss_b)
+
+    status, ms = slow_uploader(host, port)
+    print(f"slow uploader (1 KiB per 0.3 s, grpc-timeout 1.5 s): ended with grpc-status {status} "
+          f"after {ms:.0f} ms")
+    assert status == 4, status  # DEADLINE_EXCEEDED
+
+    ended = zero_window_reader(host, port, a.metrics)
+    print(f"zero-window reader (grpc-timeout 1.5 s, 2 MiB output never read): DEADLINE_EXCEEDED "
+          f"{ended:.0f} ms after the upload, job and memory released")
 
     healthy.stop.set()
     healthy.join(timeout=15)

@@ -440,3 +440,36 @@ async fn futures_join<T: Send + 'static>(hs: Vec<tokio::task::JoinHandle<T>>) ->
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_by_connection_age() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = Config::for_tests();
+    config.limits.max_connection_age = Duration::from_millis(800);
+    config.limits.max_connection_age_grace = Duration::from_millis(400);
+    let srv = TestServer::start(config, models()).await;
+    // An HTTP/2 client that says hello (preface + empty SETTINGS) and then nothing.
+    let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection stayed open for 10 s");
+    println!(
+        "connection age: a silent HTTP/2 connection was closed {:?} after it went quiet (age \
+         800 ms + grace 400 ms)",
+        t0.elapsed()
+    );
+    // Others are still served.
+    srv.client().await.infer(tiny_request()).await.unwrap();
+}
