@@ -408,6 +408,56 @@ impl InferenceService {
 }
 
 impl InferenceService {
+    /// Validates a whole-tensor request as `Infer` does before any allocation: dtypes, model,
+    /// shape, data length. For fuzzing and property tests; never panics.
+    pub fn validate_infer(&self, req: &pb::InferRequest) -> Result<(), Status> {
+        let empty = pb::Tensor::default();
+        let input = req.input.as_ref().unwrap_or(&empty);
+        let in_dtype = to_dtype("input.dtype", input.dtype, false)?;
+        let out_dtype = to_dtype("output_dtype", req.output_dtype, true)?;
+        let p = self.prepare(
+            "model",
+            "input.shape",
+            &req.model,
+            in_dtype,
+            &input.shape,
+            out_dtype,
+        )?;
+        if input.data.len() != p.input_bytes {
+            return Err(ServiceError::invalid(format!(
+                "input.data: expected {} bytes, got {}",
+                p.input_bytes,
+                input.data.len()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Validates an `InferStream` header as the handler does. For fuzzing; never panics.
+    pub fn validate_stream_header(&self, h: &pb::StreamHeader) -> Result<(), Status> {
+        let i = to_dtype("header.input_dtype", h.input_dtype, false)?;
+        let o = to_dtype("header.output_dtype", h.output_dtype, true)?;
+        self.prepare(
+            "header.model",
+            "header.input_shape",
+            &h.model,
+            i,
+            &h.input_shape,
+            o,
+        )?;
+        Ok(())
+    }
+
+    /// A service over the built-in models with test-sized settings (fuzzing, tests).
+    pub fn for_validation() -> Self {
+        let config = Arc::new(Config::for_tests());
+        let pool = Arc::new(Pool::new(1, 4, 1 << 30, 1));
+        let metrics = Arc::new(Metrics::new(pool.stats(), 1, 4, 1 << 30));
+        let models = Arc::new(ModelRegistry::fixed(crate::model::ModelSet::builtin()));
+        InferenceService::new(models, pool, config, metrics, None)
+    }
+
     /// A model name fit for logs and spans: the name when the server knows the model,
     /// `_unknown` otherwise (a client may send anything there).
     pub(crate) fn loggable_model(&self, name: &str) -> String {
@@ -933,11 +983,7 @@ mod validation_props {
     use proptest::prelude::*;
 
     fn service() -> InferenceService {
-        let config = Arc::new(Config::for_tests());
-        let pool = Arc::new(Pool::new(1, 4, 1 << 30, 1));
-        let metrics = Arc::new(Metrics::new(pool.stats(), 1, 4, 1 << 30));
-        let models = Arc::new(ModelRegistry::fixed(crate::model::ModelSet::builtin()));
-        InferenceService::new(models, pool, config, metrics, None)
+        InferenceService::for_validation()
     }
 
     /// (name, C_in, C_out, kernel, stride, padding) of the models the property draws from.
@@ -977,6 +1023,45 @@ mod validation_props {
             && fits(input.and_then(|v| v.checked_mul(in_size)))
             && fits(output)
             && fits(output.and_then(|v| v.checked_mul(out_size)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        /// The fuzz target's body on stable: arbitrary bytes, and a valid request with bytes
+        /// flipped, decoded and validated, never panic.
+        #[test]
+        fn decoding_and_validating_arbitrary_bytes_never_panics(
+            raw in proptest::collection::vec(any::<u8>(), 0..256),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        ) {
+            use prost::Message;
+            let svc = service();
+            let valid = pb::InferRequest {
+                model: "sobel3d".into(),
+                input: Some(pb::Tensor {
+                    dtype: pb::DType::Fp32 as i32,
+                    shape: vec![1, 1, 2, 2, 2],
+                    data: vec![0u8; 32].into(),
+                }),
+                output_dtype: 0,
+            };
+            prop_assert!(svc.validate_infer(&valid).is_ok());
+            let mut mutated = valid.encode_to_vec();
+            for (at, b) in flips {
+                let n = mutated.len();
+                mutated[at % n] ^= b;
+            }
+            for bytes in [&raw[..], &mutated[..]] {
+                if let Ok(r) = pb::InferRequest::decode(bytes) {
+                    let _ = svc.validate_infer(&r);
+                }
+                if let Ok(r) = pb::InferStreamRequest::decode(bytes) {
+                    if let Some(pb::infer_stream_request::Msg::Header(h)) = r.msg {
+                        let _ = svc.validate_stream_header(&h);
+                    }
+                }
+            }
+        }
     }
 
     proptest! {
