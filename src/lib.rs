@@ -6,11 +6,14 @@
 //!   tiled 3-D im2col and the [`kernel::Conv3dPlan`] that runs one GEMM per tile on a
 //!   caller-chosen number of threads and hands finished output slabs over in order. Imports
 //!   nothing from the rest of the crate.
-//! * [`tensor`]: `.npy` input and output for the command line.
-//! * [`cli`]: the `voxconv` subcommands (`conv3d`, `kernel-bench`).
+//! * [`tensor`]: `.npy` and NIfTI input and output, wire dtypes.
+//! * [`model`]: models (layers, built-ins, the repository and its reload).
+//! * [`pool`]: the worker pool (memory budget, bounded queue, cancellation).
+//! * [`service`], [`server`]: the gRPC API (`voxconv.v1`, KServe v2), health, reflection.
+//! * [`metrics`], [`telemetry`], [`security`]: Prometheus, logs + OTLP traces, TLS/tokens/audit.
+//! * [`cli`]: the `voxconv` subcommands.
 //!
-//! The gRPC service, worker pool and model repository described in `DESIGN.md` are not built
-//! yet; see the README's "Status" section.
+//! See the README and `DESIGN.md` for the whole picture.
 
 pub mod cli;
 pub mod config;

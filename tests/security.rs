@@ -473,3 +473,44 @@ async fn silent_connections_are_closed_by_connection_age() {
     // Others are still served.
     srv.client().await.infer(tiny_request()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_streams_are_answered_before_their_body_is_sent() {
+    let mut config = Config::for_tests();
+    config.auth_tokens = Some(Arc::new(
+        TokenSet::parse(&token_line("pipeline-a", "tok-a-123"), "test").unwrap(),
+    ));
+    let srv = TestServer::start(config, models()).await;
+    let mut client = srv.client().await;
+    // The header announces a 64 MiB volume; its chunks would only follow the answer, so a
+    // server that waited for the body before refusing would never answer.
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(common::header(
+        "sobel3d",
+        &[1, 1, 256, 256, 256],
+        pb::DType::Fp32,
+        0,
+    ))
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), client.infer_stream(req))
+        .await
+        .expect("the server waited for the body before answering");
+    let took = t0.elapsed();
+    assert_eq!(r.unwrap_err().code(), tonic::Code::Unauthenticated);
+    drop(tx);
+    assert_eq!(
+        srv.stats
+            .completed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    println!(
+        "tokens: an InferStream announcing 64 MiB refused in {took:?}, before any of its chunks \
+         was sent"
+    );
+}
