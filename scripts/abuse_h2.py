@@ -17,13 +17,11 @@ and after, and the time for the pool to drain.
     abuse_h2.py --server 127.0.0.1:50156 --metrics http://127.0.0.1:50157/metrics --pid PID
 """
 import argparse
-import re
 import socket
 import statistics
 import struct
 import threading
 import time
-import urllib.request
 
 import grpc
 import h2.config
@@ -32,19 +30,8 @@ import h2.settings
 import hpack
 import numpy as np
 
+from live import metric, rss_mib
 from voxconv_client import Client
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        m = re.search(r"VmRSS:\s+(\d+) kB", f.read())
-    return int(m.group(1)) / 1024
-
-
-def metric(url, name):
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 class Healthy(threading.Thread):

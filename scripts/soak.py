@@ -10,29 +10,17 @@
 """
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 
+from live import metric, rss_mib
 from voxconv_client import Client, pb
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
-
-
-def metric(url, name):
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def soak(server, pid, total=3000, threads=4):

@@ -368,11 +368,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CappedConn<T> {
     }
 }
 
-/// Accepted connections beyond `max` are closed at once (counted in `refused`).
+/// Accepted connections beyond `max` are closed at once.
 pub fn cap_connections<S, T, E>(
     incoming: S,
     max: usize,
-    refused: Arc<std::sync::atomic::AtomicU64>,
 ) -> impl tokio_stream::Stream<Item = Result<CappedConn<T>, E>>
 where
     S: tokio_stream::Stream<Item = Result<T, E>>,
@@ -387,18 +386,11 @@ where
                 _permit: permit,
             })),
             Err(_) => {
-                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(max, "connection refused: --max-connections reached");
                 None // dropping `io` closes the connection
             }
         },
     })
-}
-
-/// Counts of what the security layer refused (for tests and metrics).
-#[derive(Debug, Default)]
-pub struct Refusals {
-    pub connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Audit lines grouped by status, for tests: `{status: count}`.

@@ -209,7 +209,6 @@ pub async fn run_with_metrics(
     let incoming = crate::security::cap_connections(
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         limits.max_connections,
-        Arc::new(std::sync::atomic::AtomicU64::new(0)),
     );
     let serve = builder
         .http2_max_header_list_size(Some(8 * 1024))

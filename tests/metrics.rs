@@ -29,6 +29,18 @@ async fn scrape(srv: &TestServer) -> (String, String, String) {
     (status, ctype, body.to_string())
 }
 
+fn f32_request(model: &str, shape: &[u64], data: bytes::Bytes) -> pb::InferRequest {
+    pb::InferRequest {
+        model: model.into(),
+        input: Some(pb::Tensor {
+            dtype: pb::DType::Fp32 as i32,
+            shape: shape.to_vec(),
+            data,
+        }),
+        output_dtype: 0,
+    }
+}
+
 /// Sample lines `name{labels} value` as a map from `name{labels}` to value.
 fn samples(body: &str) -> HashMap<String, f64> {
     body.lines()
@@ -67,15 +79,7 @@ async fn counters_and_histograms_move_with_their_labels() {
     // Two unary calls and one stream that succeed.
     for _ in 0..2 {
         client
-            .infer(pb::InferRequest {
-                model: "c16".into(),
-                input: Some(pb::Tensor {
-                    dtype: pb::DType::Fp32 as i32,
-                    shape: shape.to_vec(),
-                    data: x.clone(),
-                }),
-                output_dtype: 0,
-            })
+            .infer(f32_request("c16", &shape, x.clone()))
             .await
             .unwrap();
     }
@@ -90,28 +94,12 @@ async fn counters_and_histograms_move_with_their_labels() {
     while s.message().await.unwrap().is_some() {}
     // Failures: an unknown model (its name must not become a label) and a bad shape.
     let e = client
-        .infer(pb::InferRequest {
-            model: "no-such-model-123".into(),
-            input: Some(pb::Tensor {
-                dtype: pb::DType::Fp32 as i32,
-                shape: shape.to_vec(),
-                data: x.clone(),
-            }),
-            output_dtype: 0,
-        })
+        .infer(f32_request("no-such-model-123", &shape, x.clone()))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = client
-        .infer(pb::InferRequest {
-            model: "c16".into(),
-            input: Some(pb::Tensor {
-                dtype: pb::DType::Fp32 as i32,
-                shape: vec![1, 2, 4, 4, 4],
-                data: Default::default(),
-            }),
-            output_dtype: 0,
-        })
+        .infer(f32_request("c16", &[1, 2, 4, 4, 4], Default::default()))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -35,10 +35,9 @@ pub enum Rpc {
     Stream,
 }
 
+/// The input shape and model of a `bench` or `ghz-data` run.
 #[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub connect: super::connect::ConnectArgs,
+pub struct TargetArgs {
     /// Model (default with --workload: the built-in `bench-<workload>`).
     #[arg(long)]
     pub model: Option<String>,
@@ -51,6 +50,14 @@ pub struct BenchArgs {
     /// Workload file (default: the one built into the binary).
     #[arg(long)]
     pub workloads: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub connect: super::connect::ConnectArgs,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Requests in flight (closed loop: each worker waits for its answer).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
@@ -134,15 +141,11 @@ fn parse_shape(s: &str) -> Result<[usize; 5], String> {
 }
 
 /// The input shape and model a bench or ghz-data run uses.
-fn target(
-    workload: Option<&str>,
-    shape: Option<&str>,
-    workloads: Option<&PathBuf>,
-    model: Option<&str>,
-) -> Result<([usize; 5], String), BoxError> {
-    match (workload, shape) {
+fn target(t: &TargetArgs) -> Result<([usize; 5], String), BoxError> {
+    let model = t.model.as_deref();
+    match (t.workload.as_deref(), t.shape.as_deref()) {
         (Some(name), _) => {
-            let file = match workloads {
+            let file = match &t.workloads {
                 Some(p) => WorkloadFile::load(p)?,
                 None => WorkloadFile::builtin(),
             };
@@ -184,10 +187,6 @@ struct WorkerStats {
     first_error: Option<String>,
     in_bytes: u64,
     out_bytes: u64,
-}
-
-fn code_name(c: tonic::Code) -> String {
-    crate::service::code_name(c).to_string()
 }
 
 struct Job {
@@ -266,12 +265,7 @@ impl Job {
 }
 
 pub fn bench(a: BenchArgs) -> Result<(), BoxError> {
-    let (shape, model) = target(
-        a.workload.as_deref(),
-        a.shape.as_deref(),
-        a.workloads.as_ref(),
-        a.model.as_deref(),
-    )?;
+    let (shape, model) = target(&a.target)?;
     let raw = input_bytes(shape)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -369,7 +363,7 @@ async fn run_bench(
                         st.out_bytes += out;
                     }
                     Err(s) => {
-                        let code = code_name(s.code());
+                        let code = crate::service::code_name(s.code()).to_string();
                         st.first_error
                             .get_or_insert_with(|| format!("{code}: {}", s.message()));
                         *st.errors.entry(code).or_default() += 1;
@@ -466,18 +460,8 @@ pub enum GhzRpc {
 
 #[derive(Debug, Args)]
 pub struct GhzDataArgs {
-    /// Input shape from a named workload.
-    #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
-    pub workload: Option<String>,
-    /// Input shape N,C,D,H,W.
-    #[arg(long)]
-    pub shape: Option<String>,
-    /// Workload file (default: the one built into the binary).
-    #[arg(long)]
-    pub workloads: Option<PathBuf>,
-    /// Model (default with --workload: the built-in `bench-<workload>`).
-    #[arg(long)]
-    pub model: Option<String>,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Which request message to write.
     #[arg(long, value_enum, default_value_t = GhzRpc::Infer)]
     pub rpc: GhzRpc,
@@ -515,12 +499,7 @@ pub fn ghz_request(rpc: GhzRpc, model: &str, shape: [usize; 5], raw: Bytes) -> V
 }
 
 pub fn ghz_data(a: GhzDataArgs) -> Result<(), BoxError> {
-    let (shape, model) = target(
-        a.workload.as_deref(),
-        a.shape.as_deref(),
-        a.workloads.as_ref(),
-        a.model.as_deref(),
-    )?;
+    let (shape, model) = target(&a.target)?;
     let raw = input_bytes(shape)?;
     let msg = ghz_request(a.rpc, &model, shape, raw);
     std::fs::write(&a.output, &msg).map_err(|e| format!("{}: {e}", a.output.display()))?;
@@ -539,6 +518,7 @@ mod tests {
 
     #[test]
     fn code_names_are_canonical() {
+        use crate::service::code_name;
         assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(tonic::Code::Ok), "OK");
         assert_eq!(

@@ -64,12 +64,7 @@ pub fn read_npy_rank(path: &Path, rank: usize) -> Result<Tensor, TensorFileError
 
 /// Writes a float32 C-order `.npy` file.
 pub fn write_npy(path: &Path, shape: &[usize], data: Vec<f32>) -> Result<(), TensorFileError> {
-    let arr = ArrayD::from_shape_vec(IxDyn(shape), data)
-        .expect("shape and data length agree (checked by the kernel)");
-    ndarray_npy::write_npy(path, &arr).map_err(|source| TensorFileError::Write {
-        path: path.display().to_string(),
-        source,
-    })
+    write_npy_typed(path, shape, data)
 }
 
 /// Writes a C-order `.npy` file of any element type ndarray-npy writes.
