@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 /// Who made a call, as the audit log names it: `token:<id>`, `cert:<subject CN>`, both, or
-/// `anonymous`. Inserted into each request's extensions by [`AuthLayer`].
+/// `anonymous`. Inserted into each request's extensions by [`FrontLayer`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller(pub String);
 
@@ -236,23 +236,24 @@ impl Auth {
     }
 }
 
-/// Tower layer running [`Auth::check`] on every request head.
+/// Tower layer in front of every service, run on each request head: works out the call's
+/// deadline ([`crate::service::CallDeadline`]) and runs [`Auth::check`].
 #[derive(Clone)]
-pub struct AuthLayer {
+pub struct FrontLayer {
     auth: Arc<Auth>,
 }
 
-impl AuthLayer {
+impl FrontLayer {
     pub fn new(auth: Arc<Auth>) -> Self {
         Self { auth }
     }
 }
 
-impl<S> tower_layer::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
+impl<S> tower_layer::Layer<S> for FrontLayer {
+    type Service = FrontService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
+        FrontService {
             inner,
             auth: Arc::clone(&self.auth),
         }
@@ -260,14 +261,14 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 }
 
 #[derive(Clone)]
-pub struct AuthService<S> {
+pub struct FrontService<S> {
     inner: S,
     auth: Arc<Auth>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-impl<S, B> tower_service::Service<http::Request<B>> for AuthService<S>
+impl<S, B> tower_service::Service<http::Request<B>> for FrontService<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
@@ -282,10 +283,30 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The deadline counts from here, the head's arrival, not from when the handler starts
+        // (a unary body is read and decoded in between).
+        let deadline = crate::service::deadline_from(req.headers(), std::time::Instant::now());
+        req.extensions_mut()
+            .insert(crate::service::CallDeadline(deadline));
         match self.auth.check(&req) {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(req))
+                let call = self.inner.call(req);
+                match deadline {
+                    None => Box::pin(call),
+                    // Covers what happens before the handler can watch the deadline itself
+                    // (reading and decoding a unary body); the handler's own timer fires at
+                    // the same instant and, polled first, answers with the stage it was in.
+                    Some(at) => Box::pin(async move {
+                        match crate::service::before(at, call).await {
+                            Ok(r) => r,
+                            Err(()) => Ok(tonic::Status::deadline_exceeded(
+                                "deadline passed while receiving the request",
+                            )
+                            .into_http()),
+                        }
+                    }),
+                }
             }
             Err(status) => {
                 if let Some(audit) = &self.auth.audit {

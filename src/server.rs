@@ -14,7 +14,7 @@ use crate::model::repo::ModelRegistry;
 use crate::pool::{Pool, PoolStats};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::voxconv::v1::inference_server::InferenceServer;
-use crate::security::{AuditLog, Auth, AuthLayer};
+use crate::security::{AuditLog, Auth, FrontLayer};
 use crate::service::kserve::KserveService;
 use crate::service::InferenceService;
 
@@ -222,7 +222,7 @@ pub async fn run_with_metrics(
         .max_connection_age(limits.max_connection_age)
         .max_connection_age_grace(limits.max_connection_age_grace)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-        .layer(AuthLayer::new(auth))
+        .layer(FrontLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

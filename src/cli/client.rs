@@ -62,6 +62,15 @@ type BoxError = Box<dyn std::error::Error>;
 
 /// A gRPC status as one line: `CODE: message`.
 pub fn status_error(s: tonic::Status) -> BoxError {
+    // tonic's channel times the call out locally from the same grpc-timeout and calls that
+    // CANCELLED; it is the deadline passing.
+    let local_timeout = std::error::Error::source(&s)
+        .and_then(|e| e.downcast_ref::<tonic::transport::Error>())
+        .and_then(std::error::Error::source)
+        .is_some_and(|e| e.is::<tonic::TimeoutExpired>());
+    if s.code() == tonic::Code::Cancelled && local_timeout {
+        return "DEADLINE_EXCEEDED: --timeout passed before the server answered".into();
+    }
     format!("{}: {}", crate::service::code_name(s.code()), s.message()).into()
 }
 

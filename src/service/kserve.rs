@@ -366,7 +366,7 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         &self,
         r: Request<kv::ModelInferRequest>,
     ) -> Result<Response<kv::ModelInferResponse>, Status> {
-        let deadline = deadline(r.metadata());
+        let deadline = deadline(&r);
         let origin = Origin::of(&r);
         let (metadata, _, req) = r.into_parts();
         let resp = self.infer_one(req, deadline, &metadata, &origin).await?;
@@ -381,7 +381,7 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         &self,
         r: Request<Streaming<kv::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let deadline = deadline(r.metadata());
+        let deadline = deadline(&r);
         let origin = Origin::of(&r);
         let (metadata, _, mut inbound) = r.into_parts();
         let (tx, rx) = mpsc::channel(4);

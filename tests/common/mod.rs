@@ -82,11 +82,49 @@ impl TestServer {
             .max_decoding_message_size(64 << 20)
     }
 
+    /// A client over a bare hyper HTTP/2 connection. tonic's `Channel` runs its own timer
+    /// from a request's `grpc-timeout` header and answers CANCELLED locally when it passes;
+    /// this one waits for whatever the server answers.
+    pub async fn client_without_deadline_timer(&self) -> InferenceClient<RawH2> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let origin: http::Uri = self.url().parse().unwrap();
+        InferenceClient::with_origin(RawH2(send), origin).max_decoding_message_size(64 << 20)
+    }
+
     /// Begins graceful shutdown.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// A hyper HTTP/2 connection as a tower service (see `client_without_deadline_timer`).
+#[derive(Clone)]
+pub struct RawH2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for RawH2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
     }
 }
 
