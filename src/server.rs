@@ -94,6 +94,11 @@ pub struct ServerState {
 /// Starts the pool and returns the state, then serves on `listener` until `shutdown`
 /// resolves; then health turns NOT_SERVING, new calls are refused and in-flight calls get
 /// `config.shutdown_grace` to finish.
+/// Largest HTTP/2 DATA frame we accept (announced in SETTINGS; the peer's announcement bounds
+/// what we send). The default 16 KiB costs one `writev` per 16 KiB: 8,192 system calls per
+/// 128 MiB output, about a fifth of the time a stream takes on loopback.
+pub const HTTP2_MAX_FRAME: u32 = 4 << 20;
+
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -216,6 +221,7 @@ pub async fn run_with_metrics(
         // every chunk on a round trip.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_frame_size(Some(HTTP2_MAX_FRAME))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(limits.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))

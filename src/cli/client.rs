@@ -243,7 +243,7 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
                     .iter()
                     .try_fold(1usize, |acc, &d| acc.checked_mul(d))
                     .ok_or("server announced an output too large to address")?;
-                y = vec![0f32; elements];
+                y = crate::kernel::buffer::zeroed_f32(elements);
                 down.set_length(h.total_bytes);
                 up.finish();
             }

@@ -57,6 +57,8 @@ impl ConnectArgs {
             .map_err(|e| format!("--server {}: {e}", self.server))?
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20))
+            // Lets the server send a chunk in one DATA frame (one write) instead of 16 KiB ones.
+            .max_frame_size(Some(crate::server::HTTP2_MAX_FRAME))
             .tcp_nodelay(true);
         let tls = self.server.starts_with("https://");
         if tls {

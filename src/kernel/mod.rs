@@ -10,6 +10,7 @@
 //!   caller-chosen number of threads and hands finished output slabs over in order.
 
 pub mod avx512;
+pub mod buffer;
 pub mod im2col;
 pub mod maxpool;
 pub mod plan;
