@@ -18,7 +18,7 @@ pub mod reference;
 pub mod shape;
 pub mod winograd;
 
-pub use plan::{Conv3dPlan, GemmImpl, Slab, StageTimes, Strategy, Tiling};
+pub use plan::{Conv3dPlan, GemmImpl, OwnedSlab, Slab, StageTimes, Strategy, Tiling};
 pub use reference::conv3d_reference;
 pub use shape::{Conv3dParams, Conv3dShape};
 

@@ -13,7 +13,7 @@
 //! applies the activation while the tile is still in cache.
 
 use std::ops::{ControlFlow, Range};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,6 +140,15 @@ pub struct Slab<'a> {
     pub batch: usize,
     pub depth: Range<usize>,
     pub data: &'a [f32],
+}
+
+/// A finished slab in a buffer its consumer now owns (see [`Conv3dPlan::run_slabs_owned`]):
+/// `data.len()` is `C_out · depth.len() · oH · oW`, laid out as in [`Slab`].
+#[derive(Debug)]
+pub struct OwnedSlab {
+    pub batch: usize,
+    pub depth: Range<usize>,
+    pub data: Vec<f32>,
 }
 
 /// A validated Conv3D with its strategy and tiling.
@@ -998,6 +1007,71 @@ impl Conv3dPlan {
         );
         drop(buffers);
         result
+    }
+
+    /// Like [`run_slabs`](Self::run_slabs), but each finished slab is handed over in its
+    /// own buffer instead of being lent from a ring: tiles are computed straight into
+    /// buffers from `fresh(len)` (at least `len` values; recycled ones save page faults),
+    /// so a consumer that sends the values on needs no copy. Memory is the same ring of
+    /// [`slab_bytes`](Self::slab_bytes) buffers plus whatever the consumer keeps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_slabs_owned(
+        &self,
+        input: &[f32],
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        fresh: &mut dyn FnMut(usize) -> Vec<f32>,
+        on_slab: &mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,
+    ) -> Result<(), KernelError> {
+        self.check(input, filters, bias, threads)?;
+        let ring = if threads <= 1 { 1 } else { RING_SLABS };
+        let slab_len = self.slab_bytes() / 4;
+        let count = self.slabs().len();
+        let mut sized = |len: usize| {
+            let mut v = fresh(len);
+            v.resize(len.max(v.len()), 0.0);
+            v
+        };
+        let mut owned: Vec<Vec<f32>> = (0..ring.min(count)).map(|_| sized(slab_len)).collect();
+        // Slab k is computed into the buffer of ring slot k % ring; a slot's buffer is
+        // replaced when its slab is delivered, before any tile of slab k + ring may start
+        // (`drive` publishes each delivery with a SeqCst store the workers wait on).
+        let slots: Vec<AtomicPtr<f32>> = owned
+            .iter_mut()
+            .map(|b| AtomicPtr::new(b.as_mut_ptr()))
+            .collect();
+        let dest_of = |s: &SlabInfo| Dest {
+            base: slots[s.index % ring].load(Ordering::Acquire),
+            row_stride: s.voxels,
+        };
+        let c_out = self.shape.c_out();
+        self.drive(
+            input,
+            filters,
+            bias,
+            threads,
+            cancel,
+            ring,
+            &dest_of,
+            &mut |s| {
+                let slot = s.index % ring;
+                let next = if s.index + ring < count {
+                    sized(slab_len)
+                } else {
+                    Vec::new()
+                };
+                let mut data = std::mem::replace(&mut owned[slot], next);
+                slots[slot].store(owned[slot].as_mut_ptr(), Ordering::Release);
+                data.truncate(c_out * s.voxels);
+                on_slab(OwnedSlab {
+                    batch: s.batch,
+                    depth: s.depth.clone(),
+                    data,
+                })
+            },
+        )
     }
 
     /// The scheduler. Sequential for one thread; otherwise `threads` workers take tiles in

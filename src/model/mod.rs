@@ -12,7 +12,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::kernel::maxpool::{maxpool3d, maxpool3d_shape};
-use crate::kernel::{Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError, Slab};
+use crate::kernel::{
+    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError, OwnedSlab, Slab,
+};
 
 /// One Conv3D layer: filters `[C_out, C_in, kD, kH, kW]`, optional bias, fused activation.
 #[derive(Clone, Debug)]
@@ -252,6 +254,49 @@ impl ModelPlan {
         cancel: Option<&AtomicBool>,
         on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
     ) -> Result<Vec<LayerTiming>, KernelError> {
+        self.run_into_sink(model, input, threads, cancel, Sink::Lent(on_slab))
+    }
+
+    /// Like [`run`](Self::run), but each slab of output is handed over in a buffer of its
+    /// own (from `fresh`, see [`Conv3dPlan::run_slabs_owned`]).
+    pub fn run_owned(
+        &self,
+        model: &Model,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        fresh: &mut dyn FnMut(usize) -> Vec<f32>,
+        on_slab: &mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,
+    ) -> Result<Vec<LayerTiming>, KernelError> {
+        self.run_into_sink(
+            model,
+            input,
+            threads,
+            cancel,
+            Sink::Owned { fresh, on_slab },
+        )
+    }
+
+    /// Bytes of the buffers [`run_owned`](Self::run_owned) hands over (one slab of the last
+    /// layer, or one batch item of a final pooling).
+    pub fn owned_slab_bytes(&self) -> usize {
+        match self.plans.last() {
+            Some(LayerPlan::Conv(c)) => c.slab_bytes(),
+            _ => {
+                let [_, c, od, oh, ow] = self.output;
+                c * od * oh * ow * 4
+            }
+        }
+    }
+
+    fn run_into_sink(
+        &self,
+        model: &Model,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        mut sink: Sink<'_>,
+    ) -> Result<Vec<LayerTiming>, KernelError> {
         let mut timings = Vec::with_capacity(self.plans.len());
         let mut cur = input;
         let last = self.plans.len() - 1;
@@ -261,7 +306,14 @@ impl ModelPlan {
                 (LayerPlan::Conv(p), Layer::Conv(c)) => {
                     let bias = c.bias.as_deref();
                     if i == last {
-                        p.run_slabs(&cur, &c.weights, bias, threads, cancel, on_slab)?;
+                        match &mut sink {
+                            Sink::Lent(on_slab) => {
+                                p.run_slabs(&cur, &c.weights, bias, threads, cancel, *on_slab)?
+                            }
+                            Sink::Owned { fresh, on_slab } => p.run_slabs_owned(
+                                &cur, &c.weights, bias, threads, cancel, *fresh, *on_slab,
+                            )?,
+                        }
                     } else {
                         let mut out = vec![0f32; p.shape().output_len()];
                         p.run_into(&cur, &c.weights, bias, &mut out, threads, cancel)?;
@@ -281,12 +333,24 @@ impl ModelPlan {
                         let [n, c, od, oh, ow] = self.output;
                         // One slab per batch item: [C, oD, oH, oW] is contiguous there.
                         for (b, item) in cur.chunks_exact(c * od * oh * ow).enumerate().take(n) {
-                            let slab = Slab {
-                                batch: b,
-                                depth: 0..od,
-                                data: item,
+                            let flow = match &mut sink {
+                                Sink::Lent(on_slab) => on_slab(Slab {
+                                    batch: b,
+                                    depth: 0..od,
+                                    data: item,
+                                }),
+                                Sink::Owned { fresh, on_slab } => {
+                                    let mut data = fresh(item.len());
+                                    data.resize(item.len(), 0.0);
+                                    data.copy_from_slice(item);
+                                    on_slab(OwnedSlab {
+                                        batch: b,
+                                        depth: 0..od,
+                                        data,
+                                    })
+                                }
                             };
-                            if on_slab(slab).is_break() {
+                            if flow.is_break() {
                                 return Err(KernelError::Cancelled);
                             }
                         }
@@ -305,6 +369,15 @@ impl ModelPlan {
         }
         Ok(timings)
     }
+}
+
+/// Where [`ModelPlan`]'s output goes: slabs lent from the kernel's ring, or handed over.
+enum Sink<'s> {
+    Lent(&'s mut dyn FnMut(Slab<'_>) -> ControlFlow<()>),
+    Owned {
+        fresh: &'s mut dyn FnMut(usize) -> Vec<f32>,
+        on_slab: &'s mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,
+    },
 }
 
 /// The models a server offers, by name, and the ones that failed to load (with why).

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod kserve;
+pub mod slabs;
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -313,35 +314,6 @@ impl InferenceService {
     }
 }
 
-/// Output chunks of one slab: for each channel, its planes are contiguous in the output
-/// tensor at `((n·C + c)·oD + d0)·oH·oW` elements; pieces of at most `chunk` bytes.
-fn slab_chunks(
-    slab: &crate::kernel::Slab<'_>,
-    output: [usize; 5],
-    out_dtype: DType,
-    chunk: usize,
-    mut emit: impl FnMut(u64, Bytes) -> bool,
-) -> bool {
-    let [_, c_out, od, oh, ow] = output;
-    let plane = oh * ow;
-    let per_channel = slab.depth.len() * plane;
-    let elem = out_dtype.size();
-    let per_chunk = (chunk / elem).max(1);
-    for c in 0..c_out {
-        let values = &slab.data[c * per_channel..(c + 1) * per_channel];
-        let first = ((slab.batch * c_out + c) * od + slab.depth.start) * plane;
-        for (i, piece) in values.chunks(per_chunk).enumerate() {
-            let mut buf = Vec::with_capacity(piece.len() * elem);
-            dtype::encode(out_dtype, piece, &mut buf);
-            let offset = ((first + i * per_chunk) * elem) as u64;
-            if !emit(offset, Bytes::from(buf)) {
-                return false;
-            }
-        }
-    }
-    true
-}
-
 /// One event per layer with its stage times (inside the call's `rpc` span).
 fn log_layers(layers: &[LayerTiming]) {
     for (i, l) in layers.iter().enumerate() {
@@ -645,7 +617,12 @@ impl InferenceService {
         let _guard = CancelOnDrop(cancel.clone());
         let result = async {
             // Admission: memory first (input buffer, intermediates, ring, output buffers).
-            let need = self.memory_needed(&p, chunk.saturating_mul(self.config.stream_buffer + 2));
+            // Output in flight besides the kernel's ring: the chunks queued for sending, the
+            // one being encoded and the slab being cut. Zero-copy chunks keep their whole
+            // slab alive, so count slabs then.
+            let zero_copy = slabs::zero_copy(p.out_dtype, p.plan.owned_slab_bytes());
+            let per_buffer = if zero_copy { p.plan.owned_slab_bytes().max(chunk) } else { chunk };
+            let need = self.memory_needed(&p, per_buffer.saturating_mul(self.config.stream_buffer + 3));
             let reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
                 .instrument(info_span!("queue_wait", stage = "memory"))
                 .await??;
@@ -732,13 +709,22 @@ impl InferenceService {
                         }
                     })
                 };
-                let r = plan.run(&model, input, ctx.threads, Some(&ctx.cancel), &mut |slab| {
-                    if slab_chunks(&slab, output, out_dtype, chunk, &mut send) {
-                        ControlFlow::Continue(())
-                    } else {
-                        ControlFlow::Break(())
-                    }
-                });
+                let flow = |more: bool| if more { ControlFlow::Continue(()) } else { ControlFlow::Break(()) };
+                let r = if zero_copy {
+                    let home = Arc::new(slabs::Recycler::default());
+                    plan.run_owned(
+                        &model,
+                        input,
+                        ctx.threads,
+                        Some(&ctx.cancel),
+                        &mut |len| home.take(len),
+                        &mut |slab| flow(slabs::owned_f32_chunks(slab, &home, output, chunk, &mut send)),
+                    )
+                } else {
+                    plan.run(&model, input, ctx.threads, Some(&ctx.cancel), &mut |slab| {
+                        flow(slabs::lent_chunks(&slab, output, out_dtype, chunk, &mut send))
+                    })
+                };
                 (r, ctx.queue_wait, t0.elapsed())
             })?;
             let outcome = tokio::select! {

@@ -1,0 +1,224 @@
+//! Output slabs to response chunks.
+//!
+//! A slab holds depth planes `d0..d1` of one batch item for all channels; in the NCDHW
+//! output each channel's part is contiguous at `((n·C + c)·oD + d0)·oH·oW` elements, so a
+//! slab becomes, per channel, pieces of at most `chunk` bytes.
+//!
+//! float32 output on a little-endian machine is already in wire format: the slab's buffer
+//! itself becomes the chunks' `Bytes` (slices of one buffer, no copy), and goes back to a
+//! per-call [`Recycler`] once the last chunk is encoded. Other dtypes are converted piece by
+//! piece into new buffers.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::kernel::{OwnedSlab, Slab};
+use crate::tensor::dtype::{self, DType};
+
+/// Slabs larger than this are copied out piece by piece even when they could be sent as
+/// they are: a handed-over slab stays alive until its last chunk is encoded, and the
+/// per-call reservation counts whole slabs for every chunk in flight.
+pub const ZERO_COPY_MAX_SLAB_BYTES: usize = 16 << 20;
+
+/// Whether float32 slabs of `slab_bytes` go out without a copy (see the module docs).
+pub fn zero_copy(out_dtype: DType, slab_bytes: usize) -> bool {
+    out_dtype == DType::F32
+        && cfg!(target_endian = "little")
+        && slab_bytes <= ZERO_COPY_MAX_SLAB_BYTES
+}
+
+/// The pieces of a slab: (byte offset in the output tensor, element range in the slab).
+fn pieces(
+    batch: usize,
+    depth: &Range<usize>,
+    output: [usize; 5],
+    elem: usize,
+    chunk: usize,
+) -> impl Iterator<Item = (u64, Range<usize>)> {
+    let [_, c_out, od, oh, ow] = output;
+    let plane = oh * ow;
+    let per_channel = depth.len() * plane;
+    let per_chunk = (chunk / elem).max(1);
+    let d0 = depth.start;
+    (0..c_out).flat_map(move |c| {
+        let first = ((batch * c_out + c) * od + d0) * plane;
+        (0..per_channel).step_by(per_chunk).map(move |i| {
+            let end = (i + per_chunk).min(per_channel);
+            (
+                ((first + i) * elem) as u64,
+                c * per_channel + i..c * per_channel + end,
+            )
+        })
+    })
+}
+
+/// Emits a lent slab as converted pieces; false as soon as `emit` refuses one.
+pub fn lent_chunks(
+    slab: &Slab<'_>,
+    output: [usize; 5],
+    out_dtype: DType,
+    chunk: usize,
+    mut emit: impl FnMut(u64, Bytes) -> bool,
+) -> bool {
+    let elem = out_dtype.size();
+    for (offset, r) in pieces(slab.batch, &slab.depth, output, elem, chunk) {
+        let mut buf = Vec::with_capacity(r.len() * elem);
+        dtype::encode(out_dtype, &slab.data[r], &mut buf);
+        if !emit(offset, Bytes::from(buf)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Emits a float32 slab handed over by the kernel as slices of its own buffer (see
+/// [`zero_copy`]); the buffer returns to `home` when the last slice is dropped.
+pub fn owned_f32_chunks(
+    slab: OwnedSlab,
+    home: &Arc<Recycler>,
+    output: [usize; 5],
+    chunk: usize,
+    mut emit: impl FnMut(u64, Bytes) -> bool,
+) -> bool {
+    let (batch, depth) = (slab.batch, slab.depth);
+    let all = Bytes::from_owner(Recycled {
+        buf: slab.data,
+        home: Arc::clone(home),
+    });
+    for (offset, r) in pieces(batch, &depth, output, 4, chunk) {
+        if !emit(offset, all.slice(r.start * 4..r.end * 4)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Slab buffers of one call, reused once their chunks have been sent.
+#[derive(Default)]
+pub struct Recycler {
+    free: Mutex<Vec<Vec<f32>>>,
+}
+
+impl Recycler {
+    /// A buffer for the kernel: a returned one when there is one (its pages are already
+    /// mapped), else an empty one the kernel sizes.
+    pub fn take(&self, len: usize) -> Vec<f32> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        match free.iter().position(|b| b.capacity() >= len) {
+            Some(i) => free.swap_remove(i),
+            None => Vec::new(),
+        }
+    }
+
+    fn give(&self, buf: Vec<f32>) {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buf);
+    }
+}
+
+/// A slab buffer viewed as little-endian float32 bytes.
+struct Recycled {
+    buf: Vec<f32>,
+    home: Arc<Recycler>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.buf)
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        self.home.give(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both paths tile the output exactly: every byte once, in order, same values.
+    #[test]
+    fn lent_and_owned_chunks_cover_the_output_with_the_same_bytes() {
+        let output = [2, 3, 5, 4, 3]; // N, C, oD, oH, oW
+        let plane = 4 * 3;
+        for chunk in [4, 12, 20, 48, 1 << 20] {
+            let mut lent = Vec::new();
+            let mut owned = Vec::new();
+            let home = Arc::new(Recycler::default());
+            for batch in 0..2 {
+                for depth in [0..2, 2..5] {
+                    let data: Vec<f32> = (0..3 * depth.len() * plane)
+                        .map(|i| (batch * 1000 + depth.start * 100 + i) as f32)
+                        .collect();
+                    let slab = Slab {
+                        batch,
+                        depth: depth.clone(),
+                        data: &data,
+                    };
+                    assert!(lent_chunks(&slab, output, DType::F32, chunk, |o, b| {
+                        lent.push((o, b));
+                        true
+                    }));
+                    let slab = OwnedSlab {
+                        batch,
+                        depth,
+                        data: data.clone(),
+                    };
+                    assert!(owned_f32_chunks(slab, &home, output, chunk, |o, b| {
+                        owned.push((o, b));
+                        true
+                    }));
+                }
+            }
+            assert_eq!(lent, owned, "chunk {chunk}");
+            let mut got = vec![None; 2 * 3 * 5 * plane * 4];
+            for (o, b) in &lent {
+                assert!(b.len() <= chunk.max(4), "chunk {chunk}: {} bytes", b.len());
+                for (i, &x) in b.iter().enumerate() {
+                    let at = *o as usize + i;
+                    assert!(got[at].is_none(), "byte {at} sent twice");
+                    got[at] = Some(x);
+                }
+            }
+            assert!(
+                got.iter().all(Option::is_some),
+                "chunk {chunk}: a byte was never sent"
+            );
+            drop(owned);
+            assert_eq!(
+                home.free.lock().unwrap().len(),
+                4,
+                "all four slabs came back"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_chunk_stops_the_slab_and_still_returns_its_buffer() {
+        let home = Arc::new(Recycler::default());
+        let slab = OwnedSlab {
+            batch: 0,
+            depth: 0..1,
+            data: vec![1.0; 2 * 4],
+        };
+        let mut n = 0;
+        assert!(!owned_f32_chunks(
+            slab,
+            &home,
+            [1, 2, 1, 2, 2],
+            8,
+            |_, _| {
+                n += 1;
+                false
+            }
+        ));
+        assert_eq!(n, 1);
+        assert_eq!(home.take(8).capacity(), 8);
+    }
+}
