@@ -82,8 +82,11 @@ pub struct Tiling {
 const COL_BUFFER_BYTES: usize = 384 * 1024;
 /// Preferred tile width before rounding to whole output rows.
 const TARGET_TILE_COLS: usize = 1024;
-/// Target size of one output slab (all channels).
-const SLAB_BYTES: usize = 2 * 1024 * 1024;
+/// Target size of one output slab (all channels). Streaming sends each channel's part of a
+/// slab as its own chunks, so this sets the message size: for a 16-channel output, 8 MiB
+/// slabs give 512 KiB chunks, 2 MiB ones 128 KiB; on loopback a 128 MiB stream took 12-18%
+/// less time with 8 MiB than with 2 MiB, and more again with 16 MiB (interleaved runs).
+const SLAB_BYTES: usize = 8 * 1024 * 1024;
 /// Winograd is the default when input and output channels reach this (below, the
 /// transforms cost more than the multiplies they save).
 const WINOGRAD_MIN_CHANNELS: usize = 16;

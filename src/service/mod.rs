@@ -617,12 +617,15 @@ impl InferenceService {
         let _guard = CancelOnDrop(cancel.clone());
         let result = async {
             // Admission: memory first (input buffer, intermediates, ring, output buffers).
-            // Output in flight besides the kernel's ring: the chunks queued for sending, the
-            // one being encoded and the slab being cut. Zero-copy chunks keep their whole
-            // slab alive, so count slabs then.
             let zero_copy = slabs::zero_copy(p.out_dtype, p.plan.owned_slab_bytes());
-            let per_buffer = if zero_copy { p.plan.owned_slab_bytes().max(chunk) } else { chunk };
-            let need = self.memory_needed(&p, per_buffer.saturating_mul(self.config.stream_buffer + 3));
+            let in_flight = slabs::in_flight_bytes(
+                zero_copy,
+                p.plan.owned_slab_bytes(),
+                p.plan.output[1],
+                chunk,
+                self.config.stream_buffer,
+            );
+            let need = self.memory_needed(&p, in_flight);
             let reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
                 .instrument(info_span!("queue_wait", stage = "memory"))
                 .await??;

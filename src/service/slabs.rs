@@ -29,6 +29,27 @@ pub fn zero_copy(out_dtype: DType, slab_bytes: usize) -> bool {
         && slab_bytes <= ZERO_COPY_MAX_SLAB_BYTES
 }
 
+/// Output bytes alive outside the kernel's ring while a stream runs: up to `stream_buffer`
+/// chunks queued, one being encoded and one being cut. Copied chunks are at most `chunk`
+/// bytes each. Zero-copy chunks keep their whole slab alive; a slab yields at least one
+/// chunk per channel, so those `stream_buffer + 2` consecutive chunks span at most
+/// `⌈(stream_buffer + 2) / C_out⌉ + 1` slabs.
+pub fn in_flight_bytes(
+    zero_copy: bool,
+    slab_bytes: usize,
+    c_out: usize,
+    chunk: usize,
+    stream_buffer: usize,
+) -> usize {
+    let chunks = stream_buffer.saturating_add(2);
+    if zero_copy {
+        let slabs = chunks.div_ceil(c_out.max(1)) + 1;
+        slabs.saturating_mul(slab_bytes)
+    } else {
+        chunks.saturating_add(1).saturating_mul(chunk)
+    }
+}
+
 /// The pieces of a slab: (byte offset in the output tensor, element range in the slab).
 fn pieces(
     batch: usize,
