@@ -16,7 +16,6 @@ and after, and the time for the pool to drain.
 
     abuse_h2.py --server 127.0.0.1:50156 --metrics http://127.0.0.1:50157/metrics --pid PID
 """
-import argparse
 import socket
 import statistics
 import struct
@@ -30,6 +29,7 @@ import h2.settings
 import hpack
 import numpy as np
 
+import live
 from live import metric, rss_mib
 from voxconv_client import Client
 
@@ -260,11 +260,7 @@ def zero_window_reader(host, port, metrics, timeout_ms=1500):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--metrics", required=True)
-    ap.add_argument("--pid", type=int, required=True)
-    a = ap.parse_args()
+    a = live.args()
     host, port = a.server.rsplit(":", 1)
     port = int(port)
 

@@ -1,6 +1,16 @@
 """Helpers shared by the live-server checks (abuse_h2.py, soak.py)."""
+import argparse
 import re
 import urllib.request
+
+
+def args():
+    """The arguments every live check takes: --server host:port, --metrics URL, --pid."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--pid", type=int, required=True)
+    return ap.parse_args()
 
 
 def rss_mib(pid):

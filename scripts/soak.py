@@ -8,7 +8,6 @@
 
     soak.py --server 127.0.0.1:50158 --metrics http://127.0.0.1:50159/metrics --pid PID
 """
-import argparse
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import time
 import grpc
 import numpy as np
 
+import live
 from live import metric, rss_mib
 from voxconv_client import Client, pb
 
@@ -120,11 +120,7 @@ def kill_mid_stream(server, metrics):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
-    ap.add_argument("--metrics", required=True)
-    ap.add_argument("--pid", type=int, required=True)
-    a = ap.parse_args()
+    a = live.args()
     kill_mid_stream(a.server, a.metrics)
     soak(a.server, a.pid)
 

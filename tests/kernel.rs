@@ -255,49 +255,92 @@ fn one_two_and_three_threads_are_bit_identical() {
     }
 }
 
+/// Every strategy with small slabs and tiles, at 1, 2 and 3 threads (for slab tests).
+fn slab_plans(shape: Conv3dShape) -> impl Iterator<Item = (Conv3dPlan, usize)> {
+    variants(shape, Activation::None)
+        .into_iter()
+        .flat_map(|p| [1, 2, 3].map(|t| (p.clone(), t)))
+        .map(|(plan, threads)| {
+            let plan = plan
+                .with_tiling(Tiling {
+                    tile_cols: 37,
+                    k_chunk: 20,
+                    slab_depth: 2,
+                })
+                .with_min_flops_per_thread(0.0);
+            (plan, threads)
+        })
+}
+
+/// Rebuilds an output from slabs, checking they come in order and have the right size.
+struct Rebuild {
+    output: [usize; 5],
+    next: (usize, usize),
+    data: Vec<f32>,
+}
+
+impl Rebuild {
+    fn new(shape: &Conv3dShape) -> Self {
+        Self {
+            output: shape.output,
+            next: (0, 0),
+            data: vec![f32::NAN; shape.output_len()],
+        }
+    }
+
+    /// Where channel `c` of a slab starts in the output, and its length.
+    fn range(&self, batch: usize, depth: &std::ops::Range<usize>, c: usize) -> (usize, usize) {
+        let [_, c_out, od, oh, ow] = self.output;
+        let len = depth.len() * oh * ow;
+        (((batch * c_out + c) * od + depth.start) * oh * ow, len)
+    }
+
+    fn add(&mut self, batch: usize, depth: &std::ops::Range<usize>, data: &[f32]) {
+        let [_, c_out, od, ..] = self.output;
+        assert_eq!((batch, depth.start), self.next, "slab out of order");
+        let (_, per) = self.range(batch, depth, 0);
+        assert_eq!(data.len(), c_out * per);
+        for c in 0..c_out {
+            let (at, len) = self.range(batch, depth, c);
+            self.data[at..at + len].copy_from_slice(&data[c * per..(c + 1) * per]);
+        }
+        self.next = if depth.end == od {
+            (batch + 1, 0)
+        } else {
+            (batch, depth.end)
+        };
+    }
+
+    /// Every slab arrived and the output is bit-identical to `full`.
+    fn check(&self, full: &[f32], what: &str) {
+        assert_eq!(
+            self.next,
+            (self.output[0], 0),
+            "every slab delivered ({what})"
+        );
+        assert!(bit_identical(&self.data, full), "{what}");
+    }
+}
+
+fn bit_identical(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 #[test]
 fn slabs_arrive_in_order_and_tile_the_output() {
     let shape =
         Conv3dShape::new([2, 3, 9, 10, 11], [5, 3, 3, 3, 3], Conv3dParams::default()).unwrap();
     let x = data(shape.input_len(), 1);
     let w = data(shape.filters_len(), 2);
-    let [_, c_out, od, oh, ow] = shape.output;
-    for (plan, threads) in variants(shape, Activation::None)
-        .into_iter()
-        .flat_map(|p| [1, 2, 3].map(|t| (p.clone(), t)))
-    {
-        let plan = plan
-            .with_tiling(Tiling {
-                tile_cols: 37,
-                k_chunk: 20,
-                slab_depth: 2,
-            })
-            .with_min_flops_per_thread(0.0);
+    for (plan, threads) in slab_plans(shape) {
         let full = run_plan(&plan, &x, &w, None, 2);
-        let mut next = (0usize, 0usize);
-        let mut rebuilt = vec![f32::NAN; shape.output_len()];
+        let mut rebuilt = Rebuild::new(&shape);
         plan.run_slabs(&x, &w, None, threads, None, &mut |s| {
-            assert_eq!((s.batch, s.depth.start), next, "slab out of order");
-            let planes = s.depth.len();
-            assert_eq!(s.data.len(), c_out * planes * oh * ow);
-            for c in 0..c_out {
-                let src = &s.data[c * planes * oh * ow..(c + 1) * planes * oh * ow];
-                let dst = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
-                rebuilt[dst..dst + src.len()].copy_from_slice(src);
-            }
-            next = if s.depth.end == od {
-                (s.batch + 1, 0)
-            } else {
-                (s.batch, s.depth.end)
-            };
+            rebuilt.add(s.batch, &s.depth, s.data);
             ControlFlow::Continue(())
         })
         .unwrap();
-        assert_eq!(next, (2, 0), "every slab delivered");
-        assert!(rebuilt
-            .iter()
-            .zip(&full)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        rebuilt.check(&full, &format!("{:?} threads {threads}", plan.strategy()));
     }
 }
 
@@ -311,27 +354,15 @@ fn owned_slabs_match_lent_slabs_with_dirty_recycled_buffers() {
         Conv3dShape::new([2, 3, 9, 10, 11], [5, 3, 3, 3, 3], Conv3dParams::default()).unwrap();
     let x = data(shape.input_len(), 3);
     let w = data(shape.filters_len(), 4);
-    let [_, c_out, od, oh, ow] = shape.output;
-    for (plan, threads) in variants(shape, Activation::None)
-        .into_iter()
-        .flat_map(|p| [1, 2, 3].map(|t| (p.clone(), t)))
-    {
-        let plan = plan
-            .with_tiling(Tiling {
-                tile_cols: 37,
-                k_chunk: 20,
-                slab_depth: 2,
-            })
-            .with_min_flops_per_thread(0.0);
+    let c_out = shape.output[1];
+    for (plan, threads) in slab_plans(shape) {
         let full = run_plan(&plan, &x, &w, None, 2);
-        let mut rebuilt = vec![f32::NAN; shape.output_len()];
+        let mut rebuilt = Rebuild::new(&shape);
         // Every second slab is kept (and checked at the end); the others return dirty.
         let mut kept = Vec::new();
-        let mut free: Vec<Vec<f32>> = Vec::new();
-        let mut next = (0usize, 0usize);
-        let mut delivered = 0usize;
+        let free = std::cell::RefCell::new(Vec::<Vec<f32>>::new());
         let mut fresh_calls = 0usize;
-        let free_cell = std::cell::RefCell::new(&mut free);
+        let mut delivered = 0usize;
         plan.run_slabs_owned(
             &x,
             &w,
@@ -340,58 +371,34 @@ fn owned_slabs_match_lent_slabs_with_dirty_recycled_buffers() {
             None,
             &mut |len| {
                 fresh_calls += 1;
-                free_cell
-                    .borrow_mut()
+                free.borrow_mut()
                     .pop()
                     .unwrap_or_else(|| vec![f32::NAN; len / 2])
             },
             &mut |s| {
-                assert_eq!((s.batch, s.depth.start), next, "slab out of order");
-                let planes = s.depth.len();
-                assert_eq!(s.data.len(), c_out * planes * oh * ow);
-                for c in 0..c_out {
-                    let src = &s.data[c * planes * oh * ow..(c + 1) * planes * oh * ow];
-                    let dst = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
-                    rebuilt[dst..dst + src.len()].copy_from_slice(src);
-                }
-                next = if s.depth.end == od {
-                    (s.batch + 1, 0)
-                } else {
-                    (s.batch, s.depth.end)
-                };
+                rebuilt.add(s.batch, &s.depth, &s.data);
                 if delivered.is_multiple_of(2) {
-                    kept.push((s.batch, s.depth.clone(), s.data));
+                    kept.push((s.batch, s.depth, s.data));
                 } else {
                     let mut dirty = s.data;
                     dirty.fill(f32::NAN);
-                    free_cell.borrow_mut().push(dirty);
+                    free.borrow_mut().push(dirty);
                 }
                 delivered += 1;
                 ControlFlow::Continue(())
             },
         )
         .unwrap();
-        assert_eq!(next, (2, 0), "every slab delivered");
         assert!(fresh_calls >= 1);
-        assert!(
-            rebuilt
-                .iter()
-                .zip(&full)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "{:?} threads {threads}",
-            plan.strategy()
-        );
+        let what = format!("{:?} threads {threads}", plan.strategy());
+        rebuilt.check(&full, &what);
         for (b, depth, data) in kept {
-            let planes = depth.len();
+            let per = data.len() / c_out;
             for c in 0..c_out {
-                let got = &data[c * planes * oh * ow..(c + 1) * planes * oh * ow];
-                let at = ((b * c_out + c) * od + depth.start) * oh * ow;
-                let want = &full[at..at + got.len()];
+                let (at, len) = rebuilt.range(b, &depth, c);
                 assert!(
-                    got.iter()
-                        .zip(want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "a kept slab was written after it was handed over"
+                    bit_identical(&data[c * per..(c + 1) * per], &full[at..at + len]),
+                    "a kept slab was written after it was handed over ({what})"
                 );
             }
         }

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{chunks, f32_bytes, header, models, TestServer};
+use common::{chunks, f32_bytes, header, models, unary, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use voxconv::config::Config;
 use voxconv::proto::voxconv::v1 as pb;
@@ -27,18 +27,6 @@ async fn scrape(srv: &TestServer) -> (String, String, String) {
         .unwrap_or_default()
         .to_string();
     (status, ctype, body.to_string())
-}
-
-fn f32_request(model: &str, shape: &[u64], data: bytes::Bytes) -> pb::InferRequest {
-    pb::InferRequest {
-        model: model.into(),
-        input: Some(pb::Tensor {
-            dtype: pb::DType::Fp32 as i32,
-            shape: shape.to_vec(),
-            data,
-        }),
-        output_dtype: 0,
-    }
 }
 
 /// Sample lines `name{labels} value` as a map from `name{labels}` to value.
@@ -79,7 +67,7 @@ async fn counters_and_histograms_move_with_their_labels() {
     // Two unary calls and one stream that succeed.
     for _ in 0..2 {
         client
-            .infer(f32_request("c16", &shape, x.clone()))
+            .infer(unary("c16", pb::DType::Fp32, &shape, x.clone()))
             .await
             .unwrap();
     }
@@ -94,12 +82,22 @@ async fn counters_and_histograms_move_with_their_labels() {
     while s.message().await.unwrap().is_some() {}
     // Failures: an unknown model (its name must not become a label) and a bad shape.
     let e = client
-        .infer(f32_request("no-such-model-123", &shape, x.clone()))
+        .infer(unary(
+            "no-such-model-123",
+            pb::DType::Fp32,
+            &shape,
+            x.clone(),
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = client
-        .infer(f32_request("c16", &[1, 2, 4, 4, 4], Default::default()))
+        .infer(unary(
+            "c16",
+            pb::DType::Fp32,
+            &[1, 2, 4, 4, 4],
+            Default::default(),
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{chunks, f32_bytes, header, models, TestServer};
+use common::{chunks, f32_bytes, header, models, unary, TestServer};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -105,15 +105,7 @@ async fn spans_reach_the_collector_under_the_callers_trace() {
     let mut client = srv.client().await;
     let shape = [1u64, 1, 6, 5, 4];
     let x = f32_bytes(&voxconv::cli::seeded(120, 1));
-    let mut req = Request::new(pb::InferRequest {
-        model: "sobel3d".into(),
-        input: Some(pb::Tensor {
-            dtype: pb::DType::Fp32 as i32,
-            shape: shape.to_vec(),
-            data: x.clone(),
-        }),
-        output_dtype: 0,
-    });
+    let mut req = Request::new(unary("sobel3d", pb::DType::Fp32, &shape, x.clone()));
     req.metadata_mut().insert(
         "traceparent",
         format!("00-{TRACE_A}-{PARENT_A}-01").parse().unwrap(),

@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{f32_bytes, models, TestServer};
+use common::{f32_bytes, models, unary, TestServer};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use voxconv::config::{Config, TlsSettings};
@@ -59,15 +59,12 @@ fn pki() -> Pki {
 }
 
 fn tiny_request() -> pb::InferRequest {
-    pb::InferRequest {
-        model: "sobel3d".into(),
-        input: Some(pb::Tensor {
-            dtype: pb::DType::Fp32 as i32,
-            shape: vec![1, 1, 4, 4, 4],
-            data: f32_bytes(&[0.5; 64]),
-        }),
-        output_dtype: 0,
-    }
+    unary(
+        "sobel3d",
+        pb::DType::Fp32,
+        &[1, 1, 4, 4, 4],
+        f32_bytes(&[0.5; 64]),
+    )
 }
 
 async fn tls_channel(
@@ -164,15 +161,12 @@ async fn call_with(
     bytes: usize,
 ) -> (tonic::Code, Duration) {
     let n = bytes / 4;
-    let mut req = tonic::Request::new(pb::InferRequest {
-        model: "sobel3d".into(),
-        input: Some(pb::Tensor {
-            dtype: pb::DType::Fp32 as i32,
-            shape: vec![1, 1, 1, 1, n as u64],
-            data: f32_bytes(&vec![0.25; n]),
-        }),
-        output_dtype: 0,
-    });
+    let mut req = tonic::Request::new(unary(
+        "sobel3d",
+        pb::DType::Fp32,
+        &[1, 1, 1, 1, n as u64],
+        f32_bytes(&vec![0.25; n]),
+    ));
     if let Some(t) = token {
         req.metadata_mut()
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
@@ -337,15 +331,12 @@ async fn a_gzip_bomb_is_refused_and_the_server_serves_on() {
         .max_encoding_message_size(usize::MAX);
     // 256 MiB of zeros compress to ~256 KiB; the limit is 4 MiB decompressed.
     let n = 64 << 20;
-    let req = pb::InferRequest {
-        model: "sobel3d".into(),
-        input: Some(pb::Tensor {
-            dtype: pb::DType::Fp32 as i32,
-            shape: vec![1, 1, 256, 512, 512],
-            data: bytes::Bytes::from(vec![0u8; n * 4]),
-        }),
-        output_dtype: 0,
-    };
+    let req = unary(
+        "sobel3d",
+        pb::DType::Fp32,
+        &[1, 1, 256, 512, 512],
+        bytes::Bytes::from(vec![0u8; n * 4]),
+    );
     let t0 = Instant::now();
     let e = client.infer(req).await.unwrap_err();
     println!(
@@ -385,15 +376,7 @@ async fn an_overload_burst_is_refused_quickly_and_the_queue_stays_bounded() {
     };
     let calls = (0..15).map(|_| {
         let mut c = client.clone();
-        let req = pb::InferRequest {
-            model: "gaussian3d".into(),
-            input: Some(pb::Tensor {
-                dtype: pb::DType::Fp32 as i32,
-                shape: shape.clone(),
-                data: x.clone(),
-            }),
-            output_dtype: 0,
-        };
+        let req = unary("gaussian3d", pb::DType::Fp32, &shape, x.clone());
         tokio::spawn(async move {
             let t0 = Instant::now();
             let r = c.infer(req).await;

@@ -44,18 +44,6 @@ async fn collect(
     Ok((shape, out, summary))
 }
 
-fn unary(model: &str, dtype: pb::DType, shape: &[u64], data: bytes::Bytes) -> pb::InferRequest {
-    pb::InferRequest {
-        model: model.into(),
-        input: Some(pb::Tensor {
-            dtype: dtype as i32,
-            shape: shape.to_vec(),
-            data,
-        }),
-        output_dtype: 0,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_and_streamed_results_equal_the_kernel() {
     let models = models();

@@ -178,12 +178,7 @@ pub fn deadline_from(headers: &http::HeaderMap, arrived: Instant) -> Option<Inst
 pub(crate) fn deadline<T>(request: &Request<T>) -> Option<Instant> {
     match request.extensions().get::<CallDeadline>() {
         Some(d) => d.0,
-        None => {
-            let v = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-            let now = Instant::now();
-            let at = now.checked_add(parse_grpc_timeout(v)?)?;
-            Some(at.checked_sub(DEADLINE_MARGIN).unwrap_or(now).max(now))
-        }
+        None => deadline_from(request.metadata().as_ref(), Instant::now()),
     }
 }
 

@@ -170,6 +170,19 @@ pub fn models() -> ModelSet {
     set
 }
 
+/// A unary Infer request.
+pub fn unary(model: &str, dtype: pb::DType, shape: &[u64], data: Bytes) -> pb::InferRequest {
+    pb::InferRequest {
+        model: model.into(),
+        input: Some(pb::Tensor {
+            dtype: dtype as i32,
+            shape: shape.to_vec(),
+            data,
+        }),
+        output_dtype: 0,
+    }
+}
+
 pub fn f32_bytes(v: &[f32]) -> Bytes {
     Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
 }
