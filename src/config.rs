@@ -87,6 +87,12 @@ pub struct ServeArgs {
     /// status, latency), appended and flushed per line.
     #[arg(long, env = "VOXCONV_AUDIT_LOG")]
     pub audit_log: Option<std::path::PathBuf>,
+    /// Same-host shared memory: clients on this host may register files of this directory
+    /// (normally /dev/shm, where POSIX shm_open keys live) and have InferStream write the
+    /// output there instead of over the socket. Off when unset; when set, any caller may
+    /// make the server write into files of this directory that the server's user can open.
+    #[arg(long, env = "VOXCONV_SHARED_MEMORY_DIR")]
+    pub shared_memory_dir: Option<std::path::PathBuf>,
     /// Concurrent streams (calls) per HTTP/2 connection.
     #[arg(long, env = "VOXCONV_MAX_CONCURRENT_STREAMS", default_value_t = 32)]
     pub max_concurrent_streams: u32,
@@ -191,6 +197,7 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     pub auth_tokens: Option<std::sync::Arc<crate::security::TokenSet>>,
     pub audit_log: Option<std::path::PathBuf>,
+    pub shared_memory_dir: Option<std::path::PathBuf>,
     pub limits: Limits,
 }
 
@@ -221,6 +228,7 @@ impl Config {
             tls: None,
             auth_tokens: None,
             audit_log: None,
+            shared_memory_dir: None,
             limits: Limits::default(),
         }
     }
@@ -352,6 +360,15 @@ impl TryFrom<ServeArgs> for Config {
                     Some(p)
                 }
                 None => None,
+            },
+            shared_memory_dir: match a.shared_memory_dir {
+                Some(p) if !p.is_dir() => {
+                    return Err(ConfigError(format!(
+                        "--shared-memory-dir: expected a directory, got {}",
+                        p.display()
+                    )))
+                }
+                p => p,
             },
             limits: Limits {
                 max_concurrent_streams: bounded(

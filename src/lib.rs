@@ -25,6 +25,7 @@ pub mod proto;
 pub mod security;
 pub mod server;
 pub mod service;
+pub mod shm;
 pub mod telemetry;
 pub mod tensor;
 pub mod workloads;

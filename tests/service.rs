@@ -404,14 +404,16 @@ async fn every_error_class_has_its_code_and_a_precise_message() {
     .await;
 }
 
-/// A stream whose client never reads: with a one-chunk buffer the worker blocks on
-/// backpressure, so it stays busy until the client goes away.
+/// A stream whose client never reads: the worker blocks on backpressure, so it stays busy
+/// until the client goes away. The output (56 MiB, 7 slabs) is larger than what the
+/// response queue takes (`--stream-buffer` chunks plus one slab's chunks) and the HTTP/2
+/// windows hold together.
 async fn stalled_stream(server: &TestServer) -> tonic::Streaming<pb::InferStreamResponse> {
     let mut c = server.client().await;
-    let shape = [1u64, 1, 48, 48, 48];
+    let shape = [1u64, 1, 96, 96, 96];
     let mut reqs = vec![header("c16", &shape, pb::DType::Uint8, 4096)];
     reqs.extend(chunks(
-        &bytes::Bytes::from(vec![3u8; 48 * 48 * 48]),
+        &bytes::Bytes::from(vec![3u8; 96 * 96 * 96]),
         1 << 16,
     ));
     c.infer_stream(tokio_stream::iter(reqs))

@@ -82,6 +82,11 @@ pub struct BenchArgs {
     /// Input chunk size for --rpc stream.
     #[arg(long, default_value_t = 1 << 20)]
     pub chunk_bytes: usize,
+    /// --rpc stream through shared memory in this directory (normally /dev/shm; the server
+    /// must share it and run with --shared-memory-dir): each worker registers one region and
+    /// reuses it; each call writes the input there and ends when the output is there.
+    #[arg(long)]
+    pub shared_memory_dir: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -200,10 +205,12 @@ struct Job {
 }
 
 impl Job {
-    /// One request; output bytes on success.
+    /// One request; output bytes on success. With `region`, InferStream writes the output
+    /// there.
     async fn call(
         &self,
         client: &mut InferenceClient<super::connect::Authed>,
+        region: Option<&super::shm::ClientRegion>,
     ) -> Result<u64, tonic::Status> {
         match self.rpc {
             Rpc::Infer => {
@@ -228,9 +235,21 @@ impl Job {
                         input_shape: self.shape.iter().map(|&d| d as u64).collect(),
                         output_dtype: self.out_dtype as i32,
                         max_chunk_bytes: 0,
+                        input_shared_memory: region.map(|r| r.at(0)),
+                        output_shared_memory: region.map(|r| {
+                            r.at(super::shm::ClientRegion::output_at(self.raw.len() as u64))
+                        }),
                     })),
                 };
-                let raw = self.raw.clone();
+                // With shared memory, "sending" the input is writing it into the region.
+                let raw = match region {
+                    Some(r) => {
+                        r.write(0, &self.raw)
+                            .map_err(|e| tonic::Status::internal(format!("shared memory: {e}")))?;
+                        Bytes::new()
+                    }
+                    None => self.raw.clone(),
+                };
                 let chunk = self.chunk;
                 let chunks = (0..raw.len())
                     .step_by(chunk)
@@ -251,7 +270,12 @@ impl Job {
                         Some(pb::infer_stream_response::Msg::Chunk(c)) => {
                             out += c.data.len() as u64
                         }
-                        Some(pb::infer_stream_response::Msg::Summary(_)) => summary = true,
+                        Some(pb::infer_stream_response::Msg::Summary(s)) => {
+                            if region.is_some() {
+                                out = s.output_bytes;
+                            }
+                            summary = true
+                        }
                         _ => {}
                     }
                 }
@@ -331,10 +355,42 @@ async fn run_bench(
     let start = Instant::now();
     let stop_at = duration.map(|d| start + d);
     let mut tasks = Vec::new();
+    let mut regions = Vec::new();
     for w in 0..a.concurrency {
         let mut client = a
             .connect
             .inference(channels[w as usize % channels.len()].clone())?;
+        regions.push(match &a.shared_memory_dir {
+            None => None,
+            Some(dir) => {
+                if a.rpc != Rpc::Stream {
+                    return Err("--shared-memory-dir: needs --rpc stream".into());
+                }
+                let info = client
+                    .get_model(pb::GetModelRequest {
+                        name: model.clone(),
+                    })
+                    .await
+                    .map_err(|s| format!("GetModel: {}: {}", s.code(), s.message()))?
+                    .into_inner();
+                let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+                let elems: u64 = super::shm::output_shape(&info, &shape)?.iter().product();
+                let size = match a.output_dtype {
+                    super::client::OutDType::Fp32 => 4,
+                    super::client::OutDType::Fp16 => 2,
+                };
+                Some(Arc::new(
+                    super::shm::ClientRegion::create(
+                        &mut client,
+                        dir,
+                        job.raw.len() as u64,
+                        elems * size,
+                    )
+                    .await?,
+                ))
+            }
+        });
+        let region = regions[w as usize].clone();
         let job = job.clone();
         let issued = issued.clone();
         let progress = progress.clone();
@@ -355,7 +411,7 @@ async fn run_bench(
                     break;
                 }
                 let t0 = Instant::now();
-                match job.call(&mut client).await {
+                match job.call(&mut client, region.as_deref()).await {
                     Ok(out) => {
                         let us = t0.elapsed().as_micros().max(1) as u64;
                         st.hist.saturating_record(us);
@@ -393,6 +449,12 @@ async fn run_bench(
     }
     progress.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
+    for (w, r) in regions.into_iter().enumerate() {
+        if let Some(r) = r.and_then(|r| Arc::try_unwrap(r).ok()) {
+            let mut client = a.connect.inference(channels[w % channels.len()].clone())?;
+            r.release(&mut client).await?;
+        }
+    }
     let ok = hist.len();
     let failed: u64 = errors.values().sum();
     let ms = |us: u64| us as f64 / 1e3;

@@ -47,6 +47,11 @@ pub struct InferArgs {
     /// Deadline for the whole call, e.g. 30s or 2m (sent as grpc-timeout).
     #[arg(long)]
     pub timeout: Option<humantime::Duration>,
+    /// Receive the output through shared memory in this directory (normally /dev/shm)
+    /// instead of over the socket: for a server on this host started with
+    /// --shared-memory-dir on the same directory. The region is removed afterwards.
+    #[arg(long)]
+    pub shared_memory_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -177,22 +182,42 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let input = load_input(&a.input)?;
     let channel = a.connect.channel().await?;
     let mut client = a.connect.inference(channel)?;
-    // NIfTI output needs the model's geometry to place the output voxels.
-    let maps = if out_nifti {
-        let info = client
-            .get_model(pb::GetModelRequest {
-                name: a.model.clone(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        Some(axis_maps(&info))
-    } else {
-        None
-    };
     let out_dtype = match a.output_dtype {
         OutDType::Fp32 => DType::F32,
         OutDType::Fp16 => DType::F16,
+    };
+    // NIfTI output needs the model's geometry to place the output voxels; a shared-memory
+    // region is sized from the output shape it gives.
+    let info = if out_nifti || a.shared_memory_dir.is_some() {
+        Some(
+            client
+                .get_model(pb::GetModelRequest {
+                    name: a.model.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner(),
+        )
+    } else {
+        None
+    };
+    let maps = info.as_ref().filter(|_| out_nifti).map(axis_maps);
+    let input_len = input.bytes.len();
+    let output_at = super::shm::ClientRegion::output_at(input_len as u64);
+    let region = match (&a.shared_memory_dir, &info) {
+        (Some(dir), Some(info)) => {
+            let shape: Vec<u64> = input.shape.iter().map(|&d| d as u64).collect();
+            let bytes = super::shm::output_shape(info, &shape)?
+                .iter()
+                .try_fold(out_dtype.size() as u64, |a, &d| a.checked_mul(d))
+                .ok_or("the output is too large to address")?;
+            let region =
+                super::shm::ClientRegion::create(&mut client, dir, input.bytes.len() as u64, bytes)
+                    .await?;
+            region.write(0, &input.bytes)?;
+            Some(region)
+        }
+        _ => None,
     };
     let header = pb::InferStreamRequest {
         msg: Some(pb::infer_stream_request::Msg::Header(pb::StreamHeader {
@@ -201,9 +226,15 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
             input_shape: input.shape.iter().map(|&d| d as u64).collect(),
             output_dtype: crate::service::to_pb_dtype(out_dtype) as i32,
             max_chunk_bytes: 0,
+            input_shared_memory: region.as_ref().map(|r| r.at(0)),
+            output_shared_memory: region.as_ref().map(|r| r.at(output_at)),
         })),
     };
-    let raw = Bytes::from(input.bytes);
+    // Through shared memory the input is already in the region: no chunks.
+    let raw = match region {
+        Some(_) => Bytes::new(),
+        None => Bytes::from(input.bytes),
+    };
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let up = bar(&multi, "sent", raw.len() as u64);
     let down = bar(&multi, "received", 0);
@@ -263,10 +294,31 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
             None => {}
         }
     }
+    let s = summary.ok_or("stream ended without a summary")?;
+    if let Some(r) = region {
+        // The output is in the region: copy it out (as it would come off the socket).
+        let want = y.len() * out_dtype.size();
+        if output_at.saturating_add(want as u64) > r.bytes() {
+            return Err(format!(
+                "server announced {want} output bytes, the region holds {}",
+                r.bytes()
+            )
+            .into());
+        }
+        if out_dtype == DType::F32 && cfg!(target_endian = "little") {
+            r.read(output_at, bytemuck::cast_slice_mut(&mut y))?;
+        } else {
+            let mut raw = vec![0u8; want];
+            r.read(output_at, &mut raw)?;
+            dtype::decode(out_dtype, &raw, &mut y);
+        }
+        received = want;
+        down.inc(want as u64);
+        r.release(&mut client).await?;
+    }
     down.finish();
     multi.clear().ok();
     let stream_ms = t_call.elapsed().as_secs_f64() * 1e3;
-    let s = summary.ok_or("stream ended without a summary")?;
     if received as u64 != s.output_bytes {
         return Err(format!("received {received} of {} output bytes", s.output_bytes).into());
     }
@@ -288,7 +340,7 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         a.model,
         input.dtype.name(),
         input.shape,
-        bytesize::ByteSize(raw.len() as u64),
+        bytesize::ByteSize(input_len as u64),
         out_dtype.name(),
         shape,
         bytesize::ByteSize(s.output_bytes),

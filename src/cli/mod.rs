@@ -7,6 +7,7 @@ mod conv3d;
 mod kernel_bench;
 mod phantom;
 pub mod serve;
+mod shm;
 
 use std::process::ExitCode;
 

@@ -14,6 +14,10 @@ pub enum ServiceError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -68,6 +72,8 @@ impl From<ServiceError> for Status {
         match e {
             ServiceError::InvalidArgument(m) => Status::invalid_argument(m),
             ServiceError::NotFound(m) => Status::not_found(m),
+            ServiceError::AlreadyExists(m) => Status::already_exists(m),
+            ServiceError::FailedPrecondition(m) => Status::failed_precondition(m),
             ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m),
             ServiceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             ServiceError::Cancelled(m) => Status::cancelled(m),

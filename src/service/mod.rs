@@ -30,6 +30,7 @@ use crate::model::repo::ModelRegistry;
 use crate::model::{Layer, LayerTiming, Model, ModelPlan};
 use crate::pool::Pool;
 use crate::proto::voxconv::v1 as pb;
+use crate::shm::{Region, SharedMemory};
 use crate::tensor::dtype::{self, DType, StreamDecoder};
 
 /// The service state shared by all calls.
@@ -41,6 +42,10 @@ pub struct InferenceService {
     pub(crate) config: Arc<Config>,
     metrics: Arc<Metrics>,
     audit: Option<Arc<AuditLog>>,
+    /// Registered shared-memory regions (`--shared-memory-dir`).
+    shm: Arc<SharedMemory>,
+    /// Float32 output slab buffers, kept between calls (bounded).
+    slab_pool: Arc<slabs::Recycler>,
 }
 
 /// Who made a call and from where, for the audit log (set by the auth layer).
@@ -224,12 +229,15 @@ impl InferenceService {
         metrics: Arc<Metrics>,
         audit: Option<Arc<AuditLog>>,
     ) -> Self {
+        let shm = Arc::new(SharedMemory::new(config.shared_memory_dir.clone()));
         Self {
             models,
             pool,
             config,
             metrics,
             audit,
+            shm,
+            slab_pool: Arc::new(slabs::Recycler::default()),
         }
     }
 
@@ -519,6 +527,32 @@ pub fn code_name(c: tonic::Code) -> &'static str {
 
 type Outbound = mpsc::Sender<Result<pb::InferStreamResponse, Status>>;
 
+/// How a stream's bytes travel: output chunk size, response queue depth (chunks), and the
+/// shared-memory regions (with byte offsets) its input comes from and its output goes to
+/// instead of the socket.
+struct Route {
+    chunk: usize,
+    depth: usize,
+    input: Option<(Arc<Region>, u64)>,
+    output: Option<(Arc<Region>, u64)>,
+}
+
+impl InferenceService {
+    /// The region `r` names, checked to hold `bytes` at its offset; `field` names the
+    /// header field in errors.
+    fn shm_target(
+        &self,
+        field: &str,
+        r: Option<&pb::SharedMemoryRef>,
+        bytes: usize,
+    ) -> Result<Option<(Arc<Region>, u64)>, ServiceError> {
+        let Some(r) = r else { return Ok(None) };
+        let region = self.shm.get(&format!("{field}.region"), &r.region)?;
+        region.check_window(field, r.offset, bytes as u64)?;
+        Ok(Some((region, r.offset)))
+    }
+}
+
 impl InferenceService {
     /// A whole-tensor call (voxconv.v1 Infer, KServe ModelInfer): validate, reserve memory,
     /// decode + compute + encode on a worker. `fields` names the model, shape and data
@@ -604,10 +638,11 @@ impl InferenceService {
         p: Prepared,
         mut inbound: Streaming<pb::InferStreamRequest>,
         out: Outbound,
-        chunk: usize,
+        route: Route,
         deadline: Option<Instant>,
         started: Instant,
     ) -> (Result<(), ServiceError>, Prepared) {
+        let (chunk, depth) = (route.chunk, route.depth);
         let cancel = Cancel::default();
         let _guard = CancelOnDrop(cancel.clone());
         let result = async {
@@ -618,7 +653,7 @@ impl InferenceService {
                 p.plan.owned_slab_bytes(),
                 p.plan.output[1],
                 chunk,
-                self.config.stream_buffer,
+                depth,
             );
             let need = self.memory_needed(&p, in_flight);
             let reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
@@ -628,6 +663,15 @@ impl InferenceService {
             // Upload: ordered chunks, decoded as they arrive.
             let t_recv = Instant::now();
             let mut dec = StreamDecoder::new(p.in_dtype, p.input_elems);
+            if let Some((region, base)) = &route.input {
+                // The input is in the client's shared memory: read it on a blocking thread.
+                let (region, base) = (Arc::clone(region), *base);
+                let read = tokio::task::spawn_blocking(move || region.read_into(base, &mut dec).map(|()| dec));
+                dec = until(deadline, "reading the input", read)
+                    .instrument(info_span!("decode", bytes = p.input_bytes))
+                    .await?
+                    .map_err(|_| ServiceError::Internal("the input reader stopped".into()))??;
+            }
             async {
                 while dec.bytes_received() < dec.bytes_expected() {
                     let msg = tokio::select! {
@@ -692,45 +736,61 @@ impl InferenceService {
             let tx = out.clone();
             let job_cancel = cancel.clone();
             let rt = tokio::runtime::Handle::current();
+            let slab_pool = Arc::clone(&self.slab_pool);
             let compute_span = info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
             let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
                 let _e = compute_span.enter();
                 let t0 = Instant::now();
-                let mut send = |offset: u64, data: Bytes| {
-                    let msg = Ok(pb::InferStreamResponse {
-                        msg: Some(pb::infer_stream_response::Msg::Chunk(pb::Chunk { offset, data })),
-                    });
-                    rt.block_on(async {
-                        tokio::select! {
-                            r = tx.send(msg) => r.is_ok(),
-                            _ = job_cancel.token.cancelled() => false,
-                        }
-                    })
-                };
                 let flow = |more: bool| if more { ControlFlow::Continue(()) } else { ControlFlow::Break(()) };
-                let r = if zero_copy {
-                    let home = Arc::new(slabs::Recycler::default());
-                    plan.run_owned(
-                        &model,
-                        input,
-                        ctx.threads,
-                        Some(&ctx.cancel),
-                        &mut |len| home.take(len),
-                        &mut |slab| flow(slabs::owned_f32_chunks(slab, &home, output, chunk, &mut send)),
-                    )
-                } else {
-                    plan.run(&model, input, ctx.threads, Some(&ctx.cancel), &mut |slab| {
-                        flow(slabs::lent_chunks(&slab, output, out_dtype, chunk, &mut send))
-                    })
+                let run = |send: &mut dyn FnMut(u64, Bytes) -> bool| {
+                    if zero_copy {
+                        let home = &slab_pool;
+                        plan.run_owned(
+                            &model,
+                            input,
+                            ctx.threads,
+                            Some(&ctx.cancel),
+                            &mut |len| home.take(len),
+                            &mut |slab| flow(slabs::owned_f32_chunks(slab, home, output, chunk, &mut *send)),
+                        )
+                    } else {
+                        plan.run(&model, input, ctx.threads, Some(&ctx.cancel), &mut |slab| {
+                            flow(slabs::lent_chunks(&slab, output, out_dtype, chunk, &mut *send))
+                        })
+                    }
                 };
-                (r, ctx.queue_wait, t0.elapsed())
+                // Chunks go into the client's shared memory (written by a thread beside the
+                // kernel's), or to the response stream.
+                let (r, write_failed) = match &route.output {
+                    Some((region, base)) => region.with_writer(*base, depth, run),
+                    None => (
+                        run(&mut |offset, data| {
+                            let msg = Ok(pb::InferStreamResponse {
+                                msg: Some(pb::infer_stream_response::Msg::Chunk(pb::Chunk { offset, data })),
+                            });
+                            rt.block_on(async {
+                                tokio::select! {
+                                    r = tx.send(msg) => r.is_ok(),
+                                    _ = job_cancel.token.cancelled() => false,
+                                }
+                            })
+                        }),
+                        None,
+                    ),
+                };
+                (r, ctx.queue_wait, t0.elapsed(), write_failed)
             })?;
             let outcome = tokio::select! {
                 r = until(deadline, "computing", job) => r?,
                 _ = out.closed() => return Err(ServiceError::Cancelled("client went away".into())),
             };
-            let (r, queue, compute) = outcome
+            let (r, queue, compute, write_failed) = outcome
                 .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
+            if let Some(kind) = write_failed {
+                return Err(ServiceError::Internal(format!(
+                    "header.output_shared_memory: writing the output into the region failed ({kind})"
+                )));
+            }
             let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
             log_layers(&layers);
             drop(reservation);
@@ -865,19 +925,49 @@ impl pb::inference_server::Inference for InferenceService {
         crate::telemetry::set_remote_parent(&span, &metadata);
         let p = {
             let _e = span.enter();
-            to_dtype("header.input_dtype", header.input_dtype, false).and_then(|i| {
-                let o = to_dtype("header.output_dtype", header.output_dtype, true)?;
-                self.prepare(
-                    "header.model",
-                    "header.input_shape",
-                    &header.model,
-                    i,
-                    &header.input_shape,
-                    o,
-                )
-            })
+            to_dtype("header.input_dtype", header.input_dtype, false)
+                .and_then(|i| {
+                    let o = to_dtype("header.output_dtype", header.output_dtype, true)?;
+                    self.prepare(
+                        "header.model",
+                        "header.input_shape",
+                        &header.model,
+                        i,
+                        &header.input_shape,
+                        o,
+                    )
+                })
+                .and_then(|p| {
+                    let chunk = match header.max_chunk_bytes {
+                        0 => self.config.chunk_bytes,
+                        n => usize::try_from(n)
+                            .unwrap_or(usize::MAX)
+                            .clamp(4096, self.config.chunk_bytes),
+                    };
+                    let route = Route {
+                        chunk,
+                        depth: slabs::queue_depth(
+                            slabs::zero_copy(p.out_dtype, p.plan.owned_slab_bytes()),
+                            p.plan.owned_slab_bytes(),
+                            p.plan.output[1],
+                            chunk,
+                            self.config.stream_buffer,
+                        ),
+                        input: self.shm_target(
+                            "header.input_shared_memory",
+                            header.input_shared_memory.as_ref(),
+                            p.input_bytes,
+                        )?,
+                        output: self.shm_target(
+                            "header.output_shared_memory",
+                            header.output_shared_memory.as_ref(),
+                            p.output_bytes,
+                        )?,
+                    };
+                    Ok((p, route))
+                })
         };
-        let p = match p {
+        let (p, route) = match p {
             Ok(p) => p,
             Err(e) => {
                 let _e = span.enter();
@@ -892,19 +982,13 @@ impl pb::inference_server::Inference for InferenceService {
                 return Err(e.into());
             }
         };
-        let chunk = match header.max_chunk_bytes {
-            0 => self.config.chunk_bytes,
-            n => usize::try_from(n)
-                .unwrap_or(usize::MAX)
-                .clamp(4096, self.config.chunk_bytes),
-        };
-        let (tx, rx) = mpsc::channel(self.config.stream_buffer);
+        let (tx, rx) = mpsc::channel(route.depth);
         let this = self.clone();
         let model_name = header.model.clone();
         tokio::spawn(
             async move {
                 let (result, p) = this
-                    .stream_call(p, inbound, tx, chunk, deadline, started)
+                    .stream_call(p, inbound, tx, route, deadline, started)
                     .await;
                 this.finish_call(
                     &origin,
@@ -918,6 +1002,52 @@ impl pb::inference_server::Inference for InferenceService {
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn register_shared_memory(
+        &self,
+        request: Request<pb::RegisterSharedMemoryRequest>,
+    ) -> Result<Response<pb::RegisterSharedMemoryResponse>, Status> {
+        let r = request.into_inner();
+        let result = self.shm.register(&r.name, &r.key, r.offset, r.byte_size);
+        // Names and keys may carry identifiers: only the size and the outcome are logged.
+        info!(
+            byte_size = r.byte_size,
+            status = code_name(
+                result
+                    .as_ref()
+                    .map_or_else(|e| e.code(), |()| tonic::Code::Ok)
+            ),
+            "shared-memory region registered"
+        );
+        result?;
+        Ok(Response::new(pb::RegisterSharedMemoryResponse {}))
+    }
+
+    async fn unregister_shared_memory(
+        &self,
+        request: Request<pb::UnregisterSharedMemoryRequest>,
+    ) -> Result<Response<pb::UnregisterSharedMemoryResponse>, Status> {
+        self.shm.unregister(&request.into_inner().name)?;
+        Ok(Response::new(pb::UnregisterSharedMemoryResponse {}))
+    }
+
+    async fn shared_memory_status(
+        &self,
+        request: Request<pb::SharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SharedMemoryStatusResponse>, Status> {
+        let regions = self
+            .shm
+            .status(&request.into_inner().name)?
+            .iter()
+            .map(|r| pb::SharedMemoryRegion {
+                name: r.name.clone(),
+                key: r.key.clone(),
+                offset: r.offset,
+                byte_size: r.byte_size,
+            })
+            .collect();
+        Ok(Response::new(pb::SharedMemoryStatusResponse { regions }))
     }
 
     async fn list_models(

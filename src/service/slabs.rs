@@ -5,8 +5,9 @@
 //! slab becomes, per channel, pieces of at most `chunk` bytes.
 //!
 //! float32 output on a little-endian machine is already in wire format: the slab's buffer
-//! itself becomes the chunks' `Bytes` (slices of one buffer, no copy), and goes back to a
-//! per-call [`Recycler`] once the last chunk is encoded. Other dtypes are converted piece by
+//! itself becomes the chunks' `Bytes` (slices of one buffer, no copy), and goes back to the
+//! server's [`Recycler`] once the last chunk is sent, for the next slab of this or a later
+//! call (its pages stay mapped: no page faults on the next use). Other dtypes are converted piece by
 //! piece into new buffers.
 
 use std::ops::Range;
@@ -29,24 +30,53 @@ pub fn zero_copy(out_dtype: DType, slab_bytes: usize) -> bool {
         && slab_bytes <= ZERO_COPY_MAX_SLAB_BYTES
 }
 
-/// Output bytes alive outside the kernel's ring while a stream runs: up to `stream_buffer`
-/// chunks queued, one being encoded and one being cut. Copied chunks are at most `chunk`
-/// bytes each. Zero-copy chunks keep their whole slab alive; a slab yields at least one
-/// chunk per channel, so those `stream_buffer + 2` consecutive chunks span at most
-/// `⌈(stream_buffer + 2) / C_out⌉ + 1` slabs.
+/// Chunks a full slab of `slab_bytes` is cut into: each channel's part of it
+/// (`slab_bytes / c_out` bytes) in pieces of at most `chunk` bytes. A shorter last slab
+/// gives fewer, but at least one per channel.
+fn pieces_per_slab(slab_bytes: usize, c_out: usize, chunk: usize) -> usize {
+    let c = c_out.max(1);
+    c.saturating_mul((slab_bytes / c).div_ceil(chunk.max(1)).max(1))
+}
+
+/// Output bytes alive outside the kernel's ring while a stream runs: up to `depth` chunks
+/// queued (see [`queue_depth`]), one being encoded and one being cut. Copied chunks are at
+/// most `chunk` bytes each. Zero-copy chunks keep their whole slab alive. `k = depth + 2`
+/// consecutive chunks span at most `⌈k / P⌉ + 2` slabs, `P` the chunks of a full slab (a
+/// partial first slab, full ones, and a short last one), and at most `⌈k / C_out⌉ + 1`
+/// (every slab has at least one chunk per channel); the smaller bound is used.
 pub fn in_flight_bytes(
+    zero_copy: bool,
+    slab_bytes: usize,
+    c_out: usize,
+    chunk: usize,
+    depth: usize,
+) -> usize {
+    let chunks = depth.saturating_add(2);
+    if zero_copy {
+        let per_slab = pieces_per_slab(slab_bytes, c_out, chunk);
+        let slabs = (chunks.div_ceil(per_slab) + 2).min(chunks.div_ceil(c_out.max(1)) + 1);
+        slabs.saturating_mul(slab_bytes)
+    } else {
+        chunks.saturating_add(1).saturating_mul(chunk)
+    }
+}
+
+/// Chunks a stream's queue holds before the producer waits. Converted chunks are copies, so
+/// the queue holds `stream_buffer` of them. Zero-copy chunks are slices of slabs that stay
+/// alive anyway; the queue then also takes all chunks of one slab, so that the kernel can
+/// hand a whole slab over and compute the next one while it is being sent (with a queue
+/// shorter than a slab it would wait for most of each slab's transfer).
+pub fn queue_depth(
     zero_copy: bool,
     slab_bytes: usize,
     c_out: usize,
     chunk: usize,
     stream_buffer: usize,
 ) -> usize {
-    let chunks = stream_buffer.saturating_add(2);
     if zero_copy {
-        let slabs = chunks.div_ceil(c_out.max(1)) + 1;
-        slabs.saturating_mul(slab_bytes)
+        stream_buffer.saturating_add(pieces_per_slab(slab_bytes, c_out, chunk))
     } else {
-        chunks.saturating_add(1).saturating_mul(chunk)
+        stream_buffer
     }
 }
 
@@ -116,13 +146,35 @@ pub fn owned_f32_chunks(
     true
 }
 
-/// Slab buffers of one call, reused once their chunks have been sent.
-#[derive(Default)]
+/// Slab buffers, reused once their chunks have been sent. Keeps at most `keep` idle
+/// buffers (the rest are freed), so the memory it holds between calls is bounded.
 pub struct Recycler {
     free: Mutex<Vec<Vec<f32>>>,
+    keep: usize,
 }
 
+impl Default for Recycler {
+    fn default() -> Self {
+        Self::new(DEFAULT_KEPT_SLABS)
+    }
+}
+
+/// Idle slab buffers a server keeps: enough for one stream's ring and queue.
+pub const DEFAULT_KEPT_SLABS: usize = 6;
+
 impl Recycler {
+    pub fn new(keep: usize) -> Self {
+        Self {
+            free: Mutex::default(),
+            keep,
+        }
+    }
+
+    /// Idle buffers held now.
+    pub fn idle(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// A buffer for the kernel: a returned one when there is one (its pages are already
     /// mapped), else an empty one the kernel sizes.
     pub fn take(&self, len: usize) -> Vec<f32> {
@@ -134,10 +186,10 @@ impl Recycler {
     }
 
     fn give(&self, buf: Vec<f32>) {
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(buf);
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < self.keep && buf.capacity() > 0 {
+            free.push(buf);
+        }
     }
 }
 
@@ -162,6 +214,44 @@ impl Drop for Recycled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reservation covers every window of queued chunks: simulates the chunk sequence of
+    /// whole outputs (full slabs and a short last one) and counts the slabs each window of
+    /// `depth + 2` consecutive chunks touches.
+    #[test]
+    fn in_flight_bound_covers_every_window_of_queued_chunks() {
+        for (c_out, od, plane, slab_planes, chunk, stream_buffer) in [
+            (16, 20, 64, 6, 4096, 4),
+            (16, 20, 64, 6, 1 << 20, 4),
+            (3, 7, 10, 2, 16, 1),
+            (1, 9, 100, 4, 100, 2),
+            (5, 13, 33, 5, 77, 3),
+            (16, 128, 128 * 128, 8, 512 << 10, 4),
+        ] {
+            let output = [1, c_out, od, plane, 1];
+            let slab_bytes = slab_planes * c_out * plane * 4;
+            let mut seq = Vec::new();
+            for (i, d0) in (0..od).step_by(slab_planes).enumerate() {
+                let d = d0..(d0 + slab_planes).min(od);
+                seq.extend(pieces(0, &d, output, 4, chunk).map(|_| i));
+            }
+            let depth = queue_depth(true, slab_bytes, c_out, chunk, stream_buffer);
+            let bound = in_flight_bytes(true, slab_bytes, c_out, chunk, depth) / slab_bytes;
+            let worst = seq
+                .windows((depth + 2).min(seq.len()))
+                .map(|w| w.last().unwrap() - w.first().unwrap() + 1)
+                .max()
+                .unwrap();
+            assert!(
+                worst <= bound,
+                "c_out {c_out}, chunk {chunk}: a window spans {worst} slabs, reserved {bound}"
+            );
+            assert!(
+                depth >= stream_buffer + c_out,
+                "the queue takes a whole slab"
+            );
+        }
+    }
 
     /// Both paths tile the output exactly: every byte once, in order, same values.
     #[test]

@@ -200,6 +200,7 @@ pub fn header(
             input_shape: shape.to_vec(),
             output_dtype: pb::DType::Fp32 as i32,
             max_chunk_bytes: max_chunk,
+            ..Default::default()
         })),
     }
 }

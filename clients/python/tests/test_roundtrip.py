@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from voxconv_client import Client
+from voxconv_client import Client, pb
 
 TARGET = os.environ.get("VOXCONV_SERVER", "127.0.0.1:50051")
 
@@ -115,3 +115,27 @@ def test_nifti_example_overlays_the_scan(tmp_path):
     want = correlate3d(x, sobel_kernels()[2], 1)  # d/dx in [z, y, x]
     np.testing.assert_allclose(np.transpose(img.get_fdata()[..., 2], (2, 1, 0)), want,
                                rtol=1e-5, atol=1e-3)
+
+
+def test_shared_memory_round_trip_equals_the_socket():
+    """Input and output through /dev/shm (the CI server runs with --shared-memory-dir
+    /dev/shm): the same numbers as over the socket, for float32 and float16 output."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(1, 1, 19, 22, 17)).astype(np.float32)
+    with Client(TARGET) as c:
+        for out in ("float32", "float16"):
+            want = c.infer("filterbank16", x, output_dtype=out)
+            got = c.infer("filterbank16", x, output_dtype=out, shared_memory=True)
+            assert got.dtype == want.dtype and got.shape == want.shape == (1, 16, 19, 22, 17)
+            np.testing.assert_array_equal(got, want)
+        # A larger volume makes the client replace its region with a bigger one.
+        x2 = rng.normal(size=(1, 1, 30, 22, 17)).astype(np.float32)
+        np.testing.assert_array_equal(c.infer("filterbank16", x2, shared_memory=True),
+                                      c.infer("filterbank16", x2))
+        name = c._region[1]
+        regions = c.stub.SharedMemoryStatus(pb.SharedMemoryStatusRequest()).regions
+        assert [r.name for r in regions] == [name]
+    # close() unregistered and removed it.
+    with Client(TARGET) as c:
+        assert name not in [r.name for r in
+                            c.stub.SharedMemoryStatus(pb.SharedMemoryStatusRequest()).regions]

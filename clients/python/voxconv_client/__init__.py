@@ -5,8 +5,13 @@
         y = c.infer("sobel3d", x)          # x: numpy [N, C, D, H, W], [C, D, H, W] or [D, H, W]
 
 The volume travels as ordered chunks (InferStream) in its own dtype; chunking is hidden.
+On the server's host, `infer(..., shared_memory=True)` passes input and output through a POSIX
+shared-memory region instead (the server must run with --shared-memory-dir /dev/shm).
 Stubs are generated from proto/ by ./generate_stubs.sh and committed.
 """
+import os
+from multiprocessing import shared_memory as _shared_memory
+
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,9 +54,61 @@ class Client:
         self.chunk_bytes = int(chunk_bytes)
         self.timeout = timeout
         self.last_summary = None
+        self._region = None  # (SharedMemory, registered name), created on first use
+        self._models = {}
 
     def close(self):
+        self._drop_region()
         self.channel.close()
+
+    def _drop_region(self):
+        if self._region is None:
+            return
+        shm, name = self._region
+        self._region = None
+        try:
+            self.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=name),
+                                             timeout=self.timeout)
+        except grpc.RpcError:
+            pass  # the server is gone or restarted: nothing registered to undo
+        shm.close()
+        shm.unlink()
+
+    def _shared_region(self, size):
+        """This client's region, (re)created and registered when smaller than `size`."""
+        if self._region is not None and self._region[0].size >= size:
+            return self._region
+        self._drop_region()
+        shm = _shared_memory.SharedMemory(create=True, size=size)
+        name = f"voxconv-py-{os.getpid()}-{shm.name}"
+        try:
+            self.stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(
+                name=name, key="/" + shm.name, offset=0, byte_size=size), timeout=self.timeout)
+        except grpc.RpcError:
+            shm.close()
+            shm.unlink()
+            raise
+        self._region = (shm, name)
+        return self._region
+
+    def output_shape(self, model, input_shape):
+        """The output shape `model` gives for a 5-D input shape (from GetModel's layers)."""
+        info = self._models.get(model)
+        if info is None:
+            info = self._models[model] = self.get_model(model)
+        n, _, *spatial = input_shape
+        for layer in info.layers:
+            for i in range(3):
+                def at(v, default):
+                    return v[i] if len(v) > i else default
+                k, s = at(layer.kernel, 1), max(at(layer.stride, 1), 1)
+                p, d = at(layer.padding, 0), at(layer.dilation, 1)
+                span = d * (max(k, 1) - 1) + 1
+                if spatial[i] + 2 * p < span:
+                    raise ValueError(f"volume: shape {tuple(input_shape)} is too small for "
+                                     f"model {model}")
+                spatial[i] = (spatial[i] + 2 * p - span) // s + 1
+        return (n, info.output_channels, *spatial)
 
     def __enter__(self):
         return self
@@ -72,7 +129,8 @@ class Client:
                                    timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
-    def infer(self, model, volume, output_dtype="float32", timeout=None, metadata=None):
+    def infer(self, model, volume, output_dtype="float32", timeout=None, metadata=None,
+              shared_memory=False):
         """Runs `volume` through `model` and returns the output as a NumPy array.
 
         volume: [N, C, D, H, W], [C, D, H, W] or [D, H, W], float32 / float16 / int16 /
@@ -81,6 +139,9 @@ class Client:
         output_dtype: "float32" or "float16" (what the server sends back).
         metadata: extra gRPC metadata, e.g. [("traceparent", "00-<trace>-<span>-01")] to
         make the server's spans part of the caller's trace.
+        shared_memory: pass input and output through this client's POSIX shared-memory
+        region (created on first use, reused, removed by close()) instead of the socket:
+        for a server on this host started with --shared-memory-dir /dev/shm.
         """
         volume = np.asarray(volume)
         if volume.ndim not in (3, 4, 5):
@@ -100,11 +161,21 @@ class Client:
         out_pb = pb.FP16 if out_np == np.float16 else pb.FP32
         raw = memoryview(volume.reshape(-1).view(np.uint8))
         step = self.chunk_bytes
+        header = pb.StreamHeader(model=model, input_dtype=_DTYPES[dtype],
+                                 input_shape=list(volume.shape), output_dtype=out_pb)
+        region = None
+        if shared_memory:
+            out_shape = self.output_shape(model, volume.shape)
+            out_at = -(-len(raw) // 64) * 64
+            shm, name = region = self._shared_region(
+                out_at + int(np.prod(out_shape)) * out_np.itemsize)
+            shm.buf[:len(raw)] = raw
+            header.input_shared_memory.CopyFrom(pb.SharedMemoryRef(region=name, offset=0))
+            header.output_shared_memory.CopyFrom(pb.SharedMemoryRef(region=name, offset=out_at))
+            raw = raw[:0]  # no chunks
 
         def requests():
-            yield pb.InferStreamRequest(header=pb.StreamHeader(
-                model=model, input_dtype=_DTYPES[dtype], input_shape=list(volume.shape),
-                output_dtype=out_pb))
+            yield pb.InferStreamRequest(header=header)
             for off in range(0, len(raw), step):
                 yield pb.InferStreamRequest(chunk=pb.Chunk(
                     offset=off, data=bytes(raw[off:off + step])))
@@ -123,6 +194,8 @@ class Client:
                 summary = msg.summary
         if summary is None or out is None:
             raise RuntimeError("stream ended without a header and summary")
+        if region is not None:
+            out[:] = np.frombuffer(region[0].buf, np.uint8, len(out), out_at)
         self.last_summary = summary
         y = out.view("<f2" if out_pb == pb.FP16 else "<f4").reshape(shape)
         return y if ndim == 5 else y[0]

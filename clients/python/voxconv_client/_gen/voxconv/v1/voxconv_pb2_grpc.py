@@ -54,6 +54,21 @@ class InferenceStub(object):
                 request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/voxconv.v1.Inference/RegisterSharedMemory',
+                request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/voxconv.v1.Inference/UnregisterSharedMemory',
+                request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.SharedMemoryStatus = channel.unary_unary(
+                '/voxconv.v1.Inference/SharedMemoryStatus',
+                request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.SharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.SharedMemoryStatusResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer(object):
@@ -70,7 +85,10 @@ class InferenceServicer(object):
         """Client: one StreamHeader, then the input bytes as ordered chunks.
         Server: one OutputHeader, then output chunks as slabs are finished (each with its byte
         offset; chunks of one slab cover strided channel ranges, so offsets are not monotonic),
-        then one Summary.
+        then one Summary. With StreamHeader.input_shared_memory the input is read from a
+        registered shared-memory region (no chunks follow the header); with
+        output_shared_memory the output goes into one: OutputHeader, then the Summary once all
+        of it is written.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +102,29 @@ class InferenceServicer(object):
 
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterSharedMemory(self, request, context):
+        """Same-host shared memory (servers started with --shared-memory-dir; FAILED_PRECONDITION
+        otherwise), as Triton's system shared-memory extension: register a window of a POSIX
+        shared-memory object (a file in that directory) under a name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Forget one region (all when name is empty).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharedMemoryStatus(self, request, context):
+        """The registered regions (one when name is set).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -110,6 +151,21 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.GetModelRequest.FromString,
                     response_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.ModelInfo.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'SharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedMemoryStatus,
+                    request_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.SharedMemoryStatusRequest.FromString,
+                    response_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.SharedMemoryStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +276,87 @@ class Inference(object):
             '/voxconv.v1.Inference/GetModel',
             voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.GetModelRequest.SerializeToString,
             voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxconv.v1.Inference/RegisterSharedMemory',
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxconv.v1.Inference/UnregisterSharedMemory',
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxconv.v1.Inference/SharedMemoryStatus',
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.SharedMemoryStatusRequest.SerializeToString,
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.SharedMemoryStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

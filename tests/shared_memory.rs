@@ -1,0 +1,320 @@
+//! Same-host shared memory end to end: a real server with --shared-memory-dir on a temporary
+//! directory, regions registered through the API, InferStream reading its input from and
+//! writing its output into them.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::*;
+use tonic::Code;
+use voxconv::config::Config;
+use voxconv::proto::voxconv::v1 as pb;
+
+fn shm_config(dir: &Path) -> Config {
+    Config {
+        shared_memory_dir: Some(dir.to_path_buf()),
+        ..Config::for_tests()
+    }
+}
+
+fn register(name: &str, key: &str, offset: u64, byte_size: u64) -> pb::RegisterSharedMemoryRequest {
+    pb::RegisterSharedMemoryRequest {
+        name: name.into(),
+        key: key.into(),
+        offset,
+        byte_size,
+    }
+}
+
+fn at(region: &str, offset: u64) -> Option<pb::SharedMemoryRef> {
+    Some(pb::SharedMemoryRef {
+        region: region.into(),
+        offset,
+    })
+}
+
+/// Runs one InferStream whose header is `h` (plus `chunks`), and returns the messages it got.
+async fn stream(
+    client: &mut pb::inference_client::InferenceClient<tonic::transport::Channel>,
+    h: pb::StreamHeader,
+    chunks: Vec<pb::InferStreamRequest>,
+) -> Result<Vec<pb::infer_stream_response::Msg>, tonic::Status> {
+    let mut reqs = vec![pb::InferStreamRequest {
+        msg: Some(pb::infer_stream_request::Msg::Header(h)),
+    }];
+    reqs.extend(chunks);
+    let mut s = client
+        .infer_stream(tokio_stream::iter(reqs))
+        .await?
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = s.message().await? {
+        got.push(m.msg.unwrap());
+    }
+    Ok(got)
+}
+
+fn floats(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_and_output_through_shared_memory_equal_the_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = models();
+    let server = TestServer::start(shm_config(dir.path()), models.clone()).await;
+    let mut client = server.client().await;
+    let shape = [1usize, 1, 13, 17, 11];
+    let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let x = voxconv::cli::seeded(shape.iter().product(), 7);
+    let input = f32_bytes(&x);
+    // One object: 100 bytes of something else, the input, then room for the largest output.
+    let out_at = 4096 + input.len() as u64;
+    let size = out_at + 16 * 4 * shape.iter().product::<usize>() as u64;
+    let file = std::fs::File::create_new(dir.path().join("vol")).unwrap();
+    file.set_len(size + 100).unwrap();
+    file.write_all_at(&input, 100).unwrap();
+    client
+        .register_shared_memory(register("r1", "/vol", 100, size))
+        .await
+        .unwrap();
+
+    for model in ["sobel3d", "gaussian3d", "c16"] {
+        let want = kernel_output(&models, model, shape, &x);
+        for (dtype, chunk) in [
+            (pb::DType::Fp32, 0),
+            (pb::DType::Fp32, 4096),
+            (pb::DType::Fp16, 0),
+        ] {
+            // NaN-prefilled output window: every value must be written.
+            file.write_all_at(&vec![0xffu8; want.len() * 4], 100 + out_at)
+                .unwrap();
+            let h = pb::StreamHeader {
+                model: model.into(),
+                input_dtype: pb::DType::Fp32 as i32,
+                input_shape: shape64.clone(),
+                output_dtype: dtype as i32,
+                max_chunk_bytes: chunk,
+                input_shared_memory: at("r1", 0),
+                output_shared_memory: at("r1", out_at),
+            };
+            let msgs = stream(&mut client, h, vec![]).await.unwrap();
+            assert_eq!(msgs.len(), 2, "{model}: a header and a summary, no chunks");
+            let pb::infer_stream_response::Msg::Header(oh) = &msgs[0] else {
+                panic!("{model}: header first")
+            };
+            let pb::infer_stream_response::Msg::Summary(s) = &msgs[1] else {
+                panic!("{model}: summary last")
+            };
+            assert_eq!(s.output_bytes, oh.total_bytes);
+            let mut raw = vec![0u8; oh.total_bytes as usize];
+            file.read_exact_at(&mut raw, 100 + out_at).unwrap();
+            let got: Vec<f32> = match dtype {
+                pb::DType::Fp16 => raw
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                _ => floats(&raw),
+            };
+            let want: Vec<f32> = match dtype {
+                pb::DType::Fp16 => want
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect(),
+                _ => want.clone(),
+            };
+            assert_eq!(got, want, "{model} {dtype:?} chunk {chunk}");
+        }
+    }
+
+    // Mixed: input over the socket, output into shared memory.
+    let want = kernel_output(&models, "c16", shape, &x);
+    file.write_all_at(&vec![0xffu8; want.len() * 4], 100 + out_at)
+        .unwrap();
+    let h = pb::StreamHeader {
+        model: "c16".into(),
+        input_dtype: pb::DType::Fp32 as i32,
+        input_shape: shape64.clone(),
+        output_dtype: pb::DType::Fp32 as i32,
+        output_shared_memory: at("r1", out_at),
+        ..Default::default()
+    };
+    let msgs = stream(&mut client, h, chunks(&input, 5000)).await.unwrap();
+    assert_eq!(msgs.len(), 2);
+    let mut raw = vec![0u8; want.len() * 4];
+    file.read_exact_at(&mut raw, 100 + out_at).unwrap();
+    assert_eq!(floats(&raw), want);
+
+    // And the other way: input from shared memory, output over the socket.
+    let h = pb::StreamHeader {
+        model: "c16".into(),
+        input_dtype: pb::DType::Fp32 as i32,
+        input_shape: shape64.clone(),
+        output_dtype: pb::DType::Fp32 as i32,
+        input_shared_memory: at("r1", 0),
+        ..Default::default()
+    };
+    let msgs = stream(&mut client, h, vec![]).await.unwrap();
+    let mut out = vec![f32::NAN; want.len()];
+    for m in &msgs {
+        if let pb::infer_stream_response::Msg::Chunk(c) = m {
+            let at = c.offset as usize / 4;
+            out[at..at + c.data.len() / 4].copy_from_slice(&floats(&c.data));
+        }
+    }
+    assert_eq!(out, want);
+
+    let status = client
+        .shared_memory_status(pb::SharedMemoryStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.regions,
+        vec![pb::SharedMemoryRegion {
+            name: "r1".into(),
+            key: "/vol".into(),
+            offset: 100,
+            byte_size: size,
+        }]
+    );
+    client
+        .unregister_shared_memory(pb::UnregisterSharedMemoryRequest { name: "r1".into() })
+        .await
+        .unwrap();
+    let status = client
+        .shared_memory_status(pb::SharedMemoryStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.regions.is_empty());
+}
+
+/// Checks code and that the message names `field`.
+fn expect(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, field: &str) {
+    let s = r.expect_err("an error");
+    assert_eq!(s.code(), code, "{}", s.message());
+    assert!(
+        s.message().contains(field),
+        "message names {field:?}: {}",
+        s.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_errors_name_the_field_and_the_server_keeps_serving() {
+    let models = models();
+    let shape64 = vec![1u64, 1, 6, 7, 8];
+    let n: u64 = shape64.iter().product();
+    let header = |input: Option<pb::SharedMemoryRef>, output: Option<pb::SharedMemoryRef>| {
+        pb::StreamHeader {
+            model: "c16".into(),
+            input_dtype: pb::DType::Fp32 as i32,
+            input_shape: shape64.clone(),
+            output_dtype: pb::DType::Fp32 as i32,
+            input_shared_memory: input,
+            output_shared_memory: output,
+            ..Default::default()
+        }
+    };
+
+    // Off unless configured.
+    let off = TestServer::start(Config::for_tests(), models.clone()).await;
+    let mut c = off.client().await;
+    expect(
+        c.register_shared_memory(register("r", "/x", 0, 4)).await,
+        Code::FailedPrecondition,
+        "--shared-memory-dir",
+    );
+    expect(
+        stream(&mut c, header(None, at("r", 0)), vec![]).await,
+        Code::FailedPrecondition,
+        "--shared-memory-dir",
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(shm_config(dir.path()), models.clone()).await;
+    let mut c = server.client().await;
+    let path = dir.path().join("vol");
+    std::fs::write(&path, vec![0u8; (n * 4) as usize]).unwrap();
+    expect(
+        c.register_shared_memory(register("r", "/missing", 0, 4))
+            .await,
+        Code::NotFound,
+        "key",
+    );
+    expect(
+        c.register_shared_memory(register("r", "/../vol", 0, 4))
+            .await,
+        Code::InvalidArgument,
+        "key",
+    );
+    expect(
+        c.register_shared_memory(register("r", "/vol", 0, n * 4 + 1))
+            .await,
+        Code::InvalidArgument,
+        "byte_size",
+    );
+    c.register_shared_memory(register("r", "/vol", 0, n * 4))
+        .await
+        .unwrap();
+    expect(
+        c.register_shared_memory(register("r", "/vol", 0, 4)).await,
+        Code::AlreadyExists,
+        "name",
+    );
+    // A region that does not exist, and one too small for the 16-channel output.
+    expect(
+        stream(&mut c, header(None, at("nope", 0)), vec![]).await,
+        Code::NotFound,
+        "header.output_shared_memory.region",
+    );
+    expect(
+        stream(&mut c, header(None, at("r", 0)), vec![]).await,
+        Code::InvalidArgument,
+        "header.output_shared_memory",
+    );
+    expect(
+        stream(&mut c, header(at("r", 4), None), vec![]).await,
+        Code::InvalidArgument,
+        "header.input_shared_memory",
+    );
+    // The client truncates the object after registering it: the input read fails cleanly.
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    expect(
+        stream(&mut c, header(at("r", 0), None), vec![]).await,
+        Code::InvalidArgument,
+        "header.input_shared_memory",
+    );
+    expect(
+        c.unregister_shared_memory(pb::UnregisterSharedMemoryRequest { name: "x".into() })
+            .await,
+        Code::NotFound,
+        "name",
+    );
+    expect(
+        c.shared_memory_status(pb::SharedMemoryStatusRequest { name: "x".into() })
+            .await,
+        Code::NotFound,
+        "name",
+    );
+
+    // Still serving, over the socket.
+    let x = voxconv::cli::seeded(n as usize, 3);
+    let msgs = stream(&mut c, header(None, None), chunks(&f32_bytes(&x), 1000))
+        .await
+        .unwrap();
+    assert!(matches!(
+        msgs.last(),
+        Some(pb::infer_stream_response::Msg::Summary(_))
+    ));
+}
