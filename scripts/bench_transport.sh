@@ -19,14 +19,14 @@ server=$!
 for _ in $(seq 100); do $exe health --server http://127.0.0.1:$port >/dev/null 2>&1 && break; sleep 0.1; done
 run() {
   $exe bench --server http://127.0.0.1:$port --workload mri-t1-first-layer --model filterbank16 \
-    --rpc stream --duration "${secs}s" --json "$@" 2>/dev/null \
+    --rpc stream --json "$@" 2>/dev/null \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["ok"] and not d["errors"], d; print(d["latency_ms"]["p50"])'
 }
 run --requests 3 >/dev/null # warm up
 tcp=()
 viashm=()
 for r in $(seq "$rounds"); do
-  t=$(run); s=$(run --shared-memory-dir $shm)
+  t=$(run --duration "${secs}s"); s=$(run --duration "${secs}s" --shared-memory-dir $shm)
   echo "round $r: socket p50 $t ms, shared memory p50 $s ms"
   tcp+=("$t"); viashm+=("$s")
 done
