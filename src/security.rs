@@ -241,11 +241,25 @@ impl Auth {
 #[derive(Clone)]
 pub struct FrontLayer {
     auth: Arc<Auth>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl FrontLayer {
-    pub fn new(auth: Arc<Auth>) -> Self {
-        Self { auth }
+    /// `metrics` counts the calls this layer answers itself (deadline passed before the
+    /// handler could).
+    pub fn new(auth: Arc<Auth>, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self { auth, metrics }
+    }
+}
+
+/// The name metrics and the audit trail give an inference RPC (the calls the handlers
+/// record); other paths are not recorded, so a client's path never becomes a label.
+fn recorded_method(path: &str) -> Option<&'static str> {
+    match path {
+        "/voxconv.v1.Inference/Infer" => Some("Infer"),
+        "/voxconv.v1.Inference/InferStream" => Some("InferStream"),
+        "/inference.GRPCInferenceService/ModelInfer" => Some("ModelInfer"),
+        _ => None,
     }
 }
 
@@ -256,6 +270,7 @@ impl<S> tower_layer::Layer<S> for FrontLayer {
         FrontService {
             inner,
             auth: Arc::clone(&self.auth),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
@@ -264,6 +279,7 @@ impl<S> tower_layer::Layer<S> for FrontLayer {
 pub struct FrontService<S> {
     inner: S,
     auth: Arc<Auth>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -285,25 +301,35 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         // The deadline counts from here, the head's arrival, not from when the handler starts
         // (a unary body is read and decoded in between).
-        let deadline = crate::service::deadline_from(req.headers(), std::time::Instant::now());
+        let arrived = std::time::Instant::now();
+        let deadline = crate::service::deadline_from(req.headers(), arrived);
         req.extensions_mut()
             .insert(crate::service::CallDeadline(deadline));
         match self.auth.check(&req) {
             Ok(caller) => {
+                let method = recorded_method(req.uri().path());
+                let who = (caller.0.clone(), peer_of(&req));
                 req.extensions_mut().insert(caller);
                 let call = self.inner.call(req);
+                let (audit, metrics) = (self.auth.audit.clone(), Arc::clone(&self.metrics));
                 match deadline {
                     None => Box::pin(call),
                     // Covers what happens before the handler can watch the deadline itself
                     // (reading and decoding a unary body); the handler's own timer fires at
                     // the same instant and, polled first, answers with the stage it was in.
+                    // The handler then never finishes the call, so it is recorded here.
                     Some(at) => Box::pin(async move {
                         match crate::service::before(at, call).await {
                             Ok(r) => r,
-                            Err(()) => Ok(tonic::Status::deadline_exceeded(
-                                "deadline passed while receiving the request",
-                            )
-                            .into_http()),
+                            Err(()) => {
+                                if let Some(method) = method {
+                                    record_front_deadline(method, who, arrived, audit, &metrics);
+                                }
+                                Ok(tonic::Status::deadline_exceeded(
+                                    "deadline passed while receiving the request",
+                                )
+                                .into_http())
+                            }
                         }
                     }),
                 }
@@ -333,6 +359,49 @@ where
             }
         }
     }
+}
+
+/// Records a call the front layer answered DEADLINE_EXCEEDED, as the handlers record theirs:
+/// log event, audit line, metrics (no model: its name was never read).
+fn record_front_deadline(
+    method: &'static str,
+    (caller, peer): (String, Option<SocketAddr>),
+    arrived: std::time::Instant,
+    audit: Option<Arc<AuditLog>>,
+    metrics: &crate::metrics::Metrics,
+) {
+    let ms = arrived.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        target: "voxconv::rpc",
+        method,
+        model = "_unknown",
+        status = "DEADLINE_EXCEEDED",
+        total_ms = ms,
+        "call finished"
+    );
+    if let Some(audit) = audit {
+        audit.write(&AuditRecord {
+            time: now_utc(),
+            caller: &caller,
+            peer: peer.map(|a| a.to_string()),
+            method,
+            model: "",
+            input_bytes: 0,
+            output_bytes: 0,
+            status: "DEADLINE_EXCEEDED",
+            latency_ms: ms,
+        });
+    }
+    metrics.record(&crate::metrics::CallRecord {
+        method,
+        model: None,
+        code: "DEADLINE_EXCEEDED",
+        times: None,
+        input_bytes: 0,
+        output_bytes: 0,
+        voxels: 0,
+        flops: 0.0,
+    });
 }
 
 /// A connection counted against `--max-connections`; its permit is released on close.

@@ -228,7 +228,7 @@ pub async fn run_with_metrics(
         .max_connection_age(limits.max_connection_age)
         .max_connection_age_grace(limits.max_connection_age_grace)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-        .layer(FrontLayer::new(auth))
+        .layer(FrontLayer::new(auth, Arc::clone(&metrics)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

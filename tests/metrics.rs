@@ -162,3 +162,75 @@ async fn counters_and_histograms_move_with_their_labels() {
     assert_eq!(get(&after, "voxconv_workers_busy"), 0.0);
     assert_eq!(get(&after, "voxconv_memory_reserved_bytes"), 0.0);
 }
+
+/// A call whose deadline passes before its handler has finished it is still counted and
+/// audited, exactly once: a unary Infer whose body never completes is answered by the front
+/// layer (the handler never runs); an InferStream whose header never comes, by the handler
+/// or the front layer, whichever fires first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_deadline_passes_before_the_handler_finishes_are_recorded_once() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use tokio_stream::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut config = Config::for_tests();
+    config.audit_log = Some(audit.clone());
+    let srv = TestServer::start_with_metrics(config, models()).await;
+
+    // Unary: five bytes of a gRPC frame announcing 1000, then nothing.
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let prefix = bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]);
+    let frames = tokio_stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(prefix))])
+        .chain(tokio_stream::pending());
+    let req = http::Request::post(format!("{}/voxconv.v1.Inference/Infer", srv.url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "150m")
+        .body(tonic::body::Body::new(StreamBody::new(frames)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap()),
+        Some("4"),
+        "trailers-only DEADLINE_EXCEEDED: {:?}",
+        resp.headers()
+    );
+
+    // InferStream: no header ever.
+    let mut c = srv.client_without_deadline_timer().await;
+    let mut req = tonic::Request::new(tokio_stream::pending::<pb::InferStreamRequest>());
+    req.set_timeout(std::time::Duration::from_millis(150));
+    let code = match c.infer_stream(req).await {
+        Ok(r) => r.into_inner().message().await.unwrap_err().code(),
+        Err(s) => s.code(),
+    };
+    assert_eq!(code, tonic::Code::DeadlineExceeded);
+
+    let m = samples(&scrape(&srv).await.2);
+    for method in ["Infer", "InferStream"] {
+        let key = format!(
+            r#"voxconv_requests_total{{method="{method}",model="_unknown",code="DEADLINE_EXCEEDED"}}"#
+        );
+        assert_eq!(get(&m, &key), 1.0, "{key}");
+    }
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    for method in ["Infer", "InferStream"] {
+        let n = lines
+            .lines()
+            .filter(|l| {
+                l.contains(&format!(r#""method":"{method}""#)) && l.contains("DEADLINE_EXCEEDED")
+            })
+            .count();
+        assert_eq!(n, 1, "{method} audited once: {lines}");
+    }
+}

@@ -39,6 +39,18 @@ impl ServiceError {
         Status::from(self.clone()).code()
     }
 
+    /// The request stream failed while the input was being read: a message over the limit
+    /// is RESOURCE_EXHAUSTED, one that does not decode INVALID_ARGUMENT, anything else (the
+    /// client reset the stream, the connection broke) CANCELLED.
+    pub fn input_stream(s: &Status) -> Self {
+        let m = format!("input stream failed: {}", s.message());
+        match s.code() {
+            Code::OutOfRange | Code::ResourceExhausted => Self::ResourceExhausted(m),
+            Code::Internal | Code::InvalidArgument => Self::InvalidArgument(m),
+            _ => Self::Cancelled(m),
+        }
+    }
+
     /// A kernel error about the tensor in `field`.
     pub fn kernel(field: &str, e: KernelError) -> Self {
         match e {

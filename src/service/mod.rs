@@ -678,7 +678,7 @@ impl InferenceService {
                         m = until(deadline, "receiving the input", inbound.message()) => m?,
                         _ = out.closed() => return Err(ServiceError::Cancelled("client went away".into())),
                     };
-                    let msg = msg.map_err(|s| ServiceError::Cancelled(format!("input stream failed: {}", s.message())))?;
+                    let msg = msg.map_err(|s| ServiceError::input_stream(&s))?;
                     let Some(msg) = msg else {
                         return Err(ServiceError::invalid(format!(
                             "chunk: input ended after {} of {} bytes",
@@ -899,22 +899,27 @@ impl pb::inference_server::Inference for InferenceService {
         let deadline = deadline(&request);
         let origin = Origin::of(&request);
         let (metadata, _, mut inbound) = request.into_parts();
-        let first = until(deadline, "waiting for the header", inbound.message())
-            .await
-            .map_err(Status::from)??;
-        let header = match first.and_then(|m| m.msg) {
-            Some(pb::infer_stream_request::Msg::Header(h)) => h,
-            Some(pb::infer_stream_request::Msg::Chunk(_)) => {
-                return Err(ServiceError::invalid(
+        let header = async {
+            let first = until(deadline, "waiting for the header", inbound.message())
+                .await?
+                .map_err(|s| ServiceError::input_stream(&s))?;
+            match first.and_then(|m| m.msg) {
+                Some(pb::infer_stream_request::Msg::Header(h)) => Ok(h),
+                Some(pb::infer_stream_request::Msg::Chunk(_)) => Err(ServiceError::invalid(
                     "header: expected a header as the first message, got a chunk",
-                )
-                .into())
-            }
-            None => {
-                return Err(ServiceError::invalid(
+                )),
+                None => Err(ServiceError::invalid(
                     "header: expected a header as the first message, got none",
-                )
-                .into())
+                )),
+            }
+        }
+        .await;
+        let header = match header {
+            Ok(h) => h,
+            Err(e) => {
+                // Recorded like every other failed call (no model named yet).
+                self.finish_call(&origin, "InferStream", "", None, &Err(e.clone()), started);
+                return Err(e.into());
             }
         };
         let span = info_span!(
