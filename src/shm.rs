@@ -49,7 +49,8 @@ impl Region {
         at: u64,
         dec: &mut crate::tensor::dtype::StreamDecoder,
     ) -> Result<(), ServiceError> {
-        const PIECE: usize = 4 << 20;
+        // Input chunk-sized pieces: the buffer is not part of the call's reservation.
+        const PIECE: usize = 1 << 20;
         let total = dec.bytes_expected();
         let mut buf = vec![0u8; total.min(PIECE)];
         let mut done = 0usize;

@@ -405,9 +405,8 @@ async fn every_error_class_has_its_code_and_a_precise_message() {
 }
 
 /// A stream whose client never reads: the worker blocks on backpressure, so it stays busy
-/// until the client goes away. The output (56 MiB, 7 slabs) is larger than what the
-/// response queue takes (`--stream-buffer` chunks plus one slab's chunks) and the HTTP/2
-/// windows hold together.
+/// until the client goes away. The output (56 MiB, 7 slabs) is far larger than what the
+/// response queue and the HTTP/2 windows hold together.
 async fn stalled_stream(server: &TestServer) -> tonic::Streaming<pb::InferStreamResponse> {
     let mut c = server.client().await;
     let shape = [1u64, 1, 96, 96, 96];

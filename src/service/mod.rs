@@ -726,8 +726,8 @@ impl InferenceService {
                     total_bytes: p.output_bytes as u64,
                 })),
             };
-            out.send(Ok(header))
-                .await
+            until(deadline, "sending the output", out.send(Ok(header)))
+                .await?
                 .map_err(|_| ServiceError::Cancelled("client went away".into()))?;
 
             // Compute on a worker; finished slabs go straight to the response stream. The
@@ -793,14 +793,20 @@ impl InferenceService {
             }
             let layers = r.map_err(|e| ServiceError::kernel("input", e))?;
             log_layers(&layers);
-            drop(reservation);
             let s = summary(&p, receive, queue, compute, started, &layers);
-            out.send(Ok(pb::InferStreamResponse {
-                msg: Some(pb::infer_stream_response::Msg::Summary(s)),
-            }))
+            // The queue may still hold a slab's chunks the client has not read: the deadline
+            // bounds this wait too, and the reservation lasts until the summary is queued.
+            until(
+                deadline,
+                "sending the output",
+                out.send(Ok(pb::InferStreamResponse {
+                    msg: Some(pb::infer_stream_response::Msg::Summary(s)),
+                })),
+            )
             .instrument(info_span!("send"))
-            .await
+            .await?
             .map_err(|_| ServiceError::Cancelled("client went away".into()))?;
+            drop(reservation);
             Ok(())
         }
         .await;
@@ -949,10 +955,15 @@ impl pb::inference_server::Inference for InferenceService {
                             .unwrap_or(usize::MAX)
                             .clamp(4096, self.config.chunk_bytes),
                     };
+                    let output = self.shm_target(
+                        "header.output_shared_memory",
+                        header.output_shared_memory.as_ref(),
+                        p.output_bytes,
+                    )?;
                     let route = Route {
                         chunk,
                         depth: slabs::queue_depth(
-                            slabs::zero_copy(p.out_dtype, p.plan.owned_slab_bytes()),
+                            output.is_some(),
                             p.plan.owned_slab_bytes(),
                             p.plan.output[1],
                             chunk,
@@ -963,11 +974,7 @@ impl pb::inference_server::Inference for InferenceService {
                             header.input_shared_memory.as_ref(),
                             p.input_bytes,
                         )?,
-                        output: self.shm_target(
-                            "header.output_shared_memory",
-                            header.output_shared_memory.as_ref(),
-                            p.output_bytes,
-                        )?,
+                        output,
                     };
                     Ok((p, route))
                 })

@@ -61,19 +61,21 @@ pub fn in_flight_bytes(
     }
 }
 
-/// Chunks a stream's queue holds before the producer waits. Converted chunks are copies, so
-/// the queue holds `stream_buffer` of them. Zero-copy chunks are slices of slabs that stay
-/// alive anyway; the queue then also takes all chunks of one slab, so that the kernel can
-/// hand a whole slab over and compute the next one while it is being sent (with a queue
-/// shorter than a slab it would wait for most of each slab's transfer).
+/// Chunks a stream's queue holds before the producer waits: `stream_buffer`, and with
+/// `whole_slab` also all chunks of one slab, so that the kernel can hand a whole slab over and
+/// compute the next one while it is being written (with a queue shorter than a slab it waits
+/// for most of each slab's transfer). `whole_slab` is for output into shared memory, whose
+/// writer thread drains the queue by itself; towards a socket the queue stays short, so a
+/// client that stops reading stops the kernel within the call's deadline. The reservation
+/// ([`in_flight_bytes`]) follows the depth either way.
 pub fn queue_depth(
-    zero_copy: bool,
+    whole_slab: bool,
     slab_bytes: usize,
     c_out: usize,
     chunk: usize,
     stream_buffer: usize,
 ) -> usize {
-    if zero_copy {
+    if whole_slab {
         stream_buffer.saturating_add(pieces_per_slab(slab_bytes, c_out, chunk))
     } else {
         stream_buffer
@@ -179,7 +181,14 @@ impl Recycler {
     /// mapped), else an empty one the kernel sizes.
     pub fn take(&self, len: usize) -> Vec<f32> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        match free.iter().position(|b| b.capacity() >= len) {
+        // The smallest that fits: a large slab's buffer stays for calls that need it.
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
             Some(i) => free.swap_remove(i),
             None => Vec::new(),
         }
@@ -214,6 +223,28 @@ impl Drop for Recycled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_keeps_a_bounded_number_of_buffers_and_hands_out_the_best_fit() {
+        let pool = Recycler::new(3);
+        for cap in [100, 10, 50, 70] {
+            pool.give(Vec::with_capacity(cap));
+        }
+        pool.give(Vec::new());
+        assert_eq!(
+            pool.idle(),
+            3,
+            "the fourth buffer and the empty one are freed"
+        );
+        let b = pool.take(20);
+        assert!(
+            (50..70).contains(&b.capacity()),
+            "best fit: {}",
+            b.capacity()
+        );
+        assert_eq!(pool.take(200).capacity(), 0, "none fits: a new one");
+        assert_eq!(pool.idle(), 2);
+    }
 
     /// The reservation covers every window of queued chunks: simulates the chunk sequence of
     /// whole outputs (full slabs and a short last one) and counts the slabs each window of
