@@ -136,3 +136,24 @@ fn shared_workload_file_parses() {
         w.shape().unwrap();
     }
 }
+
+/// `serve` validates the shared-memory directory before binding: exit 64, one line naming
+/// the flag and what it got.
+#[test]
+fn serve_refuses_a_shared_memory_dir_that_is_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let out = voxconv()
+        .args(["serve", "--listen", "127.0.0.1:0", "--shared-memory-dir"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "usage error (EX_USAGE)");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--shared-memory-dir: expected a directory"),
+        "{err}"
+    );
+}
