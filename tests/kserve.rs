@@ -25,12 +25,6 @@ fn request(shape: Vec<i64>, datatype: &str) -> kv::ModelInferRequest {
     }
 }
 
-fn floats(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_and_typed_inputs_give_the_kernels_result() {
     let models = models();

@@ -56,12 +56,6 @@ async fn stream(
     Ok(got)
 }
 
-fn floats(raw: &[u8]) -> Vec<f32> {
-    raw.chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_and_output_through_shared_memory_equal_the_kernel() {
     let dir = tempfile::tempdir().unwrap();

@@ -187,6 +187,13 @@ pub fn f32_bytes(v: &[f32]) -> Bytes {
     Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
 }
 
+/// Little-endian float32 bytes back to values (the inverse of [`f32_bytes`]).
+pub fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 pub fn header(
     model: &str,
     shape: &[u64],
