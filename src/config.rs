@@ -93,6 +93,15 @@ pub struct ServeArgs {
     /// make the server write into files of this directory that the server's user can open.
     #[arg(long, env = "VOXCONV_SHARED_MEMORY_DIR")]
     pub shared_memory_dir: Option<std::path::PathBuf>,
+    /// With shared memory on: total size of the regions clients may ask the server to create
+    /// (CreateSharedMemory: sealed memory the server maps, so the kernel writes the output
+    /// straight into it). Allocated when created; 0 turns such regions off.
+    #[arg(
+        long,
+        env = "VOXCONV_SHARED_MEMORY_CREATE_LIMIT",
+        default_value = "1GiB"
+    )]
+    pub shared_memory_create_limit: ByteSize,
     /// Concurrent streams (calls) per HTTP/2 connection.
     #[arg(long, env = "VOXCONV_MAX_CONCURRENT_STREAMS", default_value_t = 32)]
     pub max_concurrent_streams: u32,
@@ -198,6 +207,7 @@ pub struct Config {
     pub auth_tokens: Option<std::sync::Arc<crate::security::TokenSet>>,
     pub audit_log: Option<std::path::PathBuf>,
     pub shared_memory_dir: Option<std::path::PathBuf>,
+    pub shared_memory_create_limit: u64,
     pub limits: Limits,
 }
 
@@ -229,6 +239,7 @@ impl Config {
             auth_tokens: None,
             audit_log: None,
             shared_memory_dir: None,
+            shared_memory_create_limit: 1 << 30,
             limits: Limits::default(),
         }
     }
@@ -370,6 +381,12 @@ impl TryFrom<ServeArgs> for Config {
                 }
                 p => p,
             },
+            shared_memory_create_limit: bounded(
+                "shared-memory-create-limit",
+                a.shared_memory_create_limit.as_u64(),
+                0,
+                1 << 40,
+            )?,
             limits: Limits {
                 max_concurrent_streams: bounded(
                     "max-concurrent-streams",

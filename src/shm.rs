@@ -8,12 +8,24 @@
 //! server (writing through a mapping past the end of a shrunk file would raise SIGBUS).
 //! Off unless `--shared-memory-dir` is set: any caller allowed to call the server can then
 //! make it write into files of that directory that the server's user may open.
+//!
+//! Server-created regions (`CreateSharedMemory`) go one step further: the server makes a
+//! memory file (`memfd`), allocates it, seals it against shrinking and growing, and maps it;
+//! the client opens it through `/proc/<server pid>/fd/<n>` (same host, same PID namespace,
+//! same user). A sealed file cannot shrink under the mapping, so the kernel can write a
+//! float32 output straight into it, with no copy at all. Their total size is bounded by
+//! `--shared-memory-create-limit`, charged when created and returned when the last call
+//! using the region ends after it is unregistered.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use crate::kernel::buffer::SealedMap;
 
 use bytes::Bytes;
 
@@ -33,9 +45,77 @@ pub struct Region {
     pub offset: u64,
     pub byte_size: u64,
     file: File,
+    /// Server-created regions: the mapping outputs are computed into (one call at a time).
+    map: Option<Mutex<SealedMap>>,
+    /// Server-created regions: their share of the create limit, returned on drop.
+    _charge: Option<Charge>,
+}
+
+/// Bytes of server-created regions, held against the limit until dropped.
+#[derive(Debug)]
+struct Charge {
+    total: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Charge {
+    /// Takes `bytes` from `total` if it stays within `limit`.
+    fn take(total: &Arc<AtomicU64>, bytes: u64, limit: u64) -> Option<Self> {
+        total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                t.checked_add(bytes).filter(|&n| n <= limit)
+            })
+            .ok()?;
+        Some(Self {
+            total: Arc::clone(total),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A float32 output window of a server-created region, held by one call.
+pub struct DirectWindow<'r> {
+    map: MutexGuard<'r, SealedMap>,
+    at: usize,
+    count: usize,
+}
+
+impl DirectWindow<'_> {
+    /// The window, for the kernel to write into.
+    pub fn floats(&mut self) -> &mut [f32] {
+        // Checked when the window was taken; an empty slice would fail the kernel's own
+        // length check rather than write anywhere else.
+        self.map.f32_window(self.at, self.count).unwrap_or_default()
+    }
 }
 
 impl Region {
+    /// Whether the server created (and maps) this region.
+    pub fn server_created(&self) -> bool {
+        self.map.is_some()
+    }
+
+    /// `count` floats at `at` bytes into a server-created region, for the kernel to write
+    /// into directly; `None` for client files, misaligned windows, or while another call
+    /// writes into the region (that call then goes through `write_at`).
+    pub fn direct_f32(&self, at: u64, count: usize) -> Option<DirectWindow<'_>> {
+        let at = usize::try_from(self.offset.checked_add(at)?).ok()?;
+        let mut map = match self.map.as_ref()?.try_lock() {
+            Ok(g) => g,
+            // The kernel panicked while writing: the bytes are the client's to overwrite.
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        map.f32_window(at, count)?;
+        Some(DirectWindow { map, at, count })
+    }
+
     /// Writes `data` at `at` bytes into the region. The caller has checked the bounds
     /// against [`Region::byte_size`] (`check_window`).
     pub fn write_at(&self, at: u64, data: &[u8]) -> std::io::Result<()> {
@@ -137,6 +217,10 @@ pub struct SharedMemory {
     /// Where keys are looked up; `None`: the feature is off.
     dir: Option<PathBuf>,
     regions: Mutex<HashMap<String, Arc<Region>>>,
+    /// Most bytes of server-created regions alive at once (0: none may be created).
+    create_limit: u64,
+    /// Bytes of server-created regions alive now.
+    created: Arc<AtomicU64>,
 }
 
 fn disabled() -> ServiceError {
@@ -177,11 +261,108 @@ fn check_token(field: &str, v: &str, slash: bool) -> Result<String, ServiceError
 }
 
 impl SharedMemory {
-    pub fn new(dir: Option<PathBuf>) -> Self {
+    pub fn new(dir: Option<PathBuf>, create_limit: u64) -> Self {
         Self {
             dir,
             regions: Mutex::default(),
+            create_limit,
+            created: Arc::default(),
         }
+    }
+
+    /// Bytes of server-created regions alive now (unregistered ones still in use count).
+    pub fn created_bytes(&self) -> u64 {
+        self.created.load(Ordering::Acquire)
+    }
+
+    /// Inserts `region` unless the name is taken or the table is full.
+    fn insert(&self, region: Region) -> Result<(), ServiceError> {
+        let mut regions = self.lock();
+        if regions.len() >= MAX_REGIONS {
+            return Err(ServiceError::ResourceExhausted(format!(
+                "name: {MAX_REGIONS} regions are registered already (the most a server keeps); \
+                 unregister some"
+            )));
+        }
+        if regions.contains_key(&region.name) {
+            return Err(ServiceError::AlreadyExists(format!(
+                "name: a region named {:?} is already registered (unregister it first)",
+                region.name
+            )));
+        }
+        regions.insert(region.name.clone(), Arc::new(region));
+        Ok(())
+    }
+
+    /// Creates, allocates, seals and maps a memory file of `byte_size` bytes and registers
+    /// it as `name`. Returns the key a client on this host opens it by
+    /// (`/proc/<pid>/fd/<n>`) and the file's name, which the client checks (reading the link
+    /// of the descriptor it opened gives `/memfd:<name> (deleted)`).
+    pub fn create(&self, name: &str, byte_size: u64) -> Result<(String, String), ServiceError> {
+        use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
+        if !self.enabled() {
+            return Err(disabled());
+        }
+        check_token("name", name, false)?;
+        if self.create_limit == 0 {
+            return Err(ServiceError::FailedPrecondition(
+                "server-created shared memory is off on this server \
+                 (--shared-memory-create-limit is 0)"
+                    .into(),
+            ));
+        }
+        let len = usize::try_from(byte_size)
+            .ok()
+            .filter(|&l| l > 0)
+            .ok_or_else(|| {
+                ServiceError::invalid(format!(
+                    "byte_size: expected 1 to {} bytes, got {byte_size}",
+                    self.create_limit
+                ))
+            })?;
+        let charge =
+            Charge::take(&self.created, byte_size, self.create_limit).ok_or_else(|| {
+                ServiceError::ResourceExhausted(format!(
+                    "byte_size: {byte_size} bytes asked, but {} of the {} bytes this server gives \
+                 created regions are in use (unregister some)",
+                    self.created_bytes(),
+                    self.create_limit
+                ))
+            })?;
+        let memfd_name = format!("voxconv-{:016x}", rand::random::<u64>());
+        let io = |what: &str, e: std::io::Error| {
+            ServiceError::Internal(format!(
+                "creating shared memory: {what} failed ({})",
+                e.kind()
+            ))
+        };
+        let fd = rustix::fs::memfd_create(
+            memfd_name.as_str(),
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| io("memfd_create", e.into()))?;
+        let file = File::from(fd);
+        file.set_len(byte_size).map_err(|e| io("ftruncate", e))?;
+        // Allocate now: a page the kernel touches later must not fail for want of memory.
+        rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, byte_size).map_err(|_| {
+            ServiceError::ResourceExhausted(format!(
+                "byte_size: the server could not allocate {byte_size} bytes of shared memory"
+            ))
+        })?;
+        rustix::fs::fcntl_add_seals(&file, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(|e| io("sealing", e.into()))?;
+        let map = SealedMap::new(&file, len).map_err(|e| io("mmap", e))?;
+        let key = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+        self.insert(Region {
+            name: name.to_string(),
+            key: key.clone(),
+            offset: 0,
+            byte_size,
+            file,
+            map: Some(Mutex::new(map)),
+            _charge: Some(charge),
+        })?;
+        Ok((key, memfd_name))
     }
 
     pub fn enabled(&self) -> bool {
@@ -216,11 +397,6 @@ impl SharedMemory {
                 "byte_size: offset {offset} + byte_size {byte_size} overflows"
             ))
         })?;
-        if self.lock().contains_key(name) {
-            return Err(ServiceError::AlreadyExists(format!(
-                "name: a region named {name:?} is already registered (unregister it first)"
-            )));
-        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -253,29 +429,15 @@ impl SharedMemory {
                 meta.len()
             )));
         }
-        let mut regions = self.lock();
-        if regions.len() >= MAX_REGIONS {
-            return Err(ServiceError::ResourceExhausted(format!(
-                "name: {MAX_REGIONS} regions are registered already (the most a server keeps); \
-                 unregister some"
-            )));
-        }
-        if regions.contains_key(name) {
-            return Err(ServiceError::AlreadyExists(format!(
-                "name: a region named {name:?} is already registered (unregister it first)"
-            )));
-        }
-        regions.insert(
-            name.to_string(),
-            Arc::new(Region {
-                name: name.to_string(),
-                key: key.to_string(),
-                offset,
-                byte_size,
-                file,
-            }),
-        );
-        Ok(())
+        self.insert(Region {
+            name: name.to_string(),
+            key: key.to_string(),
+            offset,
+            byte_size,
+            file,
+            map: None,
+            _charge: None,
+        })
     }
 
     /// Forgets region `name` (all regions when `name` is empty). Calls already writing to it
@@ -330,7 +492,7 @@ mod tests {
     fn registers_writes_within_bounds_and_unregisters() {
         let d = dir();
         std::fs::write(d.path().join("vol"), vec![0u8; 64]).unwrap();
-        let shm = SharedMemory::new(Some(d.path().into()));
+        let shm = SharedMemory::new(Some(d.path().into()), 1 << 20);
         shm.register("out", "/vol", 16, 32).unwrap();
         let r = shm.get("output", "out").unwrap();
         assert!(r.check_window("f", 0, 32).is_ok());
@@ -363,7 +525,7 @@ mod tests {
         std::fs::write(d.path().join("small"), vec![0u8; 8]).unwrap();
         std::fs::create_dir(d.path().join("sub")).unwrap();
         std::os::unix::fs::symlink(d.path().join("small"), d.path().join("link")).unwrap();
-        let shm = SharedMemory::new(Some(d.path().into()));
+        let shm = SharedMemory::new(Some(d.path().into()), 1 << 20);
         let invalid =
             |r: Result<(), ServiceError>| matches!(r, Err(ServiceError::InvalidArgument(_)));
         for key in ["", "/", "..", "/../etc", "a/b", "sp ace", &"k".repeat(300)] {
@@ -385,7 +547,7 @@ mod tests {
         assert!(shm.status("").unwrap().is_empty());
         shm.register("r", "small", 4, 4).unwrap();
 
-        let off = SharedMemory::new(None);
+        let off = SharedMemory::new(None, 1 << 20);
         for r in [
             off.register("r", "small", 0, 1),
             off.unregister(""),
@@ -401,7 +563,7 @@ mod tests {
         let d = dir();
         let path = d.path().join("vol");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        let shm = SharedMemory::new(Some(d.path().into()));
+        let shm = SharedMemory::new(Some(d.path().into()), 1 << 20);
         shm.register("out", "vol", 0, 4096).unwrap();
         let r = shm.get("output", "out").unwrap();
         std::fs::File::options()
@@ -413,5 +575,45 @@ mod tests {
         // pwrite past the end extends the file instead of raising SIGBUS.
         r.write_at(4000, &[1; 96]).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn created_regions_are_charged_until_dropped_and_computed_into_one_call_at_a_time() {
+        let d = dir();
+        let shm = SharedMemory::new(Some(d.path().into()), 3 * 4096);
+        let (key, memfd) = shm.create("a", 8192).unwrap();
+        assert!(key.starts_with("/proc/"));
+        assert!(memfd.starts_with("voxconv-"));
+        assert_eq!(shm.created_bytes(), 8192);
+        let err = shm.create("b", 8192).unwrap_err();
+        assert!(matches!(err, ServiceError::ResourceExhausted(_)), "{err:?}");
+        assert_eq!(shm.created_bytes(), 8192, "a refused request holds nothing");
+        let r = shm.get("f", "a").unwrap();
+        assert!(r.server_created());
+        {
+            let mut w = r.direct_f32(4, 3).unwrap();
+            w.floats().copy_from_slice(&[1.0, 2.0, 3.0]);
+            // Busy while held: a second call falls back to writing.
+            assert!(r.direct_f32(100, 1).is_none());
+        }
+        assert!(r.direct_f32(2, 1).is_none(), "misaligned");
+        assert!(r.direct_f32(8192 - 4, 2).is_none(), "past the end");
+        let mut back = [0u8; 12];
+        r.file.read_exact_at(&mut back, 4).unwrap();
+        assert_eq!(back[8..], 3.0f32.to_le_bytes());
+        // Unregistered while a call still holds it: charged until that call lets go.
+        shm.unregister("a").unwrap();
+        assert_eq!(shm.created_bytes(), 8192);
+        drop(r);
+        assert_eq!(shm.created_bytes(), 0);
+        // Client files are never computed into in place.
+        std::fs::write(d.path().join("vol"), vec![0u8; 64]).unwrap();
+        shm.register("c", "/vol", 0, 64).unwrap();
+        assert!(shm.get("f", "c").unwrap().direct_f32(0, 1).is_none());
+        let off = SharedMemory::new(Some(d.path().into()), 0);
+        assert!(matches!(
+            off.create("a", 4),
+            Err(ServiceError::FailedPrecondition(_))
+        ));
     }
 }

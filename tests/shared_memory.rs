@@ -174,6 +174,7 @@ async fn input_and_output_through_shared_memory_equal_the_kernel() {
             key: "/vol".into(),
             offset: 100,
             byte_size: size,
+            server_created: false,
         }]
     );
     client
@@ -311,4 +312,198 @@ async fn shared_memory_errors_name_the_field_and_the_server_keeps_serving() {
         msgs.last(),
         Some(pb::infer_stream_response::Msg::Summary(_))
     ));
+}
+
+fn create(name: &str, byte_size: u64) -> pb::CreateSharedMemoryRequest {
+    pb::CreateSharedMemoryRequest {
+        name: name.into(),
+        byte_size,
+    }
+}
+
+/// Server-created regions: the client opens the server's sealed memory by the key it gets
+/// (checking it is the right file), the output is computed in place (float32) or written in
+/// (float16), and the memory is charged against --shared-memory-create-limit until the
+/// region is unregistered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_created_regions_hold_outputs_computed_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = models();
+    let shape = [1usize, 1, 13, 17, 11];
+    let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let n = shape.iter().product::<usize>();
+    let x = voxconv::cli::seeded(n, 8);
+    let input = f32_bytes(&x);
+    // Input at 0, the output 4 KiB after it (as clients lay it out), 16 channels of room.
+    let out_at = (input.len() as u64).div_ceil(4096) * 4096;
+    let size = out_at + 16 * 4 * n as u64;
+    let server = TestServer::start(
+        Config {
+            shared_memory_create_limit: 3 * size,
+            workers: 2,
+            ..shm_config(dir.path())
+        },
+        models.clone(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let made = client
+        .create_shared_memory(create("m1", size))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(made.key.starts_with("/proc/"), "{}", made.key);
+    let file = voxconv::cli::shm::open_server_region(&made.key, &made.memfd_name).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), size);
+    assert!(
+        voxconv::cli::shm::open_server_region(&made.key, "voxconv-elsewhere").is_err(),
+        "a different file behind the key is refused"
+    );
+    // Sealed: the client cannot shrink (or grow) it under the server's mapping.
+    assert!(file.set_len(0).is_err());
+    assert!(file.set_len(size + 1).is_err());
+    file.write_all_at(&input, 0).unwrap();
+
+    for model in ["sobel3d", "gaussian3d", "c16"] {
+        let want = kernel_output(&models, model, shape, &x);
+        for dtype in [pb::DType::Fp32, pb::DType::Fp16] {
+            file.write_all_at(&vec![0xffu8; want.len() * 4], out_at)
+                .unwrap();
+            let h = pb::StreamHeader {
+                model: model.into(),
+                input_dtype: pb::DType::Fp32 as i32,
+                input_shape: shape64.clone(),
+                output_dtype: dtype as i32,
+                input_shared_memory: at("m1", 0),
+                output_shared_memory: at("m1", out_at),
+                ..Default::default()
+            };
+            let msgs = stream(&mut client, h, vec![]).await.unwrap();
+            assert_eq!(msgs.len(), 2, "{model}: a header and a summary, no chunks");
+            let pb::infer_stream_response::Msg::Summary(s) = &msgs[1] else {
+                panic!("{model}: summary last")
+            };
+            let mut raw = vec![0u8; s.output_bytes as usize];
+            file.read_exact_at(&mut raw, out_at).unwrap();
+            let (got, want): (Vec<f32>, Vec<f32>) = match dtype {
+                pb::DType::Fp16 => (
+                    raw.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                        .collect(),
+                    want.iter()
+                        .map(|&v| half::f16::from_f32(v).to_f32())
+                        .collect(),
+                ),
+                _ => (floats(&raw), want.clone()),
+            };
+            assert_eq!(got, want, "{model} {dtype:?}");
+        }
+    }
+
+    // Two calls into one region at once (different windows, two workers): both are right,
+    // whichever computes in place (the other, finding the region busy, has its output written
+    // in; that fallback is checked deterministically in src/shm.rs).
+    let want = kernel_output(&models, "c16", shape, &x);
+    let half = 4 * want.len() as u64;
+    let second = client
+        .create_shared_memory(create("m2", out_at + 2 * half))
+        .await
+        .unwrap()
+        .into_inner();
+    let f2 = voxconv::cli::shm::open_server_region(&second.key, &second.memfd_name).unwrap();
+    f2.write_all_at(&input, 0).unwrap();
+    f2.write_all_at(&vec![0xffu8; 2 * half as usize], out_at)
+        .unwrap();
+    let call = |off: u64| {
+        let mut c = client.clone();
+        let h = pb::StreamHeader {
+            model: "c16".into(),
+            input_dtype: pb::DType::Fp32 as i32,
+            input_shape: shape64.clone(),
+            output_dtype: pb::DType::Fp32 as i32,
+            input_shared_memory: at("m2", 0),
+            output_shared_memory: at("m2", off),
+            ..Default::default()
+        };
+        async move { stream(&mut c, h, vec![]).await }
+    };
+    let (a, b) = tokio::join!(call(out_at), call(out_at + half));
+    a.unwrap();
+    b.unwrap();
+    for off in [out_at, out_at + half] {
+        let mut raw = vec![0u8; half as usize];
+        f2.read_exact_at(&mut raw, off).unwrap();
+        assert_eq!(floats(&raw), want, "window at {off}");
+    }
+
+    let status = client
+        .shared_memory_status(pb::SharedMemoryStatusRequest { name: "m1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.regions.len(), 1);
+    assert!(status.regions[0].server_created);
+    assert_eq!(status.regions[0].key, made.key);
+
+    // The limit: 3 × size, of which m1 and m2 hold all but less than one size.
+    expect(
+        client.create_shared_memory(create("m3", size)).await,
+        Code::ResourceExhausted,
+        "byte_size",
+    );
+    expect(
+        client.create_shared_memory(create("m1", 4)).await,
+        Code::AlreadyExists,
+        "name",
+    );
+    expect(
+        client.create_shared_memory(create("m3", 0)).await,
+        Code::InvalidArgument,
+        "byte_size",
+    );
+    expect(
+        client.create_shared_memory(create("a/b", 4)).await,
+        Code::InvalidArgument,
+        "name",
+    );
+    // Unregistering gives the memory back.
+    client
+        .unregister_shared_memory(pb::UnregisterSharedMemoryRequest { name: "m2".into() })
+        .await
+        .unwrap();
+    client
+        .create_shared_memory(create("m3", size))
+        .await
+        .unwrap();
+    client
+        .unregister_shared_memory(pb::UnregisterSharedMemoryRequest::default())
+        .await
+        .unwrap();
+
+    // Off with the limit at 0, and with shared memory off altogether.
+    let zero = TestServer::start(
+        Config {
+            shared_memory_create_limit: 0,
+            ..shm_config(dir.path())
+        },
+        models.clone(),
+    )
+    .await;
+    expect(
+        zero.client()
+            .await
+            .create_shared_memory(create("m", 4))
+            .await,
+        Code::FailedPrecondition,
+        "--shared-memory-create-limit",
+    );
+    let off = TestServer::start(Config::for_tests(), models).await;
+    expect(
+        off.client()
+            .await
+            .create_shared_memory(create("m", 4))
+            .await,
+        Code::FailedPrecondition,
+        "--shared-memory-dir",
+    );
 }

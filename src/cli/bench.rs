@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// reuses it; each call writes the input there and ends when the output is there.
     #[arg(long)]
     pub shared_memory_dir: Option<PathBuf>,
+    /// Like --shared-memory-dir, but each worker's region is memory the server creates and
+    /// maps (CreateSharedMemory): float32 outputs are computed straight into it.
+    #[arg(long, conflicts_with = "shared_memory_dir")]
+    pub server_shared_memory: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -360,11 +364,17 @@ async fn run_bench(
         let mut client = a
             .connect
             .inference(channels[w as usize % channels.len()].clone())?;
-        regions.push(match &a.shared_memory_dir {
+        let placement = super::shm::Placement::from_flags(
+            a.shared_memory_dir.as_deref(),
+            a.server_shared_memory,
+        );
+        regions.push(match &placement {
             None => None,
-            Some(dir) => {
+            Some(place) => {
                 if a.rpc != Rpc::Stream {
-                    return Err("--shared-memory-dir: needs --rpc stream".into());
+                    return Err(
+                        "--shared-memory-dir / --server-shared-memory: needs --rpc stream".into(),
+                    );
                 }
                 let info = client
                     .get_model(pb::GetModelRequest {
@@ -382,7 +392,7 @@ async fn run_bench(
                 Some(Arc::new(
                     super::shm::ClientRegion::create(
                         &mut client,
-                        dir,
+                        place,
                         job.raw.len() as u64,
                         elems * size,
                     )

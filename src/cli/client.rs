@@ -52,6 +52,11 @@ pub struct InferArgs {
     /// --shared-memory-dir on the same directory. The region is removed afterwards.
     #[arg(long)]
     pub shared_memory_dir: Option<PathBuf>,
+    /// Like --shared-memory-dir, but in memory the server creates and maps
+    /// (CreateSharedMemory): the output is computed straight into it. Same host, same PID
+    /// namespace, same user as the server.
+    #[arg(long, conflicts_with = "shared_memory_dir")]
+    pub server_shared_memory: bool,
 }
 
 #[derive(Debug, Args)]
@@ -188,7 +193,9 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     };
     // NIfTI output needs the model's geometry to place the output voxels; a shared-memory
     // region is sized from the output shape it gives.
-    let info = if out_nifti || a.shared_memory_dir.is_some() {
+    let placement =
+        super::shm::Placement::from_flags(a.shared_memory_dir.as_deref(), a.server_shared_memory);
+    let info = if out_nifti || placement.is_some() {
         Some(
             client
                 .get_model(pb::GetModelRequest {
@@ -204,16 +211,20 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let maps = info.as_ref().filter(|_| out_nifti).map(axis_maps);
     let input_len = input.bytes.len();
     let output_at = super::shm::ClientRegion::output_at(input_len as u64);
-    let region = match (&a.shared_memory_dir, &info) {
-        (Some(dir), Some(info)) => {
+    let region = match (&placement, &info) {
+        (Some(place), Some(info)) => {
             let shape: Vec<u64> = input.shape.iter().map(|&d| d as u64).collect();
             let bytes = super::shm::output_shape(info, &shape)?
                 .iter()
                 .try_fold(out_dtype.size() as u64, |a, &d| a.checked_mul(d))
                 .ok_or("the output is too large to address")?;
-            let region =
-                super::shm::ClientRegion::create(&mut client, dir, input.bytes.len() as u64, bytes)
-                    .await?;
+            let region = super::shm::ClientRegion::create(
+                &mut client,
+                place,
+                input.bytes.len() as u64,
+                bytes,
+            )
+            .await?;
             region.write(0, &input.bytes)?;
             Some(region)
         }
@@ -257,65 +268,77 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         request.set_timeout(*t);
     }
     let t_call = Instant::now();
-    let mut inbound = client
-        .infer_stream(request)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let mut shape = Vec::new();
-    let mut y: Vec<f32> = Vec::new();
-    let mut received = 0usize;
-    let mut summary = None;
-    while let Some(msg) = inbound.message().await.map_err(status_error)? {
-        match msg.msg {
-            Some(pb::infer_stream_response::Msg::Header(h)) => {
-                shape = h.shape.iter().map(|&d| d as usize).collect();
-                let elements = shape
-                    .iter()
-                    .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                    .ok_or("server announced an output too large to address")?;
-                y = crate::kernel::buffer::zeroed_f32(elements);
-                down.set_length(h.total_bytes);
-                up.finish();
+    // The region is unregistered whatever the call's outcome (a server-created one holds
+    // server memory until then).
+    let outcome: Result<_, BoxError> = async {
+        let mut inbound = client
+            .infer_stream(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let mut shape = Vec::new();
+        let mut y: Vec<f32> = Vec::new();
+        let mut received = 0usize;
+        let mut summary = None;
+        while let Some(msg) = inbound.message().await.map_err(status_error)? {
+            match msg.msg {
+                Some(pb::infer_stream_response::Msg::Header(h)) => {
+                    shape = h.shape.iter().map(|&d| d as usize).collect();
+                    let elements = shape
+                        .iter()
+                        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                        .ok_or("server announced an output too large to address")?;
+                    y = crate::kernel::buffer::zeroed_f32(elements);
+                    down.set_length(h.total_bytes);
+                    up.finish();
+                }
+                Some(pb::infer_stream_response::Msg::Chunk(c)) => {
+                    let size = out_dtype.size();
+                    let at = c.offset as usize / size;
+                    let n = c.data.len() / size;
+                    let dst = at
+                        .checked_add(n)
+                        .and_then(|end| y.get_mut(at..end))
+                        .ok_or("server sent a chunk outside the announced output")?;
+                    dtype::decode(out_dtype, &c.data, dst);
+                    received += c.data.len();
+                    down.inc(c.data.len() as u64);
+                }
+                Some(pb::infer_stream_response::Msg::Summary(s)) => summary = Some(s),
+                None => {}
             }
-            Some(pb::infer_stream_response::Msg::Chunk(c)) => {
-                let size = out_dtype.size();
-                let at = c.offset as usize / size;
-                let n = c.data.len() / size;
-                let dst = at
-                    .checked_add(n)
-                    .and_then(|end| y.get_mut(at..end))
-                    .ok_or("server sent a chunk outside the announced output")?;
-                dtype::decode(out_dtype, &c.data, dst);
-                received += c.data.len();
-                down.inc(c.data.len() as u64);
-            }
-            Some(pb::infer_stream_response::Msg::Summary(s)) => summary = Some(s),
-            None => {}
         }
+        let s = summary.ok_or("stream ended without a summary")?;
+        if let Some(r) = &region {
+            // The output is in the region: copy it out (as it would come off the socket).
+            let want = y.len() * out_dtype.size();
+            if output_at.saturating_add(want as u64) > r.bytes() {
+                return Err(format!(
+                    "server announced {want} output bytes, the region holds {}",
+                    r.bytes()
+                )
+                .into());
+            }
+            if out_dtype == DType::F32 && cfg!(target_endian = "little") {
+                r.read(output_at, bytemuck::cast_slice_mut(&mut y))?;
+            } else {
+                let mut raw = vec![0u8; want];
+                r.read(output_at, &mut raw)?;
+                dtype::decode(out_dtype, &raw, &mut y);
+            }
+            received = want;
+            down.inc(want as u64);
+        }
+        Ok((shape, y, received, s))
     }
-    let s = summary.ok_or("stream ended without a summary")?;
+    .await;
     if let Some(r) = region {
-        // The output is in the region: copy it out (as it would come off the socket).
-        let want = y.len() * out_dtype.size();
-        if output_at.saturating_add(want as u64) > r.bytes() {
-            return Err(format!(
-                "server announced {want} output bytes, the region holds {}",
-                r.bytes()
-            )
-            .into());
+        let released = r.release(&mut client).await;
+        if outcome.is_ok() {
+            released?;
         }
-        if out_dtype == DType::F32 && cfg!(target_endian = "little") {
-            r.read(output_at, bytemuck::cast_slice_mut(&mut y))?;
-        } else {
-            let mut raw = vec![0u8; want];
-            r.read(output_at, &mut raw)?;
-            dtype::decode(out_dtype, &raw, &mut y);
-        }
-        received = want;
-        down.inc(want as u64);
-        r.release(&mut client).await?;
     }
+    let (shape, y, received, s) = outcome?;
     down.finish();
     multi.clear().ok();
     let stream_ms = t_call.elapsed().as_secs_f64() * 1e3;

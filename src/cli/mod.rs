@@ -7,7 +7,7 @@ mod conv3d;
 mod kernel_bench;
 mod phantom;
 pub mod serve;
-mod shm;
+pub mod shm;
 
 use std::process::ExitCode;
 

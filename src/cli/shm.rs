@@ -1,8 +1,9 @@
 //! Client side of same-host shared memory (see [`crate::shm`]): a region the client creates
-//! in the shared-memory directory and registers with the server; the input is written at its
-//! start and the output read back after it.
+//! in the shared-memory directory and registers with the server, or one the server creates
+//! and the client opens; the input is written at its start and the output read back after it.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,11 +52,32 @@ pub fn output_shape(info: &pb::ModelInfo, input: &[u64]) -> Result<[u64; 5], Box
     ])
 }
 
-/// A shared-memory object of this process, registered with a server under its own name:
-/// input bytes at 0, output at [`ClientRegion::output_at`]. The file is removed when the
-/// region is dropped.
+/// Where a client's shared-memory region lives.
+#[derive(Clone, Debug)]
+pub enum Placement {
+    /// A file the client creates in this directory (normally /dev/shm) and registers.
+    Dir(PathBuf),
+    /// Memory the server creates and maps (CreateSharedMemory): outputs computed in place.
+    Server,
+}
+
+impl Placement {
+    /// From the `--shared-memory-dir` and `--server-shared-memory` flags.
+    pub fn from_flags(dir: Option<&Path>, server: bool) -> Option<Self> {
+        match (dir, server) {
+            (_, true) => Some(Self::Server),
+            (Some(d), false) => Some(Self::Dir(d.to_path_buf())),
+            (None, false) => None,
+        }
+    }
+}
+
+/// A shared-memory region for one client: input bytes at 0, output at
+/// [`ClientRegion::output_at`]. A file the client created is removed when the region is
+/// dropped; [`ClientRegion::release`] unregisters it (frees a server-created one).
 pub struct ClientRegion {
-    path: PathBuf,
+    /// The client's file, removed on drop (`None`: the server's memory).
+    path: Option<PathBuf>,
     file: File,
     name: String,
     bytes: u64,
@@ -67,11 +89,11 @@ impl ClientRegion {
         input_bytes.div_ceil(64) * 64
     }
 
-    /// Creates an object in `dir` (normally /dev/shm) for `input_bytes` then `output_bytes`,
-    /// and registers it.
+    /// Creates a region for `input_bytes` then `output_bytes` where `placement` says, and
+    /// registers it.
     pub async fn create(
         client: &mut Client,
-        dir: &Path,
+        placement: &Placement,
         input_bytes: u64,
         output_bytes: u64,
     ) -> Result<Self, BoxError> {
@@ -87,6 +109,18 @@ impl ClientRegion {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        match placement {
+            Placement::Dir(dir) => Self::in_dir(client, dir, name, bytes).await,
+            Placement::Server => Self::on_server(client, name, bytes).await,
+        }
+    }
+
+    async fn in_dir(
+        client: &mut Client,
+        dir: &Path,
+        name: String,
+        bytes: u64,
+    ) -> Result<Self, BoxError> {
         let path = dir.join(&name);
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -96,7 +130,7 @@ impl ClientRegion {
             .open(&path)
             .map_err(|e| format!("--shared-memory-dir {}: {e}", dir.display()))?;
         let region = Self {
-            path,
+            path: Some(path),
             file,
             name,
             bytes,
@@ -112,6 +146,34 @@ impl ClientRegion {
             .await
             .map_err(|s| format!("RegisterSharedMemory: {}: {}", s.code(), s.message()))?;
         Ok(region)
+    }
+
+    async fn on_server(client: &mut Client, name: String, bytes: u64) -> Result<Self, BoxError> {
+        let made = client
+            .create_shared_memory(pb::CreateSharedMemoryRequest {
+                name: name.clone(),
+                byte_size: bytes,
+            })
+            .await
+            .map_err(|s| format!("CreateSharedMemory: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        let opened = open_server_region(&made.key, &made.memfd_name);
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                // Unusable from here: give the server its memory back.
+                let _ = client
+                    .unregister_shared_memory(pb::UnregisterSharedMemoryRequest { name })
+                    .await;
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            path: None,
+            file,
+            name,
+            bytes,
+        })
     }
 
     /// A reference to `offset` bytes into the region, for a StreamHeader.
@@ -150,8 +212,35 @@ impl ClientRegion {
 
 impl Drop for ClientRegion {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// Opens a server-created region by its key and checks it is the server's memory file (the
+/// same descriptor number on another host or in another PID namespace is something else).
+pub fn open_server_region(key: &str, memfd_name: &str) -> Result<File, BoxError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(key)
+        .map_err(|e| {
+            format!(
+                "the server's shared memory {key} cannot be opened here ({e}): server-created \
+                 regions need the server on this host, in this PID namespace, as this user"
+            )
+        })?;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let want = format!("/memfd:{memfd_name} (deleted)");
+    if link.as_os_str() != want.as_str() {
+        return Err(format!(
+            "{key} is not the server's shared memory here (another host or PID namespace?): \
+             use --shared-memory-dir instead"
+        )
+        .into());
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

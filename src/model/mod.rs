@@ -277,6 +277,26 @@ impl ModelPlan {
         )
     }
 
+    /// Like [`run`](Self::run), but the whole output is written into `output`
+    /// (`[N, C_out, oD, oH, oW]`, every element overwritten), e.g. a client's shared memory.
+    pub fn run_to(
+        &self,
+        model: &Model,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        output: &mut [f32],
+    ) -> Result<Vec<LayerTiming>, KernelError> {
+        if output.len() != self.output_len() {
+            return Err(KernelError::BufferLength {
+                what: "output",
+                expected: self.output_len(),
+                got: output.len(),
+            });
+        }
+        self.run_into_sink(model, input, threads, cancel, Sink::Into(output))
+    }
+
     /// Bytes of the buffers [`run_owned`](Self::run_owned) hands over (one slab of the last
     /// layer, or one batch item of a final pooling).
     pub fn owned_slab_bytes(&self) -> usize {
@@ -313,6 +333,9 @@ impl ModelPlan {
                             Sink::Owned { fresh, on_slab } => p.run_slabs_owned(
                                 &cur, &c.weights, bias, threads, cancel, *fresh, *on_slab,
                             )?,
+                            Sink::Into(out) => {
+                                p.run_into(&cur, &c.weights, bias, out, threads, cancel)?
+                            }
                         }
                     } else {
                         let mut out = vec![0f32; p.shape().output_len()];
@@ -329,7 +352,9 @@ impl ModelPlan {
                         m.activation.bias_apply(&mut out, 0.0);
                     }
                     cur = out;
-                    if i == last {
+                    if let (true, Sink::Into(out)) = (i == last, &mut sink) {
+                        out.copy_from_slice(&cur);
+                    } else if i == last {
                         let [n, c, od, oh, ow] = self.output;
                         // One slab per batch item: [C, oD, oH, oW] is contiguous there.
                         for (b, item) in cur.chunks_exact(c * od * oh * ow).enumerate().take(n) {
@@ -339,6 +364,7 @@ impl ModelPlan {
                                     depth: 0..od,
                                     data: item,
                                 }),
+                                Sink::Into(_) => ControlFlow::Continue(()),
                                 Sink::Owned { fresh, on_slab } => {
                                     let mut data = fresh(item.len());
                                     data.resize(item.len(), 0.0);
@@ -371,9 +397,11 @@ impl ModelPlan {
     }
 }
 
-/// Where [`ModelPlan`]'s output goes: slabs lent from the kernel's ring, or handed over.
+/// Where [`ModelPlan`]'s output goes: slabs lent from the kernel's ring, handed over, or
+/// written into the caller's buffer.
 enum Sink<'s> {
     Lent(&'s mut dyn FnMut(Slab<'_>) -> ControlFlow<()>),
+    Into(&'s mut [f32]),
     Owned {
         fresh: &'s mut dyn FnMut(usize) -> Vec<f32>,
         on_slab: &'s mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,
@@ -426,5 +454,66 @@ impl ModelSet {
 
     pub fn iter(&self) -> impl Iterator<Item = &std::sync::Arc<Model>> {
         self.models.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(c_in: usize, c_out: usize, seed: u64) -> Layer {
+        Layer::Conv(ConvLayer {
+            filter_shape: [c_out, c_in, 3, 3, 3],
+            weights: crate::cli::seeded(c_out * c_in * 27, seed),
+            bias: Some(crate::cli::seeded(c_out, seed + 1)),
+            params: Conv3dParams {
+                padding: [1; 3],
+                ..Conv3dParams::default()
+            },
+            activation: Activation::Relu,
+        })
+    }
+
+    /// Guards `run_to` (output computed in place, e.g. into server-created shared memory):
+    /// for a last convolution and a last pooling, on a batch of two and odd sizes, it writes
+    /// every element of a NaN-prefilled buffer with what the slab-by-slab `run` gives.
+    #[test]
+    fn run_to_writes_the_same_output_as_run() {
+        let pool = Layer::MaxPool(MaxPoolLayer {
+            kernel: [2; 3],
+            stride: [2; 3],
+            activation: Activation::None,
+        });
+        let shape = [2, 2, 9, 7, 11];
+        for layers in [
+            vec![conv(2, 5, 1)],
+            vec![conv(2, 3, 3), conv(3, 4, 5)],
+            vec![conv(2, 3, 7), pool],
+        ] {
+            let model = Model {
+                name: "t".into(),
+                description: String::new(),
+                layers,
+            };
+            let plan = model.plan(shape).unwrap();
+            let x = crate::cli::seeded(shape.iter().product(), 9);
+            let [_, c_out, od, oh, ow] = plan.output;
+            let mut want = vec![f32::NAN; plan.output_len()];
+            plan.run(&model, x.clone(), 2, None, &mut |s| {
+                let per = s.depth.len() * oh * ow;
+                for c in 0..c_out {
+                    let at = ((s.batch * c_out + c) * od + s.depth.start) * oh * ow;
+                    want[at..at + per].copy_from_slice(&s.data[c * per..(c + 1) * per]);
+                }
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            let mut got = vec![f32::NAN; plan.output_len()];
+            plan.run_to(&model, x.clone(), 2, None, &mut got).unwrap();
+            assert!(want.iter().all(|v| !v.is_nan()));
+            assert_eq!(got, want, "{} layers", model.layers.len());
+            let mut short = vec![0f32; plan.output_len() - 1];
+            assert!(plan.run_to(&model, x, 1, None, &mut short).is_err());
+        }
     }
 }

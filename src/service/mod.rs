@@ -229,7 +229,10 @@ impl InferenceService {
         metrics: Arc<Metrics>,
         audit: Option<Arc<AuditLog>>,
     ) -> Self {
-        let shm = Arc::new(SharedMemory::new(config.shared_memory_dir.clone()));
+        let shm = Arc::new(SharedMemory::new(
+            config.shared_memory_dir.clone(),
+            config.shared_memory_create_limit,
+        ));
         Self {
             models,
             pool,
@@ -741,6 +744,16 @@ impl InferenceService {
             let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {
                 let _e = compute_span.enter();
                 let t0 = Instant::now();
+                // A float32 output into a region the server created and maps: the kernel
+                // writes it in place, no slabs, no copy.
+                let direct = match (&route.output, out_dtype) {
+                    (Some((region, base)), DType::F32) => region.direct_f32(*base, plan.output_len()),
+                    _ => None,
+                };
+                if let Some(mut window) = direct {
+                    let r = plan.run_to(&model, input, ctx.threads, Some(&ctx.cancel), window.floats());
+                    return (r, ctx.queue_wait, t0.elapsed(), None);
+                }
                 let flow = |more: bool| if more { ControlFlow::Continue(()) } else { ControlFlow::Break(()) };
                 let run = |send: &mut dyn FnMut(u64, Bytes) -> bool| {
                     if zero_copy {
@@ -1036,6 +1049,33 @@ impl pb::inference_server::Inference for InferenceService {
         Ok(Response::new(pb::RegisterSharedMemoryResponse {}))
     }
 
+    async fn create_shared_memory(
+        &self,
+        request: Request<pb::CreateSharedMemoryRequest>,
+    ) -> Result<Response<pb::CreateSharedMemoryResponse>, Status> {
+        let r = request.into_inner();
+        // Creating allocates and maps (up to --shared-memory-create-limit): off the runtime.
+        let shm = Arc::clone(&self.shm);
+        let (name, byte_size) = (r.name, r.byte_size);
+        let result = tokio::task::spawn_blocking(move || shm.create(&name, byte_size))
+            .await
+            .unwrap_or_else(|_| Err(ServiceError::Internal("creating the region stopped".into())));
+        info!(
+            byte_size,
+            status = code_name(
+                result
+                    .as_ref()
+                    .map_or_else(|e| e.code(), |_| tonic::Code::Ok)
+            ),
+            "shared-memory region created"
+        );
+        let (key, memfd_name) = result?;
+        Ok(Response::new(pb::CreateSharedMemoryResponse {
+            key,
+            memfd_name,
+        }))
+    }
+
     async fn unregister_shared_memory(
         &self,
         request: Request<pb::UnregisterSharedMemoryRequest>,
@@ -1057,6 +1097,7 @@ impl pb::inference_server::Inference for InferenceService {
                 key: r.key.clone(),
                 offset: r.offset,
                 byte_size: r.byte_size,
+                server_created: r.server_created(),
             })
             .collect();
         Ok(Response::new(pb::SharedMemoryStatusResponse { regions }))

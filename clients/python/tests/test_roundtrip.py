@@ -118,24 +118,32 @@ def test_nifti_example_overlays_the_scan(tmp_path):
 
 
 def test_shared_memory_round_trip_equals_the_socket():
-    """Input and output through /dev/shm (the CI server runs with --shared-memory-dir
-    /dev/shm): the same numbers as over the socket, for float32 and float16 output."""
+    """Input and output through shared memory (the CI server runs with --shared-memory-dir
+    /dev/shm): the same numbers as over the socket, for float32 and float16 output, in memory
+    the server creates (computed in place) and in a POSIX object the client creates."""
     rng = np.random.default_rng(9)
     x = rng.normal(size=(1, 1, 19, 22, 17)).astype(np.float32)
+    for where in ("server", "client"):
+        with Client(TARGET) as c:
+            for out in ("float32", "float16"):
+                want = c.infer("filterbank16", x, output_dtype=out)
+                got = c.infer("filterbank16", x, output_dtype=out, shared_memory=where)
+                assert got.dtype == want.dtype and got.shape == want.shape == (1, 16, 19, 22, 17)
+                np.testing.assert_array_equal(got, want)
+            # A larger volume makes the client replace its region with a bigger one.
+            x2 = rng.normal(size=(1, 1, 30, 22, 17)).astype(np.float32)
+            np.testing.assert_array_equal(c.infer("filterbank16", x2, shared_memory=where),
+                                          c.infer("filterbank16", x2))
+            name = c._region.name
+            assert c._region.kind == where
+            regions = c.stub.SharedMemoryStatus(pb.SharedMemoryStatusRequest()).regions
+            assert [(r.name, r.server_created) for r in regions] == [(name, where == "server")]
+        # close() unregistered and freed it.
+        with Client(TARGET) as c:
+            assert name not in [r.name for r in
+                                c.stub.SharedMemoryStatus(pb.SharedMemoryStatusRequest()).regions]
+    # True takes the server's memory where the server can make it.
     with Client(TARGET) as c:
-        for out in ("float32", "float16"):
-            want = c.infer("filterbank16", x, output_dtype=out)
-            got = c.infer("filterbank16", x, output_dtype=out, shared_memory=True)
-            assert got.dtype == want.dtype and got.shape == want.shape == (1, 16, 19, 22, 17)
-            np.testing.assert_array_equal(got, want)
-        # A larger volume makes the client replace its region with a bigger one.
-        x2 = rng.normal(size=(1, 1, 30, 22, 17)).astype(np.float32)
-        np.testing.assert_array_equal(c.infer("filterbank16", x2, shared_memory=True),
-                                      c.infer("filterbank16", x2))
-        name = c._region[1]
-        regions = c.stub.SharedMemoryStatus(pb.SharedMemoryStatusRequest()).regions
-        assert [r.name for r in regions] == [name]
-    # close() unregistered and removed it.
-    with Client(TARGET) as c:
-        assert name not in [r.name for r in
-                            c.stub.SharedMemoryStatus(pb.SharedMemoryStatusRequest()).regions]
+        np.testing.assert_array_equal(c.infer("filterbank16", x, shared_memory=True),
+                                      c.infer("filterbank16", x))
+        assert c._region.kind == "server"

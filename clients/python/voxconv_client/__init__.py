@@ -5,10 +5,13 @@
         y = c.infer("sobel3d", x)          # x: numpy [N, C, D, H, W], [C, D, H, W] or [D, H, W]
 
 The volume travels as ordered chunks (InferStream) in its own dtype; chunking is hidden.
-On the server's host, `infer(..., shared_memory=True)` passes input and output through a POSIX
-shared-memory region instead (the server must run with --shared-memory-dir /dev/shm).
+On the server's host, `infer(..., shared_memory=True)` passes input and output through shared
+memory instead (the server must run with --shared-memory-dir /dev/shm): memory the server
+creates and maps (the output is computed straight into it), or a POSIX shared-memory object
+this client creates where the server cannot create one.
 Stubs are generated from proto/ by ./generate_stubs.sh and committed.
 """
+import mmap
 import os
 from multiprocessing import shared_memory as _shared_memory
 
@@ -64,31 +67,32 @@ class Client:
     def _drop_region(self):
         if self._region is None:
             return
-        shm, name = self._region
-        self._region = None
+        region, self._region = self._region, None
         try:
-            self.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=name),
+            self.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=region.name),
                                              timeout=self.timeout)
         except grpc.RpcError:
             pass  # the server is gone or restarted: nothing registered to undo
-        shm.close()
-        shm.unlink()
+        region.close()
 
-    def _shared_region(self, size):
-        """This client's region, (re)created and registered when smaller than `size`."""
-        if self._region is not None and self._region[0].size >= size:
-            return self._region
+    def _shared_region(self, size, where):
+        """This client's region, (re)created when smaller than `size` or of another kind.
+
+        where: "server" (memory the server creates), "client" (a POSIX object this client
+        creates and registers), or "auto" (the server's where it can, else the client's).
+        """
+        r = self._region
+        if r is not None and r.size >= size and where in ("auto", r.kind):
+            return r
         self._drop_region()
-        shm = _shared_memory.SharedMemory(create=True, size=size)
-        name = f"voxconv-py-{os.getpid()}-{shm.name}"
-        try:
-            self.stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(
-                name=name, key="/" + shm.name, offset=0, byte_size=size), timeout=self.timeout)
-        except grpc.RpcError:
-            shm.close()
-            shm.unlink()
-            raise
-        self._region = (shm, name)
+        if where in ("auto", "server"):
+            try:
+                self._region = _ServerRegion.create(self, size)
+                return self._region
+            except (grpc.RpcError, OSError, RuntimeError):
+                if where == "server":
+                    raise
+        self._region = _ClientRegion.create(self, size)
         return self._region
 
     def output_shape(self, model, input_shape):
@@ -139,9 +143,11 @@ class Client:
         output_dtype: "float32" or "float16" (what the server sends back).
         metadata: extra gRPC metadata, e.g. [("traceparent", "00-<trace>-<span>-01")] to
         make the server's spans part of the caller's trace.
-        shared_memory: pass input and output through this client's POSIX shared-memory
-        region (created on first use, reused, removed by close()) instead of the socket:
-        for a server on this host started with --shared-memory-dir /dev/shm.
+        shared_memory: pass input and output through this client's shared-memory region
+        (created on first use, reused, freed by close()) instead of the socket, for a server
+        on this host started with --shared-memory-dir /dev/shm. True: memory the server
+        creates (same PID namespace and user; float32 outputs are computed in place), else a
+        POSIX object this client creates; "server" or "client" to insist on one.
         """
         volume = np.asarray(volume)
         if volume.ndim not in (3, 4, 5):
@@ -165,13 +171,19 @@ class Client:
                                  input_shape=list(volume.shape), output_dtype=out_pb)
         region = None
         if shared_memory:
+            where = "auto" if shared_memory is True else shared_memory
+            if where not in ("auto", "server", "client"):
+                raise ValueError(f"shared_memory: expected True, False, 'server' or 'client', "
+                                 f"got {shared_memory!r}")
             out_shape = self.output_shape(model, volume.shape)
             out_at = -(-len(raw) // 64) * 64
-            shm, name = region = self._shared_region(
-                out_at + int(np.prod(out_shape)) * out_np.itemsize)
-            shm.buf[:len(raw)] = raw
-            header.input_shared_memory.CopyFrom(pb.SharedMemoryRef(region=name, offset=0))
-            header.output_shared_memory.CopyFrom(pb.SharedMemoryRef(region=name, offset=out_at))
+            region = self._shared_region(
+                out_at + int(np.prod(out_shape)) * out_np.itemsize, where)
+            region.buf[:len(raw)] = raw
+            header.input_shared_memory.CopyFrom(
+                pb.SharedMemoryRef(region=region.name, offset=0))
+            header.output_shared_memory.CopyFrom(
+                pb.SharedMemoryRef(region=region.name, offset=out_at))
             raw = raw[:0]  # no chunks
 
         def requests():
@@ -195,7 +207,78 @@ class Client:
         if summary is None or out is None:
             raise RuntimeError("stream ended without a header and summary")
         if region is not None:
-            out[:] = np.frombuffer(region[0].buf, np.uint8, len(out), out_at)
+            out[:] = np.frombuffer(region.buf, np.uint8, len(out), out_at)
         self.last_summary = summary
         y = out.view("<f2" if out_pb == pb.FP16 else "<f4").reshape(shape)
         return y if ndim == 5 else y[0]
+
+
+def _region_name():
+    return f"voxconv-py-{os.getpid()}-{os.urandom(6).hex()}"
+
+
+class _ClientRegion:
+    """A POSIX shared-memory object this client creates and registers."""
+    kind = "client"
+
+    def __init__(self, shm, name):
+        self.shm, self.name, self.size, self.buf = shm, name, shm.size, shm.buf
+
+    @classmethod
+    def create(cls, client, size):
+        shm = _shared_memory.SharedMemory(create=True, size=size)
+        name = _region_name()
+        try:
+            client.stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(
+                name=name, key="/" + shm.name, offset=0, byte_size=size),
+                timeout=client.timeout)
+        except grpc.RpcError:
+            shm.close()
+            shm.unlink()
+            raise
+        return cls(shm, name)
+
+    def close(self):
+        self.buf = None
+        self.shm.close()
+        self.shm.unlink()
+
+
+class _ServerRegion:
+    """Sealed memory the server creates and maps (CreateSharedMemory), opened by its key."""
+    kind = "server"
+
+    def __init__(self, name, size, f, mm):
+        self.name, self.size, self._file, self._mmap = name, size, f, mm
+        self.buf = memoryview(mm)
+
+    @classmethod
+    def create(cls, client, size):
+        name = _region_name()
+        made = client.stub.CreateSharedMemory(
+            pb.CreateSharedMemoryRequest(name=name, byte_size=size), timeout=client.timeout)
+        try:
+            f = open(made.key, "r+b", buffering=0)
+            try:
+                # The same path on another host or PID namespace is some other file.
+                link = os.readlink(f"/proc/self/fd/{f.fileno()}")
+                if link != f"/memfd:{made.memfd_name} (deleted)":
+                    raise RuntimeError(f"{made.key} is not the server's shared memory here")
+                mm = mmap.mmap(f.fileno(), size)
+            except BaseException:
+                f.close()
+                raise
+        except BaseException:
+            try:
+                client.stub.UnregisterSharedMemory(
+                    pb.UnregisterSharedMemoryRequest(name=name), timeout=client.timeout)
+            except grpc.RpcError:
+                pass
+            raise
+        return cls(name, size, f, mm)
+
+    def close(self):
+        self.buf.release()
+        self.buf = None
+        self._mmap.close()
+        self._file.close()

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,voxconv_client/_gen/voxconv/v1/voxconv.proto\x12\nvoxconv.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"i\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05input\x18\x02 \x01(\x0b\x32\x12.voxconv.v1.Tensor\x12\'\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x11.voxconv.v1.DType\"h\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.voxconv.v1.Tensor\x12$\n\x07summary\x18\x03 \x01(\x0b\x32\x13.voxconv.v1.Summary\"\x91\x02\n\x0cStreamHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x0binput_dtype\x18\x02 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\x13\n\x0binput_shape\x18\x03 \x03(\x04\x12\'\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\x12\x39\n\x14output_shared_memory\x18\x06 \x01(\x0b\x32\x1b.voxconv.v1.SharedMemoryRef\x12\x38\n\x13input_shared_memory\x18\x07 \x01(\x0b\x32\x1b.voxconv.v1.SharedMemoryRef\"1\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"[\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"\x1e\n\x1cRegisterSharedMemoryResponse\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x1eUnregisterSharedMemoryResponse\")\n\x19SharedMemoryStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"M\n\x1aSharedMemoryStatusResponse\x12/\n\x07regions\x18\x01 \x03(\x0b\x32\x1e.voxconv.v1.SharedMemoryRegion\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"k\n\x12InferStreamRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.voxconv.v1.StreamHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.voxconv.v1.ChunkH\x00\x42\x05\n\x03msg\"T\n\x0cOutputHeader\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\xb8\x01\n\x07Summary\x12\x13\n\x0binput_bytes\x18\x01 \x01(\x04\x12\x14\n\x0coutput_bytes\x18\x02 \x01(\x04\x12\r\n\x05\x66lops\x18\x03 \x01(\x01\x12\x12\n\nreceive_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\'\n\x06layers\x18\x08 \x03(\x0b\x32\x17.voxconv.v1.LayerTiming\"l\n\x0bLayerTiming\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x11\n\tim2col_ms\x18\x03 \x01(\x01\x12\x0f\n\x07gemm_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x65pilogue_ms\x18\x05 \x01(\x01\"\x94\x01\n\x13InferStreamResponse\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.voxconv.v1.OutputHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.voxconv.v1.ChunkH\x00\x12&\n\x07summary\x18\x03 \x01(\x0b\x32\x13.voxconv.v1.SummaryH\x00\x42\x05\n\x03msg\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.voxconv.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\tLayerInfo\x12\n\n\x02op\x18\x01 \x01(\t\x12\x13\n\x0bin_channels\x18\x02 \x01(\r\x12\x14\n\x0cout_channels\x18\x03 \x01(\r\x12\x0e\n\x06kernel\x18\x04 \x03(\r\x12\x0e\n\x06stride\x18\x05 \x03(\r\x12\x0f\n\x07padding\x18\x06 \x03(\r\x12\x10\n\x08\x64ilation\x18\x07 \x03(\r\x12\x0c\n\x04\x62ias\x18\x08 \x01(\x08\x12\x12\n\nactivation\x18\t \x01(\t\"\xff\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0einput_channels\x18\x03 \x01(\r\x12\x17\n\x0foutput_channels\x18\x04 \x01(\r\x12%\n\x06layers\x18\x05 \x03(\x0b\x32\x15.voxconv.v1.LayerInfo\x12*\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\x0e\x32\x11.voxconv.v1.DType\x12\x14\n\x0coutput_shape\x18\x07 \x01(\t\x12\x17\n\x0freceptive_field\x18\x08 \x03(\r\x12\r\n\x05ready\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t*^\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03\x12\t\n\x05INT16\x10\x04\x12\n\n\x06UINT16\x10\x05\x12\t\n\x05UINT8\x10\x06\x32\xeb\x04\n\tInference\x12<\n\x05Infer\x12\x18.voxconv.v1.InferRequest\x1a\x19.voxconv.v1.InferResponse\x12R\n\x0bInferStream\x12\x1e.voxconv.v1.InferStreamRequest\x1a\x1f.voxconv.v1.InferStreamResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.voxconv.v1.ListModelsRequest\x1a\x1e.voxconv.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1b.voxconv.v1.GetModelRequest\x1a\x15.voxconv.v1.ModelInfo\x12i\n\x14RegisterSharedMemory\x12\'.voxconv.v1.RegisterSharedMemoryRequest\x1a(.voxconv.v1.RegisterSharedMemoryResponse\x12o\n\x16UnregisterSharedMemory\x12).voxconv.v1.UnregisterSharedMemoryRequest\x1a*.voxconv.v1.UnregisterSharedMemoryResponse\x12\x63\n\x12SharedMemoryStatus\x12%.voxconv.v1.SharedMemoryStatusRequest\x1a&.voxconv.v1.SharedMemoryStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,voxconv_client/_gen/voxconv/v1/voxconv.proto\x12\nvoxconv.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"i\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05input\x18\x02 \x01(\x0b\x32\x12.voxconv.v1.Tensor\x12\'\n\x0coutput_dtype\x18\x03 \x01(\x0e\x32\x11.voxconv.v1.DType\"h\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.voxconv.v1.Tensor\x12$\n\x07summary\x18\x03 \x01(\x0b\x32\x13.voxconv.v1.Summary\"\x91\x02\n\x0cStreamHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x0binput_dtype\x18\x02 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\x13\n\x0binput_shape\x18\x03 \x03(\x04\x12\'\n\x0coutput_dtype\x18\x04 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x04\x12\x39\n\x14output_shared_memory\x18\x06 \x01(\x0b\x32\x1b.voxconv.v1.SharedMemoryRef\x12\x38\n\x13input_shared_memory\x18\x07 \x01(\x0b\x32\x1b.voxconv.v1.SharedMemoryRef\"1\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"[\n\x1bRegisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\"\x1e\n\x1cRegisterSharedMemoryResponse\"<\n\x19\x43reateSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\"=\n\x1a\x43reateSharedMemoryResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nmemfd_name\x18\x02 \x01(\t\"-\n\x1dUnregisterSharedMemoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\" \n\x1eUnregisterSharedMemoryResponse\")\n\x19SharedMemoryStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"j\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\x16\n\x0eserver_created\x18\x05 \x01(\x08\"M\n\x1aSharedMemoryStatusResponse\x12/\n\x07regions\x18\x01 \x03(\x0b\x32\x1e.voxconv.v1.SharedMemoryRegion\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"k\n\x12InferStreamRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.voxconv.v1.StreamHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.voxconv.v1.ChunkH\x00\x42\x05\n\x03msg\"T\n\x0cOutputHeader\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.voxconv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\xb8\x01\n\x07Summary\x12\x13\n\x0binput_bytes\x18\x01 \x01(\x04\x12\x14\n\x0coutput_bytes\x18\x02 \x01(\x04\x12\r\n\x05\x66lops\x18\x03 \x01(\x01\x12\x12\n\nreceive_ms\x18\x04 \x01(\x01\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\'\n\x06layers\x18\x08 \x03(\x0b\x32\x17.voxconv.v1.LayerTiming\"l\n\x0bLayerTiming\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x11\n\tim2col_ms\x18\x03 \x01(\x01\x12\x0f\n\x07gemm_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x65pilogue_ms\x18\x05 \x01(\x01\"\x94\x01\n\x13InferStreamResponse\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.voxconv.v1.OutputHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.voxconv.v1.ChunkH\x00\x12&\n\x07summary\x18\x03 \x01(\x0b\x32\x13.voxconv.v1.SummaryH\x00\x42\x05\n\x03msg\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.voxconv.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\tLayerInfo\x12\n\n\x02op\x18\x01 \x01(\t\x12\x13\n\x0bin_channels\x18\x02 \x01(\r\x12\x14\n\x0cout_channels\x18\x03 \x01(\r\x12\x0e\n\x06kernel\x18\x04 \x03(\r\x12\x0e\n\x06stride\x18\x05 \x03(\r\x12\x0f\n\x07padding\x18\x06 \x03(\r\x12\x10\n\x08\x64ilation\x18\x07 \x03(\r\x12\x0c\n\x04\x62ias\x18\x08 \x01(\x08\x12\x12\n\nactivation\x18\t \x01(\t\"\xff\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0einput_channels\x18\x03 \x01(\r\x12\x17\n\x0foutput_channels\x18\x04 \x01(\r\x12%\n\x06layers\x18\x05 \x03(\x0b\x32\x15.voxconv.v1.LayerInfo\x12*\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\x0e\x32\x11.voxconv.v1.DType\x12\x14\n\x0coutput_shape\x18\x07 \x01(\t\x12\x17\n\x0freceptive_field\x18\x08 \x03(\r\x12\r\n\x05ready\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t*^\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04\x42\x46\x31\x36\x10\x03\x12\t\n\x05INT16\x10\x04\x12\n\n\x06UINT16\x10\x05\x12\t\n\x05UINT8\x10\x06\x32\xd0\x05\n\tInference\x12<\n\x05Infer\x12\x18.voxconv.v1.InferRequest\x1a\x19.voxconv.v1.InferResponse\x12R\n\x0bInferStream\x12\x1e.voxconv.v1.InferStreamRequest\x1a\x1f.voxconv.v1.InferStreamResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.voxconv.v1.ListModelsRequest\x1a\x1e.voxconv.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1b.voxconv.v1.GetModelRequest\x1a\x15.voxconv.v1.ModelInfo\x12i\n\x14RegisterSharedMemory\x12\'.voxconv.v1.RegisterSharedMemoryRequest\x1a(.voxconv.v1.RegisterSharedMemoryResponse\x12\x63\n\x12\x43reateSharedMemory\x12%.voxconv.v1.CreateSharedMemoryRequest\x1a&.voxconv.v1.CreateSharedMemoryResponse\x12o\n\x16UnregisterSharedMemory\x12).voxconv.v1.UnregisterSharedMemoryRequest\x1a*.voxconv.v1.UnregisterSharedMemoryResponse\x12\x63\n\x12SharedMemoryStatus\x12%.voxconv.v1.SharedMemoryStatusRequest\x1a&.voxconv.v1.SharedMemoryStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxconv_client._gen.voxconv.v1.voxconv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2310
-  _globals['_DTYPE']._serialized_end=2404
+  _globals['_DTYPE']._serialized_start=2459
+  _globals['_DTYPE']._serialized_end=2553
   _globals['_TENSOR']._serialized_start=60
   _globals['_TENSOR']._serialized_end=131
   _globals['_INFERREQUEST']._serialized_start=133
@@ -47,38 +47,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=764
   _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=766
   _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=796
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=798
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=843
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=845
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=877
-  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_start=879
-  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_end=920
-  _globals['_SHAREDMEMORYREGION']._serialized_start=922
-  _globals['_SHAREDMEMORYREGION']._serialized_end=1004
-  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_start=1006
-  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_end=1083
-  _globals['_CHUNK']._serialized_start=1085
-  _globals['_CHUNK']._serialized_end=1122
-  _globals['_INFERSTREAMREQUEST']._serialized_start=1124
-  _globals['_INFERSTREAMREQUEST']._serialized_end=1231
-  _globals['_OUTPUTHEADER']._serialized_start=1233
-  _globals['_OUTPUTHEADER']._serialized_end=1317
-  _globals['_SUMMARY']._serialized_start=1320
-  _globals['_SUMMARY']._serialized_end=1504
-  _globals['_LAYERTIMING']._serialized_start=1506
-  _globals['_LAYERTIMING']._serialized_end=1614
-  _globals['_INFERSTREAMRESPONSE']._serialized_start=1617
-  _globals['_INFERSTREAMRESPONSE']._serialized_end=1765
-  _globals['_LISTMODELSREQUEST']._serialized_start=1767
-  _globals['_LISTMODELSREQUEST']._serialized_end=1786
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1788
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1847
-  _globals['_GETMODELREQUEST']._serialized_start=1849
-  _globals['_GETMODELREQUEST']._serialized_end=1880
-  _globals['_LAYERINFO']._serialized_start=1883
-  _globals['_LAYERINFO']._serialized_end=2050
-  _globals['_MODELINFO']._serialized_start=2053
-  _globals['_MODELINFO']._serialized_end=2308
-  _globals['_INFERENCE']._serialized_start=2407
-  _globals['_INFERENCE']._serialized_end=3026
+  _globals['_CREATESHAREDMEMORYREQUEST']._serialized_start=798
+  _globals['_CREATESHAREDMEMORYREQUEST']._serialized_end=858
+  _globals['_CREATESHAREDMEMORYRESPONSE']._serialized_start=860
+  _globals['_CREATESHAREDMEMORYRESPONSE']._serialized_end=921
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=923
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=968
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=970
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=1002
+  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_start=1004
+  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_end=1045
+  _globals['_SHAREDMEMORYREGION']._serialized_start=1047
+  _globals['_SHAREDMEMORYREGION']._serialized_end=1153
+  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_start=1155
+  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_end=1232
+  _globals['_CHUNK']._serialized_start=1234
+  _globals['_CHUNK']._serialized_end=1271
+  _globals['_INFERSTREAMREQUEST']._serialized_start=1273
+  _globals['_INFERSTREAMREQUEST']._serialized_end=1380
+  _globals['_OUTPUTHEADER']._serialized_start=1382
+  _globals['_OUTPUTHEADER']._serialized_end=1466
+  _globals['_SUMMARY']._serialized_start=1469
+  _globals['_SUMMARY']._serialized_end=1653
+  _globals['_LAYERTIMING']._serialized_start=1655
+  _globals['_LAYERTIMING']._serialized_end=1763
+  _globals['_INFERSTREAMRESPONSE']._serialized_start=1766
+  _globals['_INFERSTREAMRESPONSE']._serialized_end=1914
+  _globals['_LISTMODELSREQUEST']._serialized_start=1916
+  _globals['_LISTMODELSREQUEST']._serialized_end=1935
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1937
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1996
+  _globals['_GETMODELREQUEST']._serialized_start=1998
+  _globals['_GETMODELREQUEST']._serialized_end=2029
+  _globals['_LAYERINFO']._serialized_start=2032
+  _globals['_LAYERINFO']._serialized_end=2199
+  _globals['_MODELINFO']._serialized_start=2202
+  _globals['_MODELINFO']._serialized_end=2457
+  _globals['_INFERENCE']._serialized_start=2556
+  _globals['_INFERENCE']._serialized_end=3276
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class InferenceStub(object):
                 request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryRequest.SerializeToString,
                 response_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.CreateSharedMemory = channel.unary_unary(
+                '/voxconv.v1.Inference/CreateSharedMemory',
+                request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.CreateSharedMemoryRequest.SerializeToString,
+                response_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.CreateSharedMemoryResponse.FromString,
+                _registered_method=True)
         self.UnregisterSharedMemory = channel.unary_unary(
                 '/voxconv.v1.Inference/UnregisterSharedMemory',
                 request_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.UnregisterSharedMemoryRequest.SerializeToString,
@@ -115,6 +120,15 @@ class InferenceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSharedMemory(self, request, context):
+        """Ask the server to create a region (sealed memory it maps, bounded by
+        --shared-memory-create-limit): float32 outputs are computed straight into it, no copy.
+        Open the answer's key on the server's host (same PID namespace and user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UnregisterSharedMemory(self, request, context):
         """Forget one region (all when name is empty).
         """
@@ -156,6 +170,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.RegisterSharedMemory,
                     request_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryRequest.FromString,
                     response_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'CreateSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSharedMemory,
+                    request_deserializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.CreateSharedMemoryRequest.FromString,
+                    response_serializer=voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.CreateSharedMemoryResponse.SerializeToString,
             ),
             'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.UnregisterSharedMemory,
@@ -303,6 +322,33 @@ class Inference(object):
             '/voxconv.v1.Inference/RegisterSharedMemory',
             voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryRequest.SerializeToString,
             voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxconv.v1.Inference/CreateSharedMemory',
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.CreateSharedMemoryRequest.SerializeToString,
+            voxconv__client_dot___gen_dot_voxconv_dot_v1_dot_voxconv__pb2.CreateSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
