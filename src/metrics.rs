@@ -89,6 +89,10 @@ pub struct Metrics {
     workers_busy: Gauge,
     memory_reserved: Gauge,
     stats: Arc<PoolStats>,
+    shm_created: Gauge,
+    shm_limit: Gauge,
+    /// Bytes of server-created shared memory alive now, read at each scrape.
+    shm_source: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Metrics {
@@ -177,6 +181,21 @@ impl Metrics {
             Unit::Bytes,
             memory_budget.clone(),
         );
+        let shm_created: Gauge = Gauge::default();
+        registry.register_with_unit(
+            "shared_memory_created",
+            "Bytes of server-created shared-memory regions alive (CreateSharedMemory)",
+            Unit::Bytes,
+            shm_created.clone(),
+        );
+        let shm_limit: Gauge = Gauge::default();
+        registry.register_with_unit(
+            "shared_memory_create_limit",
+            "Most bytes of server-created shared memory (--shared-memory-create-limit; 0 \
+             when shared memory is off)",
+            Unit::Bytes,
+            shm_limit.clone(),
+        );
         queue_capacity.set(i64::try_from(queue_len).unwrap_or(i64::MAX));
         workers_gauge.set(i64::try_from(workers).unwrap_or(i64::MAX));
         memory_budget.set(i64::try_from(budget).unwrap_or(i64::MAX));
@@ -194,7 +213,16 @@ impl Metrics {
             workers_busy,
             memory_reserved,
             stats,
+            shm_created,
+            shm_limit,
+            shm_source: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports server-created shared memory: `created` is read at each scrape.
+    pub fn watch_shared_memory(&self, created: Arc<std::sync::atomic::AtomicU64>, limit: u64) {
+        self.shm_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        let _ = self.shm_source.set(created);
     }
 
     /// Counts one finished call.
@@ -249,6 +277,9 @@ impl Metrics {
             .set(g(s.busy.load(Ordering::Relaxed) as u64));
         self.memory_reserved
             .set(g(s.reserved_bytes.load(Ordering::Relaxed)));
+        if let Some(c) = self.shm_source.get() {
+            self.shm_created.set(g(c.load(Ordering::Relaxed)));
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -275,6 +275,20 @@ impl SharedMemory {
         self.created.load(Ordering::Acquire)
     }
 
+    /// The live count behind [`created_bytes`](Self::created_bytes), for metrics.
+    pub fn created_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.created)
+    }
+
+    /// The limit that applies to server-created regions (0 when they cannot be created).
+    pub fn create_limit(&self) -> u64 {
+        if self.enabled() {
+            self.create_limit
+        } else {
+            0
+        }
+    }
+
     /// Inserts `region` unless the name is taken or the table is full.
     fn insert(&self, region: Region) -> Result<(), ServiceError> {
         let mut regions = self.lock();

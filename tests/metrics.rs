@@ -234,3 +234,38 @@ async fn calls_whose_deadline_passes_before_the_handler_finishes_are_recorded_on
         assert_eq!(n, 1, "{method} audited once: {lines}");
     }
 }
+
+/// Server-created shared memory shows as a gauge next to its limit, so regions clients
+/// forget to unregister are visible; off (0) without --shared-memory-dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_created_shared_memory_is_a_gauge_beside_its_limit() {
+    let off = TestServer::start_with_metrics(Config::for_tests(), models()).await;
+    let m = samples(&scrape(&off).await.2);
+    assert_eq!(get(&m, "voxconv_shared_memory_create_limit_bytes"), 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests();
+    config.shared_memory_dir = Some(dir.path().to_path_buf());
+    config.shared_memory_create_limit = 1 << 20;
+    let srv = TestServer::start_with_metrics(config, models()).await;
+    let mut c = srv.client().await;
+    let m = samples(&scrape(&srv).await.2);
+    assert_eq!(
+        get(&m, "voxconv_shared_memory_create_limit_bytes"),
+        (1u64 << 20) as f64
+    );
+    assert_eq!(get(&m, "voxconv_shared_memory_created_bytes"), 0.0);
+    c.create_shared_memory(pb::CreateSharedMemoryRequest {
+        name: "g".into(),
+        byte_size: 12288,
+    })
+    .await
+    .unwrap();
+    let m = samples(&scrape(&srv).await.2);
+    assert_eq!(get(&m, "voxconv_shared_memory_created_bytes"), 12288.0);
+    c.unregister_shared_memory(pb::UnregisterSharedMemoryRequest { name: "g".into() })
+        .await
+        .unwrap();
+    let m = samples(&scrape(&srv).await.2);
+    assert_eq!(get(&m, "voxconv_shared_memory_created_bytes"), 0.0);
+}

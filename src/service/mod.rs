@@ -233,6 +233,7 @@ impl InferenceService {
             config.shared_memory_dir.clone(),
             config.shared_memory_create_limit,
         ));
+        metrics.watch_shared_memory(shm.created_counter(), shm.create_limit());
         Self {
             models,
             pool,
