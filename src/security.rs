@@ -370,38 +370,24 @@ fn record_front_deadline(
     audit: Option<Arc<AuditLog>>,
     metrics: &crate::metrics::Metrics,
 ) {
-    let ms = arrived.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(
-        target: "voxconv::rpc",
-        method,
-        model = "_unknown",
-        status = "DEADLINE_EXCEEDED",
-        total_ms = ms,
-        "call finished"
-    );
-    if let Some(audit) = audit {
-        audit.write(&AuditRecord {
-            time: now_utc(),
-            caller: &caller,
-            peer: peer.map(|a| a.to_string()),
+    crate::service::record_call(
+        audit.as_deref(),
+        metrics,
+        &crate::service::FinishedCall {
             method,
-            model: "",
+            model: None,
+            caller: &caller,
+            peer,
+            code: "DEADLINE_EXCEEDED",
+            shapes: None,
+            times: None,
             input_bytes: 0,
             output_bytes: 0,
-            status: "DEADLINE_EXCEEDED",
-            latency_ms: ms,
-        });
-    }
-    metrics.record(&crate::metrics::CallRecord {
-        method,
-        model: None,
-        code: "DEADLINE_EXCEEDED",
-        times: None,
-        input_bytes: 0,
-        output_bytes: 0,
-        voxels: 0,
-        flops: 0.0,
-    });
+            voxels: 0,
+            flops: 0.0,
+            total: arrived.elapsed(),
+        },
+    );
 }
 
 /// A connection counted against `--max-connections`; its permit is released on close.

@@ -43,9 +43,8 @@ async fn stream(
                 out = vec![f32::NAN; h.shape.iter().product::<u64>() as usize]
             }
             pb::infer_stream_response::Msg::Chunk(ch) => {
-                for (i, b) in ch.data.chunks_exact(4).enumerate() {
-                    out[ch.offset as usize / 4 + i] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                let at = ch.offset as usize / 4;
+                out[at..at + ch.data.len() / 4].copy_from_slice(&floats(&ch.data));
             }
             pb::infer_stream_response::Msg::Summary(_) => {}
         }

@@ -31,9 +31,7 @@ async fn collect(
             pb::infer_stream_response::Msg::Chunk(c) => {
                 assert!(summary.is_none(), "chunks before the summary");
                 let at = c.offset as usize / 4;
-                for (i, b) in c.data.chunks_exact(4).enumerate() {
-                    out[at + i] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                out[at..at + c.data.len() / 4].copy_from_slice(&floats(&c.data));
                 seen += c.data.len();
             }
             pb::infer_stream_response::Msg::Summary(s) => summary = Some(s),
@@ -60,11 +58,7 @@ async fn unary_and_streamed_results_equal_the_kernel() {
             .unwrap()
             .into_inner();
         let t = r.output.unwrap();
-        let got: Vec<f32> = t
-            .data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let got = floats(&t.data);
         assert_eq!(got, want, "{model}: Infer");
         // Streamed, with chunks small enough to split slabs and elements of the input.
         let mut reqs = vec![header(model, &shape64, pb::DType::Fp32, 4096)];
@@ -118,11 +112,7 @@ async fn integer_and_half_dtypes_round_trip() {
         .output
         .unwrap();
     assert_eq!(r.dtype, pb::DType::Fp16 as i32);
-    let got: Vec<f32> = r
-        .data
-        .chunks_exact(2)
-        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
+    let got = halves(&r.data);
     let want16: Vec<f32> = want
         .iter()
         .map(|&v| half::f16::from_f32(v).to_f32())

@@ -108,10 +108,7 @@ async fn input_and_output_through_shared_memory_equal_the_kernel() {
             let mut raw = vec![0u8; oh.total_bytes as usize];
             file.read_exact_at(&mut raw, 100 + out_at).unwrap();
             let got: Vec<f32> = match dtype {
-                pb::DType::Fp16 => raw
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
+                pb::DType::Fp16 => halves(&raw),
                 _ => floats(&raw),
             };
             let want: Vec<f32> = match dtype {
@@ -387,9 +384,7 @@ async fn server_created_regions_hold_outputs_computed_in_place() {
             file.read_exact_at(&mut raw, out_at).unwrap();
             let (got, want): (Vec<f32>, Vec<f32>) = match dtype {
                 pb::DType::Fp16 => (
-                    raw.chunks_exact(2)
-                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                        .collect(),
+                    halves(&raw),
                     want.iter()
                         .map(|&v| half::f16::from_f32(v).to_f32())
                         .collect(),

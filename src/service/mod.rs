@@ -400,47 +400,28 @@ impl InferenceService {
             Some(p) => Some(p.model.name.clone()),
             None => self.models.snapshot().get(model).map(|m| m.name.clone()),
         };
-        info!(
-            target: "voxconv::rpc",
-            method,
-            model = known.as_deref().unwrap_or("_unknown"),
-            input_shape = ?p.map(|p| p.plan.input),
-            output_shape = ?p.map(|p| p.plan.output),
-            input_bytes = p.map_or(0, |p| p.input_bytes),
-            output_bytes = p.map_or(0, |p| p.output_bytes),
-            status = code,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
-            "call finished"
-        );
         let ok = result.is_ok();
-        if let Some(audit) = &self.audit {
-            audit.write(&AuditRecord {
-                time: now_utc(),
-                caller: origin.caller.as_deref().unwrap_or("anonymous"),
-                peer: origin.peer.map(|a| a.to_string()),
+        record_call(
+            self.audit.as_deref(),
+            &self.metrics,
+            &FinishedCall {
                 method,
-                // A model name the server does not know is not echoed into the trail.
-                model: known.as_deref().unwrap_or(""),
+                model: known.as_deref(),
+                caller: origin.caller.as_deref().unwrap_or("anonymous"),
+                peer: origin.peer,
+                code,
+                shapes: p.map(|p| (p.plan.input, p.plan.output)),
+                times: p.and_then(|p| p.times.get().copied()),
                 input_bytes: p.map_or(0, |p| p.input_bytes as u64),
+                // Output, voxels and FLOPs count only for calls that produced them.
                 output_bytes: p.filter(|_| ok).map_or(0, |p| p.output_bytes as u64),
-                status: code,
-                latency_ms: started.elapsed().as_secs_f64() * 1e3,
-            });
-        }
-        let voxels = match p {
-            Some(p) if ok => p.plan.output.iter().product::<usize>() as u64,
-            _ => 0,
-        };
-        self.metrics.record(&CallRecord {
-            method,
-            model: known.as_deref(),
-            code,
-            times: p.and_then(|p| p.times.get().copied()),
-            input_bytes: p.map_or(0, |p| p.input_bytes as u64),
-            output_bytes: p.filter(|_| ok).map_or(0, |p| p.output_bytes as u64),
-            voxels,
-            flops: p.filter(|_| ok).map_or(0.0, |p| p.plan.flops()),
-        });
+                voxels: p
+                    .filter(|_| ok)
+                    .map_or(0, |p| p.plan.output.iter().product::<usize>() as u64),
+                flops: p.filter(|_| ok).map_or(0.0, |p| p.plan.flops()),
+                total: started.elapsed(),
+            },
+        );
     }
 }
 
@@ -555,9 +536,7 @@ impl InferenceService {
         region.check_window(field, r.offset, bytes as u64)?;
         Ok(Some((region, r.offset)))
     }
-}
 
-impl InferenceService {
     /// A whole-tensor call (voxconv.v1 Infer, KServe ModelInfer): validate, reserve memory,
     /// decode + compute + encode on a worker. `fields` names the model, shape and data
     /// fields in messages. The output must fit one message.
@@ -835,6 +814,66 @@ impl InferenceService {
         }
         (result, p)
     }
+}
+
+/// One finished call, as logged, audited and counted.
+pub(crate) struct FinishedCall<'a> {
+    pub method: &'a str,
+    /// Only a model the server knows (a client could send anything as a name).
+    pub model: Option<&'a str>,
+    pub caller: &'a str,
+    pub peer: Option<std::net::SocketAddr>,
+    pub code: &'a str,
+    /// Input and output shapes, when the call got as far as a plan.
+    pub shapes: Option<([usize; 5], [usize; 5])>,
+    pub times: Option<CallTimes>,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub voxels: u64,
+    pub flops: f64,
+    pub total: Duration,
+}
+
+/// The one place a finished call is recorded: the `call finished` event, the audit line and
+/// the metrics. Used by the handlers and by the front layer for calls it answers itself.
+pub(crate) fn record_call(audit: Option<&AuditLog>, metrics: &Metrics, c: &FinishedCall<'_>) {
+    let total_ms = c.total.as_secs_f64() * 1e3;
+    info!(
+        target: "voxconv::rpc",
+        method = c.method,
+        model = c.model.unwrap_or("_unknown"),
+        input_shape = ?c.shapes.map(|s| s.0),
+        output_shape = ?c.shapes.map(|s| s.1),
+        input_bytes = c.input_bytes,
+        output_bytes = c.output_bytes,
+        status = c.code,
+        total_ms,
+        "call finished"
+    );
+    if let Some(audit) = audit {
+        audit.write(&AuditRecord {
+            time: now_utc(),
+            caller: c.caller,
+            peer: c.peer.map(|a| a.to_string()),
+            method: c.method,
+            // A model name the server does not know is not echoed into the trail.
+            model: c.model.unwrap_or(""),
+            input_bytes: c.input_bytes,
+            output_bytes: c.output_bytes,
+            status: c.code,
+            latency_ms: total_ms,
+        });
+    }
+    metrics.record(&CallRecord {
+        method: c.method,
+        model: c.model,
+        code: c.code,
+        times: c.times,
+        input_bytes: c.input_bytes,
+        output_bytes: c.output_bytes,
+        voxels: c.voxels,
+        flops: c.flops,
+    });
 }
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::InferStreamResponse, Status>> + Send>>;

@@ -112,8 +112,12 @@ pub fn encode(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
             for v in values.chunks(HALF_BLOCK) {
                 let halves = &mut halves[..v.len()];
                 halves.convert_from_f32_slice(v);
-                for h in halves.iter() {
-                    out.extend_from_slice(&h.to_le_bytes());
+                if cfg!(target_endian = "little") {
+                    out.extend_from_slice(bytemuck::cast_slice::<f16, u8>(halves));
+                } else {
+                    for h in halves.iter() {
+                        out.extend_from_slice(&h.to_le_bytes());
+                    }
                 }
             }
         }

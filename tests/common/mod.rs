@@ -194,6 +194,13 @@ pub fn floats(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Little-endian float16 bytes as float32 values.
+pub fn halves(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
 pub fn header(
     model: &str,
     shape: &[u64],
