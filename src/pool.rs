@@ -179,7 +179,7 @@ impl Pool {
         let threads = self.threads_per_job;
         let queued_at = Instant::now();
         let job: Job = Box::new(move || {
-            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            stats.queued.fetch_sub(1, Ordering::AcqRel);
             if cancel.load(Ordering::Relaxed) || done_tx.is_closed() {
                 stats.skipped.fetch_add(1, Ordering::Relaxed);
                 let _ = done_tx.send(Err(PoolError::Skipped));
@@ -205,15 +205,25 @@ impl Pool {
             };
             let _ = done_tx.send(result);
         });
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        // Admission by the count itself, so the queue gauge never passes the limit (counting
+        // first and undoing on a full channel let a refused call show as a 3rd of 2 queued).
+        // The count covers the channel's jobs plus any a worker has taken but not yet
+        // started, so a free slot in the count means a free slot in the channel.
+        let full = || PoolError::QueueFull {
+            capacity: self.queue_len,
+        };
+        self.stats
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.queue_len).then_some(q + 1)
+            })
+            .map_err(|_| full())?;
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         match tx.try_send(job) {
             Ok(()) => Ok(done_rx),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(PoolError::QueueFull {
-                    capacity: self.queue_len,
-                })
+                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                Err(full())
             }
         }
     }
