@@ -476,29 +476,22 @@ async fn server_created_regions_hold_outputs_computed_in_place() {
         .unwrap();
 
     // Off with the limit at 0, and with shared memory off altogether.
-    let zero = TestServer::start(
-        Config {
-            shared_memory_create_limit: 0,
-            ..shm_config(dir.path())
-        },
-        models.clone(),
-    )
-    .await;
-    expect(
-        zero.client()
-            .await
-            .create_shared_memory(create("m", 4))
-            .await,
-        Code::FailedPrecondition,
-        "--shared-memory-create-limit",
-    );
-    let off = TestServer::start(Config::for_tests(), models).await;
-    expect(
-        off.client()
-            .await
-            .create_shared_memory(create("m", 4))
-            .await,
-        Code::FailedPrecondition,
-        "--shared-memory-dir",
-    );
+    let zero = Config {
+        shared_memory_create_limit: 0,
+        ..shm_config(dir.path())
+    };
+    for (config, field) in [
+        (zero, "--shared-memory-create-limit"),
+        (Config::for_tests(), "--shared-memory-dir"),
+    ] {
+        let srv = TestServer::start(config, models.clone()).await;
+        expect(
+            srv.client()
+                .await
+                .create_shared_memory(create("m", 4))
+                .await,
+            Code::FailedPrecondition,
+            field,
+        );
+    }
 }

@@ -876,6 +876,19 @@ pub(crate) fn record_call(audit: Option<&AuditLog>, metrics: &Metrics, c: &Finis
     });
 }
 
+/// Logs a shared-memory region registered or created: names and keys may carry identifiers,
+/// so only the size and the outcome.
+fn log_region<T>(what: &'static str, byte_size: u64, result: &Result<T, ServiceError>) {
+    let code = result
+        .as_ref()
+        .map_or_else(|e| e.code(), |_| tonic::Code::Ok);
+    info!(
+        byte_size,
+        status = code_name(code),
+        "shared-memory region {what}"
+    );
+}
+
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::InferStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -1075,16 +1088,7 @@ impl pb::inference_server::Inference for InferenceService {
     ) -> Result<Response<pb::RegisterSharedMemoryResponse>, Status> {
         let r = request.into_inner();
         let result = self.shm.register(&r.name, &r.key, r.offset, r.byte_size);
-        // Names and keys may carry identifiers: only the size and the outcome are logged.
-        info!(
-            byte_size = r.byte_size,
-            status = code_name(
-                result
-                    .as_ref()
-                    .map_or_else(|e| e.code(), |()| tonic::Code::Ok)
-            ),
-            "shared-memory region registered"
-        );
+        log_region("registered", r.byte_size, &result);
         result?;
         Ok(Response::new(pb::RegisterSharedMemoryResponse {}))
     }
@@ -1100,15 +1104,7 @@ impl pb::inference_server::Inference for InferenceService {
         let result = tokio::task::spawn_blocking(move || shm.create(&name, byte_size))
             .await
             .unwrap_or_else(|_| Err(ServiceError::Internal("creating the region stopped".into())));
-        info!(
-            byte_size,
-            status = code_name(
-                result
-                    .as_ref()
-                    .map_or_else(|e| e.code(), |_| tonic::Code::Ok)
-            ),
-            "shared-memory region created"
-        );
+        log_region("created", byte_size, &result);
         let (key, memfd_name) = result?;
         Ok(Response::new(pb::CreateSharedMemoryResponse {
             key,
