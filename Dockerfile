@@ -10,6 +10,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY benches ./benches
 COPY examples ./examples
+# The kernel crate (a workspace member) changes less often than the server: built with the deps.
+COPY crates ./crates
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

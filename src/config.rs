@@ -259,7 +259,7 @@ impl TryFrom<ServeArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(a: ServeArgs) -> Result<Self, ConfigError> {
-        let cores = crate::cli::default_threads() as u64;
+        let cores = crate::kernel::default_threads() as u64;
         let workers = bounded("workers", a.workers as u64, 1, 1024)? as usize;
         let threads_per_job = bounded(
             "threads-per-job",

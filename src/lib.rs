@@ -17,7 +17,8 @@
 
 pub mod cli;
 pub mod config;
-pub mod kernel;
+/// The numerics, a crate of their own (`crates/voxconv-kernel`).
+pub use voxconv_kernel as kernel;
 pub mod metrics;
 pub mod model;
 pub mod pool;
@@ -28,4 +29,3 @@ pub mod service;
 pub mod shm;
 pub mod telemetry;
 pub mod tensor;
-pub mod workloads;

@@ -129,7 +129,7 @@ fn kernel_bench_json_lines() {
 #[test]
 fn shared_workload_file_parses() {
     let wl = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/workloads.toml");
-    let file = voxconv::cli::WorkloadFile::load(&wl).unwrap();
+    let file = voxconv::kernel::WorkloadFile::load(&wl).unwrap();
     let names: Vec<_> = file.workload.iter().map(|w| w.name.as_str()).collect();
     assert!(names.contains(&"mri-t1-first-layer"), "{names:?}");
     for w in &file.workload {

@@ -33,7 +33,7 @@ async fn raw_and_typed_inputs_give_the_kernels_result() {
         .await
         .unwrap();
     let shape = [1usize, 1, 6, 7, 8];
-    let x = voxconv::cli::seeded(shape.iter().product(), 3);
+    let x = voxconv::kernel::seeded(shape.iter().product(), 3);
     let want = kernel_output(&models, "sobel3d", shape, &x);
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
 

@@ -63,7 +63,7 @@ async fn counters_and_histograms_move_with_their_labels() {
 
     let mut client = srv.client().await;
     let shape = [1u64, 1, 10, 9, 8];
-    let x = f32_bytes(&voxconv::cli::seeded(720, 1));
+    let x = f32_bytes(&voxconv::kernel::seeded(720, 1));
     // Two unary calls and one stream that succeed.
     for _ in 0..2 {
         client

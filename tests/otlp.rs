@@ -104,7 +104,7 @@ async fn spans_reach_the_collector_under_the_callers_trace() {
     let srv = TestServer::start(Config::for_tests(), models()).await;
     let mut client = srv.client().await;
     let shape = [1u64, 1, 6, 5, 4];
-    let x = f32_bytes(&voxconv::cli::seeded(120, 1));
+    let x = f32_bytes(&voxconv::kernel::seeded(120, 1));
     let mut req = Request::new(unary("sobel3d", pb::DType::Fp32, &shape, x.clone()));
     req.metadata_mut().insert(
         "traceparent",

@@ -360,7 +360,7 @@ async fn an_overload_burst_is_refused_quickly_and_the_queue_stays_bounded() {
     // Capacity: 1 running + 2 queued. Burst: 15 calls of ~10 ms each (Gaussian 5x5x5 on
     // 96^3; input and output 3.4 MiB, under the 4 MiB message limit) at once.
     let shape = vec![1u64, 1, 96, 96, 96];
-    let x = f32_bytes(&voxconv::cli::seeded(96 * 96 * 96, 3));
+    let x = f32_bytes(&voxconv::kernel::seeded(96 * 96 * 96, 3));
     let stats = Arc::clone(&srv.stats);
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let peak = {

@@ -48,7 +48,7 @@ async fn unary_and_streamed_results_equal_the_kernel() {
     let server = TestServer::start(Config::for_tests(), models.clone()).await;
     let mut client = server.client().await;
     let shape = [1usize, 1, 19, 21, 23];
-    let x = voxconv::cli::seeded(shape.iter().product(), 42);
+    let x = voxconv::kernel::seeded(shape.iter().product(), 42);
     let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     for model in ["sobel3d", "gaussian3d", "c16"] {
         let want = kernel_output(&models, model, shape, &x);

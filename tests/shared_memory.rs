@@ -64,7 +64,7 @@ async fn input_and_output_through_shared_memory_equal_the_kernel() {
     let mut client = server.client().await;
     let shape = [1usize, 1, 13, 17, 11];
     let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    let x = voxconv::cli::seeded(shape.iter().product(), 7);
+    let x = voxconv::kernel::seeded(shape.iter().product(), 7);
     let input = f32_bytes(&x);
     // One object: 100 bytes of something else, the input, then room for the largest output.
     let out_at = 4096 + input.len() as u64;
@@ -301,7 +301,7 @@ async fn shared_memory_errors_name_the_field_and_the_server_keeps_serving() {
     );
 
     // Still serving, over the socket.
-    let x = voxconv::cli::seeded(n as usize, 3);
+    let x = voxconv::kernel::seeded(n as usize, 3);
     let msgs = stream(&mut c, header(None, None), chunks(&f32_bytes(&x), 1000))
         .await
         .unwrap();
@@ -329,7 +329,7 @@ async fn server_created_regions_hold_outputs_computed_in_place() {
     let shape = [1usize, 1, 13, 17, 11];
     let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     let n = shape.iter().product::<usize>();
-    let x = voxconv::cli::seeded(n, 8);
+    let x = voxconv::kernel::seeded(n, 8);
     let input = f32_bytes(&x);
     // Input at 0, the output 4 KiB after it (as clients lay it out), 16 channels of room.
     let out_at = (input.len() as u64).div_ceil(4096) * 4096;

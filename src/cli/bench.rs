@@ -19,10 +19,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use prost::Message;
 use serde::Serialize;
 
+use crate::kernel::{seeded, WorkloadFile};
 use crate::proto::inference as kpb;
 use crate::proto::voxconv::v1 as pb;
 use crate::proto::voxconv::v1::inference_client::InferenceClient;
-use crate::workloads::{seeded, WorkloadFile};
 
 type BoxError = Box<dyn std::error::Error>;
 

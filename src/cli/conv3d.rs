@@ -56,7 +56,7 @@ pub fn run(a: Conv3dArgs) -> Result<(), Box<dyn std::error::Error>> {
         &filters.data,
         bias.as_ref().map(|b| b.data.as_slice()),
         &mut out,
-        a.threads.unwrap_or_else(super::default_threads),
+        a.threads.unwrap_or_else(crate::kernel::default_threads),
         None,
     )?;
     drop(input);

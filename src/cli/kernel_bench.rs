@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 
-use crate::workloads::{seeded, WorkloadFile};
+use crate::kernel::{seeded, WorkloadFile};
 
 use crate::kernel::{Activation, Conv3dPlan, GemmImpl, Strategy, Tiling};
 
@@ -67,7 +67,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
     let file = WorkloadFile::load(&a.workloads)?;
-    let threads = a.threads.unwrap_or_else(super::default_threads);
+    let threads = a.threads.unwrap_or_else(crate::kernel::default_threads);
     let repeat = a.repeat.max(1);
     if !a.json {
         println!(

@@ -13,7 +13,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use crate::workloads::{seeded, Workload, WorkloadFile};
 pub use conv3d::Conv3dArgs;
 pub use kernel_bench::KernelBenchArgs;
 
@@ -121,9 +120,4 @@ pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
             .map_err(|_| format!("expected a non-negative integer, got {p:?} in {s:?}"))?;
     }
     Ok(out)
-}
-
-/// Default thread count: the cores this process may use.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

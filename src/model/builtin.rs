@@ -14,7 +14,7 @@ pub fn all() -> Vec<Model> {
 /// and dilation, seeded random weights and bias, so `voxconv bench --workload NAME` and the
 /// ghz configs load the server with exactly the shapes the kernel benchmarks report on.
 pub fn bench_models() -> Vec<Model> {
-    let file = crate::workloads::WorkloadFile::builtin();
+    let file = crate::kernel::workloads::WorkloadFile::builtin();
     file.workload
         .iter()
         .map(|w| {
@@ -29,8 +29,8 @@ pub fn bench_models() -> Vec<Model> {
                 ),
                 ConvLayer {
                     filter_shape: f,
-                    weights: crate::workloads::seeded(f.iter().product(), 2),
-                    bias: Some(crate::workloads::seeded(f[0], 3)),
+                    weights: crate::kernel::workloads::seeded(f.iter().product(), 2),
+                    bias: Some(crate::kernel::workloads::seeded(f[0], 3)),
                     params: Conv3dParams {
                         stride: w.stride.unwrap_or(d.stride),
                         padding: w.padding.unwrap_or(d.padding),
@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn every_workload_has_a_bench_model_that_accepts_its_input() {
-        let file = crate::workloads::WorkloadFile::builtin();
+        let file = crate::kernel::workloads::WorkloadFile::builtin();
         let models = bench_models();
         assert_eq!(models.len(), file.workload.len());
         for (w, m) in file.workload.iter().zip(&models) {

@@ -464,8 +464,8 @@ mod tests {
     fn conv(c_in: usize, c_out: usize, seed: u64) -> Layer {
         Layer::Conv(ConvLayer {
             filter_shape: [c_out, c_in, 3, 3, 3],
-            weights: crate::cli::seeded(c_out * c_in * 27, seed),
-            bias: Some(crate::cli::seeded(c_out, seed + 1)),
+            weights: crate::kernel::seeded(c_out * c_in * 27, seed),
+            bias: Some(crate::kernel::seeded(c_out, seed + 1)),
             params: Conv3dParams {
                 padding: [1; 3],
                 ..Conv3dParams::default()
@@ -496,7 +496,7 @@ mod tests {
                 layers,
             };
             let plan = model.plan(shape).unwrap();
-            let x = crate::cli::seeded(shape.iter().product(), 9);
+            let x = crate::kernel::seeded(shape.iter().product(), 9);
             let [_, c_out, od, oh, ow] = plan.output;
             let mut want = vec![f32::NAN; plan.output_len()];
             plan.run(&model, x.clone(), 2, None, &mut |s| {

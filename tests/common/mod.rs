@@ -147,8 +147,8 @@ pub fn models() -> ModelSet {
         description: "test: 16 random filters".into(),
         layers: vec![Layer::Conv(ConvLayer {
             filter_shape: [16, 1, 3, 3, 3],
-            weights: voxconv::cli::seeded(16 * 27, 5),
-            bias: Some(voxconv::cli::seeded(16, 6)),
+            weights: voxconv::kernel::seeded(16 * 27, 5),
+            bias: Some(voxconv::kernel::seeded(16, 6)),
             params: Conv3dParams {
                 padding: [1; 3],
                 ..Conv3dParams::default()
@@ -161,7 +161,7 @@ pub fn models() -> ModelSet {
         description: "test: no padding".into(),
         layers: vec![Layer::Conv(ConvLayer {
             filter_shape: [1, 1, 3, 3, 3],
-            weights: voxconv::cli::seeded(27, 7),
+            weights: voxconv::kernel::seeded(27, 7),
             bias: None,
             params: Conv3dParams::default(),
             activation: Activation::None,

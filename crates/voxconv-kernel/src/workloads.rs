@@ -7,10 +7,10 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
-use crate::kernel::{Conv3dParams, Conv3dShape};
+use crate::{Conv3dParams, Conv3dShape};
 
 /// The workload file compiled into the binary.
-pub const BUILTIN: &str = include_str!("../benches/workloads.toml");
+pub const BUILTIN: &str = include_str!("../../../benches/workloads.toml");
 
 /// A file of `[[workload]]` tables.
 #[derive(Debug, Deserialize)]
@@ -30,7 +30,7 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn shape(&self) -> Result<Conv3dShape, crate::kernel::KernelError> {
+    pub fn shape(&self) -> Result<Conv3dShape, crate::KernelError> {
         let d = Conv3dParams::default();
         Conv3dShape::new(
             self.input,
@@ -71,4 +71,9 @@ impl WorkloadFile {
 pub fn seeded(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Default thread count: the cores this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -25,7 +25,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use crate::kernel::buffer::SealedMap;
+mod map;
+
+use map::SealedMap;
 
 use bytes::Bytes;
 

@@ -17,10 +17,12 @@ pub mod plan;
 pub mod reference;
 pub mod shape;
 pub mod winograd;
+pub mod workloads;
 
 pub use plan::{Conv3dPlan, GemmImpl, OwnedSlab, Slab, StageTimes, Strategy, Tiling};
 pub use reference::conv3d_reference;
 pub use shape::{Conv3dParams, Conv3dShape};
+pub use workloads::{default_threads, seeded, Workload, WorkloadFile};
 
 use std::str::FromStr;
 

@@ -8,14 +8,14 @@ use std::sync::atomic::AtomicBool;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use serde::Deserialize;
-use voxconv::kernel::reference::conv3d_reference_with_magnitude;
-use voxconv::kernel::{
+use voxconv_kernel::reference::conv3d_reference_with_magnitude;
+use voxconv_kernel::{
     Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, KernelError,
     Strategy as KernelStrategy, Tiling,
 };
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
-    voxconv::cli::seeded(len, seed)
+    voxconv_kernel::seeded(len, seed)
 }
 
 /// Asserts `got` is within the f32 rounding bound of the f64 reference: for each element,
@@ -125,7 +125,7 @@ fn variants_cover_every_supported_path() {
         .collect();
     assert!(names.contains(&(KernelStrategy::Im2colGemm, GemmImpl::Portable)));
     assert!(names.contains(&(KernelStrategy::Pointwise, GemmImpl::Portable)));
-    if voxconv::kernel::avx512::available() {
+    if voxconv_kernel::avx512::available() {
         assert!(
             names.contains(&(KernelStrategy::Direct, GemmImpl::Avx512)),
             "{names:?}"
@@ -449,6 +449,22 @@ fn pointwise_strategy_matches_general_path() {
     );
 }
 
+/// A float32 `.npy` file as (shape, data), read by ndarray-npy.
+struct Npy {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn read_npy(path: &Path) -> Npy {
+    let a: ndarray::ArrayD<f32> =
+        ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let shape = a.shape().to_vec();
+    Npy {
+        shape,
+        data: a.as_standard_layout().iter().copied().collect(),
+    }
+}
+
 #[derive(Deserialize)]
 struct GoldenFile {
     case: Vec<GoldenCase>,
@@ -464,13 +480,13 @@ struct GoldenCase {
 
 #[test]
 fn golden_values_from_pytorch() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
+    // The fixtures live at the workspace root (the CLI tests use them too).
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/golden");
     let cases: GoldenFile =
         toml::from_str(&std::fs::read_to_string(dir.join("cases.toml")).unwrap()).unwrap();
     assert!(cases.case.len() >= 3);
     for c in cases.case {
-        let load =
-            |s: &str| voxconv::tensor::read_npy(&dir.join(format!("{}.{s}.npy", c.name))).unwrap();
+        let load = |s: &str| read_npy(&dir.join(format!("{}.{s}.npy", c.name)));
         let (x, w, b, want) = (
             load("input"),
             load("filters"),
@@ -504,8 +520,7 @@ fn golden_values_from_pytorch() {
             assert_close(&shape, &got, &want.data, &mag, &c.name);
         }
         let reference =
-            voxconv::kernel::conv3d_reference(&shape, &x.data, &w.data, Some(&b.data), act)
-                .unwrap();
+            voxconv_kernel::conv3d_reference(&shape, &x.data, &w.data, Some(&b.data), act).unwrap();
         assert_close(
             &shape,
             &reference,
@@ -534,7 +549,7 @@ fn regression_strided_taps_past_row_end_are_zero() {
     .unwrap();
     let x: Vec<f32> = (0..shape.input_len()).map(|i| i as f32 + 1.0).collect();
     let w = vec![1.0; 3];
-    let want = voxconv::kernel::conv3d_reference(&shape, &x, &w, None, Activation::None).unwrap();
+    let want = voxconv_kernel::conv3d_reference(&shape, &x, &w, None, Activation::None).unwrap();
     let got = run_plan(&Conv3dPlan::new(shape, Activation::None), &x, &w, None, 1);
     assert_eq!(got, want);
 }

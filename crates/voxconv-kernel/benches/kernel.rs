@@ -4,13 +4,12 @@
 //! `cargo bench --bench kernel` (all), `cargo bench --bench kernel -- mri-t1` (one).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use voxconv::cli::{seeded, WorkloadFile};
-use voxconv::kernel::{Activation, Conv3dPlan};
+use voxconv_kernel::{seeded, Activation, Conv3dPlan, WorkloadFile};
 
 fn workloads(c: &mut Criterion) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/workloads.toml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../benches/workloads.toml");
     let file = WorkloadFile::load(std::path::Path::new(path)).expect("workloads.toml");
-    let cores = voxconv::cli::default_threads();
+    let cores = voxconv_kernel::default_threads();
     let mut group = c.benchmark_group("conv3d");
     group.sample_size(10);
     for w in &file.workload {
