@@ -1,7 +1,9 @@
 //! A minimal OTLP/gRPC trace collector for CI: prints one JSON line per received span
 //! (`name`, `trace_id`, `span_id`, `parent_span_id`, hex) on stdout.
 //!
-//!     cargo run --release --example fake_otlp_collector -- 127.0.0.1:4317
+//!     cargo run --release --example fake_otlp_collector -- 127.0.0.1:0 [PORT_FILE]
+//!
+//! With PORT_FILE, the bound address is written there (`listen=ADDR`) once listening.
 
 use std::io::Write;
 
@@ -48,13 +50,20 @@ impl TraceService for Printer {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let addr: std::net::SocketAddr = args
+        .next()
         .unwrap_or_else(|| "127.0.0.1:4317".into())
         .parse()?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    if let Some(path) = args.next() {
+        let tmp = format!("{path}.tmp");
+        std::fs::write(&tmp, format!("listen={}\n", listener.local_addr()?))?;
+        std::fs::rename(&tmp, &path)?;
+    }
     tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(Printer))
-        .serve(addr)
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
         .await?;
     Ok(())
 }

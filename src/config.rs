@@ -5,14 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::obs::telemetry::LogFormat;
 
 /// `voxconv serve` settings. Every flag has a `VOXCONV_*` environment variable.
 #[derive(Clone, Debug, Args)]
@@ -62,6 +57,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090); off when unset.
     #[arg(long, env = "VOXCONV_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Once serving, write the bound addresses to this file (`listen=ADDR`, and
+    /// `metrics=ADDR` with --metrics-listen), so scripts can bind port 0 and read the port.
+    #[arg(long, env = "VOXCONV_PORT_FILE")]
+    pub port_file: Option<std::path::PathBuf>,
     /// Export traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317);
     /// off when unset. A caller's W3C `traceparent` becomes the parent of the `rpc` span.
     #[arg(long, env = "VOXCONV_OTLP_ENDPOINT")]
@@ -202,9 +201,10 @@ pub struct Config {
     pub model_repository: Option<std::path::PathBuf>,
     pub model_poll_interval: Option<Duration>,
     pub metrics_listen: Option<SocketAddr>,
+    pub port_file: Option<std::path::PathBuf>,
     pub otlp_endpoint: Option<String>,
     pub tls: Option<TlsSettings>,
-    pub auth_tokens: Option<std::sync::Arc<crate::security::TokenSet>>,
+    pub auth_tokens: Option<std::sync::Arc<crate::auth::TokenSet>>,
     pub audit_log: Option<std::path::PathBuf>,
     pub shared_memory_dir: Option<std::path::PathBuf>,
     pub shared_memory_create_limit: u64,
@@ -234,6 +234,7 @@ impl Config {
             model_repository: None,
             model_poll_interval: None,
             metrics_listen: None,
+            port_file: None,
             otlp_endpoint: None,
             tls: None,
             auth_tokens: None,
@@ -330,6 +331,7 @@ impl TryFrom<ServeArgs> for Config {
                 }
                 i => i,
             },
+            port_file: a.port_file,
             metrics_listen: match a.metrics_listen {
                 Some(m) if m == a.listen && m.port() != 0 => {
                     return Err(ConfigError(format!(
@@ -360,14 +362,14 @@ impl TryFrom<ServeArgs> for Config {
             },
             auth_tokens: match &a.auth_tokens {
                 Some(p) => Some(std::sync::Arc::new(
-                    crate::security::TokenSet::load(p).map_err(ConfigError)?,
+                    crate::auth::TokenSet::load(p).map_err(ConfigError)?,
                 )),
                 None => None,
             },
             audit_log: match a.audit_log {
                 Some(p) => {
                     // Opened (created) now, so a bad path is a config error, not a runtime one.
-                    crate::security::AuditLog::open(&p).map_err(ConfigError)?;
+                    crate::obs::audit::AuditLog::open(&p).map_err(ConfigError)?;
                     Some(p)
                 }
                 None => None,

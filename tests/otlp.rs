@@ -98,7 +98,8 @@ async fn spans_reach_the_collector_under_the_callers_trace() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let telemetry = Arc::new(
-        voxconv::telemetry::init("warn", LogFormat::Text, Some(&format!("http://{addr}"))).unwrap(),
+        voxconv::obs::telemetry::init("warn", LogFormat::Text, Some(&format!("http://{addr}")))
+            .unwrap(),
     );
 
     let srv = TestServer::start(Config::for_tests(), models()).await;

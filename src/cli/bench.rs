@@ -214,7 +214,7 @@ impl Job {
     async fn call(
         &self,
         client: &mut InferenceClient<super::connect::Authed>,
-        region: Option<&super::shm::ClientRegion>,
+        region: Option<&crate::client::shm::ClientRegion>,
     ) -> Result<u64, tonic::Status> {
         match self.rpc {
             Rpc::Infer => {
@@ -241,7 +241,9 @@ impl Job {
                         max_chunk_bytes: 0,
                         input_shared_memory: region.map(|r| r.at(0)),
                         output_shared_memory: region.map(|r| {
-                            r.at(super::shm::ClientRegion::output_at(self.raw.len() as u64))
+                            r.at(crate::client::shm::ClientRegion::output_at(
+                                self.raw.len() as u64
+                            ))
                         }),
                     })),
                 };
@@ -255,14 +257,7 @@ impl Job {
                     None => self.raw.clone(),
                 };
                 let chunk = self.chunk;
-                let chunks = (0..raw.len())
-                    .step_by(chunk)
-                    .map(move |off| pb::InferStreamRequest {
-                        msg: Some(pb::infer_stream_request::Msg::Chunk(pb::Chunk {
-                            offset: off as u64,
-                            data: raw.slice(off..(off + chunk).min(raw.len())),
-                        })),
-                    });
+                let chunks = crate::client::stream::input_chunks(raw, chunk);
                 let mut req =
                     tonic::Request::new(tokio_stream::iter(std::iter::once(header).chain(chunks)));
                 req.set_timeout(self.timeout);
@@ -324,7 +319,7 @@ async fn run_bench(
         rpc: a.rpc,
         out_dtype: out_dtype(a.output_dtype),
         timeout: *a.timeout,
-        chunk: a.chunk_bytes.clamp(4096, 3 << 20),
+        chunk: crate::client::stream::chunk_size(a.chunk_bytes),
     });
     let duration = match (a.duration, a.requests) {
         (Some(d), _) => Some(*d),
@@ -364,7 +359,7 @@ async fn run_bench(
         let mut client = a
             .connect
             .inference(channels[w as usize % channels.len()].clone())?;
-        let placement = super::shm::Placement::from_flags(
+        let placement = crate::client::shm::Placement::from_flags(
             a.shared_memory_dir.as_deref(),
             a.server_shared_memory,
         );
@@ -384,17 +379,18 @@ async fn run_bench(
                     .map_err(|s| format!("GetModel: {}: {}", s.code(), s.message()))?
                     .into_inner();
                 let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-                let elems: u64 = super::shm::output_shape(&info, &shape)?.iter().product();
                 let size = match a.output_dtype {
                     super::client::OutDType::Fp32 => 4,
                     super::client::OutDType::Fp16 => 2,
                 };
                 Some(Arc::new(
-                    super::shm::ClientRegion::create(
+                    crate::client::shm::ClientRegion::for_call(
                         &mut client,
                         place,
+                        &info,
+                        &shape,
                         job.raw.len() as u64,
-                        elems * size,
+                        size,
                     )
                     .await?,
                 ))
@@ -429,7 +425,7 @@ async fn run_bench(
                         st.out_bytes += out;
                     }
                     Err(s) => {
-                        let code = crate::service::code_name(s.code()).to_string();
+                        let code = crate::wire::code_name(s.code()).to_string();
                         st.first_error
                             .get_or_insert_with(|| format!("{code}: {}", s.message()));
                         *st.errors.entry(code).or_default() += 1;
@@ -558,7 +554,7 @@ pub fn ghz_request(rpc: GhzRpc, model: &str, shape: [usize; 5], raw: Bytes) -> V
         GhzRpc::Kserve => kpb::ModelInferRequest {
             model_name: model.to_string(),
             inputs: vec![kpb::model_infer_request::InferInputTensor {
-                name: crate::service::kserve::INPUT_NAME.to_string(),
+                name: crate::wire::KSERVE_INPUT_NAME.to_string(),
                 datatype: "FP32".into(),
                 shape: shape.iter().map(|&d| d as i64).collect(),
                 ..Default::default()
@@ -590,7 +586,7 @@ mod tests {
 
     #[test]
     fn code_names_are_canonical() {
-        use crate::service::code_name;
+        use crate::wire::code_name;
         assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(tonic::Code::Ok), "OK");
         assert_eq!(

@@ -81,7 +81,7 @@ pub fn status_error(s: tonic::Status) -> BoxError {
     if s.code() == tonic::Code::Cancelled && local_timeout {
         return "DEADLINE_EXCEEDED: --timeout passed before the server answered".into();
     }
-    format!("{}: {}", crate::service::code_name(s.code()), s.message()).into()
+    format!("{}: {}", crate::wire::code_name(s.code()), s.message()).into()
 }
 
 pub fn infer(a: InferArgs) -> Result<(), BoxError> {
@@ -193,8 +193,10 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     };
     // NIfTI output needs the model's geometry to place the output voxels; a shared-memory
     // region is sized from the output shape it gives.
-    let placement =
-        super::shm::Placement::from_flags(a.shared_memory_dir.as_deref(), a.server_shared_memory);
+    let placement = crate::client::shm::Placement::from_flags(
+        a.shared_memory_dir.as_deref(),
+        a.server_shared_memory,
+    );
     let info = if out_nifti || placement.is_some() {
         Some(
             client
@@ -210,19 +212,17 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     };
     let maps = info.as_ref().filter(|_| out_nifti).map(axis_maps);
     let input_len = input.bytes.len();
-    let output_at = super::shm::ClientRegion::output_at(input_len as u64);
+    let output_at = crate::client::shm::ClientRegion::output_at(input_len as u64);
     let region = match (&placement, &info) {
         (Some(place), Some(info)) => {
             let shape: Vec<u64> = input.shape.iter().map(|&d| d as u64).collect();
-            let bytes = super::shm::output_shape(info, &shape)?
-                .iter()
-                .try_fold(out_dtype.size() as u64, |a, &d| a.checked_mul(d))
-                .ok_or("the output is too large to address")?;
-            let region = super::shm::ClientRegion::create(
+            let region = crate::client::shm::ClientRegion::for_call(
                 &mut client,
                 place,
+                info,
+                &shape,
                 input.bytes.len() as u64,
-                bytes,
+                out_dtype.size() as u64,
             )
             .await?;
             region.write(0, &input.bytes)?;
@@ -233,9 +233,9 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let header = pb::InferStreamRequest {
         msg: Some(pb::infer_stream_request::Msg::Header(pb::StreamHeader {
             model: a.model.clone(),
-            input_dtype: crate::service::to_pb_dtype(input.dtype) as i32,
+            input_dtype: crate::wire::dtype_to_pb(input.dtype) as i32,
             input_shape: input.shape.iter().map(|&d| d as u64).collect(),
-            output_dtype: crate::service::to_pb_dtype(out_dtype) as i32,
+            output_dtype: crate::wire::dtype_to_pb(out_dtype) as i32,
             max_chunk_bytes: 0,
             input_shared_memory: region.as_ref().map(|r| r.at(0)),
             output_shared_memory: region.as_ref().map(|r| r.at(output_at)),
@@ -249,17 +249,11 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let up = bar(&multi, "sent", raw.len() as u64);
     let down = bar(&multi, "received", 0);
-    let chunk = a.chunk_bytes.clamp(4096, 3 << 20);
+    let chunk = crate::client::stream::chunk_size(a.chunk_bytes);
     let up_tick = up.clone();
-    let raw_out = raw.clone();
-    let chunks = (0..raw.len()).step_by(chunk).map(move |off| {
-        let data = raw_out.slice(off..(off + chunk).min(raw_out.len()));
-        up_tick.inc(data.len() as u64);
-        pb::InferStreamRequest {
-            msg: Some(pb::infer_stream_request::Msg::Chunk(pb::Chunk {
-                offset: off as u64,
-                data,
-            })),
+    let chunks = crate::client::stream::input_chunks(raw.clone(), chunk).inspect(move |m| {
+        if let Some(pb::infer_stream_request::Msg::Chunk(c)) = &m.msg {
+            up_tick.inc(c.data.len() as u64);
         }
     });
     let mut request =

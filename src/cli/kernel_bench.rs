@@ -33,7 +33,8 @@ pub struct KernelBenchArgs {
     /// Override reduction rows per GEMM (tuning).
     #[arg(long, hide = true)]
     pub k_chunk: Option<usize>,
-    /// Force a strategy where supported: im2col | direct | pointwise | winograd (comparison).
+    /// Force a strategy: im2col | direct | pointwise | winograd (comparison); one a workload
+    /// or this CPU cannot run is an error.
     #[arg(long, hide = true)]
     pub strategy: Option<String>,
     /// Use the portable gemm crate instead of the AVX-512 microkernel (comparison).
@@ -90,15 +91,23 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             });
         }
         if a.portable_gemm {
-            plan = plan.with_gemm(GemmImpl::Portable);
+            plan = plan
+                .with_gemm(GemmImpl::Portable)
+                .map_err(|e| format!("--portable-gemm: workload {}: {e}", w.name))?;
         }
-        match a.strategy.as_deref() {
-            None => {}
-            Some("im2col") => plan = plan.with_strategy(Strategy::Im2colGemm),
-            Some("direct") => plan = plan.with_strategy(Strategy::Direct),
-            Some("pointwise") => plan = plan.with_strategy(Strategy::Pointwise),
-            Some("winograd") => plan = plan.with_strategy(Strategy::Winograd),
-            Some(other) => return Err(format!("unknown strategy {other:?}").into()),
+        if let Some(name) = a.strategy.as_deref() {
+            let strategy = match name {
+                "im2col" => Strategy::Im2colGemm,
+                "direct" => Strategy::Direct,
+                "pointwise" => Strategy::Pointwise,
+                "winograd" => Strategy::Winograd,
+                other => return Err(format!("unknown strategy {other:?}").into()),
+            };
+            // Never a silent fallback: a strategy this workload or CPU cannot run fails the
+            // command instead of measuring another path.
+            plan = plan
+                .with_strategy(strategy)
+                .map_err(|e| format!("--strategy {name}: workload {}: {e}", w.name))?;
         }
         let input = seeded(shape.input_len(), 1);
         let filters = seeded(shape.filters_len(), 2);

@@ -7,7 +7,6 @@ mod conv3d;
 mod kernel_bench;
 mod phantom;
 pub mod serve;
-pub mod shm;
 
 use std::process::ExitCode;
 
@@ -33,7 +32,9 @@ pub enum Command {
     Conv3d(Conv3dArgs),
     /// Time the kernel on the workloads of a TOML file.
     KernelBench(KernelBenchArgs),
-    /// Run the gRPC server (built-in models: sobel3d, gaussian3d).
+    /// Run the gRPC server. Built-in models: sobel3d, gaussian3d, filterbank16 and one
+    /// bench-<workload> per reference workload (ListModels lists them); more from
+    /// --model-repository.
     Serve(crate::config::ServeArgs),
     /// Send a volume through a model over the streaming RPC.
     Infer(client::InferArgs),

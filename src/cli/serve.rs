@@ -31,7 +31,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     };
     let telemetry = {
         let _rt = rt.enter();
-        match crate::telemetry::init(
+        match crate::obs::telemetry::init(
             &config.log,
             config.log_format,
             config.otlp_endpoint.as_deref(),
@@ -77,13 +77,23 @@ pub fn run(args: ServeArgs) -> ExitCode {
         if config.model_repository.is_some() {
             spawn_reloader(Arc::clone(&registry), config.model_poll_interval);
         }
-        let served = crate::server::run_with_metrics(
+        let port_file = config.port_file.clone().map(|p| {
+            let listen = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            (p, listen)
+        });
+        let served = crate::server::run(
             listener,
             metrics_listener,
             config,
             registry,
             shutdown_signal(),
-            |_| {},
+            move |state| {
+                if let Some((path, listen)) = port_file {
+                    if let Err(e) = write_port_file(&path, &listen, state.metrics_addr) {
+                        tracing::error!(path = %path.display(), error = %e, "--port-file not written");
+                    }
+                }
+            },
         )
         .await;
         match served {
@@ -100,6 +110,23 @@ pub fn run(args: ServeArgs) -> ExitCode {
         telemetry.shutdown();
     }
     code
+}
+
+/// Writes the bound addresses, whole or not at all (a temporary file renamed into place):
+/// a script waiting for the file never reads half of it.
+fn write_port_file(
+    path: &std::path::Path,
+    listen: &str,
+    metrics: Option<std::net::SocketAddr>,
+) -> std::io::Result<()> {
+    let mut text = format!("listen={listen}\n");
+    if let Some(m) = metrics {
+        text.push_str(&format!("metrics={m}\n"));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn log_report(r: &ReloadReport) {

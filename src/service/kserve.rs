@@ -16,23 +16,26 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use super::{deadline, InferenceService, Origin, Prepared, ServiceError};
+use super::{origin_of, ServiceError};
+use crate::engine::{Engine, Origin, Prepared};
 use crate::model::Model;
 use crate::proto::inference as kv;
 use crate::tensor::dtype::DType;
 
-/// Input and output tensor names of every model.
-pub const INPUT_NAME: &str = "input";
-pub const OUTPUT_NAME: &str = "output";
+use crate::obs::telemetry::set_remote_parent;
+use crate::wire::deadline;
+use crate::wire::{
+    dtype_from_kserve, KSERVE_INPUT_NAME as INPUT_NAME, KSERVE_OUTPUT_NAME as OUTPUT_NAME,
+};
 
-/// The OIP service; shares models, pool and limits with [`InferenceService`].
+/// The OIP service; shares the engine (models, pool, limits) with `voxconv.v1`.
 #[derive(Clone)]
 pub struct KserveService {
-    inner: InferenceService,
+    inner: std::sync::Arc<Engine>,
 }
 
 impl KserveService {
-    pub fn new(inner: InferenceService) -> Self {
+    pub fn new(inner: std::sync::Arc<Engine>) -> Self {
         Self { inner }
     }
 
@@ -58,7 +61,7 @@ impl KserveService {
             method = "ModelInfer",
             model = %self.inner.loggable_model(&req.model_name)
         );
-        crate::telemetry::set_remote_parent(&span, metadata);
+        set_remote_parent(&span, metadata);
         let model_name = req.model_name.clone();
         let mut prepared = None;
         let result = self
@@ -135,7 +138,7 @@ impl KserveService {
                 input.name
             )));
         }
-        let dtype = parse_datatype("inputs[0].datatype", &input.datatype)?;
+        let dtype = dtype_from_kserve("inputs[0].datatype", &input.datatype)?;
         let mut shape = Vec::with_capacity(input.shape.len());
         for &d in &input.shape {
             shape.push(u64::try_from(d).map_err(|_| {
@@ -182,7 +185,7 @@ impl KserveService {
             parameters: Default::default(),
             outputs: vec![kv::model_infer_response::InferOutputTensor {
                 name: OUTPUT_NAME.into(),
-                datatype: "FP32".into(),
+                datatype: DType::F32.name().into(),
                 shape: p.plan.output.iter().map(|&d| d as i64).collect(),
                 parameters: Default::default(),
                 contents: None,
@@ -192,23 +195,6 @@ impl KserveService {
         *prepared = Some(p);
         Ok(response)
     }
-}
-
-/// OIP datatype string → our dtype.
-fn parse_datatype(field: &str, s: &str) -> Result<DType, ServiceError> {
-    Ok(match s {
-        "FP32" => DType::F32,
-        "FP16" => DType::F16,
-        "BF16" => DType::BF16,
-        "INT16" => DType::I16,
-        "UINT16" => DType::U16,
-        "UINT8" => DType::U8,
-        _ => {
-            return Err(ServiceError::invalid(format!(
-                "{field}: expected FP32, FP16, BF16, INT16, UINT16 or UINT8, got {s:?}"
-            )))
-        }
-    })
 }
 
 /// Typed `contents` → little-endian bytes (FP16/BF16 travel only raw).
@@ -366,8 +352,8 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         &self,
         r: Request<kv::ModelInferRequest>,
     ) -> Result<Response<kv::ModelInferResponse>, Status> {
-        let deadline = deadline(&r);
-        let origin = Origin::of(&r);
+        let deadline = deadline::of_request(&r);
+        let origin = origin_of(&r);
         let (metadata, _, req) = r.into_parts();
         let resp = self.infer_one(req, deadline, &metadata, &origin).await?;
         Ok(Response::new(resp))
@@ -381,8 +367,8 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         &self,
         r: Request<Streaming<kv::ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let deadline = deadline(&r);
-        let origin = Origin::of(&r);
+        let deadline = deadline::of_request(&r);
+        let origin = origin_of(&r);
         let (metadata, _, mut inbound) = r.into_parts();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();

@@ -25,13 +25,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+// The one mapping of memory another process writes: unsafe by nature (mmap).
+#[allow(unsafe_code)]
 mod map;
 
 use map::SealedMap;
 
 use bytes::Bytes;
 
-use crate::service::ServiceError;
+use crate::error::ServiceError;
 
 /// Regions registered at once, at most.
 pub const MAX_REGIONS: usize = 256;

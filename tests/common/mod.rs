@@ -49,7 +49,7 @@ impl TestServer {
         };
         let (tx, rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let join = tokio::spawn(voxconv::server::run_with_metrics(
+        let join = tokio::spawn(voxconv::server::run(
             listener,
             metrics_listener,
             config,
@@ -220,15 +220,7 @@ pub fn header(
 }
 
 pub fn chunks(data: &Bytes, size: usize) -> Vec<pb::InferStreamRequest> {
-    (0..data.len())
-        .step_by(size)
-        .map(|o| pb::InferStreamRequest {
-            msg: Some(pb::infer_stream_request::Msg::Chunk(pb::Chunk {
-                offset: o as u64,
-                data: data.slice(o..(o + size).min(data.len())),
-            })),
-        })
-        .collect()
+    voxconv::client::stream::input_chunks(data.clone(), size).collect()
 }
 
 /// The kernel's own result for a model on an f32 input (the reference for the service).

@@ -59,6 +59,10 @@ pub enum KernelError {
     },
     #[error("thread count must be at least 1, got 0")]
     ZeroThreads,
+    /// A strategy or GEMM was forced that this shape or CPU cannot run: an error, never a
+    /// silent fallback, so a benchmark never measures another path than the one it asked for.
+    #[error("cannot use {what}: {reason}")]
+    Unsupported { what: String, reason: String },
     #[error("cancelled")]
     Cancelled,
 }

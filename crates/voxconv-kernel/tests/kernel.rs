@@ -101,7 +101,26 @@ fn variants(shape: Conv3dShape, act: Activation) -> Vec<Conv3dPlan> {
             KernelStrategy::Direct,
             KernelStrategy::Winograd,
         ] {
-            let p = base.clone().with_gemm(gemm).with_strategy(strategy);
+            let g = match base.clone().with_gemm(gemm) {
+                Ok(g) => g,
+                Err(e) => {
+                    // The only GEMM a CPU may lack.
+                    assert_eq!(gemm, GemmImpl::Avx512, "{e}");
+                    assert!(!voxconv_kernel::avx512::available(), "{e}");
+                    continue;
+                }
+            };
+            if !g.supports(strategy) {
+                assert!(
+                    matches!(
+                        g.clone().with_strategy(strategy),
+                        Err(KernelError::Unsupported { .. })
+                    ),
+                    "{strategy:?}/{gemm:?} is unsupported, forcing it must fail"
+                );
+                continue;
+            }
+            let p = g.with_strategy(strategy).unwrap();
             if p.strategy() == strategy
                 && p.gemm_impl() == gemm
                 && !out
@@ -194,10 +213,14 @@ proptest! {
         let input = [n, c_in, dims[0] + 2, dims[1] + 2, dims[2] + 2];
         let params = Conv3dParams { padding: pads, ..Conv3dParams::default() };
         let shape = Conv3dShape::new(input, [c_out, c_in, 3, 3, 3], params).unwrap();
-        let plan = Conv3dPlan::new(shape, act).with_strategy(KernelStrategy::Winograd);
-        if plan.strategy() != KernelStrategy::Winograd {
-            return Ok(()); // no AVX-512 here
-        }
+        let plan = match Conv3dPlan::new(shape, act).with_strategy(KernelStrategy::Winograd) {
+            Ok(plan) => plan,
+            Err(e) => {
+                prop_assert!(!voxconv_kernel::avx512::available(), "{}", e);
+                return Ok(()); // no AVX-512 here
+            }
+        };
+        prop_assert_eq!(plan.strategy(), KernelStrategy::Winograd);
         let x = data(shape.input_len(), seed);
         let w = data(shape.filters_len(), seed + 1);
         let b = data(c_out, seed + 2);
@@ -412,7 +435,10 @@ fn pointwise_strategy_matches_general_path() {
     let plan = Conv3dPlan::new(shape, Activation::Sigmoid);
     assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
     assert_eq!(plan.workspace_bytes(4), 0);
-    let general = plan.clone().with_strategy(KernelStrategy::Im2colGemm);
+    let general = plan
+        .clone()
+        .with_strategy(KernelStrategy::Im2colGemm)
+        .unwrap();
     assert_eq!(general.strategy(), KernelStrategy::Im2colGemm);
     let x = data(shape.input_len(), 3);
     let w = data(shape.filters_len(), 4);
@@ -869,15 +895,20 @@ fn workspace_does_not_grow_with_the_volume() {
             },
         )
         .unwrap();
-        Conv3dPlan::new(s, Activation::None).with_strategy(KernelStrategy::Im2colGemm)
+        Conv3dPlan::new(s, Activation::None)
+            .with_strategy(KernelStrategy::Im2colGemm)
+            .unwrap()
     };
     let small = plan_for(64).workspace_bytes(2);
     let large = plan_for(512).workspace_bytes(2);
     assert!(small > 0);
     // The direct strategy needs no workspace at all.
-    let direct = plan_for(64).with_strategy(KernelStrategy::Direct);
-    if direct.strategy() == KernelStrategy::Direct {
-        assert_eq!(direct.workspace_bytes(2), 0);
+    match plan_for(64).with_strategy(KernelStrategy::Direct) {
+        Ok(direct) => {
+            assert_eq!(direct.strategy(), KernelStrategy::Direct);
+            assert_eq!(direct.workspace_bytes(2), 0);
+        }
+        Err(e) => assert!(!voxconv_kernel::avx512::available(), "{e}"),
     }
     assert_eq!(small, large, "im2col workspace is per tile, not per volume");
     assert!(large <= 2 * 1024 * 1024);
@@ -921,5 +952,157 @@ fn stage_times_are_accounted_per_strategy() {
                 "{what:?}: {before:?} -> {after:?}"
             );
         }
+    }
+}
+
+/// A shape with filter `k` (C_in = C_out = 4 on a 9³ volume) and the given parameters.
+fn shape_with(k: [usize; 3], params: Conv3dParams) -> Conv3dShape {
+    Conv3dShape::new([1, 4, 9, 9, 9], [4, 4, k[0], k[1], k[2]], params).unwrap()
+}
+
+/// `Err(Unsupported)` whose message names `what` and contains `because`.
+fn assert_unsupported(r: Result<Conv3dPlan, KernelError>, what: &str, because: &str) {
+    match r {
+        Err(e @ KernelError::Unsupported { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.starts_with(&format!("cannot use {what}: ")), "{msg}");
+            assert!(msg.contains(because), "{msg}");
+        }
+        Err(e) => panic!("expected Unsupported for {what}, got {e:?}"),
+        Ok(p) => panic!(
+            "forcing {what} must fail, got {:?}/{:?}",
+            p.strategy(),
+            p.gemm_impl()
+        ),
+    }
+}
+
+#[test]
+fn forcing_a_strategy_the_shape_cannot_run_is_an_error() {
+    let plain = Conv3dParams::default();
+    let strided = Conv3dParams {
+        stride: [2, 2, 2],
+        ..plain
+    };
+    let dilated = Conv3dParams {
+        dilation: [1, 2, 1],
+        ..plain
+    };
+    for (k, params) in [
+        ([1, 1, 1], plain),
+        ([5, 5, 5], plain),
+        ([3, 3, 3], strided),
+        ([3, 3, 3], dilated),
+    ] {
+        let plan = Conv3dPlan::new(shape_with(k, params), Activation::None);
+        assert!(!plan.supports(KernelStrategy::Winograd));
+        assert_unsupported(
+            plan.with_strategy(KernelStrategy::Winograd),
+            "strategy winograd-f2x3",
+            "needs a 3x3x3 filter, stride 1 and dilation 1",
+        );
+    }
+    let padded = Conv3dParams {
+        padding: [0, 0, 1],
+        ..plain
+    };
+    for (k, params) in [
+        ([3, 3, 3], plain),
+        ([1, 1, 1], strided),
+        ([1, 1, 1], padded),
+    ] {
+        let plan = Conv3dPlan::new(shape_with(k, params), Activation::None);
+        assert!(!plan.supports(KernelStrategy::Pointwise));
+        assert_unsupported(
+            plan.with_strategy(KernelStrategy::Pointwise),
+            "strategy pointwise-1x1x1",
+            "needs a 1x1x1 filter, stride 1 and no padding",
+        );
+    }
+    // The direct microkernel takes width stride 1 or 2 only, whatever the CPU.
+    let wide_stride = Conv3dParams {
+        stride: [1, 1, 3],
+        ..plain
+    };
+    assert_unsupported(
+        Conv3dPlan::new(shape_with([3, 3, 3], wide_stride), Activation::None)
+            .with_strategy(KernelStrategy::Direct),
+        "strategy direct-avx512",
+        "needs width stride 1 or 2 (this shape: 3)",
+    );
+}
+
+#[test]
+fn forcing_a_supported_strategy_is_honoured() {
+    let pointwise = shape_with([1, 1, 1], Conv3dParams::default());
+    let cube = shape_with([3, 3, 3], Conv3dParams::default());
+    for shape in [pointwise, cube] {
+        let plan = Conv3dPlan::new(shape, Activation::None)
+            .with_strategy(KernelStrategy::Im2colGemm)
+            .unwrap();
+        assert_eq!(plan.strategy(), KernelStrategy::Im2colGemm);
+    }
+    let plan = Conv3dPlan::new(pointwise, Activation::None)
+        .with_strategy(KernelStrategy::Im2colGemm)
+        .and_then(|p| p.with_strategy(KernelStrategy::Pointwise))
+        .unwrap();
+    assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
+    // Winograd and direct need the AVX-512 GEMM: there when the CPU has it, else an error
+    // saying so.
+    for (strategy, name) in [
+        (KernelStrategy::Winograd, "strategy winograd-f2x3"),
+        (KernelStrategy::Direct, "strategy direct-avx512"),
+    ] {
+        let r = Conv3dPlan::new(cube, Activation::None).with_strategy(strategy);
+        if voxconv_kernel::avx512::available() {
+            let plan = r.unwrap();
+            assert_eq!(plan.strategy(), strategy);
+            assert_eq!(plan.gemm_impl(), GemmImpl::Avx512);
+        } else {
+            assert_unsupported(r, name, "needs AVX-512 (avx512f), which this CPU lacks");
+        }
+    }
+}
+
+#[test]
+fn the_avx512_gemm_is_an_error_without_avx512() {
+    let cube = shape_with([3, 3, 3], Conv3dParams::default());
+    let r = Conv3dPlan::new(cube, Activation::None).with_gemm(GemmImpl::Avx512);
+    if voxconv_kernel::avx512::available() {
+        assert_eq!(r.unwrap().gemm_impl(), GemmImpl::Avx512);
+    } else {
+        assert_unsupported(
+            r,
+            "GEMM avx512",
+            "needs AVX-512 (avx512f), which this CPU lacks",
+        );
+    }
+    // The portable GEMM runs anywhere; it takes a plan off the strategies that need the
+    // AVX-512 microkernel, and forcing one of those afterwards is an error.
+    let portable = Conv3dPlan::new(cube, Activation::None)
+        .with_gemm(GemmImpl::Portable)
+        .unwrap();
+    assert_eq!(portable.gemm_impl(), GemmImpl::Portable);
+    assert_eq!(portable.strategy(), KernelStrategy::Im2colGemm);
+    for (strategy, name) in [
+        (KernelStrategy::Winograd, "strategy winograd-f2x3"),
+        (KernelStrategy::Direct, "strategy direct-avx512"),
+    ] {
+        assert!(!portable.supports(strategy));
+        let because = if voxconv_kernel::avx512::available() {
+            "needs the AVX-512 GEMM, but this plan uses the portable one"
+        } else {
+            "needs AVX-512 (avx512f), which this CPU lacks"
+        };
+        assert_unsupported(portable.clone().with_strategy(strategy), name, because);
+    }
+    if voxconv_kernel::avx512::available() {
+        let wino = Conv3dPlan::new(cube, Activation::None)
+            .with_strategy(KernelStrategy::Winograd)
+            .unwrap()
+            .with_gemm(GemmImpl::Portable)
+            .unwrap();
+        assert_eq!(wino.strategy(), KernelStrategy::Im2colGemm);
+        assert_eq!(wino.tiling(), Tiling::for_shape(&cube));
     }
 }

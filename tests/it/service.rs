@@ -1,11 +1,9 @@
 //! The gRPC service end to end: a real server on 127.0.0.1:0, real tonic clients.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tonic::{Code, Request};
 use voxconv::config::Config;
 use voxconv::proto::voxconv::v1 as pb;

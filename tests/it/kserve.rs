@@ -1,11 +1,9 @@
 //! KServe v2 / Open Inference Protocol end to end with a tonic client (the Python test with
 //! Triton's own client runs in .ci/run).
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
+use crate::common::*;
 use tonic::Code;
 use voxconv::config::Config;
 use voxconv::proto::inference as kv;

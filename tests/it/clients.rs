@@ -2,13 +2,11 @@
 //! `voxconv phantom` -> `voxconv infer` with NIfTI files, `voxconv bench --json`, and
 //! `voxconv ghz-data` requests sent as they are.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::TestServer;
+use crate::common::TestServer;
 use prost::Message;
 use voxconv::config::Config;
 use voxconv::model::repo::ModelRegistry;

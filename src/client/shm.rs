@@ -1,4 +1,4 @@
-//! Client side of same-host shared memory (see [`crate::shm`]): a region the client creates
+//! Client side of same-host shared memory (the server side is `crate::shm`): a region the client creates
 //! in the shared-memory directory and registers with the server, or one the server creates
 //! and the client opens; the input is written at its start and the output read back after it.
 
@@ -8,6 +8,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::kernel::maxpool::maxpool3d_shape;
+use crate::kernel::shape::output_dim;
+use crate::kernel::KernelError;
 use crate::proto::voxconv::v1 as pb;
 use crate::proto::voxconv::v1::inference_client::InferenceClient;
 
@@ -15,41 +18,58 @@ type BoxError = Box<dyn std::error::Error>;
 type Client = InferenceClient<super::connect::Authed>;
 
 /// The output shape a model gives for `input` ([N, C, D, H, W]), from its `GetModel`
-/// layers: per spatial axis `(n + 2p - d(k-1) - 1) / s + 1`, as the server plans it.
+/// layers, through the kernel's own checked geometry (what the server plans with): every
+/// value from the server is checked, none trusted.
 pub fn output_shape(info: &pb::ModelInfo, input: &[u64]) -> Result<[u64; 5], BoxError> {
-    let [n, _, d, h, w]: [u64; 5] = input
+    let dims: [u64; 5] = input
         .try_into()
         .map_err(|_| format!("input shape: expected 5 dimensions, got {input:?}"))?;
-    let mut spatial = [d, h, w];
-    for l in &info.layers {
-        let at =
-            |v: &[u32], i: usize, default: u32| u64::from(v.get(i).copied().unwrap_or(default));
-        for (i, x) in spatial.iter_mut().enumerate() {
-            let (k, s, p, dil) = (
-                at(&l.kernel, i, 1),
-                at(&l.stride, i, 1).max(1),
-                at(&l.padding, i, 0),
-                at(&l.dilation, i, 1),
-            );
-            let span = dil * (k.max(1) - 1) + 1;
-            let padded = *x + 2 * p;
-            if padded < span {
-                return Err(format!(
-                    "input shape {input:?}: too small for model {} ({} of {span} voxels)",
-                    info.name, padded
-                )
-                .into());
+    let mut shape = [0usize; 5];
+    for (d, &v) in shape.iter_mut().zip(&dims) {
+        *d = usize::try_from(v).map_err(|_| format!("input shape {input:?}: too large"))?;
+    }
+    let bad = |e: KernelError| -> BoxError {
+        format!("input shape {input:?} through model {}: {e}", info.name).into()
+    };
+    for (n, l) in info.layers.iter().enumerate() {
+        let at = |v: &[u32], i: usize, default: u32| v.get(i).copied().unwrap_or(default) as usize;
+        let triple = |v: &[u32], default: u32| [0, 1, 2].map(|i| at(v, i, default));
+        match l.op.as_str() {
+            "conv3d" => {
+                for a in 0..3 {
+                    shape[2 + a] = output_dim(
+                        a,
+                        shape[2 + a],
+                        at(&l.kernel, a, 1),
+                        at(&l.padding, a, 0),
+                        at(&l.dilation, a, 1),
+                        at(&l.stride, a, 1),
+                    )
+                    .map_err(bad)?;
+                }
+                shape[1] = l.out_channels as usize;
             }
-            *x = (padded - span) / s + 1;
+            "maxpool3d" => {
+                shape = maxpool3d_shape(shape, triple(&l.kernel, 1), triple(&l.stride, 1))
+                    .map_err(bad)?;
+            }
+            op => {
+                return Err(
+                    format!("layers[{n}].op: expected conv3d or maxpool3d, got {op:?}").into(),
+                )
+            }
         }
     }
-    Ok([
-        n,
-        u64::from(info.output_channels),
-        spatial[0],
-        spatial[1],
-        spatial[2],
-    ])
+    shape[1] = info.output_channels as usize;
+    Ok(shape.map(|d| d as u64))
+}
+
+/// Bytes of the output a model gives for `input` in elements of `dtype_size` bytes.
+pub fn output_bytes(info: &pb::ModelInfo, input: &[u64], dtype_size: u64) -> Result<u64, BoxError> {
+    output_shape(info, input)?
+        .iter()
+        .try_fold(dtype_size, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| "the output is too large to address".into())
 }
 
 /// Where a client's shared-memory region lives.
@@ -113,6 +133,20 @@ impl ClientRegion {
             Placement::Dir(dir) => Self::in_dir(client, dir, name, bytes).await,
             Placement::Server => Self::on_server(client, name, bytes).await,
         }
+    }
+
+    /// A region for one call of `info`'s model on `input_shape`: the input's bytes, then
+    /// the output (elements of `out_dtype_size` bytes) the model gives for that shape.
+    pub async fn for_call(
+        client: &mut Client,
+        placement: &Placement,
+        info: &pb::ModelInfo,
+        input_shape: &[u64],
+        input_bytes: u64,
+        out_dtype_size: u64,
+    ) -> Result<Self, BoxError> {
+        let out = output_bytes(info, input_shape, out_dtype_size)?;
+        Self::create(client, placement, input_bytes, out).await
     }
 
     async fn in_dir(
@@ -241,31 +275,4 @@ pub fn open_server_region(key: &str, memfd_name: &str) -> Result<File, BoxError>
         .into());
     }
     Ok(file)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_shape_follows_the_layers_like_the_server_plan() {
-        use crate::model::ModelSet;
-        let set = ModelSet::builtin();
-        for m in set.iter() {
-            let info = crate::service::model_info(m);
-            for dims in [[1usize, 0, 17, 9, 12], [2, 0, 33, 40, 31]] {
-                let mut dims = dims;
-                dims[1] = m.in_channels();
-                let Ok(plan) = m.plan(dims) else { continue };
-                let input: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-                let want: Vec<u64> = plan.output.iter().map(|&d| d as u64).collect();
-                assert_eq!(
-                    output_shape(&info, &input).unwrap().to_vec(),
-                    want,
-                    "model {}",
-                    m.name
-                );
-            }
-        }
-    }
 }

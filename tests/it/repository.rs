@@ -1,14 +1,12 @@
 //! Model repository: a model exported from PyTorch served end to end, load errors, reload
 //! under load.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use voxconv::config::Config;
 use voxconv::model::repo::ModelRegistry;
 use voxconv::proto::voxconv::v1 as pb;

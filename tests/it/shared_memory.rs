@@ -2,12 +2,10 @@
 //! directory, regions registered through the API, InferStream reading its input from and
 //! writing its output into them.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use tonic::Code;
 use voxconv::config::Config;
 use voxconv::proto::voxconv::v1 as pb;
@@ -350,10 +348,10 @@ async fn server_created_regions_hold_outputs_computed_in_place() {
         .unwrap()
         .into_inner();
     assert!(made.key.starts_with("/proc/"), "{}", made.key);
-    let file = voxconv::cli::shm::open_server_region(&made.key, &made.memfd_name).unwrap();
+    let file = voxconv::client::shm::open_server_region(&made.key, &made.memfd_name).unwrap();
     assert_eq!(file.metadata().unwrap().len(), size);
     assert!(
-        voxconv::cli::shm::open_server_region(&made.key, "voxconv-elsewhere").is_err(),
+        voxconv::client::shm::open_server_region(&made.key, "voxconv-elsewhere").is_err(),
         "a different file behind the key is refused"
     );
     // Sealed: the client cannot shrink (or grow) it under the server's mapping.
@@ -405,7 +403,7 @@ async fn server_created_regions_hold_outputs_computed_in_place() {
         .await
         .unwrap()
         .into_inner();
-    let f2 = voxconv::cli::shm::open_server_region(&second.key, &second.memfd_name).unwrap();
+    let f2 = voxconv::client::shm::open_server_region(&second.key, &second.memfd_name).unwrap();
     f2.write_all_at(&input, 0).unwrap();
     f2.write_all_at(&vec![0xffu8; 2 * half as usize], out_at)
         .unwrap();
@@ -494,4 +492,48 @@ async fn server_created_regions_hold_outputs_computed_in_place() {
             field,
         );
     }
+}
+
+/// The client's output geometry (from GetModel's layers, through the kernel's checked shape
+/// functions) equals the server's plan for every built-in model; bad layer data is an error.
+#[test]
+fn client_output_shape_follows_the_layers_like_the_server_plan() {
+    use voxconv::client::shm::{output_bytes, output_shape};
+    let set = voxconv::model::ModelSet::builtin();
+    let mut checked = 0;
+    for m in set.iter() {
+        let info = voxconv::service::model_info(m);
+        for dims in [[1usize, 0, 17, 9, 12], [2, 0, 33, 40, 31]] {
+            let mut dims = dims;
+            dims[1] = m.in_channels();
+            let Ok(plan) = m.plan(dims) else { continue };
+            let input: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+            let want: Vec<u64> = plan.output.iter().map(|&d| d as u64).collect();
+            assert_eq!(
+                output_shape(&info, &input).unwrap().to_vec(),
+                want,
+                "model {}",
+                m.name
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 4, "{checked} shapes checked");
+    let info = voxconv::service::model_info(set.get("sobel3d").unwrap().as_ref());
+    // Too small for the kernel, too many dimensions, overflowing sizes, an unknown op.
+    assert!(output_shape(&info, &[1, 1, 0, 4, 4]).is_err());
+    assert!(output_shape(&info, &[1, 1, 4, 4]).is_err());
+    assert!(output_bytes(&info, &[u64::MAX / 2, 1, 8, 8, 8], 4).is_err());
+    let mut odd = info.clone();
+    odd.layers[0].op = "conv9d".into();
+    let e = output_shape(&odd, &[1, 1, 8, 8, 8])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layers[0].op") && e.contains("conv9d"), "{e}");
+    let mut zero = info;
+    zero.layers[0].stride = vec![0, 1, 1];
+    assert!(
+        output_shape(&zero, &[1, 1, 8, 8, 8]).is_err(),
+        "zero stride"
+    );
 }

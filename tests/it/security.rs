@@ -2,18 +2,16 @@
 //! log, a canary value kept out of logs and the audit trail, a gzip bomb, and an overload
 //! burst. Real servers on 127.0.0.1:0; each test prints the figures it measured.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{f32_bytes, models, unary, TestServer};
+use crate::common::{f32_bytes, models, unary, TestServer};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use voxconv::auth::{token_line, TokenSet};
 use voxconv::config::{Config, TlsSettings};
 use voxconv::proto::voxconv::v1 as pb;
 use voxconv::proto::voxconv::v1::inference_client::InferenceClient;
-use voxconv::security::{token_line, TokenSet};
 
 struct Pki {
     ca_pem: String,
@@ -246,7 +244,7 @@ async fn tokens_are_checked_before_the_body_and_health_stays_open() {
         1
     );
     let text = std::fs::read_to_string(&audit).unwrap();
-    let summary = voxconv::security::audit_summary(&text);
+    let summary = voxconv::obs::audit::audit_summary(&text);
     assert_eq!(summary.get("UNAUTHENTICATED"), Some(&12), "{text}");
     assert_eq!(summary.get("OK"), Some(&1), "{text}");
     assert!(text.contains("\"caller\":\"token:pipeline-a\""), "{text}");
@@ -468,7 +466,7 @@ async fn unauthenticated_streams_are_answered_before_their_body_is_sent() {
     // The header announces a 64 MiB volume; its chunks would only follow the answer, so a
     // server that waited for the body before refusing would never answer.
     let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tx.send(common::header(
+    tx.send(crate::common::header(
         "sobel3d",
         &[1, 1, 256, 256, 256],
         pb::DType::Fp32,

@@ -1,5 +1,7 @@
 //! Builds and runs the tonic server: limits, health, reflection, graceful shutdown.
 
+pub mod front;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -8,15 +10,19 @@ use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::auth::Auth;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::engine::Engine;
 use crate::model::repo::ModelRegistry;
+use crate::obs::audit::AuditLog;
+use crate::obs::metrics::Metrics;
 use crate::pool::{Pool, PoolStats};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::voxconv::v1::inference_server::InferenceServer;
-use crate::security::{AuditLog, Auth, FrontLayer};
 use crate::service::kserve::KserveService;
 use crate::service::InferenceService;
+use crate::wire::{HTTP2_CONNECTION_WINDOW, HTTP2_MAX_FRAME, HTTP2_STREAM_WINDOW};
+use front::FrontLayer;
 
 /// The gRPC service name of our API (health reports it by this name too).
 pub const SERVICE_NAME: &str = "voxconv.v1.Inference";
@@ -91,26 +97,12 @@ pub struct ServerState {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// Starts the pool and returns the state, then serves on `listener` until `shutdown`
-/// resolves; then health turns NOT_SERVING, new calls are refused and in-flight calls get
-/// `config.shutdown_grace` to finish.
-/// Largest HTTP/2 DATA frame we accept (announced in SETTINGS; the peer's announcement bounds
-/// what we send). The default 16 KiB costs one `writev` per 16 KiB: 8,192 system calls per
-/// 128 MiB output, about a fifth of the time a stream takes on loopback.
-pub const HTTP2_MAX_FRAME: u32 = 4 << 20;
-
+/// Starts the pool, calls `on_ready` with the server's state, then serves on `listener`
+/// (and Prometheus `/metrics` on `metrics_listener`, when given) until `shutdown` resolves;
+/// then health turns NOT_SERVING, new calls are refused and in-flight calls get
+/// `config.shutdown_grace` to finish. The one way the server is started (`voxconv serve`
+/// and the tests, which bind `127.0.0.1:0`).
 pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    models: Arc<ModelRegistry>,
-    shutdown: impl Future<Output = ()> + Send,
-    on_ready: impl FnOnce(ServerState),
-) -> Result<(), tonic::transport::Error> {
-    run_with_metrics(listener, None, config, models, shutdown, on_ready).await
-}
-
-/// [`run`], also serving Prometheus metrics at `/metrics` on `metrics_listener`.
-pub async fn run_with_metrics(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     config: Config,
@@ -135,7 +127,7 @@ pub async fn run_with_metrics(
     let _metrics_task = metrics_listener.map(|l| {
         let m = Arc::clone(&metrics);
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(l, m).await {
+            if let Err(e) = crate::obs::metrics::serve(l, m).await {
                 warn!(error = %e, "metrics listener failed");
             }
         }))
@@ -157,13 +149,14 @@ pub async fn run_with_metrics(
         None => None,
     };
     let config = Arc::new(config);
-    let service = InferenceService::new(
+    let engine = Arc::new(Engine::new(
         Arc::clone(&models),
         pool,
         Arc::clone(&config),
         Arc::clone(&metrics),
         audit.clone(),
-    );
+    ));
+    let service = InferenceService::new(Arc::clone(&engine));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     // Not serving until everything below is built.
@@ -179,7 +172,7 @@ pub async fn run_with_metrics(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("our descriptor sets are valid");
-    let kserve = GrpcInferenceServiceServer::new(KserveService::new(service.clone()))
+    let kserve = GrpcInferenceServiceServer::new(KserveService::new(engine))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip);
@@ -209,18 +202,15 @@ pub async fn run_with_metrics(
     }
     let auth = Arc::new(Auth {
         tokens: config.auth_tokens.clone(),
-        audit: audit.clone(),
     });
-    let incoming = crate::security::cap_connections(
+    let incoming = front::cap_connections(
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         limits.max_connections,
     );
     let serve = builder
         .http2_max_header_list_size(Some(8 * 1024))
-        // Volumes stream in MiB-sized chunks: HTTP/2's default 64 KiB windows would stall
-        // every chunk on a round trip.
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
+        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
         .max_frame_size(Some(HTTP2_MAX_FRAME))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(limits.http2_keepalive_interval)
@@ -228,7 +218,7 @@ pub async fn run_with_metrics(
         .max_connection_age(limits.max_connection_age)
         .max_connection_age_grace(limits.max_connection_age_grace)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-        .layer(FrontLayer::new(auth, Arc::clone(&metrics)))
+        .layer(FrontLayer::new(auth, audit, Arc::clone(&metrics)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,11 +1,9 @@
 //! Prometheus metrics: a real server with `/metrics` on 127.0.0.1:0, scraped over HTTP
 //! before and after real calls.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{chunks, f32_bytes, header, models, unary, TestServer};
+use crate::common::{chunks, f32_bytes, header, models, unary, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use voxconv::config::Config;
 use voxconv::proto::voxconv::v1 as pb;

@@ -1,0 +1,232 @@
+//! `Conv3dPlan`: a validated problem, its strategy and its tiling, computed once.
+//!
+//! Work unit: a *tile* is a run of `tile_cols` consecutive output voxels (flattened
+//! `(od, oh, ow)`) of one batch item, for all output channels. A *slab* is a range of output
+//! depth planes of one batch item; tiles never cross a slab. Tiles and slabs depend only on
+//! the shape, never on the thread count, and each tile is computed by one thread with a
+//! single-threaded GEMM, so every output value is summed in the same order whatever the
+//! number of threads: results are bit-identical across thread counts.
+//!
+//! Per tile (strategy `Im2colGemm`): for each chunk of `k_chunk` reduction rows, im2col the
+//! chunk into the thread's buffer (sized to stay in L2) and accumulate one GEMM
+//! `W[:, chunk] · cols` straight into the destination; then the epilogue adds the bias and
+//! applies the activation while the tile is still in cache.
+//!
+//! Layout: this file holds the plan itself (constructor, builders, accessors, sizes);
+//! `strategy` the strategies, GEMMs and tiling and which of them a shape can run; `tile` the
+//! work of one tile; `run` the public entry points; `schedule` the slab/tile decomposition
+//! and the multi-threaded scheduler.
+
+mod run;
+mod schedule;
+mod strategy;
+mod tile;
+
+pub use run::{OwnedSlab, Slab};
+pub use strategy::{GemmImpl, Strategy, Tiling};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{avx512, winograd, Activation, Conv3dShape, KernelError};
+use schedule::MIN_FLOPS_PER_THREAD;
+use strategy::COL_ROW_PAD;
+
+/// A validated Conv3D with its strategy and tiling.
+#[derive(Clone, Debug)]
+pub struct Conv3dPlan {
+    shape: Conv3dShape,
+    activation: Activation,
+    strategy: Strategy,
+    gemm: GemmImpl,
+    tiling: Tiling,
+    min_flops_per_thread: f64,
+    /// Time spent per stage, summed over threads and runs of this plan (and its clones).
+    clock: Arc<StageClock>,
+}
+
+/// Nanoseconds per stage, summed over every thread.
+#[derive(Debug, Default)]
+struct StageClock {
+    im2col: AtomicU64,
+    gemm: AtomicU64,
+    epilogue: AtomicU64,
+}
+
+/// Thread time per stage: building columns (im2col, or Winograd's input transform), the
+/// multiplies (GEMM, direct microkernel), and the epilogue (bias/activation, Winograd's
+/// output transform). Summed over threads, so it can exceed wall time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    pub im2col: Duration,
+    pub gemm: Duration,
+    pub epilogue: Duration,
+}
+
+impl Conv3dPlan {
+    /// Plans a validated shape: the cheapest strategy this CPU supports, default tiling.
+    pub fn new(shape: Conv3dShape, activation: Activation) -> Self {
+        let gemm = if avx512::available() {
+            GemmImpl::Avx512
+        } else {
+            GemmImpl::Portable
+        };
+        let mut plan = Self {
+            shape,
+            activation,
+            strategy: Strategy::Im2colGemm,
+            gemm,
+            tiling: Tiling::for_shape(&shape),
+            min_flops_per_thread: MIN_FLOPS_PER_THREAD,
+            clock: Arc::default(),
+        };
+        plan.strategy = plan.default_strategy();
+        plan.tiling = plan.adapt_tiling(plan.tiling);
+        plan
+    }
+
+    /// Thread time per stage of every run of this plan so far (clones share it).
+    pub fn stage_times(&self) -> StageTimes {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        StageTimes {
+            im2col: d(&self.clock.im2col),
+            gemm: d(&self.clock.gemm),
+            epilogue: d(&self.clock.epilogue),
+        }
+    }
+
+    /// Sets the work per extra thread (`0` uses every thread offered; tests use it to drive
+    /// the parallel scheduler on small shapes).
+    pub fn with_min_flops_per_thread(mut self, flops: f64) -> Self {
+        self.min_flops_per_thread = flops;
+        self
+    }
+
+    /// Chooses the GEMM. `Avx512` where the CPU lacks AVX-512 is an error
+    /// ([`KernelError::Unsupported`]), never a silent fallback. Choosing `Portable` also
+    /// moves a plan on `Direct` or `Winograd` (which need the AVX-512 microkernel) to
+    /// `Im2colGemm` with the default tiling: forcing either of those afterwards is an error.
+    pub fn with_gemm(mut self, gemm: GemmImpl) -> Result<Self, KernelError> {
+        if gemm == GemmImpl::Avx512 && !avx512::available() {
+            return Err(KernelError::Unsupported {
+                what: format!("GEMM {}", gemm.name()),
+                reason: "needs AVX-512 (avx512f), which this CPU lacks".into(),
+            });
+        }
+        self.gemm = gemm;
+        if matches!(self.strategy, Strategy::Direct | Strategy::Winograd)
+            && gemm == GemmImpl::Portable
+        {
+            self.strategy = Strategy::Im2colGemm;
+            self.tiling = Tiling::for_shape(&self.shape);
+        }
+        Ok(self)
+    }
+
+    pub fn gemm_impl(&self) -> GemmImpl {
+        self.gemm
+    }
+
+    /// Overrides the tiling (clamped to the shape). For tests and tuning.
+    pub fn with_tiling(mut self, tiling: Tiling) -> Self {
+        self.tiling = self.adapt_tiling(tiling);
+        self
+    }
+
+    /// Chooses the strategy (tests and benchmarks compare them). One this shape, CPU or GEMM
+    /// cannot run (see [`supports`](Self::supports)) is an error
+    /// ([`KernelError::Unsupported`], saying why), never a silent fallback: a benchmark must
+    /// never measure another path than the one it asked for.
+    pub fn with_strategy(mut self, strategy: Strategy) -> Result<Self, KernelError> {
+        if let Some(reason) = self.unsupported_reason(strategy) {
+            return Err(KernelError::Unsupported {
+                what: format!("strategy {}", strategy.name()),
+                reason,
+            });
+        }
+        self.strategy = strategy;
+        self.tiling = self.adapt_tiling(self.tiling);
+        Ok(self)
+    }
+
+    pub fn shape(&self) -> &Conv3dShape {
+        &self.shape
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    pub fn tiling(&self) -> Tiling {
+        self.tiling
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// Bytes of the per-thread scratch buffers for `threads` threads.
+    pub fn im2col_bytes(&self, threads: usize) -> usize {
+        threads * (self.col_len() + self.acc_len() + self.wino_v_len() + self.wino_m_len()) * 4
+    }
+
+    fn wino_v_len(&self) -> usize {
+        match self.strategy {
+            Strategy::Winograd => self.shape.c_in() * winograd::CH_STRIDE,
+            _ => 0,
+        }
+    }
+
+    fn wino_m_len(&self) -> usize {
+        match self.strategy {
+            Strategy::Winograd => self.shape.c_out() * winograd::CH_STRIDE,
+            _ => 0,
+        }
+    }
+
+    fn col_len(&self) -> usize {
+        match self.strategy {
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => 0,
+            Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride(),
+        }
+    }
+
+    /// Reduction chunks per tile.
+    fn chunked(&self) -> bool {
+        self.strategy == Strategy::Im2colGemm && self.tiling.k_chunk < self.shape.reduction_len()
+    }
+
+    fn acc_len(&self) -> usize {
+        if self.gemm == GemmImpl::Avx512 && self.chunked() {
+            self.shape.c_out() * self.col_stride()
+        } else {
+            0
+        }
+    }
+
+    /// Row stride of the im2col buffer: the tile width rounded up to whole microkernel blocks
+    /// plus one cache line, so rows never sit a multiple of 4 KiB apart (which would alias in
+    /// L1 during the GEMM).
+    fn col_stride(&self) -> usize {
+        self.tiling.tile_cols.next_multiple_of(avx512::MV) + COL_ROW_PAD
+    }
+
+    /// Bytes of one slab buffer (all channels).
+    pub fn slab_bytes(&self) -> usize {
+        let [_, oh, ow] = self.shape.out_dims();
+        self.shape.c_out() * self.tiling.slab_depth * oh * ow * 4
+    }
+
+    /// Workspace of [`run_into`](Self::run_into): the im2col buffers. Bounded by a constant
+    /// per thread, whatever the volume size.
+    pub fn workspace_bytes(&self, threads: usize) -> usize {
+        self.im2col_bytes(threads)
+    }
+
+    /// Workspace of [`run_slabs`](Self::run_slabs): im2col buffers plus the slab ring.
+    pub fn streaming_workspace_bytes(&self, threads: usize) -> usize {
+        let ring = schedule::ring_slabs(threads);
+        self.im2col_bytes(threads) + ring * self.slab_bytes()
+    }
+}

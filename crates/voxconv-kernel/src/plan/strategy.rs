@@ -1,0 +1,247 @@
+//! Strategies and tiling: which strategies can compute a shape, which one a plan picks by
+//! default, and the tile geometry (with the constants it is derived from).
+
+use crate::{avx512, winograd, Conv3dShape};
+
+use super::Conv3dPlan;
+
+/// How a plan computes its tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// General path: 3-D im2col of each tile (in reduction chunks), one GEMM per chunk.
+    Im2colGemm,
+    /// 1×1×1 kernel, stride 1, no padding: the input already is the column matrix, so the
+    /// GEMM reads it in place (no im2col, no workspace).
+    Pointwise,
+    /// Width stride 1 or 2 on AVX-512: the microkernel reads input rows in place for every
+    /// tap (masked loads give the zero padding), so no im2col at all.
+    Direct,
+    /// 3×3×3, stride 1, dilation 1 on AVX-512: Winograd F(2×2×2, 3×3×3), 3.4× fewer
+    /// multiplies, one microkernel GEMM per transform position.
+    Winograd,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Im2colGemm => "im2col+gemm",
+            Strategy::Pointwise => "pointwise-1x1x1",
+            Strategy::Direct => "direct-avx512",
+            Strategy::Winograd => "winograd-f2x3",
+        }
+    }
+}
+
+/// Which GEMM computes the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmImpl {
+    /// Our AVX-512 microkernel (48 voxels × 8 channels), reading the im2col buffer in place.
+    Avx512,
+    /// The portable `gemm` crate (any CPU).
+    Portable,
+}
+
+impl GemmImpl {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmImpl::Avx512 => "avx512",
+            GemmImpl::Portable => "gemm-crate",
+        }
+    }
+}
+
+/// Tile geometry. Defaults come from [`Tiling::for_shape`]; tests and benchmarks may override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    /// Output voxels per tile (GEMM `n`).
+    pub tile_cols: usize,
+    /// Reduction rows per GEMM (GEMM `k`); the im2col buffer is `k_chunk × tile_cols`.
+    pub k_chunk: usize,
+    /// Output depth planes per slab.
+    pub slab_depth: usize,
+}
+
+/// Target size of one thread's im2col buffer: comfortably inside a 1 MiB L2.
+const COL_BUFFER_BYTES: usize = 384 * 1024;
+/// Preferred tile width before rounding to whole output rows.
+const TARGET_TILE_COLS: usize = 1024;
+/// Target size of one output slab (all channels). Streaming sends each channel's part of a
+/// slab as its own chunks, so this sets the message size: for a 16-channel output, 8 MiB
+/// slabs give 512 KiB chunks, 2 MiB ones 128 KiB; on loopback a 128 MiB stream took 12-18%
+/// less time with 8 MiB than with 2 MiB, and more again with 16 MiB (interleaved runs).
+const SLAB_BYTES: usize = 8 * 1024 * 1024;
+/// Winograd is the default when input and output channels reach this (below, the
+/// transforms cost more than the multiplies they save).
+const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// The direct strategy is the default from this reduction length on ...
+const DIRECT_MIN_K: usize = 64;
+/// ... or for output rows shorter than this.
+const DIRECT_SHORT_ROW: usize = 48;
+/// Padding (in f32) after each im2col row.
+pub(super) const COL_ROW_PAD: usize = 16;
+
+impl Tiling {
+    /// Default tiling for a shape: independent of the thread count (determinism).
+    pub fn for_shape(shape: &Conv3dShape) -> Self {
+        let [od, oh, ow] = shape.out_dims();
+        let plane = oh * ow;
+        let slab_vox_target = (SLAB_BYTES / 4 / shape.c_out()).max(1);
+        let slab_depth = (slab_vox_target / plane).clamp(1, od);
+        let slab_vox = slab_depth * plane;
+        // Whole output rows per tile when rows are short enough.
+        let mut tile_cols = TARGET_TILE_COLS.min(slab_vox);
+        if ow <= tile_cols {
+            tile_cols = tile_cols / ow * ow;
+        }
+        let k = shape.reduction_len();
+        let k_chunk = (COL_BUFFER_BYTES / 4 / tile_cols)
+            .clamp(16, k.max(16))
+            .min(k);
+        Self {
+            tile_cols,
+            k_chunk,
+            slab_depth,
+        }
+    }
+
+    fn sanitized(self, shape: &Conv3dShape) -> Self {
+        let [od, oh, ow] = shape.out_dims();
+        let slab_depth = self.slab_depth.clamp(1, od);
+        Self {
+            tile_cols: self.tile_cols.clamp(1, slab_depth * oh * ow),
+            k_chunk: self.k_chunk.clamp(1, shape.reduction_len()),
+            slab_depth,
+        }
+    }
+}
+
+impl Conv3dPlan {
+    /// The default strategy for the plan's shape and GEMM: the cheapest one it supports.
+    pub(super) fn default_strategy(&self) -> Strategy {
+        let shape = &self.shape;
+        if self.supports(Strategy::Pointwise) {
+            Strategy::Pointwise
+        } else if self.supports(Strategy::Winograd)
+            && shape.c_in() >= WINOGRAD_MIN_CHANNELS
+            && shape.c_out() >= WINOGRAD_MIN_CHANNELS
+        {
+            Strategy::Winograd
+        } else if self.supports(Strategy::Direct)
+            && (shape.reduction_len() >= DIRECT_MIN_K || shape.out_dims()[2] < DIRECT_SHORT_ROW)
+        {
+            // Measured (docs/kernel-performance.md): direct wins where im2col is a large
+            // share (short rows, small C_out) and ties on long reductions; for very short
+            // reductions over long rows (single-channel first layers) im2col+GEMM is faster.
+            Strategy::Direct
+        } else {
+            Strategy::Im2colGemm
+        }
+    }
+
+    /// Whether `strategy` can compute this shape on this CPU.
+    pub fn supports(&self, strategy: Strategy) -> bool {
+        let p = self.shape.params;
+        match strategy {
+            Strategy::Im2colGemm => true,
+            Strategy::Pointwise => {
+                self.shape.kernel_dims() == [1, 1, 1] && p.stride == [1; 3] && p.padding == [0; 3]
+            }
+            Strategy::Direct => {
+                self.gemm == GemmImpl::Avx512
+                    && avx512::direct_supports_width_stride(p.stride[2])
+                    && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
+            }
+            Strategy::Winograd => self.gemm == GemmImpl::Avx512 && winograd::eligible(&self.shape),
+        }
+    }
+
+    /// Why `strategy` cannot compute this shape on this CPU with this GEMM (`None` where
+    /// [`supports`](Self::supports) is true): the shape's limits first, then the GEMM.
+    pub(super) fn unsupported_reason(&self, strategy: Strategy) -> Option<String> {
+        if self.supports(strategy) {
+            return None;
+        }
+        let p = self.shape.params;
+        let kernel = self.shape.kernel_dims();
+        match strategy {
+            Strategy::Im2colGemm => {}
+            Strategy::Pointwise => {
+                return Some(format!(
+                    "needs a 1x1x1 filter, stride 1 and no padding (this shape: {} filter, \
+                     stride {}, padding {})",
+                    xyz(kernel),
+                    xyz(p.stride),
+                    xyz(p.padding)
+                ));
+            }
+            Strategy::Direct => {
+                if !avx512::direct_supports_width_stride(p.stride[2]) {
+                    return Some(format!(
+                        "needs width stride 1 or 2 (this shape: {})",
+                        p.stride[2]
+                    ));
+                }
+                if kernel[2] > avx512::DIRECT_MAX_KW {
+                    return Some(format!(
+                        "needs a filter at most {} wide (this shape: {})",
+                        avx512::DIRECT_MAX_KW,
+                        kernel[2]
+                    ));
+                }
+            }
+            Strategy::Winograd => {
+                if !winograd::eligible(&self.shape) {
+                    return Some(format!(
+                        "needs a 3x3x3 filter, stride 1 and dilation 1 (this shape: {} filter, \
+                         stride {}, dilation {})",
+                        xyz(kernel),
+                        xyz(p.stride),
+                        xyz(p.dilation)
+                    ));
+                }
+            }
+        }
+        // The shape fits: what is missing is the AVX-512 GEMM.
+        Some(if avx512::available() {
+            "needs the AVX-512 GEMM, but this plan uses the portable one".into()
+        } else {
+            "needs AVX-512 (avx512f), which this CPU lacks".into()
+        })
+    }
+
+    /// Winograd works on pairs of output planes: tiles of whole plane pairs (enough for
+    /// about 24 lane groups), slabs of an even number of planes.
+    fn winograd_tiling(&self, t: Tiling) -> Tiling {
+        let [od, oh, ow] = self.shape.out_dims();
+        let plane = oh * ow;
+        let groups_per_pair = oh.div_ceil(2) * ow.div_ceil(2).div_ceil(winograd::LANES);
+        let pairs = 24usize.div_ceil(groups_per_pair).max(1);
+        let slab_depth = t
+            .slab_depth
+            .next_multiple_of(2)
+            .max(2 * pairs)
+            .min(od.next_multiple_of(2));
+        let slab_depth = slab_depth
+            .next_multiple_of(2 * pairs)
+            .min(od.next_multiple_of(2));
+        Tiling {
+            tile_cols: 2 * pairs * plane,
+            k_chunk: t.k_chunk,
+            slab_depth,
+        }
+    }
+
+    /// Tiling constraints of the strategy (Winograd: whole plane pairs).
+    pub(super) fn adapt_tiling(&self, t: Tiling) -> Tiling {
+        let t = t.sanitized(&self.shape);
+        match self.strategy {
+            Strategy::Winograd => self.winograd_tiling(t),
+            _ => t,
+        }
+    }
+}
+
+/// `[a, b, c]` as `axbxc`.
+fn xyz(v: [usize; 3]) -> String {
+    format!("{}x{}x{}", v[0], v[1], v[2])
+}

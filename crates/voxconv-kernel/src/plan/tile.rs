@@ -1,0 +1,457 @@
+//! The work of one tile, by strategy: im2col + GEMM (AVX-512 microkernel or the portable
+//! `gemm` crate), pointwise, direct, Winograd, and the bias/activation epilogue.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::im2col::im2col_tile;
+use crate::{avx512, winograd, Activation};
+
+use super::schedule::SlabInfo;
+use super::{Conv3dPlan, GemmImpl, Strategy};
+
+/// Adds the time since `since` to `slot` and restarts `since`.
+fn lap(slot: &AtomicU64, since: &mut Instant) {
+    let now = Instant::now();
+    slot.fetch_add((now - *since).as_nanos() as u64, Ordering::Relaxed);
+    *since = now;
+}
+
+/// The tensors of one run; `packed` holds the filters packed for the AVX-512 microkernel
+/// (empty for the portable GEMM).
+pub(super) struct Operands<'a> {
+    input: &'a [f32],
+    filters: &'a [f32],
+    packed: Vec<f32>,
+    bias: Option<&'a [f32]>,
+}
+
+/// One thread's reusable buffers: the im2col tile and, when the reduction is split into
+/// chunks, the tile's running sums.
+pub(super) struct Scratch {
+    col: Vec<f32>,
+    acc: Vec<f32>,
+    segments: Vec<avx512::Segment>,
+    /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
+    wino_v: Vec<f32>,
+    wino_m: Vec<f32>,
+    lane_groups: Vec<winograd::LaneGroup>,
+}
+
+/// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
+/// channel `c` starts `c·row_stride` values later.
+#[derive(Clone, Copy)]
+pub(super) struct Dest {
+    pub(super) base: *mut f32,
+    pub(super) row_stride: usize,
+}
+
+impl Conv3dPlan {
+    pub(super) fn operands<'a>(
+        &self,
+        input: &'a [f32],
+        filters: &'a [f32],
+        bias: Option<&'a [f32]>,
+    ) -> Operands<'a> {
+        let packed = match (self.gemm, self.strategy) {
+            (GemmImpl::Avx512, Strategy::Winograd) => {
+                winograd::transform_filters(filters, self.shape.c_out(), self.shape.c_in())
+            }
+            (GemmImpl::Avx512, _) => {
+                avx512::pack_weights(filters, self.shape.c_out(), self.shape.reduction_len())
+            }
+            (GemmImpl::Portable, _) => Vec::new(),
+        };
+        Operands {
+            input,
+            filters,
+            packed,
+            bias,
+        }
+    }
+
+    pub(super) fn scratch(&self) -> Scratch {
+        Scratch {
+            col: vec![0f32; self.col_len()],
+            acc: vec![0f32; self.acc_len()],
+            segments: Vec::new(),
+            wino_v: vec![0f32; self.wino_v_len()],
+            wino_m: vec![0f32; self.wino_m_len()],
+            lane_groups: Vec::new(),
+        }
+    }
+
+    /// Computes tile `t` of `slab` into `dest`, using `scratch` as workspace.
+    ///
+    /// # Safety
+    /// `dest` must be valid for writes of `C_out` rows of `slab.voxels` values at stride
+    /// `dest.row_stride`, and no other thread may access the columns of tile `t` meanwhile.
+    pub(super) unsafe fn compute_tile(
+        &self,
+        ops: &Operands<'_>,
+        slab: &SlabInfo,
+        t: usize,
+        dest: Dest,
+        scratch: &mut Scratch,
+    ) {
+        let shape = &self.shape;
+        let c_out = shape.c_out();
+        let k = shape.reduction_len();
+        let in_item = shape.c_in() * shape.in_voxels();
+        let input_n = &ops.input[slab.batch * in_item..(slab.batch + 1) * in_item];
+        let off = t * self.tiling.tile_cols;
+        let cols = self.tiling.tile_cols.min(slab.voxels - off);
+        let v0 = slab.start + off;
+        // SAFETY: `off < slab.voxels`, so the tile's first column lies inside the slab's
+        // destination rows (caller's contract).
+        let dst = unsafe { dest.base.add(off) };
+        let rs = dest.row_stride;
+        let clock = &*self.clock;
+        let mut since = Instant::now();
+        if self.strategy == Strategy::Direct {
+            // SAFETY: forwarded caller's contract (dst rows of `cols` values at stride rs).
+            unsafe { self.direct_tile(ops, input_n, v0, cols, dst, rs, &mut scratch.segments) };
+            lap(&clock.gemm, &mut since);
+            self.activation_pass(dst, rs, cols);
+            lap(&clock.epilogue, &mut since);
+            return;
+        }
+        if self.strategy == Strategy::Winograd {
+            // SAFETY: forwarded caller's contract.
+            unsafe { self.winograd_tile(ops, input_n, v0, cols, dst, rs, scratch) };
+            return;
+        }
+        let kc = match self.strategy {
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => k,
+            Strategy::Im2colGemm => self.tiling.k_chunk,
+        };
+        let stride = self.col_stride();
+        let mut r0 = 0;
+        while r0 < k {
+            let r1 = (r0 + kc).min(k);
+            // The chunk's column matrix: rows r0..r1, `cols` wide, row stride `lda`.
+            let (a, lda) = match self.strategy {
+                Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => {
+                    (input_n[v0..].as_ptr(), shape.in_voxels())
+                }
+                Strategy::Im2colGemm => {
+                    im2col_tile(shape, input_n, v0, cols, r0..r1, &mut scratch.col, stride);
+                    lap(&clock.im2col, &mut since);
+                    (scratch.col.as_ptr(), stride)
+                }
+            };
+            match self.gemm {
+                // SAFETY: `a` holds rows r0..r1 (each `cols` values) at stride lda; `packed`
+                // holds all groups × k rows; dst per the caller's contract; `acc` holds
+                // c_out rows of `stride >= cols` values.
+                GemmImpl::Avx512 => unsafe {
+                    self.avx512_chunk(ops, a, lda, r0..r1, cols, dst, rs, &mut scratch.acc)
+                },
+                // SAFETY: lhs = filters[:, r0..r1] (row stride k, in bounds); rhs = `a` as
+                // above; dst per the caller's contract. The first chunk overwrites dst
+                // (read_dst = false), later chunks accumulate in a fixed order.
+                GemmImpl::Portable => unsafe {
+                    gemm::gemm(
+                        c_out,
+                        cols,
+                        r1 - r0,
+                        dst,
+                        1,
+                        rs as isize,
+                        r0 > 0,
+                        ops.filters.as_ptr().add(r0),
+                        1,
+                        k as isize,
+                        a,
+                        1,
+                        lda as isize,
+                        1.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                },
+            }
+            lap(&clock.gemm, &mut since);
+            r0 = r1;
+        }
+        // Epilogue: (bias, unless the microkernel added it) + activation, tile still hot.
+        let bias = match self.gemm {
+            GemmImpl::Avx512 => None,
+            GemmImpl::Portable => ops.bias,
+        };
+        if bias.is_some() || self.activation != Activation::None {
+            for co in 0..c_out {
+                // SAFETY: row `co` of the tile: `cols` values at dst + co·row_stride, inside
+                // the destination and owned by this tile (caller's contract).
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
+                self.activation.bias_apply(row, bias.map_or(0.0, |b| b[co]));
+            }
+        }
+        lap(&clock.epilogue, &mut since);
+    }
+
+    /// Applies the activation to a finished tile (bias already added).
+    fn activation_pass(&self, dst: *mut f32, rs: usize, cols: usize) {
+        if self.activation == Activation::None {
+            return;
+        }
+        for co in 0..self.shape.c_out() {
+            // SAFETY: row `co` of a tile this thread owns (see `compute_tile`).
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
+            self.activation.bias_apply(row, 0.0);
+        }
+    }
+
+    /// A tile by the direct strategy: split into row segments of at most 16 voxels, three
+    /// segments × 8 channels per microkernel call.
+    ///
+    /// # Safety
+    /// As `compute_tile`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn direct_tile(
+        &self,
+        ops: &Operands<'_>,
+        input_n: &[f32],
+        v0: usize,
+        cols: usize,
+        dst: *mut f32,
+        rs: usize,
+        segments: &mut Vec<avx512::Segment>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::{DirectGeom, Segment, DIRECT_SEGS, NC};
+            let shape = &self.shape;
+            let [_, oh, ow] = shape.out_dims();
+            let p = shape.params;
+            segments.clear();
+            let mut v = v0;
+            while v < v0 + cols {
+                let (ow0, row) = (v % ow, v / ow);
+                let len = (ow - ow0).min(v0 + cols - v).min(16);
+                segments.push(Segment {
+                    oz: row / oh,
+                    oy: row % oh,
+                    ow0,
+                    len,
+                    col: v - v0,
+                });
+                v += len;
+            }
+            let geom = DirectGeom {
+                c_in: shape.c_in(),
+                dims: shape.in_dims(),
+                kernel: shape.kernel_dims(),
+                stride: p.stride,
+                padding: p.padding,
+                dilation: p.dilation,
+            };
+            let c_out = shape.c_out();
+            let k = shape.reduction_len();
+            for g in 0..c_out.div_ceil(NC) {
+                let nch = NC.min(c_out - g * NC);
+                let b = ops.packed[g * k * NC..].as_ptr();
+                let bias = ops.bias.map_or(std::ptr::null(), |b| b[g * NC..].as_ptr());
+                for segs in segments.chunks(DIRECT_SEGS) {
+                    // SAFETY: packed group g holds k·NC weights; rows g·NC.. g·NC+nch of the
+                    // tile at stride rs cover every segment's columns (caller's contract);
+                    // AVX-512F and the shape limits were checked by `supports(Direct)`.
+                    unsafe {
+                        avx512::block_direct(
+                            &geom,
+                            input_n.as_ptr(),
+                            segs,
+                            b,
+                            dst.add(g * NC * rs),
+                            rs,
+                            nch,
+                            bias,
+                        )
+                    };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ops, input_n, v0, cols, dst, rs, segments);
+            unreachable!("Strategy::Direct is only chosen on x86_64");
+        }
+    }
+
+    /// A tile of whole output plane pairs by Winograd F(2×2×2, 3×3×3), 48 columns (three
+    /// lane groups) at a time: input transform, 64 microkernel GEMMs, output transform.
+    ///
+    /// # Safety
+    /// As `compute_tile`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn winograd_tile(
+        &self,
+        ops: &Operands<'_>,
+        input_n: &[f32],
+        v0: usize,
+        cols: usize,
+        dst: *mut f32,
+        rs: usize,
+        scratch: &mut Scratch,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::NC;
+            use winograd::{LaneGroup, CH_STRIDE, COLS, GROUPS, LANES, XI};
+            let shape = &self.shape;
+            let [_, oh, ow] = shape.out_dims();
+            let plane = oh * ow;
+            let z_start = v0 / plane;
+            let planes = cols.div_ceil(plane);
+            let (c_in, c_out) = (shape.c_in(), shape.c_out());
+            let n_groups = c_out.div_ceil(NC);
+            let lane_groups = &mut scratch.lane_groups;
+            lane_groups.clear();
+            for z0 in (z_start..z_start + planes).step_by(2) {
+                for ty in 0..oh.div_ceil(2) {
+                    let ntx = ow.div_ceil(2);
+                    for tx0 in (0..ntx).step_by(LANES) {
+                        lane_groups.push(LaneGroup {
+                            z0,
+                            ty,
+                            tx0,
+                            lanes: LANES.min(ntx - tx0),
+                        });
+                    }
+                }
+            }
+            let clock = &*self.clock;
+            let mut since = Instant::now();
+            for block in lane_groups.chunks(GROUPS) {
+                // SAFETY: AVX-512F was detected when the plan chose this strategy.
+                unsafe { winograd::input_transform(shape, input_n, block, &mut scratch.wino_v) };
+                lap(&clock.im2col, &mut since);
+                for xi in 0..XI {
+                    for g in 0..n_groups {
+                        let nch = NC.min(c_out - g * NC);
+                        // SAFETY: V holds c_in channel rows (stride CH_STRIDE) with COLS values
+                        // at position ξ; the packed U[ξ][g] holds c_in·NC weights; M rows
+                        // g·NC.. g·NC+nch (stride CH_STRIDE) are inside wino_m.
+                        unsafe {
+                            avx512::block_48x8(
+                                c_in,
+                                scratch.wino_v[xi * COLS..].as_ptr(),
+                                CH_STRIDE,
+                                ops.packed[(xi * n_groups + g) * c_in * NC..].as_ptr(),
+                                std::ptr::null(),
+                                0,
+                                scratch.wino_m[g * NC * CH_STRIDE + xi * COLS..].as_mut_ptr(),
+                                CH_STRIDE,
+                                nch,
+                                COLS,
+                                std::ptr::null(),
+                            )
+                        };
+                    }
+                }
+                lap(&clock.gemm, &mut since);
+                // SAFETY: the lane groups lie in this tile's planes (caller's contract);
+                // AVX-512F was detected when the plan chose this strategy.
+                unsafe {
+                    winograd::output_transform(
+                        shape,
+                        &scratch.wino_m,
+                        block,
+                        ops.bias,
+                        self.activation,
+                        dst,
+                        rs,
+                        z_start,
+                    )
+                };
+                lap(&clock.epilogue, &mut since);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ops, input_n, v0, cols, dst, rs, scratch);
+            unreachable!("Strategy::Winograd is only chosen on x86_64");
+        }
+    }
+
+    /// One reduction chunk `rows` of a tile with the AVX-512 microkernel. A single chunk
+    /// writes `dst` directly (bias fused); otherwise the first chunks accumulate in `acc`
+    /// and the last one adds bias and writes `dst`.
+    ///
+    /// # Safety
+    /// As `compute_tile`; `a` holds the chunk's rows (`cols` values each) at stride `lda`;
+    /// `acc` holds `c_out · col_stride()` values when the tile is chunked.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512_chunk(
+        &self,
+        ops: &Operands<'_>,
+        a: *const f32,
+        lda: usize,
+        rows: Range<usize>,
+        cols: usize,
+        dst: *mut f32,
+        rs: usize,
+        acc: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx512::{MV, NC};
+            let c_out = self.shape.c_out();
+            let k = self.shape.reduction_len();
+            let first = rows.start == 0;
+            let last = rows.end == k;
+            let accs = self.col_stride();
+            let acc = acc.as_mut_ptr();
+            for g in 0..c_out.div_ceil(NC) {
+                let nch = NC.min(c_out - g * NC);
+                let b = ops.packed[(g * k + rows.start) * NC..].as_ptr();
+                let bias = match (last, ops.bias) {
+                    (true, Some(bias)) => bias[g * NC..].as_ptr(),
+                    _ => std::ptr::null(),
+                };
+                for p in 0..cols.div_ceil(MV) {
+                    let nvox = MV.min(cols - p * MV);
+                    let o = p * MV;
+                    // SAFETY: every pointer below stays inside the buffers described in this
+                    // function's contract: block (g, p) covers channels g·NC.. g·NC+nch and
+                    // columns o..o+nvox of the tile; AVX-512F was detected when the plan
+                    // chose `GemmImpl::Avx512`.
+                    unsafe {
+                        let (src, lds) = if first {
+                            (std::ptr::null(), 0)
+                        } else {
+                            (acc.add(g * NC * accs + o) as *const f32, accs)
+                        };
+                        let (out, ldo) = if last {
+                            (dst.add(g * NC * rs + o), rs)
+                        } else {
+                            (acc.add(g * NC * accs + o), accs)
+                        };
+                        avx512::block_48x8(
+                            rows.len(),
+                            a.add(o),
+                            lda,
+                            b,
+                            src,
+                            lds,
+                            out,
+                            ldo,
+                            nch,
+                            nvox,
+                            bias,
+                        );
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (ops, a, lda, rows, cols, dst, rs, acc);
+            unreachable!("GemmImpl::Avx512 is only chosen on x86_64");
+        }
+    }
+}

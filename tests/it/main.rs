@@ -1,0 +1,15 @@
+//! The integration tests of the server, the client library and the CLI, as one test binary
+//! (a module per area): one link instead of one per file. `otlp` (installs the global
+//! subscriber) and `service_memory` (measures the process's peak RSS) keep their own binaries.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cli;
+mod clients;
+mod kserve;
+mod metrics;
+mod repository;
+mod security;
+mod service;
+mod shared_memory;
