@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("voxconv_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Undecodable messages are the client's mistake (INVALID_ARGUMENT), not ours.
+        .codec_path("crate::proto::codec::StrictCodec")
         .bytes(".voxconv.v1")
         .bytes(".inference")
         .compile_fds(fds)?;

@@ -107,6 +107,15 @@ pub struct ServeArgs {
     /// Open connections at most; further ones are closed at once.
     #[arg(long, env = "VOXCONV_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
+    /// Open connections from one peer address at most, so one client cannot take the
+    /// whole --max-connections budget; further ones are closed at once (default: 64, or
+    /// --max-connections when that is smaller).
+    #[arg(long, env = "VOXCONV_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Time a new connection gets to send its HTTP/2 preface (plaintext: the preface and
+    /// the first frame header; TLS: the start of its handshake) before it is closed.
+    #[arg(long, env = "VOXCONV_HTTP2_PREFACE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub http2_preface_timeout: Duration,
     /// HTTP/2 PING interval on idle connections (0s: off).
     #[arg(long, env = "VOXCONV_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub http2_keepalive_interval: Duration,
@@ -163,6 +172,8 @@ impl TlsSettings {
 pub struct Limits {
     pub max_concurrent_streams: u32,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub http2_preface_timeout: Duration,
     pub http2_keepalive_interval: Option<Duration>,
     pub http2_keepalive_timeout: Duration,
     pub max_connection_age: Duration,
@@ -175,6 +186,8 @@ impl Default for Limits {
         Self {
             max_concurrent_streams: 32,
             max_connections: 256,
+            max_connections_per_ip: 64,
+            http2_preface_timeout: Duration::from_secs(5),
             http2_keepalive_interval: Some(Duration::from_secs(30)),
             http2_keepalive_timeout: Duration::from_secs(10),
             max_connection_age: Duration::from_secs(30 * 60),
@@ -398,6 +411,22 @@ impl TryFrom<ServeArgs> for Config {
                 )? as u32,
                 max_connections: bounded("max-connections", a.max_connections as u64, 1, 1_000_000)?
                     as usize,
+                max_connections_per_ip: bounded(
+                    "max-connections-per-ip",
+                    a.max_connections_per_ip
+                        .unwrap_or(a.max_connections.min(64)) as u64,
+                    1,
+                    a.max_connections as u64,
+                )? as usize,
+                http2_preface_timeout: match a.http2_preface_timeout {
+                    d if d < Duration::from_millis(100) || d > Duration::from_secs(300) => {
+                        return Err(ConfigError(format!(
+                            "--http2-preface-timeout: expected 100ms..=5m, got {}",
+                            humantime::format_duration(d)
+                        )))
+                    }
+                    d => d,
+                },
                 http2_keepalive_interval: (!a.http2_keepalive_interval.is_zero())
                     .then_some(a.http2_keepalive_interval),
                 http2_keepalive_timeout: a.http2_keepalive_timeout,

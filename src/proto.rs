@@ -2,6 +2,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 pub mod voxconv {
     pub mod v1 {
         tonic::include_proto!("voxconv.v1");

@@ -35,7 +35,7 @@ pub enum Command {
     /// Run the gRPC server. Built-in models: sobel3d, gaussian3d, filterbank16 and one
     /// bench-<workload> per reference workload (ListModels lists them); more from
     /// --model-repository.
-    Serve(crate::config::ServeArgs),
+    Serve(Box<crate::config::ServeArgs>),
     /// Send a volume through a model over the streaming RPC.
     Infer(client::InferArgs),
     /// Ask a server whether it is SERVING (exit 0) or not (exit 1).
@@ -91,7 +91,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Conv3d(a) => conv3d::run(a),
         Command::KernelBench(a) => kernel_bench::run(a),
-        Command::Serve(a) => return serve::run(a),
+        Command::Serve(a) => return serve::run(*a),
         Command::Infer(a) => client::infer(a),
         Command::Health(a) => client::health(a),
         Command::Phantom(a) => phantom::run(a),

@@ -205,7 +205,16 @@ pub async fn run(
     });
     let incoming = front::cap_connections(
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        limits.max_connections,
+        front::ConnLimits {
+            max: limits.max_connections,
+            per_ip: limits.max_connections_per_ip,
+            preface_timeout: limits.http2_preface_timeout,
+            preface_bytes: if config.tls.is_some() {
+                front::TLS_PREFACE_BYTES
+            } else {
+                front::PLAINTEXT_PREFACE_BYTES
+            },
+        },
     );
     let serve = builder
         .http2_max_header_list_size(Some(8 * 1024))

@@ -7,6 +7,7 @@ mod common;
 
 mod cli;
 mod clients;
+mod connections;
 mod kserve;
 mod metrics;
 mod repository;
