@@ -86,8 +86,13 @@ mod validation_props {
     use crate::tensor::dtype::DType;
     use proptest::prelude::*;
 
+    /// One service for every case (building the built-in models' seeded weights per case
+    /// would dominate the run).
     fn service() -> InferenceService {
-        InferenceService::for_validation()
+        static SERVICE: std::sync::OnceLock<InferenceService> = std::sync::OnceLock::new();
+        SERVICE
+            .get_or_init(InferenceService::for_validation)
+            .clone()
     }
 
     /// (name, C_in, C_out, kernel, stride, padding) of the models the property draws from.
