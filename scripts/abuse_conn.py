@@ -133,9 +133,10 @@ def main():
     assert not healthy.failed, healthy.failed
     assert open_still == 0, f"{open_still} attacking connections outlived the limit"
     assert worst <= a.preface_timeout + 1.0, worst
-    # Sub-millisecond calls on a shared 2-core machine: 2x the baseline p99, with 2 ms of
-    # scheduling noise allowed.
-    assert d99 <= max(2 * b99, b99 + 2.0), (b99, d99)
+    # Millisecond calls on a shared 2-core machine, where the attack's own client runs on
+    # the same cores: 2x the baseline p99, or the baseline + 5 ms of scheduling noise (the
+    # p99 of ~25 calls is their maximum).
+    assert d99 <= max(2 * b99, b99 + 5.0), (b99, d99)
 
     # (b): 300 from one address, held 1 s; another address is served meanwhile.
     healthy2 = Healthy(a.server, a.stubs)
