@@ -2,9 +2,15 @@
 """Connection-level abuse against a live voxconv server, with figures (CI, issue 19).
 
 (a) 1,000 TCP connections that never send a byte and 100 that send half the HTTP/2 preface
-    and stop, from 40 other loopback addresses, while a healthy client (127.0.0.1) calls
-    Infer every 100 ms: its p99 against its own baseline, zero failed calls, and the time
-    each attacking connection took to be closed (limit: the preface timeout + 1 s).
+    and stop, from 40 other loopback addresses, kept up for --attack-s seconds (each one the
+    server closes is opened again), while a healthy client (127.0.0.1) calls Infer every
+    100 ms: its p99 against its own baseline, zero failed calls, and the time each attacking
+    connection took to be closed (limit: the preface timeout + 1 s).
+
+    The attack runs in a separate process, so the healthy client never waits on the
+    attacker's interpreter lock; it runs at a lower CPU priority (nice 10), as an attacker
+    on another host would not share the server's cores. The server's own work on the
+    attacking connections (accept, preface deadline, close) runs at normal priority.
 (b) 300 connections from one address: how many the server keeps (its per-address cap)
     while a client from another address is served.
 
@@ -12,6 +18,8 @@
 """
 import argparse
 import asyncio
+import multiprocessing as mp
+import os
 import resource
 import socket
 import sys
@@ -79,11 +87,30 @@ async def hold(src, host, port, payload, limit):
         w.close()
 
 
-async def attack_a(host, port, timeout):
+async def attack_a(host, port, timeout, attack_s):
+    """1,000 silent and 100 half-preface connections kept open for attack_s: each slot
+    reconnects when the server closes it. Returns every connection's close time."""
     limit = timeout + 3.0
-    jobs = [hold(f"127.0.0.{2 + i % 40}", host, port, b"", limit) for i in range(1000)]
-    jobs += [hold(f"127.0.1.{2 + i % 40}", host, port, PREFACE[:12], limit) for i in range(100)]
-    return await asyncio.gather(*jobs)
+    end = time.perf_counter() + attack_s
+
+    async def slot(src, payload):
+        out = []
+        while True:
+            out.append(await hold(src, host, port, payload, limit))
+            if out[-1] is None or out[-1] < 0 or time.perf_counter() >= end:
+                return out
+
+    jobs = [slot(f"127.0.0.{2 + i % 40}", b"") for i in range(1000)]
+    jobs += [slot(f"127.0.1.{2 + i % 40}", PREFACE[:12]) for i in range(100)]
+    return [c for s in await asyncio.gather(*jobs) for c in s]
+
+
+def attacker(host, port, timeout, attack_s, conn):
+    os.nice(10)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    conn.send(asyncio.run(attack_a(host, port, timeout, attack_s)))
+    conn.close()
 
 
 async def attack_b(host, port, hold_s):
@@ -96,6 +123,7 @@ def main():
     ap.add_argument("--preface-timeout", type=float, required=True, help="the server's, seconds")
     ap.add_argument("--per-ip-cap", type=int, required=True, help="the server's")
     ap.add_argument("--stubs", default="clients/python")
+    ap.add_argument("--attack-s", type=float, default=8.0, help="how long (a) is kept up")
     a = ap.parse_args()
     host, port = a.server.rsplit(":", 1)
     port = int(port)
@@ -109,7 +137,11 @@ def main():
     time.sleep(6.0)
     healthy.phase = "attack"
     t0 = time.perf_counter()
-    closes = asyncio.run(attack_a(host, port, a.preface_timeout))
+    recv, send = mp.Pipe(duplex=False)
+    proc = mp.get_context("spawn").Process(target=attacker, args=(host, port, a.preface_timeout, a.attack_s, send))
+    proc.start()
+    closes = recv.recv()
+    proc.join()
     attack_s = time.perf_counter() - t0
     healthy.phase = "after"
     time.sleep(1.0)
@@ -123,8 +155,8 @@ def main():
     failed_connect = sum(c == -1.0 for c in closes)
     closed = [c for c in closes if c is not None and c >= 0]
     worst = max(closed) if closed else 0.0
-    print(f"(a) 1000 silent + 100 half-preface connections over {attack_s:.1f} s: "
-          f"{len(closed)} closed by the server, slowest after {worst:.2f} s "
+    print(f"(a) 1000 silent + 100 half-preface connections kept up for {attack_s:.1f} s "
+          f"({len(closes)} connections in all): {len(closed)} closed by the server, slowest after {worst:.2f} s "
           f"(limit {a.preface_timeout + 1:.1f} s), {open_still} still open, "
           f"{failed_connect} connects refused by the OS")
     print(f"(a) healthy Infer every 100 ms: baseline p50 {percentile(base, 50):.2f} ms "
@@ -133,9 +165,8 @@ def main():
     assert not healthy.failed, healthy.failed
     assert open_still == 0, f"{open_still} attacking connections outlived the limit"
     assert worst <= a.preface_timeout + 1.0, worst
-    # Millisecond calls on a shared 2-core machine, where the attack's own client runs on
-    # the same cores: 2x the baseline p99, or the baseline + 5 ms of scheduling noise (the
-    # p99 of ~25 calls is their maximum).
+    # Millisecond calls on a shared 2-core machine: 2x the baseline p99, or the baseline
+    # + 5 ms of scheduling noise.
     assert d99 <= max(2 * b99, b99 + 5.0), (b99, d99)
 
     # (b): 300 from one address, held 1 s; another address is served meanwhile.

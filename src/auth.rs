@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TcpConnectInfo;
 
 /// Who made a call, as the audit log names it: `token:<id>`, `cert:<subject CN>`, both, or
 /// `anonymous`. Inserted into each request's extensions by the server's front layer.
@@ -122,14 +122,15 @@ fn cert_subject(der: &[u8]) -> Option<String> {
     Some(cn.unwrap_or_else(|| subject.to_string()))
 }
 
+/// The certificate chain a TLS client presented, put on each of its requests by the
+/// server's connection loop.
+#[derive(Clone, Debug)]
+pub struct PeerCerts(pub Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>);
+
 pub fn peer_of<B>(req: &http::Request<B>) -> Option<SocketAddr> {
-    let ext = req.extensions();
-    ext.get::<TcpConnectInfo>()
+    req.extensions()
+        .get::<TcpConnectInfo>()
         .and_then(|i| i.remote_addr())
-        .or_else(|| {
-            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        })
 }
 
 impl Auth {
@@ -137,9 +138,8 @@ impl Auth {
     pub fn check<B>(&self, req: &http::Request<B>) -> Result<Caller, tonic::Status> {
         let cert = req
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.peer_certs())
-            .and_then(|certs| certs.first().and_then(|c| cert_subject(c.as_ref())))
+            .get::<PeerCerts>()
+            .and_then(|certs| certs.0.first().and_then(|c| cert_subject(c.as_ref())))
             .map(|s| format!("cert:{s}"));
         let Some(tokens) = &self.tokens else {
             return Ok(Caller(cert.unwrap_or_else(|| "anonymous".into())));

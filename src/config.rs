@@ -2,10 +2,12 @@
 //! in one place, validated completely before anything binds.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::Args;
+use tokio_rustls::rustls;
 
 pub use crate::obs::telemetry::LogFormat;
 
@@ -116,6 +118,10 @@ pub struct ServeArgs {
     /// the first frame header; TLS: the start of its handshake) before it is closed.
     #[arg(long, env = "VOXCONV_HTTP2_PREFACE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub http2_preface_timeout: Duration,
+    /// A connection with no open call for this long is sent GOAWAY and closed (0s: never).
+    /// Clients reconnect on their next call.
+    #[arg(long, env = "VOXCONV_IDLE_CONNECTION_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_connection_timeout: Duration,
     /// HTTP/2 PING interval on idle connections (0s: off).
     #[arg(long, env = "VOXCONV_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub http2_keepalive_interval: Duration,
@@ -156,14 +162,44 @@ impl std::fmt::Debug for TlsSettings {
 }
 
 impl TlsSettings {
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        let mut c = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
-            .timeout(self.handshake_timeout);
-        if let Some(ca) = &self.client_ca {
-            c = c.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+    /// The rustls server configuration (ring, TLS 1.2 and 1.3, ALPN `h2`; with a client CA,
+    /// client certificates are required and checked against it), or what is wrong.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("certificate chain: {e}"))?;
+        if certs.is_empty() {
+            return Err("certificate chain: no CERTIFICATE block".into());
         }
-        c
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| format!("key: {e}"))?;
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca) {
+                    let c = c.map_err(|e| format!("client CA: {e}"))?;
+                    roots.add(c).map_err(|e| format!("client CA: {e}"))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| format!("client CA: {e}"))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 }
 
@@ -174,6 +210,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub http2_preface_timeout: Duration,
+    /// `None`: idle connections are kept.
+    pub idle_connection_timeout: Option<Duration>,
     pub http2_keepalive_interval: Option<Duration>,
     pub http2_keepalive_timeout: Duration,
     pub max_connection_age: Duration,
@@ -188,6 +226,7 @@ impl Default for Limits {
             max_connections: 256,
             max_connections_per_ip: 64,
             http2_preface_timeout: Duration::from_secs(5),
+            idle_connection_timeout: Some(Duration::from_secs(5 * 60)),
             http2_keepalive_interval: Some(Duration::from_secs(30)),
             http2_keepalive_timeout: Duration::from_secs(10),
             max_connection_age: Duration::from_secs(30 * 60),
@@ -427,6 +466,16 @@ impl TryFrom<ServeArgs> for Config {
                     }
                     d => d,
                 },
+                idle_connection_timeout: match a.idle_connection_timeout {
+                    d if d.is_zero() => None,
+                    d if d < Duration::from_secs(1) => {
+                        return Err(ConfigError(format!(
+                            "--idle-connection-timeout: expected 0s (never) or at least 1s, got {}",
+                            humantime::format_duration(d)
+                        )))
+                    }
+                    d => Some(d),
+                },
                 http2_keepalive_interval: (!a.http2_keepalive_interval.is_zero())
                     .then_some(a.http2_keepalive_interval),
                 http2_keepalive_timeout: a.http2_keepalive_timeout,
@@ -483,14 +532,17 @@ fn read_tls(
     if let (Some(p), Some(b)) = (ca, &s.client_ca) {
         pem("tls-client-ca", p, b)?;
     }
-    tonic::transport::Server::builder()
-        .tls_config(s.server_config())
-        .map_err(|e| {
-            ConfigError(format!(
+    s.server_config()
+        .map_err(|e| match (e.strip_prefix("client CA: "), ca) {
+            (Some(why), Some(p)) => ConfigError(format!(
+                "--tls-client-ca {}: not a usable CA certificate: {why}",
+                p.display()
+            )),
+            _ => ConfigError(format!(
                 "--tls-cert/--tls-key: {} and {} are not a usable certificate and key: {e}",
                 cert.display(),
                 key.display()
-            ))
+            )),
         })?;
     Ok(s)
 }

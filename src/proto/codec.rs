@@ -6,6 +6,11 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// Response header with which the codec marks its INVALID_ARGUMENT for an undecodable
+/// message. A unary message is decoded before any handler runs, so the front layer counts
+/// the call by this mark (and removes it before the answer leaves).
+pub const DECODE_REFUSED: &str = "x-voxconv-decode-refused";
+
 /// [`ProstCodec`] with undecodable messages answered INVALID_ARGUMENT.
 #[derive(Debug, Clone)]
 pub struct StrictCodec<T, U>(ProstCodec<T, U>);
@@ -45,11 +50,18 @@ impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|s| match s.code() {
-            Code::Internal => Status::invalid_argument(format!(
-                "message: the bytes do not decode as {}: {}",
-                short_type_name::<U>(),
-                s.message()
-            )),
+            Code::Internal => {
+                let mut s = Status::invalid_argument(format!(
+                    "message: the bytes do not decode as {}: {}",
+                    short_type_name::<U>(),
+                    s.message()
+                ));
+                s.metadata_mut().insert(
+                    DECODE_REFUSED,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                s
+            }
             _ => s,
         })
     }

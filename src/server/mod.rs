@@ -1,5 +1,6 @@
-//! Builds and runs the tonic server: limits, health, reflection, graceful shutdown.
+//! Builds and runs the server: services, health, reflection, connections, graceful shutdown.
 
+pub mod conn;
 pub mod front;
 
 use std::future::Future;
@@ -109,7 +110,7 @@ pub async fn run(
     models: Arc<ModelRegistry>,
     shutdown: impl Future<Output = ()> + Send,
     on_ready: impl FnOnce(ServerState),
-) -> Result<(), tonic::transport::Error> {
+) -> std::io::Result<()> {
     let pool = Arc::new(Pool::new(
         config.workers,
         config.queue_len,
@@ -194,46 +195,55 @@ pub async fn run(
     };
     let addr = listener.local_addr().ok();
     let limits = &config.limits;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder
-            .tls_config(tls.server_config())
-            .expect("TLS settings were checked when the config was validated");
-    }
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => Some(conn::TlsServe {
+            acceptor: tokio_rustls::TlsAcceptor::from(
+                tls.server_config()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+            handshake_timeout: tls.handshake_timeout,
+        }),
+    };
     let auth = Arc::new(Auth {
         tokens: config.auth_tokens.clone(),
     });
-    let incoming = front::cap_connections(
-        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        front::ConnLimits {
-            max: limits.max_connections,
-            per_ip: limits.max_connections_per_ip,
-            preface_timeout: limits.http2_preface_timeout,
-            preface_bytes: if config.tls.is_some() {
-                front::TLS_PREFACE_BYTES
-            } else {
-                front::PLAINTEXT_PREFACE_BYTES
-            },
-        },
-    );
-    let serve = builder
-        .http2_max_header_list_size(Some(8 * 1024))
-        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
-        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
-        .max_frame_size(Some(HTTP2_MAX_FRAME))
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_keepalive_interval(limits.http2_keepalive_interval)
-        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-        .max_connection_age(limits.max_connection_age)
-        .max_connection_age_grace(limits.max_connection_age_grace)
-        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_resets))
-        .layer(FrontLayer::new(auth, audit, Arc::clone(&metrics)))
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
         .add_service(kserve)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .prepare();
+    let service =
+        tower_layer::Layer::layer(&FrontLayer::new(auth, audit, Arc::clone(&metrics)), routes);
+    let serve = conn::serve(
+        listener,
+        conn::Serve {
+            limits: conn::ConnLimits {
+                max: limits.max_connections,
+                per_ip: limits.max_connections_per_ip,
+                preface_timeout: limits.http2_preface_timeout,
+                idle_timeout: limits.idle_connection_timeout,
+                max_age: limits.max_connection_age,
+                age_grace: limits.max_connection_age_grace,
+                shutdown_grace: config.shutdown_grace,
+            },
+            tls,
+            http2: conn::Http2Settings {
+                max_concurrent_streams: limits.max_concurrent_streams,
+                keepalive_interval: limits.http2_keepalive_interval,
+                keepalive_timeout: limits.http2_keepalive_timeout,
+                max_pending_resets: limits.max_pending_resets,
+                max_header_list_size: 8 * 1024,
+                stream_window: HTTP2_STREAM_WINDOW,
+                connection_window: HTTP2_CONNECTION_WINDOW,
+                max_frame: HTTP2_MAX_FRAME,
+            }
+            .builder(),
+            service,
+        },
+        signal,
+    );
 
     let mut known = std::collections::BTreeSet::new();
     sync_model_health(&models, &health, &mut known).await;
@@ -250,7 +260,7 @@ pub async fn run(
 
     let grace = config.shutdown_grace;
     tokio::select! {
-        r = serve => r,
+        () = serve => Ok(()),
         _ = async { draining.notified().await; tokio::time::sleep(grace).await } => {
             warn!(grace_s = grace.as_secs_f64(), "grace period over; closing the remaining calls");
             Ok(())

@@ -22,7 +22,7 @@ pub struct TestServer {
     /// Where `/metrics` is served (servers started with `start_with_metrics`).
     pub metrics_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
-    pub join: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    pub join: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl TestServer {
@@ -86,6 +86,13 @@ impl TestServer {
     /// from a request's `grpc-timeout` header and answers CANCELLED locally when it passes;
     /// this one waits for whatever the server answers.
     pub async fn client_without_deadline_timer(&self) -> InferenceClient<RawH2> {
+        let send = self.h2().await;
+        let origin: http::Uri = self.url().parse().unwrap();
+        InferenceClient::with_origin(RawH2(send), origin).max_decoding_message_size(64 << 20)
+    }
+
+    /// A bare hyper HTTP/2 connection to the server (requests with any headers and body).
+    pub async fn h2(&self) -> hyper::client::conn::http2::SendRequest<tonic::body::Body> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let (send, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -93,8 +100,7 @@ impl TestServer {
                 .await
                 .unwrap();
         tokio::spawn(conn);
-        let origin: http::Uri = self.url().parse().unwrap();
-        InferenceClient::with_origin(RawH2(send), origin).max_decoding_message_size(64 << 20)
+        send
     }
 
     /// Begins graceful shutdown.

@@ -9,7 +9,7 @@ use voxconv::config::Config;
 use voxconv::proto::voxconv::v1 as pb;
 
 /// GET /metrics with a plain HTTP/1.1 request; returns (status line, content type, body).
-async fn scrape(srv: &TestServer) -> (String, String, String) {
+pub(crate) async fn scrape(srv: &TestServer) -> (String, String, String) {
     let addr = srv.metrics_addr.expect("metrics listener");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
@@ -178,13 +178,7 @@ async fn calls_whose_deadline_passes_before_the_handler_finishes_are_recorded_on
     let srv = TestServer::start_with_metrics(config, models()).await;
 
     // Unary: five bytes of a gRPC frame announcing 1000, then nothing.
-    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = srv.h2().await;
     let prefix = bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]);
     let frames = tokio_stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(prefix))])
         .chain(tokio_stream::pending());

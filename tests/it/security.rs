@@ -447,8 +447,9 @@ async fn silent_connections_are_closed_by_connection_age() {
     .await;
     assert!(closed.is_ok(), "a silent connection stayed open for 10 s");
     println!(
-        "connection age: a silent HTTP/2 connection was closed {:?} after it went quiet (age \
-         800 ms + grace 400 ms)",
+        "connection age: a silent HTTP/2 connection was sent GOAWAY at its age and closed {:?} \
+         after it went quiet (--max-connection-age 800 ms; it answers no PING, so closed at \
+         the end of the 400 ms grace)",
         t0.elapsed()
     );
     // Others are still served.
@@ -494,4 +495,65 @@ async fn unauthenticated_streams_are_answered_before_their_body_is_sent() {
         "tokens: an InferStream announcing 64 MiB refused in {took:?}, before any of its chunks \
          was sent"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_sends_no_http2_preface_is_closed_at_the_deadline() {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let p = pki();
+    let mut config = Config::for_tests();
+    config.tls = Some(TlsSettings {
+        cert: p.server_cert.clone().into_bytes(),
+        key: p.server_key.clone().into_bytes(),
+        client_ca: None,
+        handshake_timeout: Duration::from_secs(5),
+    });
+    config.limits.http2_preface_timeout = Duration::from_millis(600);
+    let srv = TestServer::start(config, models()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(p.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    // The handshake completes; then the client says nothing.
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("handshake");
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the server's SETTINGS
+            }
+        }
+    })
+    .await;
+    let t = t0.elapsed().as_secs_f64();
+    assert!(
+        closed.is_ok(),
+        "a TLS client without a preface stayed open 5 s"
+    );
+    assert!((0.5..2.0).contains(&t), "closed after {t:.2} s");
+    println!(
+        "TLS preface deadline: a client that completed its handshake and sent no HTTP/2 preface \
+         was closed after {t:.2} s (--http2-preface-timeout 600 ms)"
+    );
+    // A client that does speak is served.
+    let ch = tls_channel(srv.addr, &p.ca_pem, None).await.unwrap();
+    InferenceClient::new(ch)
+        .infer(tiny_request())
+        .await
+        .unwrap();
 }
