@@ -597,8 +597,11 @@ async fn connection<S: Routes>(
         None => (Either::Left(gate(tcp, PLAINTEXT_PREFACE_BYTES)), None),
         Some(tls) => {
             let raw = gate(tcp, TLS_PREFACE_BYTES);
-            let stream =
-                match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(raw)).await {
+            // A connection still in its handshake has not sent its preface either: closed
+            // to make room as one that never spoke.
+            let handshake = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(raw));
+            let stream = tokio::select! {
+                r = handshake => match r {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         debug!(error = %e, "TLS handshake failed");
@@ -608,7 +611,12 @@ async fn connection<S: Routes>(
                         debug!("TLS handshake timed out (--tls-handshake-timeout)");
                         return;
                     }
-                };
+                },
+                _ = kill.cancelled() => {
+                    debug!("closed in its TLS handshake to make room");
+                    return;
+                }
+            };
             let certs =
                 stream.get_ref().1.peer_certificates().map(|c| {
                     PeerCerts(Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()))
