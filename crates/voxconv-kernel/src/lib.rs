@@ -9,6 +9,7 @@
 //! * [`plan`]: [`Conv3dPlan`], validated once, names its [`Strategy`], runs tile by tile on a
 //!   caller-chosen number of threads and hands finished output slabs over in order.
 
+pub mod avx2;
 pub mod avx512;
 pub mod buffer;
 pub mod im2col;

@@ -37,6 +37,16 @@ pub fn eligible(shape: &Conv3dShape) -> bool {
     shape.kernel_dims() == [3, 3, 3] && p.stride == [1; 3] && p.dilation == [1; 3]
 }
 
+/// Share of the transform's lanes that compute real outputs: a block row of `⌈oW/2⌉`
+/// blocks fills lane groups of 16, and odd output sizes leave half-empty 2×2×2 blocks. An
+/// 8-wide output fills 4 lanes of 16 (0.25): the 3.4× fewer multiplies are then lost.
+pub fn lane_use(shape: &Conv3dShape) -> f64 {
+    let [od, oh, ow] = shape.out_dims();
+    let lane_cols = 2 * LANES * ow.div_ceil(2).div_ceil(LANES);
+    let pairs = |n: usize| n as f64 / (2 * n.div_ceil(2)) as f64;
+    ow as f64 / lane_cols as f64 * pairs(oh) * pairs(od)
+}
+
 /// Up to 16 output blocks of one block row: output planes `z0, z0+1`, rows `2·ty, 2·ty+1`,
 /// columns `2·tx0 ..` (`lanes` blocks).
 #[derive(Clone, Copy, Debug, Default)]
@@ -139,16 +149,36 @@ fn at(m: [Lanes; 4]) -> [Lanes; 2] {
 /// outside the input).
 ///
 /// # Safety
-/// The CPU must support AVX-512F (the Winograd strategy is only chosen where it does); the
-/// function is compiled for it so the lane arithmetic uses 512-bit vectors.
+/// The CPU must support `isa` (the plan checked it); the transform is compiled for each ISA
+/// so the lane arithmetic uses its vectors. It only adds and subtracts, so every ISA gives
+/// the same bits.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn input_transform(
+    isa: crate::plan::GemmImpl,
     shape: &Conv3dShape,
     input_n: &[f32],
     groups: &[LaneGroup],
     v: &mut [f32],
 ) {
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn avx512(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
+        input_transform_body(shape, input_n, groups, v)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
+        input_transform_body(shape, input_n, groups, v)
+    }
+    // SAFETY: the CPU supports `isa` (caller's contract).
+    unsafe {
+        match isa {
+            crate::plan::GemmImpl::Avx512 => avx512(shape, input_n, groups, v),
+            _ => avx2(shape, input_n, groups, v),
+        }
+    }
+}
+
+#[inline(always)]
+fn input_transform_body(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
     let [_, c_in, d, h, w] = shape.input;
     let [pd, ph, pw] = shape.params.padding;
     for ci in 0..c_in {
@@ -212,13 +242,54 @@ pub unsafe fn input_transform(
 /// `dst[co·rs + (z − tile_z0)·oH·oW + y·oW + x]`, with bias and activation applied.
 ///
 /// # Safety
-/// The CPU must support AVX-512F. `dst` must be writable at every such index for the planes
+/// The CPU must support `isa`. `dst` must be writable at every such index for the planes
 /// of the lane groups that exist (`z < oD`, `y < oH`, `x < oW`), and no other thread may
 /// access them meanwhile.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn output_transform(
+    isa: crate::plan::GemmImpl,
+    shape: &Conv3dShape,
+    m: &[f32],
+    groups: &[LaneGroup],
+    bias: Option<&[f32]>,
+    activation: super::Activation,
+    dst: *mut f32,
+    rs: usize,
+    tile_z0: usize,
+) {
+    type Args<'a> = (
+        &'a Conv3dShape,
+        &'a [f32],
+        &'a [LaneGroup],
+        Option<&'a [f32]>,
+        super::Activation,
+    );
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn avx512(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, dst, rs, tile_z0) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, dst, rs, tile_z0) }
+    }
+    let a = (shape, m, groups, bias, activation);
+    // SAFETY: the CPU supports `isa`; the rest is the caller's contract.
+    unsafe {
+        match isa {
+            crate::plan::GemmImpl::Avx512 => avx512(a, dst, rs, tile_z0),
+            _ => avx2(a, dst, rs, tile_z0),
+        }
+    }
+}
+
+/// # Safety
+/// As [`output_transform`], without the ISA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_transform_body(
     shape: &Conv3dShape,
     m: &[f32],
     groups: &[LaneGroup],

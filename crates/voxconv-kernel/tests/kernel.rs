@@ -94,7 +94,7 @@ fn problem() -> impl proptest::strategy::Strategy<Value = (Conv3dShape, Activati
 fn variants(shape: Conv3dShape, act: Activation) -> Vec<Conv3dPlan> {
     let base = Conv3dPlan::new(shape, act);
     let mut out = vec![base.clone()];
-    for gemm in [GemmImpl::Portable, GemmImpl::Avx512] {
+    for gemm in [GemmImpl::Portable, GemmImpl::Avx512, GemmImpl::Avx2] {
         for strategy in [
             KernelStrategy::Im2colGemm,
             KernelStrategy::Pointwise,
@@ -104,9 +104,8 @@ fn variants(shape: Conv3dShape, act: Activation) -> Vec<Conv3dPlan> {
             let g = match base.clone().with_gemm(gemm) {
                 Ok(g) => g,
                 Err(e) => {
-                    // The only GEMM a CPU may lack.
-                    assert_eq!(gemm, GemmImpl::Avx512, "{e}");
-                    assert!(!voxconv_kernel::avx512::available(), "{e}");
+                    // Only a GEMM this CPU lacks is refused.
+                    assert!(!gemm.available(), "{gemm:?}: {e}");
                     continue;
                 }
             };
@@ -150,6 +149,10 @@ fn variants_cover_every_supported_path() {
             "{names:?}"
         );
         assert!(names.contains(&(KernelStrategy::Im2colGemm, GemmImpl::Avx512)));
+    }
+    if GemmImpl::Avx2.available() {
+        assert!(names.contains(&(KernelStrategy::Im2colGemm, GemmImpl::Avx2)));
+        assert!(names.contains(&(KernelStrategy::Pointwise, GemmImpl::Avx2)));
     }
 }
 
@@ -216,8 +219,8 @@ proptest! {
         let plan = match Conv3dPlan::new(shape, act).with_strategy(KernelStrategy::Winograd) {
             Ok(plan) => plan,
             Err(e) => {
-                prop_assert!(!voxconv_kernel::avx512::available(), "{}", e);
-                return Ok(()); // no AVX-512 here
+                prop_assert_eq!(GemmImpl::best_available(), GemmImpl::Portable, "{}", e);
+                return Ok(()); // no microkernel here
             }
         };
         prop_assert_eq!(plan.strategy(), KernelStrategy::Winograd);
@@ -1047,19 +1050,31 @@ fn forcing_a_supported_strategy_is_honoured() {
         .and_then(|p| p.with_strategy(KernelStrategy::Pointwise))
         .unwrap();
     assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
-    // Winograd and direct need the AVX-512 GEMM: there when the CPU has it, else an error
-    // saying so.
-    for (strategy, name) in [
-        (KernelStrategy::Winograd, "strategy winograd-f2x3"),
-        (KernelStrategy::Direct, "strategy direct-avx512"),
-    ] {
-        let r = Conv3dPlan::new(cube, Activation::None).with_strategy(strategy);
-        if voxconv_kernel::avx512::available() {
+    // Direct needs the AVX-512 GEMM, Winograd our microkernel on AVX-512 or AVX2: there
+    // when the CPU has it, else an error saying so.
+    let r = Conv3dPlan::new(cube, Activation::None).with_strategy(KernelStrategy::Direct);
+    if voxconv_kernel::avx512::available() {
+        let plan = r.unwrap();
+        assert_eq!(plan.strategy(), KernelStrategy::Direct);
+        assert_eq!(plan.gemm_impl(), GemmImpl::Avx512);
+    } else {
+        assert_unsupported(
+            r,
+            "strategy direct-avx512",
+            "needs AVX-512 (avx512f), which this CPU lacks",
+        );
+    }
+    let r = Conv3dPlan::new(cube, Activation::None).with_strategy(KernelStrategy::Winograd);
+    match GemmImpl::best_available() {
+        GemmImpl::Portable => assert_unsupported(
+            r,
+            "strategy winograd-f2x3",
+            "needs AVX-512 or AVX2 + FMA, which this CPU lacks",
+        ),
+        best => {
             let plan = r.unwrap();
-            assert_eq!(plan.strategy(), strategy);
-            assert_eq!(plan.gemm_impl(), GemmImpl::Avx512);
-        } else {
-            assert_unsupported(r, name, "needs AVX-512 (avx512f), which this CPU lacks");
+            assert_eq!(plan.strategy(), KernelStrategy::Winograd);
+            assert_eq!(plan.gemm_impl(), best);
         }
     }
 }
@@ -1084,19 +1099,33 @@ fn the_avx512_gemm_is_an_error_without_avx512() {
         .unwrap();
     assert_eq!(portable.gemm_impl(), GemmImpl::Portable);
     assert_eq!(portable.strategy(), KernelStrategy::Im2colGemm);
-    for (strategy, name) in [
-        (KernelStrategy::Winograd, "strategy winograd-f2x3"),
-        (KernelStrategy::Direct, "strategy direct-avx512"),
+    let best = GemmImpl::best_available();
+    for (strategy, name, because) in [
+        (
+            KernelStrategy::Winograd,
+            "strategy winograd-f2x3",
+            match best {
+                GemmImpl::Portable => "needs AVX-512 or AVX2 + FMA, which this CPU lacks".into(),
+                g => format!(
+                    "needs our microkernel ({}), but this plan uses the portable GEMM",
+                    g.name()
+                ),
+            },
+        ),
+        (
+            KernelStrategy::Direct,
+            "strategy direct-avx512",
+            if voxconv_kernel::avx512::available() {
+                "needs the AVX-512 GEMM, but this plan uses gemm-crate".into()
+            } else {
+                "needs AVX-512 (avx512f), which this CPU lacks".to_string()
+            },
+        ),
     ] {
         assert!(!portable.supports(strategy));
-        let because = if voxconv_kernel::avx512::available() {
-            "needs the AVX-512 GEMM, but this plan uses the portable one"
-        } else {
-            "needs AVX-512 (avx512f), which this CPU lacks"
-        };
-        assert_unsupported(portable.clone().with_strategy(strategy), name, because);
+        assert_unsupported(portable.clone().with_strategy(strategy), name, &because);
     }
-    if voxconv_kernel::avx512::available() {
+    if best.is_microkernel() {
         let wino = Conv3dPlan::new(cube, Activation::None)
             .with_strategy(KernelStrategy::Winograd)
             .unwrap()
@@ -1104,5 +1133,30 @@ fn the_avx512_gemm_is_an_error_without_avx512() {
             .unwrap();
         assert_eq!(wino.strategy(), KernelStrategy::Im2colGemm);
         assert_eq!(wino.tiling(), Tiling::for_shape(&cube));
+    }
+}
+
+#[test]
+fn winograd_is_not_the_default_where_most_of_its_lanes_would_be_empty() {
+    use voxconv_kernel::winograd::lane_use;
+    let conv = |c: usize, d: usize| {
+        let params = Conv3dParams {
+            padding: [1; 3],
+            ..Conv3dParams::default()
+        };
+        Conv3dShape::new([1, c, d, d, d], [c, c, 3, 3, 3], params).unwrap()
+    };
+    // 8 output columns fill 4 lanes of 16 (two columns a lane); 64 fill all; 9 and 20 leave
+    // half-empty blocks and lane groups.
+    assert_eq!(lane_use(&conv(32, 8)), 0.25);
+    assert_eq!(lane_use(&conv(32, 64)), 1.0);
+    assert!((lane_use(&conv(32, 20)) - 20.0 / 32.0).abs() < 1e-12);
+    let odd = 9.0 / 10.0;
+    assert!((lane_use(&conv(32, 9)) - 9.0 / 32.0 * odd * odd).abs() < 1e-12);
+    if GemmImpl::best_available().is_microkernel() {
+        let deep = Conv3dPlan::new(conv(64, 8), Activation::None);
+        assert_ne!(deep.strategy(), KernelStrategy::Winograd);
+        let wide = Conv3dPlan::new(conv(32, 64), Activation::None);
+        assert_eq!(wide.strategy(), KernelStrategy::Winograd);
     }
 }

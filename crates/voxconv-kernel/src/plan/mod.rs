@@ -67,11 +67,7 @@ pub struct StageTimes {
 impl Conv3dPlan {
     /// Plans a validated shape: the cheapest strategy this CPU supports, default tiling.
     pub fn new(shape: Conv3dShape, activation: Activation) -> Self {
-        let gemm = if avx512::available() {
-            GemmImpl::Avx512
-        } else {
-            GemmImpl::Portable
-        };
+        let gemm = GemmImpl::best_available();
         let mut plan = Self {
             shape,
             activation,
@@ -103,20 +99,24 @@ impl Conv3dPlan {
         self
     }
 
-    /// Chooses the GEMM. `Avx512` where the CPU lacks AVX-512 is an error
-    /// ([`KernelError::Unsupported`]), never a silent fallback. Choosing `Portable` also
-    /// moves a plan on `Direct` or `Winograd` (which need the AVX-512 microkernel) to
-    /// `Im2colGemm` with the default tiling: forcing either of those afterwards is an error.
+    /// Chooses the GEMM. One the CPU cannot run (`Avx512` without AVX-512F, `Avx2` without
+    /// AVX2 + FMA) is an error ([`KernelError::Unsupported`]), never a silent fallback.
+    /// Choosing `Portable` also moves a plan on `Direct` or `Winograd` (which need our
+    /// microkernel; `Direct` needs AVX-512) to `Im2colGemm` with the default tiling, and
+    /// `Avx2` moves `Direct` likewise: forcing either afterwards is an error.
     pub fn with_gemm(mut self, gemm: GemmImpl) -> Result<Self, KernelError> {
-        if gemm == GemmImpl::Avx512 && !avx512::available() {
+        if !gemm.available() {
             return Err(KernelError::Unsupported {
                 what: format!("GEMM {}", gemm.name()),
-                reason: "needs AVX-512 (avx512f), which this CPU lacks".into(),
+                reason: match gemm {
+                    GemmImpl::Avx512 => "needs AVX-512 (avx512f), which this CPU lacks".into(),
+                    _ => "needs AVX2 and FMA, which this CPU lacks".into(),
+                },
             });
         }
         self.gemm = gemm;
         if matches!(self.strategy, Strategy::Direct | Strategy::Winograd)
-            && gemm == GemmImpl::Portable
+            && !self.supports(self.strategy)
         {
             self.strategy = Strategy::Im2colGemm;
             self.tiling = Tiling::for_shape(&self.shape);
@@ -198,7 +198,7 @@ impl Conv3dPlan {
     }
 
     fn acc_len(&self) -> usize {
-        if self.gemm == GemmImpl::Avx512 && self.chunked() {
+        if self.gemm.is_microkernel() && self.chunked() {
             self.shape.c_out() * self.col_stride()
         } else {
             0

@@ -37,6 +37,9 @@ impl Strategy {
 pub enum GemmImpl {
     /// Our AVX-512 microkernel (48 voxels × 8 channels), reading the im2col buffer in place.
     Avx512,
+    /// The same microkernel in AVX2 + FMA (same blocks, packing and bits), for CPUs
+    /// without AVX-512.
+    Avx2,
     /// The portable `gemm` crate (any CPU).
     Portable,
 }
@@ -45,8 +48,31 @@ impl GemmImpl {
     pub fn name(self) -> &'static str {
         match self {
             GemmImpl::Avx512 => "avx512",
+            GemmImpl::Avx2 => "avx2",
             GemmImpl::Portable => "gemm-crate",
         }
+    }
+
+    /// Our own microkernel (AVX-512 or AVX2), as opposed to the `gemm` crate.
+    pub fn is_microkernel(self) -> bool {
+        matches!(self, GemmImpl::Avx512 | GemmImpl::Avx2)
+    }
+
+    /// Whether this CPU can run it.
+    pub fn available(self) -> bool {
+        match self {
+            GemmImpl::Avx512 => avx512::available(),
+            GemmImpl::Avx2 => crate::avx2::available(),
+            GemmImpl::Portable => true,
+        }
+    }
+
+    /// The fastest this CPU runs: AVX-512, else AVX2, else the portable GEMM.
+    pub fn best_available() -> Self {
+        [GemmImpl::Avx512, GemmImpl::Avx2]
+            .into_iter()
+            .find(|g| g.available())
+            .unwrap_or(GemmImpl::Portable)
     }
 }
 
@@ -71,8 +97,11 @@ const TARGET_TILE_COLS: usize = 1024;
 /// less time with 8 MiB than with 2 MiB, and more again with 16 MiB (interleaved runs).
 const SLAB_BYTES: usize = 8 * 1024 * 1024;
 /// Winograd is the default when input and output channels reach this (below, the
-/// transforms cost more than the multiplies they save).
+/// transforms cost more than the multiplies they save) ...
 const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// ... and at least this share of its lanes compute real outputs (`winograd::lane_use`;
+/// measured on unet-deep, 8³ outputs at 0.25: 2.7× slower than im2col + GEMM).
+const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
 /// The direct strategy is the default from this reduction length on ...
 const DIRECT_MIN_K: usize = 64;
 /// ... or for output rows shorter than this.
@@ -124,6 +153,7 @@ impl Conv3dPlan {
         } else if self.supports(Strategy::Winograd)
             && shape.c_in() >= WINOGRAD_MIN_CHANNELS
             && shape.c_out() >= WINOGRAD_MIN_CHANNELS
+            && winograd::lane_use(shape) >= WINOGRAD_MIN_LANE_USE
         {
             Strategy::Winograd
         } else if self.supports(Strategy::Direct)
@@ -151,7 +181,7 @@ impl Conv3dPlan {
                     && avx512::direct_supports_width_stride(p.stride[2])
                     && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
             }
-            Strategy::Winograd => self.gemm == GemmImpl::Avx512 && winograd::eligible(&self.shape),
+            Strategy::Winograd => self.gemm.is_microkernel() && winograd::eligible(&self.shape),
         }
     }
 
@@ -201,12 +231,25 @@ impl Conv3dPlan {
                 }
             }
         }
-        // The shape fits: what is missing is the AVX-512 GEMM.
-        Some(if avx512::available() {
-            "needs the AVX-512 GEMM, but this plan uses the portable one".into()
-        } else {
-            "needs AVX-512 (avx512f), which this CPU lacks".into()
-        })
+        // The shape fits: what is missing is the GEMM.
+        let need = match strategy {
+            Strategy::Direct => GemmImpl::Avx512,
+            _ => GemmImpl::best_available(),
+        };
+        Some(
+            match (strategy, need.available() && need.is_microkernel()) {
+                (Strategy::Direct, false) => "needs AVX-512 (avx512f), which this CPU lacks".into(),
+                (Strategy::Direct, true) => format!(
+                    "needs the AVX-512 GEMM, but this plan uses {}",
+                    self.gemm.name()
+                ),
+                (_, true) => format!(
+                    "needs our microkernel ({}), but this plan uses the portable GEMM",
+                    need.name()
+                ),
+                (_, false) => "needs AVX-512 or AVX2 + FMA, which this CPU lacks".into(),
+            },
+        )
     }
 
     /// Winograd works on pairs of output planes: tiles of whole plane pairs (enough for

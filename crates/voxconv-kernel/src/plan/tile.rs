@@ -55,10 +55,10 @@ impl Conv3dPlan {
         bias: Option<&'a [f32]>,
     ) -> Operands<'a> {
         let packed = match (self.gemm, self.strategy) {
-            (GemmImpl::Avx512, Strategy::Winograd) => {
+            (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Winograd) => {
                 winograd::transform_filters(filters, self.shape.c_out(), self.shape.c_in())
             }
-            (GemmImpl::Avx512, _) => {
+            (GemmImpl::Avx512 | GemmImpl::Avx2, _) => {
                 avx512::pack_weights(filters, self.shape.c_out(), self.shape.reduction_len())
             }
             (GemmImpl::Portable, _) => Vec::new(),
@@ -145,8 +145,8 @@ impl Conv3dPlan {
                 // SAFETY: `a` holds rows r0..r1 (each `cols` values) at stride lda; `packed`
                 // holds all groups × k rows; dst per the caller's contract; `acc` holds
                 // c_out rows of `stride >= cols` values.
-                GemmImpl::Avx512 => unsafe {
-                    self.avx512_chunk(ops, a, lda, r0..r1, cols, dst, rs, &mut scratch.acc)
+                GemmImpl::Avx512 | GemmImpl::Avx2 => unsafe {
+                    self.micro_chunk(ops, a, lda, r0..r1, cols, dst, rs, &mut scratch.acc)
                 },
                 // SAFETY: lhs = filters[:, r0..r1] (row stride k, in bounds); rhs = `a` as
                 // above; dst per the caller's contract. The first chunk overwrites dst
@@ -180,7 +180,7 @@ impl Conv3dPlan {
         }
         // Epilogue: (bias, unless the microkernel added it) + activation, tile still hot.
         let bias = match self.gemm {
-            GemmImpl::Avx512 => None,
+            GemmImpl::Avx512 | GemmImpl::Avx2 => None,
             GemmImpl::Portable => ops.bias,
         };
         if bias.is_some() || self.activation != Activation::None {
@@ -328,7 +328,9 @@ impl Conv3dPlan {
             let mut since = Instant::now();
             for block in lane_groups.chunks(GROUPS) {
                 // SAFETY: AVX-512F was detected when the plan chose this strategy.
-                unsafe { winograd::input_transform(shape, input_n, block, &mut scratch.wino_v) };
+                unsafe {
+                    winograd::input_transform(self.gemm, shape, input_n, block, &mut scratch.wino_v)
+                };
                 lap(&clock.im2col, &mut since);
                 for xi in 0..XI {
                     for g in 0..n_groups {
@@ -337,7 +339,8 @@ impl Conv3dPlan {
                         // at position ξ; the packed U[ξ][g] holds c_in·NC weights; M rows
                         // g·NC.. g·NC+nch (stride CH_STRIDE) are inside wino_m.
                         unsafe {
-                            avx512::block_48x8(
+                            micro_block(
+                                self.gemm,
                                 c_in,
                                 scratch.wino_v[xi * COLS..].as_ptr(),
                                 CH_STRIDE,
@@ -358,6 +361,7 @@ impl Conv3dPlan {
                 // AVX-512F was detected when the plan chose this strategy.
                 unsafe {
                     winograd::output_transform(
+                        self.gemm,
                         shape,
                         &scratch.wino_m,
                         block,
@@ -378,7 +382,7 @@ impl Conv3dPlan {
         }
     }
 
-    /// One reduction chunk `rows` of a tile with the AVX-512 microkernel. A single chunk
+    /// One reduction chunk `rows` of a tile with our microkernel. A single chunk
     /// writes `dst` directly (bias fused); otherwise the first chunks accumulate in `acc`
     /// and the last one adds bias and writes `dst`.
     ///
@@ -386,7 +390,7 @@ impl Conv3dPlan {
     /// As `compute_tile`; `a` holds the chunk's rows (`cols` values each) at stride `lda`;
     /// `acc` holds `c_out · col_stride()` values when the tile is chunked.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512_chunk(
+    unsafe fn micro_chunk(
         &self,
         ops: &Operands<'_>,
         a: *const f32,
@@ -418,8 +422,8 @@ impl Conv3dPlan {
                     let o = p * MV;
                     // SAFETY: every pointer below stays inside the buffers described in this
                     // function's contract: block (g, p) covers channels g·NC.. g·NC+nch and
-                    // columns o..o+nvox of the tile; AVX-512F was detected when the plan
-                    // chose `GemmImpl::Avx512`.
+                    // columns o..o+nvox of the tile; the plan checked that the CPU runs
+                    // its GEMM.
                     unsafe {
                         let (src, lds) = if first {
                             (std::ptr::null(), 0)
@@ -431,7 +435,8 @@ impl Conv3dPlan {
                         } else {
                             (acc.add(g * NC * accs + o), accs)
                         };
-                        avx512::block_48x8(
+                        micro_block(
+                            self.gemm,
                             rows.len(),
                             a.add(o),
                             lda,
@@ -451,7 +456,40 @@ impl Conv3dPlan {
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (ops, a, lda, rows, cols, dst, rs, acc);
-            unreachable!("GemmImpl::Avx512 is only chosen on x86_64");
+            unreachable!("our microkernel is only chosen on x86_64");
+        }
+    }
+}
+
+/// One microkernel block on `gemm`'s ISA (see [`avx512::block_48x8`]; both give the same
+/// bits).
+///
+/// # Safety
+/// `gemm` is `Avx512` or `Avx2` and the CPU runs it; the rest as `avx512::block_48x8`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn micro_block(
+    gemm: GemmImpl,
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    src: *const f32,
+    lds: usize,
+    dst: *mut f32,
+    ldd: usize,
+    nch: usize,
+    nvox: usize,
+    bias: *const f32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match gemm {
+            GemmImpl::Avx512 => {
+                avx512::block_48x8(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias)
+            }
+            _ => crate::avx2::block_48x8(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
         }
     }
 }
