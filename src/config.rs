@@ -161,43 +161,65 @@ impl std::fmt::Debug for TlsSettings {
     }
 }
 
+/// What part of the TLS material rustls refused, and why.
+#[derive(Debug)]
+pub enum TlsMaterialError {
+    /// The certificate chain or the key.
+    Identity(String),
+    /// The client CA.
+    ClientCa(String),
+}
+
+impl std::fmt::Display for TlsMaterialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsMaterialError::Identity(why) => write!(f, "{why}"),
+            TlsMaterialError::ClientCa(why) => write!(f, "client CA: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsMaterialError {}
+
 impl TlsSettings {
     /// The rustls server configuration (ring, TLS 1.2 and 1.3, ALPN `h2`; with a client CA,
     /// client certificates are required and checked against it), or what is wrong.
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsMaterialError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use TlsMaterialError::{ClientCa, Identity};
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("certificate chain: {e}"))?;
+            .map_err(|e| Identity(format!("certificate chain: {e}")))?;
         if certs.is_empty() {
-            return Err("certificate chain: no CERTIFICATE block".into());
+            return Err(Identity("certificate chain: no CERTIFICATE block".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| format!("key: {e}"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| Identity(format!("key: {e}")))?;
         let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Identity(e.to_string()))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 for c in CertificateDer::pem_slice_iter(ca) {
-                    let c = c.map_err(|e| format!("client CA: {e}"))?;
-                    roots.add(c).map_err(|e| format!("client CA: {e}"))?;
+                    let c = c.map_err(|e| ClientCa(e.to_string()))?;
+                    roots.add(c).map_err(|e| ClientCa(e.to_string()))?;
                 }
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
                     provider,
                 )
                 .build()
-                .map_err(|e| format!("client CA: {e}"))?;
+                .map_err(|e| ClientCa(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
         let mut config = builder
             .with_single_cert(certs, key)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Identity(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
@@ -532,17 +554,16 @@ fn read_tls(
     if let (Some(p), Some(b)) = (ca, &s.client_ca) {
         pem("tls-client-ca", p, b)?;
     }
-    s.server_config()
-        .map_err(|e| match (e.strip_prefix("client CA: "), ca) {
-            (Some(why), Some(p)) => ConfigError(format!(
-                "--tls-client-ca {}: not a usable CA certificate: {why}",
-                p.display()
-            )),
-            _ => ConfigError(format!(
-                "--tls-cert/--tls-key: {} and {} are not a usable certificate and key: {e}",
-                cert.display(),
-                key.display()
-            )),
-        })?;
+    s.server_config().map_err(|e| match (e, ca) {
+        (TlsMaterialError::ClientCa(why), Some(p)) => ConfigError(format!(
+            "--tls-client-ca {}: not a usable CA certificate: {why}",
+            p.display()
+        )),
+        (e, _) => ConfigError(format!(
+            "--tls-cert/--tls-key: {} and {} are not a usable certificate and key: {e}",
+            cert.display(),
+            key.display()
+        )),
+    })?;
     Ok(s)
 }
