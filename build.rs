@@ -22,5 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".voxconv.v1")
         .bytes(".inference")
         .compile_fds(fds)?;
+    // ONNX model files (vendored onnx.proto, proto2): messages only, no services; tensor
+    // bytes as `Bytes`, so a decoded model shares the file's buffer.
+    let onnx = protox::compile(["proto/onnx/onnx.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(false)
+        .bytes(".onnx.TensorProto.raw_data")
+        .compile_fds(onnx)?;
     Ok(())
 }

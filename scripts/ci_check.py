@@ -6,6 +6,7 @@
     ci_check.py random-npy OUT SHAPE           seeded float32 .npy of SHAPE (e.g. 1,1,24,20,16)
     ci_check.py npy-shape FILE SHAPE           FILE holds an array of SHAPE
     ci_check.py allclose GOT WANT              two .npy files agree (rtol 1e-4, atol 1e-6)
+    ci_check.py close-to-max GOT WANT          max|GOT - WANT| <= 1e-4 x max|WANT| (networks)
     ci_check.py bench-json FILE                voxconv bench --json: percentiles, zero errors
     ci_check.py metrics URL BENCH_JSON         /metrics counted the calls made before it
     ci_check.py audit FILE                     the audit log of the mTLS + token checks
@@ -54,6 +55,16 @@ def allclose(got, want):
     y, e = np.load(got), np.load(want)
     np.testing.assert_allclose(y, e, rtol=1e-4, atol=1e-6)
     print(f"{got} matches {want}: {y.shape}")
+
+
+def close_to_max(got, want):
+    import numpy as np
+
+    y, e = np.load(got), np.load(want)
+    assert y.shape == e.shape, (y.shape, e.shape)
+    err, scale = float(np.abs(y - e).max()), float(np.abs(e).max())
+    assert err <= 1e-4 * scale, f"{got}: max error {err} > 1e-4 x {scale}"
+    print(f"{got} matches {want}: {y.shape}, max error {err:.3g} (max|ref| {scale:.3g})")
 
 
 def bench_json(path):
@@ -108,6 +119,7 @@ CHECKS = {
     "random-npy": random_npy,
     "npy-shape": npy_shape,
     "allclose": allclose,
+    "close-to-max": close_to_max,
     "bench-json": bench_json,
     "metrics": metrics,
     "audit": audit,

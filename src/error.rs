@@ -58,7 +58,8 @@ impl ServiceError {
             | KernelError::ChannelMismatch { .. }
             | KernelError::EmptyDimension { .. }
             | KernelError::Overflow { .. }
-            | KernelError::BufferLength { .. } => Self::InvalidArgument(format!("{field}: {e}")),
+            | KernelError::BufferLength { .. }
+            | KernelError::Invalid { .. } => Self::InvalidArgument(format!("{field}: {e}")),
             KernelError::ZeroThreads => Self::Internal(format!("server misconfigured: {e}")),
             // The server never forces a strategy or GEMM, so this is a server bug.
             KernelError::Unsupported { .. } => Self::Internal(format!("{field}: {e}")),

@@ -113,3 +113,43 @@ def test_repository_model_matches_pytorch(client):
     y = client.infer("tiny_net", [inp]).as_numpy("output")
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-6)
     assert list(client.get_model_metadata("tiny_net").outputs[0].shape) == [-1, 3, -1, -1, -1]
+
+
+ONNX_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "onnx")
+ONNX_NETS = sorted(
+    d for d in os.listdir(ONNX_DIR) if os.path.isfile(os.path.join(ONNX_DIR, d, "model.onnx"))
+) if os.path.isdir(ONNX_DIR) else []
+
+
+@pytest.mark.parametrize("name", ONNX_NETS)
+def test_onnx_unets_by_the_graphs_names(client, name):
+    """The ONNX U-Nets of tests/fixtures/onnx (scripts/export_onnx.py), when served: tensors
+    named as in the graph, output within 1e-4 x max|ref| of onnxruntime's."""
+    if not client.is_model_ready(name):
+        pytest.skip("server runs without the ONNX fixtures")
+    meta = client.get_model_metadata(name)
+    assert meta.platform == "voxconv_onnx"
+    in_name, out_name = meta.inputs[0].name, meta.outputs[0].name
+    assert (in_name, out_name) == ("image", "logits")
+    d = os.path.join(ONNX_DIR, name)
+    pairs = [("input.npy", "expected.npy")]
+    if os.path.exists(os.path.join(d, "input2.npy")):
+        pairs.append(("input2.npy", "expected2.npy"))
+    for inp_file, exp_file in pairs:
+        x = np.load(os.path.join(d, inp_file))
+        want = np.load(os.path.join(d, exp_file))
+        inp = grpcclient.InferInput(in_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out = grpcclient.InferRequestedOutput(out_name)
+        y = client.infer(name, [inp], outputs=[out]).as_numpy(out_name)
+        assert y.shape == want.shape
+        err = float(np.abs(y - want).max())
+        assert err <= 1e-4 * float(np.abs(want).max()), (name, inp_file, err)
+    # The stack's names are refused, naming the graph's.
+    x = np.load(os.path.join(d, "input.npy"))
+    bad = grpcclient.InferInput("input", list(x.shape), "FP32")
+    bad.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(name, [bad])
+    assert "INVALID_ARGUMENT" in str(e.value.status())
+    assert '"image"' in e.value.message()

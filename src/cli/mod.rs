@@ -5,6 +5,7 @@ mod client;
 pub mod connect;
 mod conv3d;
 mod kernel_bench;
+mod model_bench;
 mod phantom;
 pub mod serve;
 
@@ -32,6 +33,9 @@ pub enum Command {
     Conv3d(Conv3dArgs),
     /// Time the kernel on the workloads of a TOML file.
     KernelBench(KernelBenchArgs),
+    /// Time whole networks of a model repository in process (no server): median latency,
+    /// working memory, time per strategy.
+    ModelBench(model_bench::ModelBenchArgs),
     /// Run the gRPC server. Built-in models: sobel3d, gaussian3d, filterbank16 and one
     /// bench-<workload> per reference workload (ListModels lists them); more from
     /// --model-repository.
@@ -91,6 +95,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Conv3d(a) => conv3d::run(a),
         Command::KernelBench(a) => kernel_bench::run(a),
+        Command::ModelBench(a) => model_bench::run(a),
         Command::Serve(a) => return serve::run(*a),
         Command::Infer(a) => client::infer(a),
         Command::Health(a) => client::health(a),

@@ -31,6 +31,27 @@ pub fn output_shape(info: &pb::ModelInfo, input: &[u64]) -> Result<[u64; 5], Box
     let bad = |e: KernelError| -> BoxError {
         format!("input shape {input:?} through model {}: {e}", info.name).into()
     };
+    if info.format == "onnx" {
+        // A graph's output dims as GetModel gives them; a dynamic one (-1) is taken to follow
+        // the input's (segmentation networks keep N, D, H, W). The server checks the
+        // region's size against its own plan either way.
+        let out = info
+            .outputs
+            .first()
+            .ok_or("GetModel gave an ONNX model no output")?;
+        if out.shape.len() != 5 {
+            return Err(format!(
+                "model {}: output shape {:?} is not 5-D",
+                info.name, out.shape
+            )
+            .into());
+        }
+        let mut s = [0u64; 5];
+        for (i, (o, &d)) in s.iter_mut().zip(&out.shape).enumerate() {
+            *o = if d < 0 { dims[i] } else { d as u64 };
+        }
+        return Ok(s);
+    }
     for (n, l) in info.layers.iter().enumerate() {
         let at = |v: &[u32], i: usize, default: u32| v.get(i).copied().unwrap_or(default) as usize;
         let triple = |v: &[u32], default: u32| [0, 1, 2].map(|i| at(v, i, default));

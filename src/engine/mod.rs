@@ -277,7 +277,7 @@ impl Engine {
                 ServiceError::invalid(format!("{field}: dimension {s} is too large"))
             })?;
         }
-        if dims[1] != m.in_channels() {
+        if m.in_channels() != 0 && dims[1] != m.in_channels() {
             return Err(ServiceError::invalid(format!(
                 "{field}[1] (channels): model {} expects {}, got {}",
                 m.name,

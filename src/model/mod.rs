@@ -5,6 +5,8 @@
 //! activations alive between layers and streams the last layer's output slab by slab.
 
 pub mod builtin;
+pub mod graph;
+pub mod onnx;
 pub mod repo;
 
 use std::ops::ControlFlow;
@@ -40,6 +42,8 @@ pub struct MaxPoolLayer {
 pub enum Layer {
     Conv(ConvLayer),
     MaxPool(MaxPoolLayer),
+    /// A whole network as a graph (an ONNX model): the only layer of its model.
+    Graph(std::sync::Arc<graph::Graph>),
 }
 
 /// A named stack of layers.
@@ -58,6 +62,7 @@ pub enum LayerPlan {
         input: [usize; 5],
         output: [usize; 5],
     },
+    Graph(std::sync::Arc<graph::GraphPlan>),
 }
 
 impl LayerPlan {
@@ -65,6 +70,7 @@ impl LayerPlan {
         match self {
             LayerPlan::Conv(p) => p.shape().output,
             LayerPlan::MaxPool { output, .. } => *output,
+            LayerPlan::Graph(g) => g.output_shape,
         }
     }
 
@@ -76,6 +82,7 @@ impl LayerPlan {
         match self {
             LayerPlan::Conv(p) => p.strategy().name(),
             LayerPlan::MaxPool { .. } => "maxpool3d",
+            LayerPlan::Graph(_) => "graph",
         }
     }
 }
@@ -111,15 +118,60 @@ impl Model {
     pub fn convs(&self) -> impl Iterator<Item = &ConvLayer> {
         self.layers.iter().filter_map(|l| match l {
             Layer::Conv(c) => Some(c),
-            Layer::MaxPool(_) => None,
+            Layer::MaxPool(_) | Layer::Graph(_) => None,
         })
     }
 
+    /// The graph, if this model is one (an ONNX model).
+    pub fn graph(&self) -> Option<&graph::Graph> {
+        match self.layers.first() {
+            Some(Layer::Graph(g)) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The input's name (KServe tensors): the graph's, or `input` for a stack.
+    pub fn input_name(&self) -> &str {
+        self.graph()
+            .map_or(crate::wire::KSERVE_INPUT_NAME, |g| g.input().name.as_str())
+    }
+
+    /// The output's name: the graph's first output, or `output` for a stack.
+    pub fn output_name(&self) -> &str {
+        self.graph().map_or(crate::wire::KSERVE_OUTPUT_NAME, |g| {
+            g.output().name.as_str()
+        })
+    }
+
+    /// Input dims, -1 where any size is taken.
+    pub fn input_dims(&self) -> Vec<i64> {
+        match self.graph() {
+            Some(g) => g.input().dims_i64(),
+            None => vec![-1, self.in_channels() as i64, -1, -1, -1],
+        }
+    }
+
+    /// Output dims, -1 where they follow from the input.
+    pub fn output_dims(&self) -> Vec<i64> {
+        match self.graph() {
+            Some(g) => g.output().dims_i64(),
+            None => vec![-1, self.out_channels() as i64, -1, -1, -1],
+        }
+    }
+
+    /// Input channels (0: the graph leaves them dynamic).
     pub fn in_channels(&self) -> usize {
+        if let Some(g) = self.graph() {
+            return g.input().dims.get(1).copied().flatten().unwrap_or(0);
+        }
         self.convs().next().map_or(0, |l| l.filter_shape[1])
     }
 
+    /// Output channels (0: the graph leaves them dynamic).
     pub fn out_channels(&self) -> usize {
+        if let Some(g) = self.graph() {
+            return g.output().dims.get(1).copied().flatten().unwrap_or(0);
+        }
         self.convs().last().map_or(0, |l| l.filter_shape[0])
     }
 
@@ -137,6 +189,7 @@ impl Model {
                     input: shape,
                     output: maxpool3d_shape(shape, m.kernel, m.stride)?,
                 },
+                Layer::Graph(g) => LayerPlan::Graph(g.plan(shape)?),
             };
             shape = plan.output();
             plans.push(plan);
@@ -160,6 +213,8 @@ impl Model {
                         c.params.stride[a],
                     ),
                     Layer::MaxPool(m) => (m.kernel[a] - 1, m.stride[a]),
+                    // Not derived for graphs: reported as 0 (see output_shape_rule).
+                    Layer::Graph(_) => return [0; 3],
                 };
                 rf[a] += span * jump[a];
                 jump[a] *= stride;
@@ -187,6 +242,15 @@ impl Model {
                     "layer {i} maxpool3d: o = floor((x - {:?}) / {:?}) + 1 per [d,h,w]",
                     m.kernel, m.stride
                 ),
+                Layer::Graph(g) => {
+                    return format!(
+                        "ONNX graph: input {:?} {:?} -> output {:?} {:?} (-1: dynamic; the output shape follows from the graph per input shape)",
+                        g.input().name,
+                        g.input().dims_i64(),
+                        g.output().name,
+                        g.output().dims_i64()
+                    )
+                }
             });
         }
         format!(
@@ -206,6 +270,7 @@ impl ModelPlan {
             .map(|p| match p {
                 LayerPlan::Conv(c) => c.shape().flops(),
                 LayerPlan::MaxPool { .. } => 0.0,
+                LayerPlan::Graph(g) => g.flops(),
             })
             .sum()
     }
@@ -237,6 +302,7 @@ impl ModelPlan {
                 (LayerPlan::Conv(c), true) => c.streaming_workspace_bytes(threads),
                 (LayerPlan::Conv(c), false) => p.output_len() * 4 + c.workspace_bytes(threads),
                 (LayerPlan::MaxPool { .. }, _) => p.output_len() * 4,
+                (LayerPlan::Graph(g), _) => g.working_bytes(threads),
             };
             peak = peak.max(prev + here);
         }
@@ -343,6 +409,19 @@ impl ModelPlan {
                         cur = out;
                     }
                 }
+                (LayerPlan::Graph(g), Layer::Graph(_)) => {
+                    let (out, times) = g.run(std::mem::take(&mut cur), threads, cancel)?;
+                    cur = out;
+                    if i == last {
+                        self.emit_whole(&cur, &mut sink)?;
+                    }
+                    timings.extend(times.into_iter().map(|(strategy, ms)| LayerTiming {
+                        strategy,
+                        compute_ms: ms,
+                        stages: Default::default(),
+                    }));
+                    continue;
+                }
                 (LayerPlan::MaxPool { input, .. }, Layer::MaxPool(m)) => {
                     if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                         return Err(KernelError::Cancelled);
@@ -352,34 +431,8 @@ impl ModelPlan {
                         m.activation.bias_apply(&mut out, 0.0);
                     }
                     cur = out;
-                    if let (true, Sink::Into(out)) = (i == last, &mut sink) {
-                        out.copy_from_slice(&cur);
-                    } else if i == last {
-                        let [n, c, od, oh, ow] = self.output;
-                        // One slab per batch item: [C, oD, oH, oW] is contiguous there.
-                        for (b, item) in cur.chunks_exact(c * od * oh * ow).enumerate().take(n) {
-                            let flow = match &mut sink {
-                                Sink::Lent(on_slab) => on_slab(Slab {
-                                    batch: b,
-                                    depth: 0..od,
-                                    data: item,
-                                }),
-                                Sink::Into(_) => ControlFlow::Continue(()),
-                                Sink::Owned { fresh, on_slab } => {
-                                    let mut data = fresh(item.len());
-                                    data.resize(item.len(), 0.0);
-                                    data.copy_from_slice(item);
-                                    on_slab(OwnedSlab {
-                                        batch: b,
-                                        depth: 0..od,
-                                        data,
-                                    })
-                                }
-                            };
-                            if flow.is_break() {
-                                return Err(KernelError::Cancelled);
-                            }
-                        }
+                    if i == last {
+                        self.emit_whole(&cur, &mut sink)?;
                     }
                 }
                 _ => unreachable!("plans are built from the model's layers, in order"),
@@ -389,11 +442,45 @@ impl ModelPlan {
                 compute_ms: t0.elapsed().as_secs_f64() * 1e3,
                 stages: match plan {
                     LayerPlan::Conv(p) => p.stage_times(),
-                    LayerPlan::MaxPool { .. } => Default::default(),
+                    LayerPlan::MaxPool { .. } | LayerPlan::Graph(_) => Default::default(),
                 },
             });
         }
         Ok(timings)
+    }
+
+    /// Hands a whole computed output to the sink: copied into the caller's buffer, or one
+    /// slab per batch item (`[C, oD, oH, oW]` is contiguous there).
+    fn emit_whole(&self, cur: &[f32], sink: &mut Sink<'_>) -> Result<(), KernelError> {
+        if let Sink::Into(out) = sink {
+            out.copy_from_slice(cur);
+            return Ok(());
+        }
+        let [n, c, od, oh, ow] = self.output;
+        for (b, item) in cur.chunks_exact(c * od * oh * ow).enumerate().take(n) {
+            let flow = match sink {
+                Sink::Lent(on_slab) => on_slab(Slab {
+                    batch: b,
+                    depth: 0..od,
+                    data: item,
+                }),
+                Sink::Into(_) => ControlFlow::Continue(()),
+                Sink::Owned { fresh, on_slab } => {
+                    let mut data = fresh(item.len());
+                    data.resize(item.len(), 0.0);
+                    data.copy_from_slice(item);
+                    on_slab(OwnedSlab {
+                        batch: b,
+                        depth: 0..od,
+                        data,
+                    })
+                }
+            };
+            if flow.is_break() {
+                return Err(KernelError::Cancelled);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -87,8 +87,58 @@ fn tensor(st: &SafeTensors<'_>, key: &str) -> Result<(Vec<f32>, Vec<usize>), Str
     Ok((values, t.shape().to_vec()))
 }
 
-/// Loads the model in `dir`, named `name`.
+/// Optional `model.toml` beside a `model.onnx`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnnxToml {
+    #[serde(default)]
+    description: String,
+}
+
+/// Loads the ONNX model in `dir` (`model.onnx`, optional `model.toml` with a description).
+fn load_onnx(dir: &Path, name: &str) -> Result<Model, LoadError> {
+    let err = |message: String| LoadError {
+        model_dir: dir.display().to_string(),
+        layer: None,
+        key: None,
+        message,
+    };
+    let spec: OnnxToml = match std::fs::read_to_string(dir.join("model.toml")) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| err(format!("model.toml (beside model.onnx): {}", e.message())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => OnnxToml::default(),
+        Err(e) => return Err(err(format!("model.toml: {e}"))),
+    };
+    let graph = super::onnx::load(dir).map_err(err)?;
+    // Plan once now where the graph fixes its input shape, so a graph that cannot run
+    // fails at load (named), not at the first call.
+    if let Some(shape) = graph.declared_input() {
+        graph
+            .plan(shape)
+            .map_err(|e| err(format!("planning for the declared input {shape:?}: {e}")))?;
+    }
+    let description = if spec.description.is_empty() {
+        format!(
+            "ONNX graph, {} nodes ({})",
+            graph.nodes.len(),
+            graph.op_counts()
+        )
+    } else {
+        spec.description
+    };
+    Ok(Model {
+        name: name.to_string(),
+        description,
+        layers: vec![Layer::Graph(Arc::new(graph))],
+    })
+}
+
+/// Loads the model in `dir`, named `name`: `model.onnx` if there is one, else
+/// `model.toml` + `weights.safetensors`.
 pub fn load_model(dir: &Path, name: &str) -> Result<Model, LoadError> {
+    if dir.join("model.onnx").exists() {
+        return load_onnx(dir, name);
+    }
     let model_dir = dir.display().to_string();
     let err = |layer: Option<usize>, key: Option<&str>, message: String| LoadError {
         model_dir: model_dir.clone(),
@@ -213,7 +263,7 @@ pub fn load_model(dir: &Path, name: &str) -> Result<Model, LoadError> {
                 let slot = match layers.last_mut() {
                     Some(Layer::Conv(c)) => &mut c.activation,
                     Some(Layer::MaxPool(m)) => &mut m.activation,
-                    None => {
+                    Some(Layer::Graph(_)) | None => {
                         return Err(err(
                             Some(i),
                             None,
@@ -297,16 +347,28 @@ pub fn fold_batchnorm(
     conv.bias = Some(bias);
 }
 
-/// Size and modification time of a model's two files.
-type Fingerprint = Vec<(u64, Option<SystemTime>)>;
+/// Name, size and modification time of a model directory's files.
+type Fingerprint = Vec<(std::ffi::OsString, u64, Option<SystemTime>)>;
 
-/// A directory's contents as (size, mtime) of its two files: reload skips a model
-/// whose files did not change.
+/// A directory's contents as (name, size, mtime) of its files (ONNX external data
+/// included): reload skips a model whose files did not change.
 fn fingerprint(dir: &Path) -> Fingerprint {
-    ["model.toml", "weights.safetensors"]
-        .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).map_or((0, None), |m| (m.len(), m.modified().ok())))
-        .collect()
+    let mut fp: Fingerprint = std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| {
+                    let m = e.metadata().ok();
+                    (
+                        e.file_name(),
+                        m.as_ref().map_or(0, |m| m.len()),
+                        m.and_then(|m| m.modified().ok()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    fp.sort();
+    fp
 }
 
 /// What a (re)load found.

@@ -102,25 +102,28 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
         layers: m
             .layers
             .iter()
-            .map(|l| match l {
-                Layer::Conv(c) => pb::LayerInfo {
-                    op: "conv3d".into(),
-                    in_channels: c.filter_shape[1] as u32,
-                    out_channels: c.filter_shape[0] as u32,
-                    kernel: u(&c.filter_shape[2..]),
-                    stride: u(&c.params.stride),
-                    padding: u(&c.params.padding),
-                    dilation: u(&c.params.dilation),
-                    bias: c.bias.is_some(),
-                    activation: activation_name(c.activation),
-                },
-                Layer::MaxPool(p) => pb::LayerInfo {
-                    op: "maxpool3d".into(),
-                    kernel: u(&p.kernel),
-                    stride: u(&p.stride),
-                    activation: activation_name(p.activation),
-                    ..Default::default()
-                },
+            .filter_map(|l| {
+                Some(match l {
+                    Layer::Conv(c) => pb::LayerInfo {
+                        op: "conv3d".into(),
+                        in_channels: c.filter_shape[1] as u32,
+                        out_channels: c.filter_shape[0] as u32,
+                        kernel: u(&c.filter_shape[2..]),
+                        stride: u(&c.params.stride),
+                        padding: u(&c.params.padding),
+                        dilation: u(&c.params.dilation),
+                        bias: c.bias.is_some(),
+                        activation: activation_name(c.activation),
+                    },
+                    Layer::Graph(_) => return None,
+                    Layer::MaxPool(p) => pb::LayerInfo {
+                        op: "maxpool3d".into(),
+                        kernel: u(&p.kernel),
+                        stride: u(&p.stride),
+                        activation: activation_name(p.activation),
+                        ..Default::default()
+                    },
+                })
             })
             .collect(),
         accepted_dtypes: DType::ALL.iter().map(|&d| dtype_to_pb(d) as i32).collect(),
@@ -128,5 +131,27 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
         receptive_field: u(&m.receptive_field()),
         ready: true,
         error: String::new(),
+        format: if m.graph().is_some() {
+            "onnx"
+        } else {
+            "conv3d-stack"
+        }
+        .into(),
+        inputs: vec![pb::TensorInfo {
+            name: m.input_name().into(),
+            datatype: "FP32".into(),
+            shape: m.input_dims(),
+        }],
+        outputs: vec![pb::TensorInfo {
+            name: m.output_name().into(),
+            datatype: "FP32".into(),
+            shape: m.output_dims(),
+        }],
+        ops: m.graph().map(|g| g.op_counts()).unwrap_or_default(),
+        working_bytes: m
+            .graph()
+            .and_then(|g| g.declared_input())
+            .and_then(|s| m.plan(s).ok())
+            .map_or(0, |p| p.working_bytes(1) as u64),
     }
 }

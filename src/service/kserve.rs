@@ -117,24 +117,30 @@ impl KserveService {
                 req.model_name, req.model_version
             )));
         }
+        // Tensors are named as the model's graph names them (an unknown model is
+        // NOT_FOUND below, from the engine).
+        let (in_name, out_name) = match self.inner.models.snapshot().get(&req.model_name) {
+            Some(m) => (m.input_name().to_string(), m.output_name().to_string()),
+            None => (INPUT_NAME.to_string(), OUTPUT_NAME.to_string()),
+        };
         if req.inputs.len() != 1 {
             return Err(ServiceError::invalid(format!(
-                "inputs: expected exactly 1 input ({INPUT_NAME:?}), got {}",
+                "inputs: expected exactly 1 input ({in_name:?}), got {}",
                 req.inputs.len()
             )));
         }
         for (i, o) in req.outputs.iter().enumerate() {
-            if o.name != OUTPUT_NAME {
+            if o.name != out_name {
                 return Err(ServiceError::invalid(format!(
-                    "outputs[{i}].name: expected {OUTPUT_NAME:?}, got {:?}",
+                    "outputs[{i}].name: expected {out_name:?}, got {:?}",
                     o.name
                 )));
             }
         }
         let input = req.inputs.remove(0);
-        if input.name != INPUT_NAME {
+        if input.name != in_name {
             return Err(ServiceError::invalid(format!(
-                "inputs[0].name: expected {INPUT_NAME:?}, got {:?}",
+                "inputs[0].name: expected {in_name:?}, got {:?}",
                 input.name
             )));
         }
@@ -184,7 +190,7 @@ impl KserveService {
             id: req.id,
             parameters: Default::default(),
             outputs: vec![kv::model_infer_response::InferOutputTensor {
-                name: OUTPUT_NAME.into(),
+                name: p.model.output_name().into(),
                 datatype: DType::F32.name().into(),
                 shape: p.plan.output.iter().map(|&d| d as i64).collect(),
                 parameters: Default::default(),
@@ -247,6 +253,15 @@ fn typed_contents(dtype: DType, c: &kv::InferTensorContents) -> Result<Bytes, Se
     Ok(Bytes::from(out))
 }
 
+/// KServe's platform string: what kind of model this is.
+fn platform(m: &crate::model::Model) -> &'static str {
+    if m.graph().is_some() {
+        "voxconv_onnx"
+    } else {
+        "voxconv_conv3d"
+    }
+}
+
 fn tensor_meta(
     name: &str,
     datatype: &str,
@@ -307,17 +322,9 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         Ok(Response::new(kv::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec!["1".into()],
-            platform: "voxconv_conv3d".into(),
-            inputs: vec![tensor_meta(
-                INPUT_NAME,
-                "FP32",
-                vec![-1, m.in_channels() as i64, -1, -1, -1],
-            )],
-            outputs: vec![tensor_meta(
-                OUTPUT_NAME,
-                "FP32",
-                vec![-1, m.out_channels() as i64, -1, -1, -1],
-            )],
+            platform: platform(&m).into(),
+            inputs: vec![tensor_meta(m.input_name(), "FP32", m.input_dims())],
+            outputs: vec![tensor_meta(m.output_name(), "FP32", m.output_dims())],
         }))
     }
 
@@ -330,19 +337,19 @@ impl kv::grpc_inference_service_server::GrpcInferenceService for KserveService {
         Ok(Response::new(kv::ModelConfigResponse {
             config: Some(kv::ModelConfig {
                 name: m.name.clone(),
-                platform: "voxconv_conv3d".into(),
+                platform: platform(&m).into(),
                 backend: "voxconv".into(),
                 max_batch_size: 0,
                 input: vec![kv::ModelInput {
-                    name: INPUT_NAME.into(),
+                    name: m.input_name().into(),
                     data_type: kv::DataType::TypeFp32 as i32,
                     format: kv::model_input::Format::None as i32,
-                    dims: vec![-1, m.in_channels() as i64, -1, -1, -1],
+                    dims: m.input_dims(),
                 }],
                 output: vec![kv::ModelOutput {
-                    name: OUTPUT_NAME.into(),
+                    name: m.output_name().into(),
                     data_type: kv::DataType::TypeFp32 as i32,
-                    dims: vec![-1, m.out_channels() as i64, -1, -1, -1],
+                    dims: m.output_dims(),
                 }],
             }),
         }))

@@ -10,6 +10,7 @@ mod clients;
 mod connections;
 mod kserve;
 mod metrics;
+mod onnx;
 mod repository;
 mod security;
 mod service;

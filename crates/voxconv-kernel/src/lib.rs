@@ -14,9 +14,11 @@ pub mod avx512;
 pub mod buffer;
 pub mod im2col;
 pub mod maxpool;
+pub mod ops;
 pub mod plan;
 pub mod reference;
 pub mod shape;
+pub mod transpose;
 pub mod winograd;
 pub mod workloads;
 
@@ -64,6 +66,10 @@ pub enum KernelError {
     /// silent fallback, so a benchmark never measures another path than the one it asked for.
     #[error("cannot use {what}: {reason}")]
     Unsupported { what: String, reason: String },
+    /// An input that does not fit a model's graph (a shape a node cannot take), named by
+    /// the node.
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
     #[error("cancelled")]
     Cancelled,
 }

@@ -1,0 +1,834 @@
+//! ConvTranspose3d (PyTorch layout, f32, groups = 1), computed with the crate's fast
+//! convolution ([`Conv3dPlan`]) rather than a GEMM of its own.
+//!
+//! * [`ConvTranspose3dShape`]: output geometry with checked arithmetic. Per axis
+//!   `o = (x − 1)·s − pad_begin − pad_end + dil·(k − 1) + output_padding + 1`, padding given
+//!   per side as in ONNX (`pads_begin`, `pads_end`): PyTorch's symmetric `padding = p` is
+//!   `pads_begin = pads_end = p`.
+//! * [`ConvTranspose3dPlan`]: planned once per (shape, filters); the filters are rearranged
+//!   at construction, never per call. Two strategies ([`TransposeStrategy`]):
+//!   - `PatchGemm` (stride = kernel, no padding, dilation 1: U-Net upsampling): the kernel
+//!     taps never overlap, so one pointwise convolution with filters
+//!     `[C_out·kD·kH·kW, C_in, 1, 1, 1]` computes every tap of every input voxel, streamed
+//!     slab by slab ([`Conv3dPlan::run_slabs`]) and scattered into the output, each input
+//!     voxel writing its `kD×kH×kW` block, bias and activation applied in the scatter.
+//!     Output-padding voxels (which no tap reaches) get `activation(bias)`.
+//!   - `General`: the equivalent direct convolution of the input with `stride − 1` zeros
+//!     inserted between voxels, padded by `dil·(k − 1) − pad_begin` before and
+//!     `dil·(k − 1) − pad_end + output_padding` after (a negative amount crops), with the
+//!     filters flipped in the three spatial axes and transposed to `[C_out, C_in, k…]`,
+//!     dilation kept, bias and activation fused by the [`Conv3dPlan`]. The symmetric part
+//!     of that padding is left to the convolution; only the rest (and the zero insertion) is
+//!     staged into a workspace, one batch item at a time. With stride 1 and symmetric
+//!     padding nothing is staged.
+//! * [`conv_transpose3d_reference`]: the definition, scattered in f64, the oracle.
+//!
+//! Results are bit-identical across thread counts (the convolution is, and the scatter and
+//! staging are sequential copies).
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::shape::AXES;
+use crate::{
+    avx512, winograd, Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, KernelError,
+    Strategy,
+};
+
+/// Stride, padding (begin/end per axis, as ONNX pads), output padding and dilation per
+/// spatial axis `[d, h, w]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvTranspose3dParams {
+    pub stride: [usize; 3],
+    pub pads_begin: [usize; 3],
+    pub pads_end: [usize; 3],
+    pub output_padding: [usize; 3],
+    pub dilation: [usize; 3],
+}
+
+impl Default for ConvTranspose3dParams {
+    /// Stride 1, no padding, no output padding, dilation 1.
+    fn default() -> Self {
+        Self {
+            stride: [1; 3],
+            pads_begin: [0; 3],
+            pads_end: [0; 3],
+            output_padding: [0; 3],
+            dilation: [1; 3],
+        }
+    }
+}
+
+/// A validated ConvTranspose3d problem: input `[N, C_in, D, H, W]`, filters
+/// `[C_in, C_out, kD, kH, kW]` (PyTorch's ConvTranspose3d layout, groups = 1), output
+/// `[N, C_out, oD, oH, oW]`. Every buffer size derived from it fits in `usize` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvTranspose3dShape {
+    pub input: [usize; 5],
+    pub filters: [usize; 5],
+    pub params: ConvTranspose3dParams,
+    pub output: [usize; 5],
+}
+
+/// One output extent, `(x − 1)·s − pad_begin − pad_end + dil·(k − 1) + output_padding + 1`,
+/// with checked arithmetic and PyTorch's rule on the output padding.
+#[allow(clippy::too_many_arguments)]
+pub fn transpose_output_dim(
+    axis: usize,
+    x: usize,
+    k: usize,
+    stride: usize,
+    pad_begin: usize,
+    pad_end: usize,
+    output_padding: usize,
+    dil: usize,
+) -> Result<usize, KernelError> {
+    let name = AXES[axis];
+    if stride == 0 {
+        return Err(KernelError::ZeroStride { axis: name });
+    }
+    if dil == 0 {
+        return Err(KernelError::ZeroDilation { axis: name });
+    }
+    if output_padding >= stride && output_padding >= dil {
+        return Err(KernelError::Unsupported {
+            what: format!("output_padding {output_padding} along {name}"),
+            reason: format!(
+                "output padding must be smaller than either the stride ({stride}) or the \
+                 dilation ({dil})"
+            ),
+        });
+    }
+    let overflow = || KernelError::Overflow {
+        what: "transposed convolution output extent",
+    };
+    // The full extent before cropping: (x − 1)·s + dil·(k − 1) + 1 + output_padding.
+    let full = x
+        .checked_sub(1)
+        .and_then(|x1| x1.checked_mul(stride))
+        .and_then(|v| {
+            k.checked_sub(1)
+                .and_then(|k1| k1.checked_mul(dil))
+                .and_then(|e| v.checked_add(e))
+        })
+        .and_then(|v| v.checked_add(1))
+        .and_then(|v| v.checked_add(output_padding))
+        .ok_or_else(overflow)?;
+    let pads = pad_begin.checked_add(pad_end).ok_or_else(overflow)?;
+    if pads >= full {
+        return Err(KernelError::Unsupported {
+            what: format!("padding {pad_begin}+{pad_end} along {name}"),
+            reason: format!(
+                "it crops the whole {full}-voxel transposed output, leaving no output voxel"
+            ),
+        });
+    }
+    Ok(full - pads)
+}
+
+fn fits_bytes(dims: &[usize], what: &'static str) -> Result<usize, KernelError> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or(KernelError::Overflow { what })
+}
+
+impl ConvTranspose3dShape {
+    /// Validates an input shape, a filter shape (`[C_in, C_out, kD, kH, kW]`) and parameters,
+    /// and derives the output shape. Every error is a [`KernelError`]: `EmptyDimension`,
+    /// `ChannelMismatch`, `ZeroStride`, `ZeroDilation`, `Overflow`, and `Unsupported` for an
+    /// output padding not smaller than the stride or the dilation, or padding that leaves no
+    /// output.
+    pub fn new(
+        input: [usize; 5],
+        filters: [usize; 5],
+        params: ConvTranspose3dParams,
+    ) -> Result<Self, KernelError> {
+        const IN: [&str; 5] = ["N", "C_in", "D", "H", "W"];
+        const FI: [&str; 5] = ["C_in", "C_out", "kD", "kH", "kW"];
+        for (i, &d) in input.iter().enumerate() {
+            if d == 0 {
+                return Err(KernelError::EmptyDimension {
+                    tensor: "input",
+                    dim: IN[i],
+                });
+            }
+        }
+        for (i, &d) in filters.iter().enumerate() {
+            if d == 0 {
+                return Err(KernelError::EmptyDimension {
+                    tensor: "filters",
+                    dim: FI[i],
+                });
+            }
+        }
+        if input[1] != filters[0] {
+            return Err(KernelError::ChannelMismatch {
+                input: input[1],
+                filters: filters[0],
+            });
+        }
+        let mut out_sp = [0usize; 3];
+        for (a, o) in out_sp.iter_mut().enumerate() {
+            *o = transpose_output_dim(
+                a,
+                input[2 + a],
+                filters[2 + a],
+                params.stride[a],
+                params.pads_begin[a],
+                params.pads_end[a],
+                params.output_padding[a],
+                params.dilation[a],
+            )?;
+        }
+        let output = [input[0], filters[1], out_sp[0], out_sp[1], out_sp[2]];
+        fits_bytes(&input, "input elements")?;
+        fits_bytes(&filters, "filter elements")?;
+        fits_bytes(&output, "output elements")?;
+        Ok(Self {
+            input,
+            filters,
+            params,
+            output,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.input[0]
+    }
+    pub fn c_in(&self) -> usize {
+        self.input[1]
+    }
+    pub fn c_out(&self) -> usize {
+        self.filters[1]
+    }
+    /// Input spatial dims `[D, H, W]`.
+    pub fn in_dims(&self) -> [usize; 3] {
+        [self.input[2], self.input[3], self.input[4]]
+    }
+    /// Kernel extents `[kD, kH, kW]`.
+    pub fn kernel_dims(&self) -> [usize; 3] {
+        [self.filters[2], self.filters[3], self.filters[4]]
+    }
+    /// Output spatial dims `[oD, oH, oW]`.
+    pub fn out_dims(&self) -> [usize; 3] {
+        [self.output[2], self.output[3], self.output[4]]
+    }
+    /// Voxels of one input channel.
+    pub fn in_voxels(&self) -> usize {
+        self.input[2] * self.input[3] * self.input[4]
+    }
+    /// Voxels of one output channel.
+    pub fn out_voxels(&self) -> usize {
+        self.output[2] * self.output[3] * self.output[4]
+    }
+    /// Taps of one filter, `kD·kH·kW`.
+    pub fn kernel_taps(&self) -> usize {
+        self.filters[2] * self.filters[3] * self.filters[4]
+    }
+    pub fn input_len(&self) -> usize {
+        self.input.iter().product()
+    }
+    pub fn filters_len(&self) -> usize {
+        self.filters.iter().product()
+    }
+    pub fn output_len(&self) -> usize {
+        self.output.iter().product()
+    }
+    /// `2·N·C_in·D·H·W·C_out·kD·kH·kW` as f64: the multiply-adds of the definition (taps that
+    /// land in the cropped padding included; the zeros the general strategy inserts not).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.input_len() as f64 * self.c_out() as f64 * self.kernel_taps() as f64
+    }
+}
+
+/// How a plan computes a transposed convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransposeStrategy {
+    /// Stride = kernel, no padding, dilation 1 (the U-Net upsampling case; any valid output
+    /// padding): one pointwise GEMM `[C_out·k³ × C_in] · [C_in × voxels]`, then a scatter of
+    /// non-overlapping blocks; no col2im.
+    PatchGemm,
+    /// Anything else: the equivalent direct convolution of the zero-inserted, padded input
+    /// with the flipped filters.
+    General,
+}
+
+impl TransposeStrategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransposeStrategy::PatchGemm => "transpose-patch-gemm",
+            TransposeStrategy::General => "transpose-general",
+        }
+    }
+
+    /// The strategy a plan uses for `shape`.
+    pub fn for_shape(shape: &ConvTranspose3dShape) -> Self {
+        let p = &shape.params;
+        if p.stride == shape.kernel_dims()
+            && p.pads_begin == [0; 3]
+            && p.pads_end == [0; 3]
+            && p.dilation == [1; 3]
+        {
+            TransposeStrategy::PatchGemm
+        } else {
+            TransposeStrategy::General
+        }
+    }
+}
+
+/// Where the general strategy puts input voxel `i` along one axis of its staging buffer:
+/// `i·stride + offset`, kept when inside `0..extent`.
+#[derive(Clone, Copy, Debug)]
+struct StageAxis {
+    stride: usize,
+    offset: isize,
+    extent: usize,
+}
+
+impl StageAxis {
+    /// The input indices that land inside the buffer, and the buffer position of the first.
+    fn kept(&self, x: usize) -> Option<(std::ops::Range<usize>, usize)> {
+        let s = self.stride as isize;
+        // First i with i·s + offset >= 0.
+        let lo = if self.offset >= 0 {
+            0
+        } else {
+            ((-self.offset) + s - 1) / s
+        } as usize;
+        // Last i with i·s + offset < extent.
+        let top = self.extent as isize - 1 - self.offset;
+        if top < 0 {
+            return None;
+        }
+        let hi = ((top / s) as usize + 1).min(x);
+        (lo < hi).then(|| (lo..hi, (lo as isize * s + self.offset) as usize))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Inner {
+    Patch {
+        /// Pointwise convolution `[N, C_in, D, H, W] → [N, C_out·kD·kH·kW, D, H, W]`, no bias,
+        /// no activation.
+        conv: Conv3dPlan,
+        /// `[C_out·kD·kH·kW, C_in]`: row `((co·kD + a)·kH + b)·kW + c` is tap `(a, b, c)` of
+        /// output channel `co`.
+        filters: Vec<f32>,
+    },
+    General {
+        /// Direct convolution, bias and activation fused; on one batch item when staging.
+        conv: Conv3dPlan,
+        /// `[C_out, C_in, kD, kH, kW]`, flipped in the three spatial axes.
+        filters: Vec<f32>,
+        /// The zero-insertion / padding / cropping of the input, per axis; `None` where the
+        /// convolution reads the input as it is (stride 1, symmetric padding).
+        stage: Option<[StageAxis; 3]>,
+    },
+}
+
+/// A validated ConvTranspose3d with its filters rearranged for its strategy.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose3dPlan {
+    shape: ConvTranspose3dShape,
+    activation: Activation,
+    /// `C_out` values (zeros without a bias).
+    bias: Vec<f32>,
+    has_bias: bool,
+    inner: Inner,
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::BufferLength {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+impl ConvTranspose3dPlan {
+    /// Plans `shape` with `filters` (`[C_in, C_out, kD, kH, kW]`) and an optional bias
+    /// (`C_out` values): checks their lengths, picks the strategy and rearranges the filters
+    /// for it.
+    pub fn new(
+        shape: ConvTranspose3dShape,
+        filters: &[f32],
+        bias: Option<&[f32]>,
+        activation: Activation,
+    ) -> Result<Self, KernelError> {
+        check_len("filters", shape.filters_len(), filters.len())?;
+        if let Some(b) = bias {
+            check_len("bias", shape.c_out(), b.len())?;
+        }
+        let [c_in, c_out, kd, kh, kw] = shape.filters;
+        let taps = kd * kh * kw;
+        let inner = match TransposeStrategy::for_shape(&shape) {
+            TransposeStrategy::PatchGemm => {
+                let rows = c_out.checked_mul(taps).ok_or(KernelError::Overflow {
+                    what: "patch GEMM rows",
+                })?;
+                let conv_shape =
+                    Conv3dShape::new(shape.input, [rows, c_in, 1, 1, 1], Conv3dParams::default())?;
+                // W[ci][co][tap] → P[co·taps + tap][ci].
+                let mut packed = vec![0f32; filters.len()];
+                for ci in 0..c_in {
+                    for r in 0..rows {
+                        packed[r * c_in + ci] = filters[ci * rows + r];
+                    }
+                }
+                Inner::Patch {
+                    conv: Conv3dPlan::new(conv_shape, Activation::None),
+                    filters: packed,
+                }
+            }
+            TransposeStrategy::General => Self::plan_general(&shape, filters, activation)?,
+        };
+        Ok(Self {
+            shape,
+            activation,
+            bias: bias.map_or_else(|| vec![0.0; c_out], <[f32]>::to_vec),
+            has_bias: bias.is_some(),
+            inner,
+        })
+    }
+
+    fn plan_general(
+        shape: &ConvTranspose3dShape,
+        filters: &[f32],
+        activation: Activation,
+    ) -> Result<Inner, KernelError> {
+        let [c_in, c_out, kd, kh, kw] = shape.filters;
+        let p = &shape.params;
+        let overflow = KernelError::Overflow {
+            what: "zero-inserted input of the transposed convolution",
+        };
+        let to_i = |v: usize| isize::try_from(v).map_err(|_| overflow.clone());
+        let mut padding = [0usize; 3];
+        let mut axes = [StageAxis {
+            stride: 1,
+            offset: 0,
+            extent: 0,
+        }; 3];
+        let mut staged = false;
+        for a in 0..3 {
+            let x = shape.in_dims()[a];
+            let s = p.stride[a];
+            // dil·(k − 1) fits: the shape's output extent contains it.
+            let reach = to_i(p.dilation[a] * (shape.kernel_dims()[a] - 1))?;
+            let left = reach - to_i(p.pads_begin[a])?;
+            let right = reach - to_i(p.pads_end[a])? + to_i(p.output_padding[a])?;
+            // The symmetric part is the convolution's own zero padding.
+            let sym = left.min(right).max(0);
+            let (l, r) = (left - sym, right - sym);
+            // (x − 1)·s + 1 + l + r: the padded extent minus 2·sym, at least 1 since the
+            // output is not empty.
+            let inserted = to_i(x - 1)?
+                .checked_mul(to_i(s)?)
+                .and_then(|v| v.checked_add(1))
+                .ok_or_else(|| overflow.clone())?;
+            let extent = inserted
+                .checked_add(l)
+                .and_then(|v| v.checked_add(r))
+                .filter(|&e| e >= 1)
+                .ok_or_else(|| overflow.clone())?;
+            padding[a] = sym as usize;
+            axes[a] = StageAxis {
+                stride: s,
+                offset: l,
+                extent: extent as usize,
+            };
+            staged |= s != 1 || l != 0 || r != 0;
+        }
+        let conv_params = Conv3dParams {
+            stride: [1; 3],
+            padding,
+            dilation: p.dilation,
+        };
+        let conv_input = if staged {
+            [1, c_in, axes[0].extent, axes[1].extent, axes[2].extent]
+        } else {
+            shape.input
+        };
+        let conv_shape = Conv3dShape::new(conv_input, [c_out, c_in, kd, kh, kw], conv_params)?;
+        debug_assert_eq!(conv_shape.out_dims(), shape.out_dims());
+        // W[ci][co][a][b][c] → F[co][ci][kd−1−a][kh−1−b][kw−1−c].
+        let taps = kd * kh * kw;
+        let mut flipped = vec![0f32; filters.len()];
+        for ci in 0..c_in {
+            for co in 0..c_out {
+                let src = &filters[(ci * c_out + co) * taps..][..taps];
+                let dst = &mut flipped[(co * c_in + ci) * taps..][..taps];
+                for a in 0..kd {
+                    for b in 0..kh {
+                        for c in 0..kw {
+                            dst[((kd - 1 - a) * kh + (kh - 1 - b)) * kw + (kw - 1 - c)] =
+                                src[(a * kh + b) * kw + c];
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Inner::General {
+            conv: Conv3dPlan::new(conv_shape, activation),
+            filters: flipped,
+            stage: staged.then_some(axes),
+        })
+    }
+
+    /// Sets the work per extra thread of the inner convolution (`0` uses every thread
+    /// offered; tests use it to drive the parallel scheduler on small shapes).
+    pub fn with_min_flops_per_thread(mut self, flops: f64) -> Self {
+        let conv = match &mut self.inner {
+            Inner::Patch { conv, .. } | Inner::General { conv, .. } => conv,
+        };
+        *conv = conv.clone().with_min_flops_per_thread(flops);
+        self
+    }
+
+    pub fn shape(&self) -> &ConvTranspose3dShape {
+        &self.shape
+    }
+
+    pub fn strategy(&self) -> TransposeStrategy {
+        match self.inner {
+            Inner::Patch { .. } => TransposeStrategy::PatchGemm,
+            Inner::General { .. } => TransposeStrategy::General,
+        }
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// The convolution that does the multiplies (its strategy, GEMM and stage times).
+    pub fn conv_plan(&self) -> &Conv3dPlan {
+        match &self.inner {
+            Inner::Patch { conv, .. } | Inner::General { conv, .. } => conv,
+        }
+    }
+
+    /// Bytes of the staging buffer of the general strategy (one batch item of the
+    /// zero-inserted, padded input), 0 when the input is read as it is.
+    pub fn staging_bytes(&self) -> usize {
+        match &self.inner {
+            Inner::General {
+                stage: Some(axes), ..
+            } => self.shape.c_in() * axes.iter().map(|a| a.extent).product::<usize>() * 4,
+            _ => 0,
+        }
+    }
+
+    /// Extra memory [`run_into`](Self::run_into) allocates besides input and output, in
+    /// bytes, for `threads` threads: `PatchGemm`, the inner convolution's slab ring (at most
+    /// 3 slabs of `C_out·k³` channels, about 8 MiB each, whatever the volume) and scratch;
+    /// `General`, the staging buffer ([`staging_bytes`](Self::staging_bytes)) and the
+    /// convolution's scratch; both, the weights the convolution packs for its microkernel.
+    pub fn workspace_bytes(&self, threads: usize) -> usize {
+        let threads = threads.max(1);
+        let conv = self.conv_plan();
+        let packed = packed_weight_bytes(conv);
+        match &self.inner {
+            Inner::Patch { .. } => conv.streaming_workspace_bytes(threads) + packed,
+            Inner::General { .. } => self.staging_bytes() + conv.workspace_bytes(threads) + packed,
+        }
+    }
+
+    /// Runs the transposed convolution of `input` (`[N, C_in, D, H, W]`) into `output`
+    /// (`[N, C_out, oD, oH, oW]`, fully overwritten: it may hold anything, NaN included) on
+    /// `threads` threads. Returns `Cancelled` if `cancel` is set before the end (`output`
+    /// is then partly written).
+    pub fn run_into(
+        &self,
+        input: &[f32],
+        output: &mut [f32],
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(), KernelError> {
+        if threads == 0 {
+            return Err(KernelError::ZeroThreads);
+        }
+        check_len("input", self.shape.input_len(), input.len())?;
+        check_len("output", self.shape.output_len(), output.len())?;
+        let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+        if cancelled() {
+            return Err(KernelError::Cancelled);
+        }
+        match &self.inner {
+            Inner::Patch { conv, filters } => {
+                conv.run_slabs(input, filters, None, threads, cancel, &mut |slab| {
+                    self.scatter_patches(&slab, output);
+                    ControlFlow::Continue(())
+                })?;
+                self.fill_output_padding(output);
+                Ok(())
+            }
+            Inner::General {
+                conv,
+                filters,
+                stage: None,
+            } => conv.run_into(input, filters, self.bias(), output, threads, cancel),
+            Inner::General {
+                conv,
+                filters,
+                stage: Some(axes),
+            } => {
+                let in_item = self.shape.c_in() * self.shape.in_voxels();
+                let out_item = self.shape.c_out() * self.shape.out_voxels();
+                let mut staging = vec![0f32; conv.shape().input_len()];
+                for n in 0..self.shape.batch() {
+                    if cancelled() {
+                        return Err(KernelError::Cancelled);
+                    }
+                    self.stage(&input[n * in_item..][..in_item], axes, &mut staging);
+                    conv.run_into(
+                        &staging,
+                        filters,
+                        self.bias(),
+                        &mut output[n * out_item..][..out_item],
+                        threads,
+                        cancel,
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.has_bias.then_some(&self.bias[..])
+    }
+
+    /// Copies one batch item into the staging buffer (zero-inserted, padded, cropped). The
+    /// positions written depend only on the geometry, so the zeros between them stay zero
+    /// from one item to the next.
+    fn stage(&self, item: &[f32], axes: &[StageAxis; 3], staging: &mut [f32]) {
+        let [d, h, w] = self.shape.in_dims();
+        let [ed, eh, ew] = [axes[0].extent, axes[1].extent, axes[2].extent];
+        let (Some((zr, z0)), Some((yr, y0)), Some((xr, x0))) =
+            (axes[0].kept(d), axes[1].kept(h), axes[2].kept(w))
+        else {
+            return;
+        };
+        let [sd, sh, sw] = [axes[0].stride, axes[1].stride, axes[2].stride];
+        for ci in 0..self.shape.c_in() {
+            let src_c = &item[ci * d * h * w..][..d * h * w];
+            let dst_c = &mut staging[ci * ed * eh * ew..][..ed * eh * ew];
+            for (iz, z) in zr.clone().enumerate() {
+                let pz = z0 + iz * sd;
+                for (iy, y) in yr.clone().enumerate() {
+                    let py = y0 + iy * sh;
+                    let src = &src_c[(z * h + y) * w..][..w];
+                    let dst = &mut dst_c[(pz * eh + py) * ew..][..ew];
+                    if sw == 1 {
+                        dst[x0..x0 + xr.len()].copy_from_slice(&src[xr.clone()]);
+                    } else {
+                        for (ix, x) in xr.clone().enumerate() {
+                            dst[x0 + ix * sw] = src[x];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scatters one slab of the pointwise convolution (`[C_out·k³, planes, H, W]` of input
+    /// depth planes `slab.depth`) into its output blocks, adding the bias and applying the
+    /// activation.
+    fn scatter_patches(&self, slab: &crate::Slab<'_>, output: &mut [f32]) {
+        let [_, c_out, od, oh, ow] = self.shape.output;
+        let [_, h, w] = self.shape.in_dims();
+        let [kd, kh, kw] = self.shape.kernel_dims();
+        let planes = slab.depth.len();
+        let chan = planes * h * w;
+        let out_n = &mut output[slab.batch * c_out * od * oh * ow..][..c_out * od * oh * ow];
+        let row_len = w * kw;
+        for co in 0..c_out {
+            let out_c = &mut out_n[co * od * oh * ow..][..od * oh * ow];
+            let bias = self.bias[co];
+            for a in 0..kd {
+                for b in 0..kh {
+                    // Channels (co, a, b, c) for c in 0..kW, consecutive.
+                    let base = ((co * kd + a) * kh + b) * kw;
+                    for (pz, z) in slab.depth.clone().enumerate() {
+                        for y in 0..h {
+                            let oz = z * kd + a;
+                            let oy = y * kh + b;
+                            let dst = &mut out_c[(oz * oh + oy) * ow..][..row_len];
+                            for c in 0..kw {
+                                let src = &slab.data[(base + c) * chan + (pz * h + y) * w..][..w];
+                                if kw == 1 {
+                                    dst.copy_from_slice(src);
+                                } else {
+                                    for (x, &v) in src.iter().enumerate() {
+                                        dst[x * kw + c] = v;
+                                    }
+                                }
+                            }
+                            self.activation.bias_apply(dst, bias);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Output-padding voxels of the patch strategy (past `D·kD`, `H·kH` or `W·kW`), which no
+    /// tap reaches: `activation(bias)`.
+    fn fill_output_padding(&self, output: &mut [f32]) {
+        let [n_b, c_out, od, oh, ow] = self.shape.output;
+        let [d, h, w] = self.shape.in_dims();
+        let [kd, kh, kw] = self.shape.kernel_dims();
+        let (cd, ch, cw) = (d * kd, h * kh, w * kw);
+        if (cd, ch, cw) == (od, oh, ow) {
+            return;
+        }
+        for n in 0..n_b {
+            for co in 0..c_out {
+                let value = self.activation.apply(self.bias[co]);
+                let out_c = &mut output[(n * c_out + co) * od * oh * ow..][..od * oh * ow];
+                for z in 0..od {
+                    for y in 0..oh {
+                        let row = &mut out_c[(z * oh + y) * ow..][..ow];
+                        let from = if z < cd && y < ch { cw } else { 0 };
+                        row[from..].fill(value);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of the weights `conv` packs on every run for its microkernel (none for the
+/// portable GEMM).
+fn packed_weight_bytes(conv: &Conv3dPlan) -> usize {
+    let s = conv.shape();
+    let groups = s.c_out().div_ceil(avx512::NC);
+    let floats = match (conv.gemm_impl(), conv.strategy()) {
+        (GemmImpl::Portable, _) => 0,
+        (_, Strategy::Winograd) => winograd::XI * groups * s.c_in() * avx512::NC,
+        _ => groups * s.reduction_len() * avx512::NC,
+    };
+    floats * 4
+}
+
+/// One-call convenience: plans, allocates the output and runs.
+pub fn conv_transpose3d(
+    shape: &ConvTranspose3dShape,
+    input: &[f32],
+    filters: &[f32],
+    bias: Option<&[f32]>,
+    activation: Activation,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let plan = ConvTranspose3dPlan::new(*shape, filters, bias, activation)?;
+    let mut out = vec![0f32; shape.output_len()];
+    plan.run_into(input, &mut out, threads, None)?;
+    Ok(out)
+}
+
+/// The oracle: the definition, scattered with f64 accumulation. Every input voxel `i` adds
+/// `x[i]·w[tap]` at output position `i·s − pad_begin + tap·dil` (dropped where that falls
+/// outside the output); then bias and activation. Output `[N, C_out, oD, oH, oW]`.
+///
+/// # Panics
+/// If a buffer's length does not match `shape` (it is for tests).
+pub fn conv_transpose3d_reference(
+    shape: &ConvTranspose3dShape,
+    input: &[f32],
+    filters: &[f32],
+    bias: Option<&[f32]>,
+    activation: Activation,
+) -> Vec<f32> {
+    assert_eq!(input.len(), shape.input_len(), "input length");
+    assert_eq!(filters.len(), shape.filters_len(), "filters length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), shape.c_out(), "bias length");
+    }
+    let [n_b, c_in, d, h, w] = shape.input;
+    let [_, c_out, kd, kh, kw] = shape.filters;
+    let [od, oh, ow] = shape.out_dims();
+    let p = &shape.params;
+    // Output coordinate of input index `i`, tap `t` along axis `a`, if inside the output.
+    let pos = |a: usize, i: usize, t: usize, extent: usize| -> Option<usize> {
+        let o = (i * p.stride[a] + t * p.dilation[a]) as isize - p.pads_begin[a] as isize;
+        (o >= 0 && (o as usize) < extent).then_some(o as usize)
+    };
+    let mut acc = vec![0f64; shape.output_len()];
+    for n in 0..n_b {
+        for ci in 0..c_in {
+            for z in 0..d {
+                for y in 0..h {
+                    for x in 0..w {
+                        let xv = f64::from(input[(((n * c_in + ci) * d + z) * h + y) * w + x]);
+                        for co in 0..c_out {
+                            let out_c = (n * c_out + co) * od * oh * ow;
+                            for a in 0..kd {
+                                let Some(oz) = pos(0, z, a, od) else { continue };
+                                for b in 0..kh {
+                                    let Some(oy) = pos(1, y, b, oh) else { continue };
+                                    for c in 0..kw {
+                                        let Some(ox) = pos(2, x, c, ow) else { continue };
+                                        let wv = filters
+                                            [(((ci * c_out + co) * kd + a) * kh + b) * kw + c];
+                                        acc[out_c + (oz * oh + oy) * ow + ox] += xv * f64::from(wv);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let vox = od * oh * ow;
+    acc.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let co = (i / vox) % c_out;
+            let b = bias.map_or(0.0, |b| f64::from(b[co]));
+            activation.apply_f64(v + b) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_formula_matches_pytorch_examples() {
+        // U-Net upsampling: k = s = 2 doubles.
+        assert_eq!(transpose_output_dim(0, 8, 2, 2, 0, 0, 0, 1).unwrap(), 16);
+        // k = 3, s = 2, p = 1, output_padding = 1 doubles too.
+        assert_eq!(transpose_output_dim(0, 8, 3, 2, 1, 1, 1, 1).unwrap(), 16);
+        // Stride 1, k = 3, p = 1 keeps the size.
+        assert_eq!(transpose_output_dim(0, 7, 3, 1, 1, 1, 0, 1).unwrap(), 7);
+        // Dilation 2: (5 − 1) + 2·2 + 1 = 9.
+        assert_eq!(transpose_output_dim(0, 5, 3, 1, 0, 0, 0, 2).unwrap(), 9);
+        // output_padding 1 with stride 1 is allowed when the dilation exceeds it.
+        assert_eq!(transpose_output_dim(0, 5, 3, 1, 0, 0, 1, 2).unwrap(), 10);
+    }
+
+    #[test]
+    fn stage_axis_keeps_the_indices_inside() {
+        let ax = StageAxis {
+            stride: 2,
+            offset: -3,
+            extent: 6,
+        };
+        // i·2 − 3 in 0..6: i = 2 (1), 3 (3), 4 (5).
+        assert_eq!(ax.kept(10), Some((2..5, 1)));
+        assert_eq!(ax.kept(3), Some((2..3, 1)));
+        assert_eq!(ax.kept(2), None);
+        let ax = StageAxis {
+            stride: 1,
+            offset: 2,
+            extent: 4,
+        };
+        assert_eq!(ax.kept(5), Some((0..2, 2)));
+    }
+}

@@ -1,0 +1,1092 @@
+//! The graph IR: nodes of the ops we execute over named values, as a front end (ONNX)
+//! produces them, and its execution plan per input shape.
+//!
+//! Planning ([`Graph::plan`]) walks the nodes in topological order with the concrete input
+//! shape: a node whose inputs are all known constants (the shape plumbing of an export:
+//! `Shape`, `Gather`, `Concat` of sizes, `Reshape` targets…) is evaluated then and there; every
+//! other node becomes a [`Step`] with its output shape checked. Convolutions get their kernel
+//! plan, an activation right after a convolution (its only consumer) is fused into it, and
+//! each intermediate buffer is freed after its last reader (the peak is reported by
+//! [`GraphPlan::working_bytes`]). Execution is deterministic: the same bits at any thread
+//! count.
+
+pub mod eval;
+pub mod tensor;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::kernel::ops::{PadMode, Pool3d, ResizeMode};
+use crate::kernel::transpose::{ConvTranspose3dParams, ConvTranspose3dPlan, ConvTranspose3dShape};
+use crate::kernel::{Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError};
+use tensor::{BinOp, Const, Elem, Tensor};
+
+/// Elementwise functions of one input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    LeakyRelu(f32),
+    Elu(f32),
+    Sigmoid,
+    Tanh,
+    Exp,
+    Log,
+    Sqrt,
+    Neg,
+    Abs,
+    Reciprocal,
+    Erf,
+    Floor,
+    Ceil,
+}
+
+/// Convolution attributes (3-D, ONNX semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvAttr {
+    pub strides: [usize; 3],
+    /// `[d_begin, h_begin, w_begin, d_end, h_end, w_end]`.
+    pub pads: [usize; 6],
+    pub dilations: [usize; 3],
+    pub auto_pad: AutoPad,
+}
+
+/// ONNX `auto_pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoPad {
+    NotSet,
+    Valid,
+    SameUpper,
+    SameLower,
+}
+
+/// An op with its attributes parsed and checked.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Conv(ConvAttr),
+    ConvTranspose {
+        attr: ConvAttr,
+        output_padding: [usize; 3],
+        output_shape: Option<[usize; 3]>,
+    },
+    BatchNorm {
+        eps: f32,
+    },
+    InstanceNorm {
+        eps: f32,
+    },
+    /// `per_group_affine`: opset 18's scale/bias per group (opset 21: per channel).
+    GroupNorm {
+        eps: f32,
+        groups: usize,
+        per_group_affine: bool,
+    },
+    Unary(Unary),
+    Binary(BinOp),
+    Clip,
+    Softmax {
+        axis: i64,
+    },
+    Concat {
+        axis: i64,
+    },
+    MaxPool(Pool3d),
+    AveragePool {
+        pool: Pool3d,
+        count_include_pad: bool,
+    },
+    GlobalAveragePool,
+    Resize {
+        mode: ResizeMode,
+        coord: crate::kernel::ops::CoordMode,
+    },
+    Pad {
+        mode: PadMode,
+    },
+    Identity,
+    Flatten {
+        axis: i64,
+    },
+    Reshape {
+        allowzero: bool,
+    },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    Size,
+    Gather {
+        axis: i64,
+    },
+    Slice,
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    Cast {
+        to: Elem,
+    },
+    Constant(Const),
+    ConstantOfShape(Const),
+    Unsqueeze,
+    Squeeze,
+    Expand,
+    Where,
+    Range,
+    Not,
+    ReduceMean {
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+    },
+}
+
+impl Op {
+    /// The name in plans, timings and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Conv(_) => "Conv",
+            Op::ConvTranspose { .. } => "ConvTranspose",
+            Op::BatchNorm { .. } => "BatchNormalization",
+            Op::InstanceNorm { .. } => "InstanceNormalization",
+            Op::GroupNorm { .. } => "GroupNormalization",
+            Op::Unary(u) => match u {
+                Unary::Relu => "Relu",
+                Unary::LeakyRelu(_) => "LeakyRelu",
+                Unary::Elu(_) => "Elu",
+                Unary::Sigmoid => "Sigmoid",
+                Unary::Tanh => "Tanh",
+                Unary::Exp => "Exp",
+                Unary::Log => "Log",
+                Unary::Sqrt => "Sqrt",
+                Unary::Neg => "Neg",
+                Unary::Abs => "Abs",
+                Unary::Reciprocal => "Reciprocal",
+                Unary::Erf => "Erf",
+                Unary::Floor => "Floor",
+                Unary::Ceil => "Ceil",
+            },
+            Op::Binary(b) => match b {
+                BinOp::Add => "Add",
+                BinOp::Sub => "Sub",
+                BinOp::Mul => "Mul",
+                BinOp::Div => "Div",
+                BinOp::Pow => "Pow",
+                BinOp::Equal => "Equal",
+                BinOp::Less => "Less",
+                BinOp::Greater => "Greater",
+                BinOp::PRelu => "PRelu",
+            },
+            Op::Clip => "Clip",
+            Op::Softmax { .. } => "Softmax",
+            Op::Concat { .. } => "Concat",
+            Op::MaxPool(_) => "MaxPool",
+            Op::AveragePool { .. } => "AveragePool",
+            Op::GlobalAveragePool => "GlobalAveragePool",
+            Op::Resize { .. } => "Resize",
+            Op::Pad { .. } => "Pad",
+            Op::Identity => "Identity",
+            Op::Flatten { .. } => "Flatten",
+            Op::Reshape { .. } => "Reshape",
+            Op::Shape { .. } => "Shape",
+            Op::Size => "Size",
+            Op::Gather { .. } => "Gather",
+            Op::Slice => "Slice",
+            Op::Transpose { .. } => "Transpose",
+            Op::Cast { .. } => "Cast",
+            Op::Constant(_) => "Constant",
+            Op::ConstantOfShape(_) => "ConstantOfShape",
+            Op::Unsqueeze => "Unsqueeze",
+            Op::Squeeze => "Squeeze",
+            Op::Expand => "Expand",
+            Op::Where => "Where",
+            Op::Range => "Range",
+            Op::Not => "Not",
+            Op::ReduceMean { .. } => "ReduceMean",
+        }
+    }
+}
+
+/// One node: op, input value names (`""` = an omitted optional input), output names.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// A graph input or output: name, element type, dims (`None` = dynamic).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IoInfo {
+    pub name: String,
+    pub elem: Elem,
+    pub dims: Vec<Option<usize>>,
+}
+
+impl IoInfo {
+    /// Dims with -1 for dynamic ones (KServe's convention).
+    pub fn dims_i64(&self) -> Vec<i64> {
+        self.dims
+            .iter()
+            .map(|d| d.map_or(-1, |v| v as i64))
+            .collect()
+    }
+}
+
+/// Largest constant computed while planning (elements).
+const MAX_FOLDED: usize = 1 << 26;
+
+/// Plans kept per graph (most recent input shapes).
+const PLAN_CACHE: usize = 4;
+
+/// A network: nodes in topological order over named values, the constants (initializers),
+/// inputs and outputs.
+#[derive(Debug)]
+pub struct Graph {
+    pub inputs: Vec<IoInfo>,
+    pub outputs: Vec<IoInfo>,
+    pub nodes: Vec<Node>,
+    pub constants: HashMap<String, Const>,
+    cache: Mutex<Vec<([usize; 5], Arc<GraphPlan>)>>,
+}
+
+/// Where a step reads a value.
+#[derive(Clone, Debug)]
+enum Arg {
+    Slot(usize),
+    Const(Const),
+}
+
+/// How a step computes.
+#[derive(Debug)]
+enum Kind {
+    Conv {
+        plan: Box<Conv3dPlan>,
+        weights: Const,
+        bias: Option<Const>,
+        /// Explicit zero padding before the convolution (asymmetric or SAME pads).
+        prepad: Option<([usize; 3], [usize; 3])>,
+    },
+    ConvTranspose(Box<ConvTranspose3dPlan>),
+    Eval(Op),
+}
+
+/// One node of the plan.
+#[derive(Debug)]
+pub struct Step {
+    node: usize,
+    kind: Kind,
+    args: Vec<Option<Arg>>,
+    out: usize,
+    out_shape: Vec<usize>,
+    /// Slots whose last reader this is (dropped after it).
+    free: Vec<usize>,
+}
+
+/// A graph planned for one input shape.
+#[derive(Debug)]
+pub struct GraphPlan {
+    steps: Vec<Step>,
+    slots: usize,
+    input: [usize; 5],
+    output: Arg,
+    pub output_shape: [usize; 5],
+    names: Vec<(String, &'static str)>,
+}
+
+/// A planned value: a constant known now, or a buffer computed at run time.
+#[derive(Clone, Debug)]
+enum Val {
+    Const(Const),
+    Slot {
+        slot: usize,
+        shape: Vec<usize>,
+        elem: Elem,
+        /// The step producing it, if a convolution (an activation may be fused into it).
+        conv_step: Option<usize>,
+    },
+}
+
+fn node_err(node: &Node, reason: impl Into<String>) -> KernelError {
+    KernelError::Invalid {
+        what: format!("node {:?} ({})", node.name, node.op.name()),
+        reason: reason.into(),
+    }
+}
+
+impl Graph {
+    pub fn new(
+        inputs: Vec<IoInfo>,
+        outputs: Vec<IoInfo>,
+        nodes: Vec<Node>,
+        constants: HashMap<String, Const>,
+    ) -> Self {
+        Self {
+            inputs,
+            outputs,
+            nodes,
+            constants,
+            cache: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The first input (voxconv.v1 and the CLI use it).
+    pub fn input(&self) -> &IoInfo {
+        &self.inputs[0]
+    }
+
+    pub fn output(&self) -> &IoInfo {
+        &self.outputs[0]
+    }
+
+    /// The input shape the graph fixes, if it fixes every dimension.
+    pub fn declared_input(&self) -> Option<[usize; 5]> {
+        let d: Vec<usize> = self.input().dims.iter().copied().collect::<Option<_>>()?;
+        d.try_into().ok()
+    }
+
+    /// `op:count` of the nodes, most frequent first.
+    pub fn op_counts(&self) -> String {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for n in &self.nodes {
+            match counts.iter_mut().find(|(o, _)| *o == n.op.name()) {
+                Some(c) => c.1 += 1,
+                None => counts.push((n.op.name(), 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        counts
+            .iter()
+            .map(|(o, c)| format!("{o}:{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The plan for `input` (`[N, C, D, H, W]`), from the cache or made now.
+    pub fn plan(&self, input: [usize; 5]) -> Result<Arc<GraphPlan>, KernelError> {
+        {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, p)) = cache.iter().find(|(s, _)| *s == input) {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let plan = Arc::new(self.make_plan(input)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= PLAN_CACHE {
+            cache.remove(0);
+        }
+        cache.push((input, Arc::clone(&plan)));
+        Ok(plan)
+    }
+
+    fn make_plan(&self, input: [usize; 5]) -> Result<GraphPlan, KernelError> {
+        let io = self.input();
+        let field = |reason: String| KernelError::Invalid {
+            what: format!("input {:?}", io.name),
+            reason,
+        };
+        if io.dims.len() != 5 {
+            return Err(field(format!(
+                "the model's input has rank {}, voxconv takes [N, C, D, H, W]",
+                io.dims.len()
+            )));
+        }
+        for (i, (want, got)) in io.dims.iter().zip(input).enumerate() {
+            if let Some(w) = want {
+                if *w != got {
+                    return Err(field(format!(
+                        "dimension {i} ({}) must be {w} for this model (its graph fixes it), got {got}; shape {:?}",
+                        ["N", "C", "D", "H", "W"][i],
+                        io.dims_i64()
+                    )));
+                }
+            }
+            if got == 0 {
+                return Err(field(format!("dimension {i} must be at least 1, got 0")));
+            }
+        }
+        // How many readers each value has (graph outputs count as one).
+        let mut readers: HashMap<&str, usize> = HashMap::new();
+        for n in &self.nodes {
+            for i in n.inputs.iter().filter(|i| !i.is_empty()) {
+                *readers.entry(i.as_str()).or_default() += 1;
+            }
+        }
+        for o in &self.outputs {
+            *readers.entry(o.name.as_str()).or_default() += 1;
+        }
+        let mut vals: HashMap<String, Val> = HashMap::new();
+        for (k, v) in &self.constants {
+            vals.insert(k.clone(), Val::Const(Arc::clone(v)));
+        }
+        vals.insert(
+            io.name.clone(),
+            Val::Slot {
+                slot: 0,
+                shape: input.to_vec(),
+                elem: Elem::F32,
+                conv_step: None,
+            },
+        );
+        let mut slots = 1usize;
+        let mut steps: Vec<Step> = Vec::new();
+        for (ni, node) in self.nodes.iter().enumerate() {
+            let ins: Vec<Option<Val>> =
+                node.inputs
+                    .iter()
+                    .map(|i| {
+                        if i.is_empty() {
+                            Ok(None)
+                        } else {
+                            vals.get(i).cloned().map(Some).ok_or_else(|| {
+                                node_err(node, format!("input {i:?} is never produced"))
+                            })
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+            let all_const = ins.iter().all(|v| matches!(v, None | Some(Val::Const(_))));
+            // Constant folding: shape plumbing and anything else whose inputs are known.
+            if all_const && !matches!(node.op, Op::Conv(_) | Op::ConvTranspose { .. }) {
+                // A folded constant is bounded before it is computed (a file may ask for an
+                // Expand to 2^40 elements).
+                let infos: Vec<Option<eval::Info<'_>>> = ins
+                    .iter()
+                    .map(|v| match v {
+                        Some(Val::Const(c)) => Some(eval::Info {
+                            shape: &c.shape,
+                            elem: c.elem(),
+                            value: Some(&**c),
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                if let Ok((shape, _)) = eval::infer(&node.op, &infos) {
+                    if tensor::numel(&shape).map_or(true, |n| n > MAX_FOLDED) {
+                        return Err(node_err(
+                            node,
+                            format!("a constant of shape {shape:?} is larger than the {MAX_FOLDED} elements allowed"),
+                        ));
+                    }
+                }
+                let consts: Vec<Option<Cow<'_, Tensor>>> = ins
+                    .iter()
+                    .map(|v| match v {
+                        Some(Val::Const(c)) => Some(Cow::Borrowed(&**c)),
+                        _ => None,
+                    })
+                    .collect();
+                let outs = eval::eval(&node.op, consts).map_err(|e| node_err(node, e))?;
+                for (name, t) in node.outputs.iter().zip(outs) {
+                    vals.insert(name.clone(), Val::Const(Arc::new(t)));
+                }
+                continue;
+            }
+            if let Op::Shape { start, end } = node.op {
+                let Some(Some(Val::Slot { shape, .. })) = ins.first() else {
+                    return Err(node_err(node, "Shape needs an input"));
+                };
+                let t = eval::shape_of(shape, start, end);
+                vals.insert(node.outputs[0].clone(), Val::Const(Arc::new(t)));
+                continue;
+            }
+            // A fused activation: the conv's output has this node as its only reader.
+            if let (
+                Op::Unary(u),
+                Some(Some(Val::Slot {
+                    conv_step: Some(si),
+                    slot,
+                    shape,
+                    elem,
+                })),
+            ) = (&node.op, ins.first())
+            {
+                let act = match u {
+                    Unary::Relu => Some(Activation::Relu),
+                    Unary::LeakyRelu(a) => Some(Activation::LeakyRelu(*a)),
+                    Unary::Sigmoid => Some(Activation::Sigmoid),
+                    _ => None,
+                };
+                let single = readers.get(node.inputs[0].as_str()) == Some(&1);
+                if let (Some(act), true, Kind::Conv { plan, .. }) =
+                    (act, single, &mut steps[*si].kind)
+                {
+                    if plan.activation() == Activation::None {
+                        **plan = Conv3dPlan::new(*plan.shape(), act);
+                        vals.insert(
+                            node.outputs[0].clone(),
+                            Val::Slot {
+                                slot: *slot,
+                                shape: shape.clone(),
+                                elem: *elem,
+                                conv_step: None,
+                            },
+                        );
+                        continue;
+                    }
+                }
+            }
+            let (kind, shape, elem) = plan_node(node, &ins)?;
+            let args = ins
+                .iter()
+                .map(|v| {
+                    v.as_ref().map(|v| match v {
+                        Val::Const(c) => Arg::Const(Arc::clone(c)),
+                        Val::Slot { slot, .. } => Arg::Slot(*slot),
+                    })
+                })
+                .collect();
+            let is_conv = matches!(kind, Kind::Conv { .. });
+            steps.push(Step {
+                node: ni,
+                kind,
+                args,
+                out: slots,
+                out_shape: shape.clone(),
+                free: Vec::new(),
+            });
+            if node.outputs.len() > 1 && node.outputs[1..].iter().any(|o| !o.is_empty()) {
+                // Dropout's mask, BatchNorm's training outputs: not produced at inference.
+                for o in node.outputs[1..].iter().filter(|o| !o.is_empty()) {
+                    if readers.contains_key(o.as_str()) {
+                        return Err(node_err(
+                            node,
+                            format!("output {o:?} is not computed at inference"),
+                        ));
+                    }
+                }
+            }
+            vals.insert(
+                node.outputs[0].clone(),
+                Val::Slot {
+                    slot: slots,
+                    shape,
+                    elem,
+                    conv_step: is_conv.then_some(steps.len() - 1),
+                },
+            );
+            slots += 1;
+        }
+        let out_io = self.output();
+        let output = match vals.get(&out_io.name) {
+            Some(Val::Slot {
+                slot, shape, elem, ..
+            }) => {
+                if *elem != Elem::F32 {
+                    return Err(KernelError::Invalid {
+                        what: format!("output {:?}", out_io.name),
+                        reason: format!(
+                            "voxconv returns float32 outputs, the graph gives {}",
+                            elem.name()
+                        ),
+                    });
+                }
+                (Arg::Slot(*slot), shape.clone())
+            }
+            Some(Val::Const(c)) => (Arg::Const(Arc::clone(c)), c.shape.clone()),
+            None => {
+                return Err(KernelError::Invalid {
+                    what: format!("output {:?}", out_io.name),
+                    reason: "no node produces it".into(),
+                })
+            }
+        };
+        let output_shape: [usize; 5] =
+            output
+                .1
+                .as_slice()
+                .try_into()
+                .map_err(|_| KernelError::Invalid {
+                    what: format!("output {:?}", out_io.name),
+                    reason: format!(
+                        "voxconv returns [N, C, D, H, W] outputs, the graph gives shape {:?}",
+                        output.1
+                    ),
+                })?;
+        // Liveness: each slot is freed after its last reader (the output slot never).
+        let mut last: HashMap<usize, usize> = HashMap::new();
+        for (si, s) in steps.iter().enumerate() {
+            for a in s.args.iter().flatten() {
+                if let Arg::Slot(x) = a {
+                    last.insert(*x, si);
+                }
+            }
+        }
+        let out_slot = match output.0 {
+            Arg::Slot(s) => Some(s),
+            Arg::Const(_) => None,
+        };
+        for (slot, si) in last {
+            if Some(slot) != out_slot {
+                steps[si].free.push(slot);
+            }
+        }
+        let names = self
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.op.name()))
+            .collect();
+        Ok(GraphPlan {
+            steps,
+            slots,
+            input,
+            output: output.0,
+            output_shape,
+            names,
+        })
+    }
+}
+
+/// The step for one node whose inputs are not all constant: its kernel plan and output.
+fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem), KernelError> {
+    let err = |r: String| node_err(node, r);
+    let shape_of = |i: usize| -> Option<&Vec<usize>> {
+        match ins.get(i)? {
+            Some(Val::Slot { shape, .. }) => Some(shape),
+            Some(Val::Const(c)) => Some(&c.shape),
+            None => None,
+        }
+    };
+    let konst = |i: usize, what: &str| -> Result<Const, KernelError> {
+        match ins.get(i) {
+            Some(Some(Val::Const(c))) => Ok(Arc::clone(c)),
+            Some(Some(Val::Slot { .. })) => Err(node_err(
+                node,
+                format!("{what} (input {i}) must be a constant (an initializer), it is computed"),
+            )),
+            _ => Err(node_err(node, format!("{what} (input {i}) is missing"))),
+        }
+    };
+    let x_shape = shape_of(0)
+        .ok_or_else(|| err("input 0 is missing".into()))?
+        .clone();
+    let five = |s: &[usize]| -> Result<[usize; 5], KernelError> {
+        s.try_into().map_err(|_| {
+            node_err(
+                node,
+                format!("expects a 5-D input [N, C, D, H, W], got shape {s:?}"),
+            )
+        })
+    };
+    match &node.op {
+        Op::Conv(attr) => {
+            let x = five(&x_shape)?;
+            let w = konst(1, "weight")?;
+            let fs: [usize; 5] = w.shape.as_slice().try_into().map_err(|_| {
+                err(format!(
+                    "weight must be [C_out, C_in, kD, kH, kW], got {:?}",
+                    w.shape
+                ))
+            })?;
+            let bias = match ins.get(2) {
+                Some(Some(_)) => Some(konst(2, "bias")?),
+                _ => None,
+            };
+            if let Some(b) = &bias {
+                if b.shape != [fs[0]] {
+                    return Err(err(format!(
+                        "bias must have shape [{}], got {:?}",
+                        fs[0], b.shape
+                    )));
+                }
+            }
+            let pads = resolve_pads(attr, [x[2], x[3], x[4]], [fs[2], fs[3], fs[4]]);
+            let sym = [0, 1, 2].map(|a| pads[a].min(pads[a + 3]));
+            let extra_b = [0, 1, 2].map(|a| pads[a] - sym[a]);
+            let extra_e = [0, 1, 2].map(|a| pads[a + 3] - sym[a]);
+            let prepad = (extra_b != [0; 3] || extra_e != [0; 3]).then_some((extra_b, extra_e));
+            let mut xin = x;
+            for a in 0..3 {
+                xin[2 + a] = x[2 + a] + extra_b[a] + extra_e[a];
+            }
+            let shape = Conv3dShape::new(
+                xin,
+                fs,
+                Conv3dParams {
+                    stride: attr.strides,
+                    padding: sym,
+                    dilation: attr.dilations,
+                },
+            )
+            .map_err(|e| err(e.to_string()))?;
+            let out = shape.output.to_vec();
+            Ok((
+                Kind::Conv {
+                    plan: Box::new(Conv3dPlan::new(shape, Activation::None)),
+                    weights: w,
+                    bias,
+                    prepad,
+                },
+                out,
+                Elem::F32,
+            ))
+        }
+        Op::ConvTranspose {
+            attr,
+            output_padding,
+            output_shape,
+        } => {
+            let x = five(&x_shape)?;
+            let w = konst(1, "weight")?;
+            let fs: [usize; 5] = w.shape.as_slice().try_into().map_err(|_| {
+                err(format!(
+                    "weight must be [C_in, C_out, kD, kH, kW], got {:?}",
+                    w.shape
+                ))
+            })?;
+            let bias = match ins.get(2) {
+                Some(Some(_)) => Some(konst(2, "bias")?),
+                _ => None,
+            };
+            let mut pads = attr.pads;
+            let mut op = *output_padding;
+            if let Some(os) = output_shape {
+                // ONNX: total padding from the requested output shape (SAME_UPPER split).
+                for a in 0..3 {
+                    let full = attr.strides[a] * (x[2 + a] - 1)
+                        + op[a]
+                        + (fs[2 + a] - 1) * attr.dilations[a]
+                        + 1;
+                    let total = full.checked_sub(os[a]).ok_or_else(|| {
+                        err(format!(
+                            "output_shape {os:?} is larger than the transposed convolution gives"
+                        ))
+                    })?;
+                    pads[a] = total / 2;
+                    pads[a + 3] = total - total / 2;
+                    op[a] = 0;
+                }
+            }
+            let params = ConvTranspose3dParams {
+                stride: attr.strides,
+                pads_begin: [pads[0], pads[1], pads[2]],
+                pads_end: [pads[3], pads[4], pads[5]],
+                output_padding: op,
+                dilation: attr.dilations,
+            };
+            let shape = ConvTranspose3dShape::new(x, fs, params).map_err(|e| err(e.to_string()))?;
+            let plan = ConvTranspose3dPlan::new(
+                shape,
+                w.as_f32().map_err(&err)?,
+                bias.as_ref()
+                    .map(|b| b.as_f32())
+                    .transpose()
+                    .map_err(&err)?,
+                Activation::None,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            Ok((
+                Kind::ConvTranspose(Box::new(plan)),
+                shape.output.to_vec(),
+                Elem::F32,
+            ))
+        }
+        op => {
+            let infos: Vec<Option<eval::Info<'_>>> = ins
+                .iter()
+                .map(|v| {
+                    v.as_ref().map(|v| match v {
+                        Val::Const(c) => eval::Info {
+                            shape: &c.shape,
+                            elem: c.elem(),
+                            value: Some(&**c),
+                        },
+                        Val::Slot { shape, elem, .. } => eval::Info {
+                            shape,
+                            elem: *elem,
+                            value: None,
+                        },
+                    })
+                })
+                .collect();
+            let (shape, elem) = eval::infer(op, &infos).map_err(err)?;
+            crate::model::graph::tensor::numel(&shape).map_err(|e| node_err(node, e))?;
+            Ok((Kind::Eval(op.clone()), shape, elem))
+        }
+    }
+}
+
+/// Pads after `auto_pad` (SAME: total `(o−1)·s + eff − x` split as ONNX says).
+fn resolve_pads(attr: &ConvAttr, x: [usize; 3], k: [usize; 3]) -> [usize; 6] {
+    match attr.auto_pad {
+        AutoPad::NotSet => attr.pads,
+        AutoPad::Valid => [0; 6],
+        AutoPad::SameUpper | AutoPad::SameLower => {
+            let mut p = [0usize; 6];
+            for a in 0..3 {
+                let o = x[a].div_ceil(attr.strides[a]);
+                let eff = (k[a] - 1) * attr.dilations[a] + 1;
+                let total = ((o - 1) * attr.strides[a] + eff).saturating_sub(x[a]);
+                let small = total / 2;
+                let (b, e) = if attr.auto_pad == AutoPad::SameUpper {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+                p[a] = b;
+                p[a + 3] = e;
+            }
+            p
+        }
+    }
+}
+
+/// Milliseconds per strategy, in first-use order.
+pub type StrategyTimes = Vec<(&'static str, f64)>;
+
+/// One value at run time: taken (its last reader) or lent.
+enum Held<'a> {
+    Own(Tensor),
+    Lent(&'a Tensor),
+}
+
+impl GraphPlan {
+    pub fn input(&self) -> [usize; 5] {
+        self.input
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.output_shape.iter().product()
+    }
+
+    /// FLOPs of the convolutions (direct count).
+    pub fn flops(&self) -> f64 {
+        self.steps
+            .iter()
+            .map(|s| match &s.kind {
+                Kind::Conv { plan, .. } => plan.shape().flops(),
+                Kind::ConvTranspose(p) => p.shape().flops(),
+                Kind::Eval(_) => 0.0,
+            })
+            .sum()
+    }
+
+    /// Number of steps (nodes left after constant folding and fusion).
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Peak bytes of a run besides the caller's input: the largest set of live buffers
+    /// plus the step's workspace, over all steps.
+    pub fn working_bytes(&self, threads: usize) -> usize {
+        let mut size = vec![0usize; self.slots];
+        for s in &self.steps {
+            size[s.out] = s.out_shape.iter().product::<usize>() * 4;
+        }
+        let mut live = 0usize;
+        let mut peak = 0usize;
+        for s in &self.steps {
+            let ws = match &s.kind {
+                Kind::Conv { plan, prepad, .. } => {
+                    plan.workspace_bytes(threads)
+                        + prepad.map_or(0, |_| plan.shape().input_len() * 4)
+                }
+                Kind::ConvTranspose(p) => p.workspace_bytes(threads),
+                Kind::Eval(_) => 0,
+            };
+            peak = peak.max(live + size[s.out] + ws);
+            live += size[s.out];
+            for f in &s.free {
+                live -= size[*f];
+            }
+        }
+        peak
+    }
+
+    /// The strategy of each step, in order (for descriptions and benchmarks).
+    pub fn strategies(&self) -> Vec<(String, &'static str)> {
+        self.steps
+            .iter()
+            .map(|s| {
+                let name = self.names[s.node].0.clone();
+                let strat = match &s.kind {
+                    Kind::Conv { plan, .. } => plan.strategy().name(),
+                    Kind::ConvTranspose(p) => p.strategy().name(),
+                    Kind::Eval(op) => op.name(),
+                };
+                (name, strat)
+            })
+            .collect()
+    }
+
+    /// Runs the graph on `input` (`[N, C, D, H, W]` of the planned shape); returns the
+    /// output and the time per strategy (summed over steps, in first-use order).
+    pub fn run(
+        &self,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Vec<f32>, StrategyTimes), KernelError> {
+        let want: usize = self.input.iter().product();
+        if input.len() != want {
+            return Err(KernelError::BufferLength {
+                what: "input",
+                expected: want,
+                got: input.len(),
+            });
+        }
+        let mut slots: Vec<Option<Tensor>> = (0..self.slots).map(|_| None).collect();
+        slots[0] = Some(Tensor::f32(self.input.to_vec(), input));
+        let mut times: Vec<(&'static str, f64)> = Vec::new();
+        for s in &self.steps {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(KernelError::Cancelled);
+            }
+            let t0 = Instant::now();
+            let (y, strat) = self.run_step(s, &mut slots, threads, cancel)?;
+            slots[s.out] = Some(y);
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            match times.iter_mut().find(|(n, _)| *n == strat) {
+                Some(t) => t.1 += ms,
+                None => times.push((strat, ms)),
+            }
+        }
+        let out = match &self.output {
+            Arg::Slot(s) => slots[*s].take().ok_or_else(|| KernelError::Invalid {
+                what: "graph output".into(),
+                reason: "was not computed (a bug)".into(),
+            })?,
+            Arg::Const(c) => (**c).clone(),
+        };
+        let out = out.into_f32().map_err(|e| KernelError::Invalid {
+            what: "graph output".into(),
+            reason: e,
+        })?;
+        Ok((out, times))
+    }
+
+    fn run_step(
+        &self,
+        s: &Step,
+        slots: &mut [Option<Tensor>],
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Tensor, &'static str), KernelError> {
+        let bug = |r: String| KernelError::Invalid {
+            what: format!("node {:?} ({})", self.names[s.node].0, self.names[s.node].1),
+            reason: r,
+        };
+        // Inputs read for the last time are taken (computed in place where the op can).
+        let mut taken: Vec<Option<Tensor>> = Vec::with_capacity(s.args.len());
+        for a in &s.args {
+            taken.push(match a {
+                Some(Arg::Slot(x))
+                    if s.free.contains(x)
+                        && s.args
+                            .iter()
+                            .filter(|b| matches!(b, Some(Arg::Slot(y)) if y == x))
+                            .count()
+                            == 1 =>
+                {
+                    slots[*x].take()
+                }
+                _ => None,
+            });
+        }
+        let held: Vec<Option<Held<'_>>> = s
+            .args
+            .iter()
+            .zip(taken)
+            .map(|(a, t)| match (a, t) {
+                (None, _) => Ok(None),
+                (_, Some(t)) => Ok(Some(Held::Own(t))),
+                (Some(Arg::Const(c)), None) => Ok(Some(Held::Lent(c))),
+                (Some(Arg::Slot(x)), None) => slots[*x]
+                    .as_ref()
+                    .map(|t| Some(Held::Lent(t)))
+                    .ok_or_else(|| bug(format!("slot {x} read before it is written"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let x_ref = |h| held_f32(h).map_err(bug);
+        let result = match &s.kind {
+            Kind::Conv {
+                plan,
+                weights,
+                bias,
+                prepad,
+            } => {
+                let x = x_ref(&held[0])?;
+                let padded;
+                let x = match prepad {
+                    Some((b, e)) => {
+                        let shape = self_shape5(&held[0]).map_err(bug)?;
+                        padded =
+                            crate::kernel::ops::pad3d(x, shape, *b, *e, PadMode::Constant(0.0))?.0;
+                        &padded[..]
+                    }
+                    None => x,
+                };
+                let mut out = vec![0f32; plan.shape().output_len()];
+                plan.run_into(
+                    x,
+                    weights.as_f32().map_err(bug)?,
+                    bias.as_ref().map(|b| b.as_f32()).transpose().map_err(bug)?,
+                    &mut out,
+                    threads,
+                    cancel,
+                )?;
+                (
+                    Tensor::f32(s.out_shape.clone(), out),
+                    plan.strategy().name(),
+                )
+            }
+            Kind::ConvTranspose(p) => {
+                let x = x_ref(&held[0])?;
+                let mut out = vec![0f32; p.shape().output_len()];
+                p.run_into(x, &mut out, threads, cancel)?;
+                (Tensor::f32(s.out_shape.clone(), out), p.strategy().name())
+            }
+            Kind::Eval(op) => {
+                let ins = held
+                    .into_iter()
+                    .map(|h| {
+                        h.map(|h| match h {
+                            Held::Own(t) => Cow::Owned(t),
+                            Held::Lent(t) => Cow::Borrowed(t),
+                        })
+                    })
+                    .collect();
+                let mut outs = eval::eval(op, ins).map_err(bug)?;
+                if outs.is_empty() {
+                    return Err(bug("no output".into()));
+                }
+                let y = outs.swap_remove(0);
+                if y.shape != s.out_shape {
+                    return Err(bug(format!(
+                        "computed shape {:?}, planned {:?}",
+                        y.shape, s.out_shape
+                    )));
+                }
+                (y, op.name())
+            }
+        };
+        for f in &s.free {
+            slots[*f] = None;
+        }
+        Ok(result)
+    }
+}
+
+fn held_f32<'a>(h: &'a Option<Held<'_>>) -> Result<&'a [f32], String> {
+    match h {
+        Some(Held::Own(t)) => t.as_f32(),
+        Some(Held::Lent(t)) => t.as_f32(),
+        None => Err("input 0 is missing".into()),
+    }
+}
+
+fn self_shape5(h: &Option<Held<'_>>) -> Result<[usize; 5], String> {
+    let t = match h {
+        Some(Held::Own(t)) => t,
+        Some(Held::Lent(t)) => t,
+        None => return Err("missing input".into()),
+    };
+    t.shape
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("expected a 5-D tensor, got {:?}", t.shape))
+}

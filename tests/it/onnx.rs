@@ -1,0 +1,483 @@
+//! ONNX U-Nets (MONAI BasicUNet, UNet, SegResNet; nnU-Net PlainConvUNet) from
+//! `tests/fixtures/onnx` (made by `scripts/export_onnx.py`: seeded weights, the
+//! onnxruntime output beside each model) against onnxruntime, in process and over KServe
+//! by the graph's tensor names; and every kind of bad file a load error, never a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::common::*;
+use prost::Message;
+use tonic::Code;
+use voxconv::config::Config;
+use voxconv::model::repo::{load_model, ModelRegistry};
+use voxconv::proto::inference as kv;
+use voxconv::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use voxconv::proto::onnx as ox;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx")
+}
+
+fn npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let a: ndarray::ArrayD<f32> = ndarray_npy::read_npy(path).unwrap();
+    (a.shape().to_vec(), a.iter().copied().collect())
+}
+
+/// Max |got − want| and max |want|.
+fn err_and_scale(got: &[f32], want: &[f32]) -> (f32, f32) {
+    assert_eq!(got.len(), want.len());
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    (err, scale)
+}
+
+const NETS: [&str; 5] = [
+    "monai_basicunet",
+    "monai_unet",
+    "monai_segresnet",
+    "nnunet_plainconv",
+    "monai_basicunet_dynamic",
+];
+
+/// Each network's output equals onnxruntime's within 1e-4 × max|ref| (the NaN-prefilled
+/// output buffer is fully overwritten), at 1 and 2 threads with the same bits.
+#[test]
+fn unets_match_onnxruntime() {
+    for name in NETS {
+        let dir = fixtures().join(name);
+        let m = load_model(&dir, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut cases = vec![("input.npy", "expected.npy")];
+        if dir.join("input2.npy").exists() {
+            cases.push(("input2.npy", "expected2.npy"));
+        }
+        for (inp, exp) in cases {
+            let (shape, x) = npy(&dir.join(inp));
+            let (want_shape, want) = npy(&dir.join(exp));
+            let shape: [usize; 5] = shape.try_into().unwrap();
+            let plan = m
+                .plan(shape)
+                .unwrap_or_else(|e| panic!("{name} {inp}: {e}"));
+            assert_eq!(plan.output.to_vec(), want_shape, "{name} {inp}");
+            let mut outs = Vec::new();
+            for threads in [1, 2] {
+                let mut got = vec![f32::NAN; plan.output_len()];
+                plan.run_to(&m, x.clone(), threads, None, &mut got)
+                    .unwrap_or_else(|e| panic!("{name} {inp}: {e}"));
+                let (err, scale) = err_and_scale(&got, &want);
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{name} {inp} at {threads} threads: max error {err} vs max|ref| {scale}"
+                );
+                outs.push(got);
+            }
+            assert!(
+                outs[0]
+                    .iter()
+                    .zip(&outs[1])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} {inp}: 1 and 2 threads differ"
+            );
+        }
+    }
+}
+
+fn kserve_request(model: &str, input: &str, shape: &[usize], x: &[f32]) -> kv::ModelInferRequest {
+    kv::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![kv::model_infer_request::InferInputTensor {
+            name: input.into(),
+            datatype: "FP32".into(),
+            shape: shape.iter().map(|&d| d as i64).collect(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f32_bytes(x)],
+        ..Default::default()
+    }
+}
+
+/// KServe names tensors as the graph does (`image` / `logits`), reports the graph's dims,
+/// answers by them, and refuses the stack names and a size the graph does not take with
+/// INVALID_ARGUMENT naming what it expects; GetModel reports the format, tensors, ops and
+/// working memory; `voxconv infer` runs an ONNX model unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_by_the_graphs_names() {
+    let (reg, report) = ModelRegistry::with_repository(fixtures()).unwrap();
+    for n in NETS {
+        assert!(report.loaded.contains(&n.to_string()), "{report:?}");
+    }
+    assert!(report.failed.is_empty(), "{report:?}");
+    let server = TestServer::start_registry(Config::for_tests(), Arc::new(reg)).await;
+    let mut c = GrpcInferenceServiceClient::connect(server.url())
+        .await
+        .unwrap();
+
+    let meta = c
+        .model_metadata(kv::ModelMetadataRequest {
+            name: "monai_unet".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.platform, "voxconv_onnx");
+    assert_eq!(meta.inputs[0].name, "image");
+    assert_eq!(meta.inputs[0].shape, vec![1, 1, 24, 24, 24]);
+    assert_eq!(meta.outputs[0].name, "logits");
+    assert_eq!(meta.outputs[0].shape, vec![1, 3, 24, 24, 24]);
+    let dynamic = c
+        .model_metadata(kv::ModelMetadataRequest {
+            name: "monai_basicunet_dynamic".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dynamic.inputs[0].shape, vec![-1, 1, -1, -1, -1]);
+
+    let dir = fixtures().join("monai_unet");
+    let (shape, x) = npy(&dir.join("input.npy"));
+    let (_, want) = npy(&dir.join("expected.npy"));
+    let r = c
+        .model_infer(kserve_request("monai_unet", "image", &shape, &x))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outputs[0].name, "logits");
+    assert_eq!(r.outputs[0].shape, vec![1, 3, 24, 24, 24]);
+    let got = floats(&r.raw_output_contents[0]);
+    let (err, scale) = err_and_scale(&got, &want);
+    assert!(err <= 1e-4 * scale, "max error {err} vs {scale}");
+
+    let e = c
+        .model_infer(kserve_request("monai_unet", "input", &shape, &x))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("expected \"image\""),
+        "{}",
+        e.message()
+    );
+    let small = vec![0f32; 16 * 16 * 16];
+    let e = c
+        .model_infer(kserve_request(
+            "monai_unet",
+            "image",
+            &[1, 1, 16, 16, 16],
+            &small,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("must be 24 for this model"),
+        "{}",
+        e.message()
+    );
+
+    let mut v1 = server.client().await;
+    let info = v1
+        .get_model(voxconv::proto::voxconv::v1::GetModelRequest {
+            name: "monai_segresnet".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.format, "onnx");
+    assert_eq!(info.inputs[0].name, "image");
+    assert_eq!(info.input_channels, 2);
+    assert!(info.ops.contains("Conv:20"), "{}", info.ops);
+    assert!(info.working_bytes > 0);
+
+    // The CLI, as a user runs it, through voxconv.v1 (first input and output).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("y.npy");
+    let dir = fixtures().join("nnunet_plainconv");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_voxconv"));
+    cmd.args([
+        "infer",
+        "--server",
+        &server.url(),
+        "--model",
+        "nnunet_plainconv",
+        "--input",
+    ])
+    .arg(dir.join("input.npy"))
+    .arg("--output")
+    .arg(&out);
+    let o = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, want) = npy(&dir.join("expected.npy"));
+    let (got_shape, got) = npy(&out);
+    assert_eq!(got_shape, vec![1, 3, 32, 32, 32]);
+    let (err, scale) = err_and_scale(&got, &want);
+    assert!(err <= 1e-4 * scale, "CLI: max error {err} vs {scale}");
+}
+
+// ---- untrusted files ----
+
+fn model_dir(bytes: &[u8]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("model.onnx"), bytes).unwrap();
+    d
+}
+
+fn load_err(dir: &Path) -> String {
+    match load_model(dir, "bad") {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn vi(name: &str, dims: &[i64]) -> ox::ValueInfoProto {
+    use ox::tensor_shape_proto::{dimension::Value, Dimension};
+    ox::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(ox::TypeProto {
+            value: Some(ox::type_proto::Value::TensorType(ox::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(ox::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> ox::NodeProto {
+    ox::NodeProto {
+        name: Some(name.into()),
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn model(nodes: Vec<ox::NodeProto>, inits: Vec<ox::TensorProto>, opset: i64) -> Vec<u8> {
+    ox::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![ox::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(opset),
+        }],
+        graph: Some(ox::GraphProto {
+            node: nodes,
+            initializer: inits,
+            input: vec![vi("x", &[1, 1, 4, 4, 4])],
+            output: vec![vi("y", &[1, 1, 4, 4, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn weight(name: &str, dims: &[i64], n: usize) -> ox::TensorProto {
+    ox::TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        float_data: vec![0.5; n],
+        ..Default::default()
+    }
+}
+
+fn external(name: &str, location: &str) -> ox::TensorProto {
+    ox::TensorProto {
+        name: Some(name.into()),
+        dims: vec![1],
+        data_type: Some(1),
+        data_location: Some(ox::tensor_proto::DataLocation::External as i32),
+        external_data: vec![ox::StringStringEntryProto {
+            key: Some("location".into()),
+            value: Some(location.into()),
+        }],
+        ..Default::default()
+    }
+}
+
+/// A valid tiny graph loads and runs (so the bad cases below fail for their own reason).
+#[test]
+fn a_minimal_graph_loads_and_each_bad_file_is_a_named_load_error() {
+    let ok = model(
+        vec![
+            node("c", "Conv", &["x", "w"], &["h"]),
+            node("r", "Relu", &["h"], &["y"]),
+        ],
+        vec![weight("w", &[1, 1, 1, 1, 1], 1)],
+        17,
+    );
+    let d = model_dir(&ok);
+    let m = load_model(d.path(), "ok").unwrap();
+    let plan = m.plan([1, 1, 4, 4, 4]).unwrap();
+    let x: Vec<f32> = (0..64).map(|i| i as f32 - 32.0).collect();
+    let mut y = vec![f32::NAN; 64];
+    plan.run_to(&m, x.clone(), 1, None, &mut y).unwrap();
+    assert!(y.iter().zip(&x).all(|(a, b)| *a == (0.5 * b).max(0.0)));
+
+    // Truncated and corrupt protobuf.
+    let e = load_err(model_dir(&ok[..ok.len() / 2]).path());
+    assert!(e.contains("not a valid ONNX protobuf"), "{e}");
+    let e = load_err(model_dir(b"\xff\xff\xff\xff garbage").path());
+    assert!(e.contains("not a valid ONNX protobuf"), "{e}");
+
+    // Every unsupported op listed at once, with node name, op and opset.
+    let e = load_err(
+        model_dir(&model(
+            vec![
+                node("a", "Einsum", &["x"], &["h"]),
+                node("b", "LSTM", &["h"], &["y"]),
+            ],
+            vec![],
+            17,
+        ))
+        .path(),
+    );
+    assert!(e.contains("2 node(s)"), "{e}");
+    assert!(
+        e.contains("node \"a\" (Einsum, opset 17): op Einsum is not supported"),
+        "{e}"
+    );
+    assert!(e.contains("node \"b\" (LSTM, opset 17)"), "{e}");
+
+    // Grouped convolution, an opset outside 13–21, a cycle, a value nobody produces.
+    let mut g = node("c", "Conv", &["x", "w"], &["y"]);
+    g.attribute.push(ox::AttributeProto {
+        name: Some("group".into()),
+        i: Some(2),
+        ..Default::default()
+    });
+    let e = load_err(model_dir(&model(vec![g], vec![weight("w", &[1, 1, 1, 1, 1], 1)], 17)).path());
+    assert!(e.contains("group 2"), "{e}");
+    let e = load_err(model_dir(&model(vec![node("r", "Relu", &["x"], &["y"])], vec![], 9)).path());
+    assert!(e.contains("opset 9 is not supported"), "{e}");
+    let e = load_err(
+        model_dir(&model(
+            vec![
+                node("p", "Relu", &["q_out"], &["p_out"]),
+                node("q", "Relu", &["p_out"], &["q_out"]),
+                node("r", "Relu", &["x"], &["y"]),
+            ],
+            vec![],
+            17,
+        ))
+        .path(),
+    );
+    assert!(e.contains("cycle"), "{e}");
+    let e = load_err(
+        model_dir(&model(
+            vec![node("r", "Relu", &["nope"], &["y"])],
+            vec![],
+            17,
+        ))
+        .path(),
+    );
+    assert!(e.contains("reads \"nope\""), "{e}");
+
+    // Absurd dims: an initializer claiming 2^62 elements with 1 value; dims that do not
+    // match the data.
+    let e = load_err(
+        model_dir(&model(
+            vec![node("c", "Conv", &["x", "w"], &["y"])],
+            vec![weight("w", &[1 << 31, 1 << 31, 1, 1, 1], 1)],
+            17,
+        ))
+        .path(),
+    );
+    assert!(e.contains("initializer \"w\""), "{e}");
+    let e = load_err(
+        model_dir(&model(
+            vec![node("c", "Conv", &["x", "w"], &["y"])],
+            vec![weight("w", &[2, 1, 3, 3, 3], 5)],
+            17,
+        ))
+        .path(),
+    );
+    assert!(e.contains("need 54 values, the tensor holds 5"), "{e}");
+    // A weight of the wrong shape for the input: named at load (the graph is planned for
+    // its declared input).
+    let e = load_err(
+        model_dir(&model(
+            vec![node("c", "Conv", &["x", "w"], &["y"])],
+            vec![weight("w", &[1, 3, 1, 1, 1], 3)],
+            17,
+        ))
+        .path(),
+    );
+    assert!(e.contains("node \"c\" (Conv)"), "{e}");
+
+    // External data that leaves the directory: `..`, absolute, a symlink out.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("w.bin"), 0.5f32.to_le_bytes()).unwrap();
+    for loc in [
+        "../w.bin".to_string(),
+        outside.path().join("w.bin").display().to_string(),
+    ] {
+        let e = load_err(
+            model_dir(&model(
+                vec![node("m", "Mul", &["x", "w"], &["y"])],
+                vec![external("w", &loc)],
+                17,
+            ))
+            .path(),
+        );
+        assert!(e.contains("must be a plain relative path"), "{loc}: {e}");
+    }
+    let d = model_dir(&model(
+        vec![node("m", "Mul", &["x", "w"], &["y"])],
+        vec![external("w", "link.bin")],
+        17,
+    ));
+    std::os::unix::fs::symlink(outside.path().join("w.bin"), d.path().join("link.bin")).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("resolves outside the model directory"), "{e}");
+    // The same weight inside the directory loads, and a short file is an error.
+    let d = model_dir(&model(
+        vec![node("m", "Mul", &["x", "w"], &["y"])],
+        vec![external("w", "w.bin")],
+        17,
+    ));
+    std::fs::write(d.path().join("w.bin"), 0.5f32.to_le_bytes()).unwrap();
+    load_model(d.path(), "ext").unwrap();
+    std::fs::write(d.path().join("w.bin"), [0u8; 2]).unwrap();
+    let e = load_err(d.path());
+    assert!(e.contains("past its end"), "{e}");
+}
+
+/// A repository with a broken ONNX model beside good ones: the broken one is reported by
+/// name, the others serve.
+#[test]
+fn a_broken_onnx_model_does_not_stop_the_others() {
+    let repo = tempfile::tempdir().unwrap();
+    let good = repo.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    std::fs::copy(
+        fixtures().join("monai_unet/model.onnx"),
+        good.join("model.onnx"),
+    )
+    .unwrap();
+    let bad = repo.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("model.onnx"), b"not onnx").unwrap();
+    let (reg, report) = ModelRegistry::with_repository(repo.path().to_path_buf()).unwrap();
+    assert_eq!(report.loaded, vec!["good".to_string()]);
+    assert_eq!(report.failed.len(), 1);
+    assert!(report.failed[0].1.contains("bad"), "{:?}", report.failed);
+    assert!(reg.snapshot().get("good").is_some());
+}
