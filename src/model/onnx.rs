@@ -88,10 +88,12 @@ pub fn decode(bytes: bytes::Bytes, dir: Option<&Path>) -> Result<Graph, String> 
         };
         let elem = match t.elem_type.unwrap_or(0) {
             1 => Elem::F32,
-            e => return Err(format!(
+            e => {
+                return Err(format!(
                 "{what} {name:?} has element type {} ; voxconv takes and returns float32 (FLOAT)",
                 dtype_name(e)
-            )),
+            ))
+            }
         };
         let dims = t
             .shape

@@ -6,13 +6,22 @@
 //!   per side as in ONNX (`pads_begin`, `pads_end`): PyTorch's symmetric `padding = p` is
 //!   `pads_begin = pads_end = p`.
 //! * [`ConvTranspose3dPlan`]: planned once per (shape, filters); the filters are rearranged
-//!   at construction, never per call. Two strategies ([`TransposeStrategy`]):
+//!   at construction, never per call. Three strategies ([`TransposeStrategy`]):
 //!   - `PatchGemm` (stride = kernel, no padding, dilation 1: U-Net upsampling): the kernel
 //!     taps never overlap, so one pointwise convolution with filters
 //!     `[C_out·kD·kH·kW, C_in, 1, 1, 1]` computes every tap of every input voxel, streamed
 //!     slab by slab ([`Conv3dPlan::run_slabs`]) and scattered into the output, each input
 //!     voxel writing its `kD×kH×kW` block, bias and activation applied in the scatter.
 //!     Output-padding voxels (which no tap reaches) get `activation(bias)`.
+//!   - `Col2im` (the default for every other shape): the same pointwise GEMM, streamed the
+//!     same way, then a col2im scatter-*add* of each slab into the output: tap `(a, b, c)` of
+//!     input voxel `(d, h, w)` adds to output voxel
+//!     `(d·sD − padD + a·dilD, h·sH − padH + b·dilH, w·sW − padW + c·dilW)`, dropped where
+//!     that falls outside the (cropped) output. The valid input range of every tap is
+//!     precomputed per axis, so the scatter is branch-free loops adding strided rows of `W`
+//!     input voxels into output rows. Output planes are zeroed just before the first slab
+//!     that can reach them, and get bias and activation as soon as no later slab can reach
+//!     them (so the output is walked about once, near the slab that fills it).
 //!   - `General`: the equivalent direct convolution of the input with `stride − 1` zeros
 //!     inserted between voxels, padded by `dil·(k − 1) − pad_begin` before and
 //!     `dil·(k − 1) − pad_end + output_padding` after (a negative amount crops), with the
@@ -20,11 +29,13 @@
 //!     dilation kept, bias and activation fused by the [`Conv3dPlan`]. The symmetric part
 //!     of that padding is left to the convolution; only the rest (and the zero insertion) is
 //!     staged into a workspace, one batch item at a time. With stride 1 and symmetric
-//!     padding nothing is staged.
+//!     padding nothing is staged. Never chosen by default (with stride > 1 it multiplies
+//!     the inserted zeros too), but it can be forced
+//!     ([`ConvTranspose3dPlan::with_strategy`]) to compare.
 //! * [`conv_transpose3d_reference`]: the definition, scattered in f64, the oracle.
 //!
-//! Results are bit-identical across thread counts (the convolution is, and the scatter and
-//! staging are sequential copies).
+//! Results are bit-identical across thread counts (the convolution is, and the scatters and
+//! staging are sequential, on the calling thread, in slab order).
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::shape::AXES;
 use crate::{
     avx512, winograd, Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, KernelError,
-    Strategy,
+    Strategy, Tiling,
 };
 
 /// Stride, padding (begin/end per axis, as ONNX pads), output padding and dilation per
@@ -249,30 +260,65 @@ pub enum TransposeStrategy {
     /// padding): one pointwise GEMM `[C_out·k³ × C_in] · [C_in × voxels]`, then a scatter of
     /// non-overlapping blocks; no col2im.
     PatchGemm,
-    /// Anything else: the equivalent direct convolution of the zero-inserted, padded input
-    /// with the flipped filters.
+    /// Any shape (the default for all but the patch case): the same pointwise GEMM, then a
+    /// col2im scatter-add of the overlapping, strided, dilated and cropped taps.
+    Col2im,
+    /// Any shape, only when forced: the equivalent direct convolution of the zero-inserted,
+    /// padded input with the flipped filters.
     General,
 }
 
 impl TransposeStrategy {
+    /// Every strategy, for tests and benchmarks.
+    pub const ALL: [TransposeStrategy; 3] = [
+        TransposeStrategy::PatchGemm,
+        TransposeStrategy::Col2im,
+        TransposeStrategy::General,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             TransposeStrategy::PatchGemm => "transpose-patch-gemm",
+            TransposeStrategy::Col2im => "transpose-col2im",
             TransposeStrategy::General => "transpose-general",
         }
     }
 
-    /// The strategy a plan uses for `shape`.
+    /// The strategy a plan uses for `shape`: `PatchGemm` where it applies, else `Col2im`.
     pub fn for_shape(shape: &ConvTranspose3dShape) -> Self {
-        let p = &shape.params;
-        if p.stride == shape.kernel_dims()
-            && p.pads_begin == [0; 3]
-            && p.pads_end == [0; 3]
-            && p.dilation == [1; 3]
-        {
+        if TransposeStrategy::PatchGemm.supports(shape) {
             TransposeStrategy::PatchGemm
         } else {
-            TransposeStrategy::General
+            TransposeStrategy::Col2im
+        }
+    }
+
+    /// Whether this strategy can run `shape`: `Col2im` and `General` run any shape,
+    /// `PatchGemm` only stride = kernel with no padding and dilation 1.
+    pub fn supports(self, shape: &ConvTranspose3dShape) -> bool {
+        self.unsupported_reason(shape).is_none()
+    }
+
+    fn unsupported_reason(self, shape: &ConvTranspose3dShape) -> Option<String> {
+        let p = &shape.params;
+        match self {
+            TransposeStrategy::PatchGemm
+                if p.stride != shape.kernel_dims()
+                    || p.pads_begin != [0; 3]
+                    || p.pads_end != [0; 3]
+                    || p.dilation != [1; 3] =>
+            {
+                Some(format!(
+                    "needs stride = kernel, no padding and dilation 1; this shape has stride \
+                     {:?}, kernel {:?}, pads {:?}/{:?}, dilation {:?}",
+                    p.stride,
+                    shape.kernel_dims(),
+                    p.pads_begin,
+                    p.pads_end,
+                    p.dilation
+                ))
+            }
+            _ => None,
         }
     }
 }
@@ -306,6 +352,17 @@ impl StageAxis {
     }
 }
 
+/// The input voxels along one axis whose tap lands inside the output: `inputs`, the first
+/// of which lands at output index `first` (the next ones `stride` apart).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TapSpan {
+    inputs: std::ops::Range<usize>,
+    first: usize,
+}
+
+/// Per axis, per tap: where the tap's contributions land (`None`: nowhere, all cropped).
+type TapSpans = [Vec<Option<TapSpan>>; 3];
+
 #[derive(Clone, Debug)]
 enum Inner {
     Patch {
@@ -315,6 +372,14 @@ enum Inner {
         /// `[C_out·kD·kH·kW, C_in]`: row `((co·kD + a)·kH + b)·kW + c` is tap `(a, b, c)` of
         /// output channel `co`.
         filters: Vec<f32>,
+    },
+    Col2im {
+        /// The same pointwise convolution as `Patch`.
+        conv: Conv3dPlan,
+        /// As `Patch`.
+        filters: Vec<f32>,
+        /// Where each tap lands, per axis.
+        spans: TapSpans,
     },
     General {
         /// Direct convolution, bias and activation fused; on one batch item when staging.
@@ -335,6 +400,11 @@ pub struct ConvTranspose3dPlan {
     /// `C_out` values (zeros without a bias).
     bias: Vec<f32>,
     has_bias: bool,
+    /// Set by [`with_min_flops_per_thread`](ConvTranspose3dPlan::with_min_flops_per_thread),
+    /// kept across [`with_strategy`](ConvTranspose3dPlan::with_strategy).
+    min_flops_per_thread: Option<f64>,
+    /// Set by [`with_tiling`](ConvTranspose3dPlan::with_tiling), kept likewise.
+    tiling: Option<Tiling>,
     inner: Inner,
 }
 
@@ -350,10 +420,24 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Kern
     }
 }
 
+/// Adds `src` into every `stride`-th value of `dst`, from `dst[0]` (`dst` holds at least
+/// `(src.len() − 1)·stride + 1` values).
+#[inline]
+fn add_strided(dst: &mut [f32], src: &[f32], stride: usize) {
+    if stride == 1 {
+        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+    } else {
+        dst.iter_mut()
+            .step_by(stride)
+            .zip(src)
+            .for_each(|(d, &v)| *d += v);
+    }
+}
+
 impl ConvTranspose3dPlan {
     /// Plans `shape` with `filters` (`[C_in, C_out, kD, kH, kW]`) and an optional bias
-    /// (`C_out` values): checks their lengths, picks the strategy and rearranges the filters
-    /// for it.
+    /// (`C_out` values): checks their lengths, picks the strategy
+    /// ([`TransposeStrategy::for_shape`]) and rearranges the filters for it.
     pub fn new(
         shape: ConvTranspose3dShape,
         filters: &[f32],
@@ -364,36 +448,156 @@ impl ConvTranspose3dPlan {
         if let Some(b) = bias {
             check_len("bias", shape.c_out(), b.len())?;
         }
-        let [c_in, c_out, kd, kh, kw] = shape.filters;
-        let taps = kd * kh * kw;
-        let inner = match TransposeStrategy::for_shape(&shape) {
-            TransposeStrategy::PatchGemm => {
-                let rows = c_out.checked_mul(taps).ok_or(KernelError::Overflow {
-                    what: "patch GEMM rows",
-                })?;
-                let conv_shape =
-                    Conv3dShape::new(shape.input, [rows, c_in, 1, 1, 1], Conv3dParams::default())?;
-                // W[ci][co][tap] → P[co·taps + tap][ci].
-                let mut packed = vec![0f32; filters.len()];
-                for ci in 0..c_in {
-                    for r in 0..rows {
-                        packed[r * c_in + ci] = filters[ci * rows + r];
-                    }
-                }
-                Inner::Patch {
-                    conv: Conv3dPlan::new(conv_shape, Activation::None),
-                    filters: packed,
-                }
-            }
-            TransposeStrategy::General => Self::plan_general(&shape, filters, activation)?,
-        };
+        let strategy = TransposeStrategy::for_shape(&shape);
+        let inner = Self::plan_inner(&shape, filters, activation, strategy)?;
         Ok(Self {
             shape,
             activation,
-            bias: bias.map_or_else(|| vec![0.0; c_out], <[f32]>::to_vec),
+            bias: bias.map_or_else(|| vec![0.0; shape.c_out()], <[f32]>::to_vec),
             has_bias: bias.is_some(),
+            min_flops_per_thread: None,
+            tiling: None,
             inner,
         })
+    }
+
+    /// Re-plans with another strategy (tests and benchmarks compare them), the filters
+    /// rearranged anew. One that cannot run this shape (`PatchGemm` outside stride = kernel,
+    /// no padding, dilation 1) is an error ([`KernelError::Unsupported`]), never a silent
+    /// fallback.
+    pub fn with_strategy(self, strategy: TransposeStrategy) -> Result<Self, KernelError> {
+        if let Some(reason) = strategy.unsupported_reason(&self.shape) {
+            return Err(KernelError::Unsupported {
+                what: format!("strategy {}", strategy.name()),
+                reason,
+            });
+        }
+        if strategy == self.strategy() {
+            return Ok(self);
+        }
+        let filters = self.original_filters();
+        let inner = Self::plan_inner(&self.shape, &filters, self.activation, strategy)?;
+        let mut plan = Self { inner, ..self };
+        if let Some(flops) = plan.min_flops_per_thread {
+            plan = plan.with_min_flops_per_thread(flops);
+        }
+        if let Some(tiling) = plan.tiling {
+            plan = plan.with_tiling(tiling);
+        }
+        Ok(plan)
+    }
+
+    fn plan_inner(
+        shape: &ConvTranspose3dShape,
+        filters: &[f32],
+        activation: Activation,
+        strategy: TransposeStrategy,
+    ) -> Result<Inner, KernelError> {
+        Ok(match strategy {
+            TransposeStrategy::PatchGemm => {
+                let (conv, filters) = Self::plan_pointwise(shape, filters)?;
+                Inner::Patch { conv, filters }
+            }
+            TransposeStrategy::Col2im => {
+                let (conv, filters) = Self::plan_pointwise(shape, filters)?;
+                let spans = Self::tap_spans(shape)?;
+                Inner::Col2im {
+                    conv,
+                    filters,
+                    spans,
+                }
+            }
+            TransposeStrategy::General => Self::plan_general(shape, filters, activation)?,
+        })
+    }
+
+    /// The pointwise convolution `[N, C_in, D, H, W] → [N, C_out·kD·kH·kW, D, H, W]` and its
+    /// filters `[C_out·kD·kH·kW, C_in]`.
+    fn plan_pointwise(
+        shape: &ConvTranspose3dShape,
+        filters: &[f32],
+    ) -> Result<(Conv3dPlan, Vec<f32>), KernelError> {
+        let [c_in, c_out, ..] = shape.filters;
+        let rows = c_out
+            .checked_mul(shape.kernel_taps())
+            .ok_or(KernelError::Overflow {
+                what: "patch GEMM rows",
+            })?;
+        let conv_shape =
+            Conv3dShape::new(shape.input, [rows, c_in, 1, 1, 1], Conv3dParams::default())?;
+        // W[ci][co][tap] → P[co·taps + tap][ci].
+        let mut packed = vec![0f32; filters.len()];
+        for ci in 0..c_in {
+            for r in 0..rows {
+                packed[r * c_in + ci] = filters[ci * rows + r];
+            }
+        }
+        Ok((Conv3dPlan::new(conv_shape, Activation::None), packed))
+    }
+
+    /// Per axis and tap `t`: the input indices `i` with `i·s − pad_begin + t·dil` inside the
+    /// output, and where the first lands.
+    fn tap_spans(shape: &ConvTranspose3dShape) -> Result<TapSpans, KernelError> {
+        let p = &shape.params;
+        let overflow = || KernelError::Overflow {
+            what: "col2im tap offsets",
+        };
+        let to_i = |v: usize| isize::try_from(v).map_err(|_| overflow());
+        let mut spans: TapSpans = Default::default();
+        for (a, axis_spans) in spans.iter_mut().enumerate() {
+            let x = shape.in_dims()[a];
+            let s = p.stride[a];
+            // Every i·s + t·dil below must fit an isize.
+            let reach = (x - 1)
+                .checked_mul(s)
+                .and_then(|v| v.checked_add(p.dilation[a] * (shape.kernel_dims()[a] - 1)))
+                .ok_or_else(overflow)?;
+            to_i(reach)?;
+            to_i(s)?;
+            let pad = to_i(p.pads_begin[a])?;
+            for t in 0..shape.kernel_dims()[a] {
+                let axis = StageAxis {
+                    stride: s,
+                    offset: to_i(t * p.dilation[a])? - pad,
+                    extent: shape.out_dims()[a],
+                };
+                axis_spans.push(
+                    axis.kept(x)
+                        .map(|(inputs, first)| TapSpan { inputs, first }),
+                );
+            }
+        }
+        Ok(spans)
+    }
+
+    /// The filters as given to [`new`](Self::new) (`[C_in, C_out, kD, kH, kW]`), recovered
+    /// from their rearrangement.
+    fn original_filters(&self) -> Vec<f32> {
+        let [c_in, c_out, kd, kh, kw] = self.shape.filters;
+        let taps = kd * kh * kw;
+        let mut original = vec![0f32; self.shape.filters_len()];
+        match &self.inner {
+            Inner::Patch { filters, .. } | Inner::Col2im { filters, .. } => {
+                let rows = c_out * taps;
+                for ci in 0..c_in {
+                    for r in 0..rows {
+                        original[ci * rows + r] = filters[r * c_in + ci];
+                    }
+                }
+            }
+            Inner::General { filters, .. } => {
+                for ci in 0..c_in {
+                    for co in 0..c_out {
+                        let src = &filters[(co * c_in + ci) * taps..][..taps];
+                        let dst = &mut original[(ci * c_out + co) * taps..][..taps];
+                        for (t, v) in dst.iter_mut().enumerate() {
+                            *v = src[taps - 1 - t];
+                        }
+                    }
+                }
+            }
+        }
+        original
     }
 
     fn plan_general(
@@ -482,13 +686,29 @@ impl ConvTranspose3dPlan {
     /// Sets the work per extra thread of the inner convolution (`0` uses every thread
     /// offered; tests use it to drive the parallel scheduler on small shapes).
     pub fn with_min_flops_per_thread(mut self, flops: f64) -> Self {
-        let conv = match &mut self.inner {
-            Inner::Patch { conv, .. } | Inner::General { conv, .. } => conv,
-        };
+        self.min_flops_per_thread = Some(flops);
+        let conv = self.conv_mut();
         *conv = conv.clone().with_min_flops_per_thread(flops);
         self
     }
 
+    /// Overrides the inner convolution's tiling (clamped to its shape), for tests and
+    /// tuning: a small `slab_depth` makes `PatchGemm` and `Col2im` stream several slabs per
+    /// batch item on small shapes.
+    pub fn with_tiling(mut self, tiling: Tiling) -> Self {
+        self.tiling = Some(tiling);
+        let conv = self.conv_mut();
+        *conv = conv.clone().with_tiling(tiling);
+        self
+    }
+
+    fn conv_mut(&mut self) -> &mut Conv3dPlan {
+        match &mut self.inner {
+            Inner::Patch { conv, .. }
+            | Inner::Col2im { conv, .. }
+            | Inner::General { conv, .. } => conv,
+        }
+    }
     pub fn shape(&self) -> &ConvTranspose3dShape {
         &self.shape
     }
@@ -496,6 +716,7 @@ impl ConvTranspose3dPlan {
     pub fn strategy(&self) -> TransposeStrategy {
         match self.inner {
             Inner::Patch { .. } => TransposeStrategy::PatchGemm,
+            Inner::Col2im { .. } => TransposeStrategy::Col2im,
             Inner::General { .. } => TransposeStrategy::General,
         }
     }
@@ -507,7 +728,9 @@ impl ConvTranspose3dPlan {
     /// The convolution that does the multiplies (its strategy, GEMM and stage times).
     pub fn conv_plan(&self) -> &Conv3dPlan {
         match &self.inner {
-            Inner::Patch { conv, .. } | Inner::General { conv, .. } => conv,
+            Inner::Patch { conv, .. }
+            | Inner::Col2im { conv, .. }
+            | Inner::General { conv, .. } => conv,
         }
     }
 
@@ -523,16 +746,19 @@ impl ConvTranspose3dPlan {
     }
 
     /// Extra memory [`run_into`](Self::run_into) allocates besides input and output, in
-    /// bytes, for `threads` threads: `PatchGemm`, the inner convolution's slab ring (at most
-    /// 3 slabs of `C_out·k³` channels, about 8 MiB each, whatever the volume) and scratch;
-    /// `General`, the staging buffer ([`staging_bytes`](Self::staging_bytes)) and the
-    /// convolution's scratch; both, the weights the convolution packs for its microkernel.
+    /// bytes, for `threads` threads: `PatchGemm` and `Col2im`, the inner convolution's slab
+    /// ring (at most 3 slabs of `C_out·k³` channels, about 8 MiB each, whatever the volume)
+    /// and scratch (`Col2im` scatters straight into the output, nothing more); `General`,
+    /// the staging buffer ([`staging_bytes`](Self::staging_bytes)) and the convolution's
+    /// scratch; all, the weights the convolution packs for its microkernel.
     pub fn workspace_bytes(&self, threads: usize) -> usize {
         let threads = threads.max(1);
         let conv = self.conv_plan();
         let packed = packed_weight_bytes(conv);
         match &self.inner {
-            Inner::Patch { .. } => conv.streaming_workspace_bytes(threads) + packed,
+            Inner::Patch { .. } | Inner::Col2im { .. } => {
+                conv.streaming_workspace_bytes(threads) + packed
+            }
             Inner::General { .. } => self.staging_bytes() + conv.workspace_bytes(threads) + packed,
         }
     }
@@ -564,6 +790,42 @@ impl ConvTranspose3dPlan {
                     ControlFlow::Continue(())
                 })?;
                 self.fill_output_padding(output);
+                Ok(())
+            }
+            Inner::Col2im {
+                conv,
+                filters,
+                spans,
+            } => {
+                // Per batch item: output planes zeroed so far, and planes finished (bias,
+                // activation) so far; both only grow, slab by slab.
+                let n_b = self.shape.batch();
+                let mut zeroed = vec![0usize; n_b];
+                let mut finished = vec![0usize; n_b];
+                conv.run_slabs(input, filters, None, threads, cancel, &mut |slab| {
+                    let n = slab.batch;
+                    let (reach, done) = self.col2im_planes(&slab.depth);
+                    // Planes between the taps (stride > dilated kernel) are reached by no
+                    // slab: zero them too before they are finished.
+                    let reach = reach.max(done);
+                    if zeroed[n] < reach {
+                        self.for_planes(output, n, zeroed[n]..reach, |rows, _| rows.fill(0.0));
+                        zeroed[n] = reach;
+                    }
+                    self.col2im_slab(&slab, spans, output);
+                    if finished[n] < done {
+                        self.finish_planes(output, n, finished[n]..done);
+                        finished[n] = done;
+                    }
+                    ControlFlow::Continue(())
+                })?;
+                // Nothing is left in practice (the last slab of an item finishes it all),
+                // but make sure.
+                let od = self.shape.out_dims()[0];
+                for n in 0..n_b {
+                    self.for_planes(output, n, zeroed[n]..od, |rows, _| rows.fill(0.0));
+                    self.finish_planes(output, n, finished[n]..od);
+                }
                 Ok(())
             }
             Inner::General {
@@ -669,6 +931,112 @@ impl ConvTranspose3dPlan {
                                 }
                             }
                             self.activation.bias_apply(dst, bias);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// For a slab of input depth planes `depth`: the output planes it can reach end before
+    /// the first value (so everything below must be zeroed before its scatter), and the
+    /// output planes no later slab can reach end before the second (they are final after
+    /// its scatter).
+    fn col2im_planes(&self, depth: &std::ops::Range<usize>) -> (usize, usize) {
+        let p = &self.shape.params;
+        let [od, ..] = self.shape.out_dims();
+        let (s, pad) = (p.stride[0], p.pads_begin[0]);
+        let span = p.dilation[0] * (self.shape.kernel_dims()[0] - 1);
+        // Highest plane reached: (end − 1)·s + span − pad (fits: see `tap_spans`).
+        let reach = ((depth.end - 1) * s + span + 1).saturating_sub(pad).min(od);
+        let done = if depth.end == self.shape.in_dims()[0] {
+            od
+        } else {
+            // The lowest plane a later input plane (>= end) reaches: end·s − pad.
+            (depth.end * s + 1).saturating_sub(pad).min(od)
+        };
+        (reach, done)
+    }
+
+    /// Calls `f(rows, co)` on output planes `planes` of channel `co` of batch item `n`
+    /// (contiguous), for every channel.
+    fn for_planes(
+        &self,
+        output: &mut [f32],
+        n: usize,
+        planes: std::ops::Range<usize>,
+        mut f: impl FnMut(&mut [f32], usize),
+    ) {
+        if planes.is_empty() {
+            return;
+        }
+        let [_, c_out, od, oh, ow] = self.shape.output;
+        let plane = oh * ow;
+        for co in 0..c_out {
+            let out_c = &mut output[(n * c_out + co) * od * plane..][..od * plane];
+            f(&mut out_c[planes.start * plane..planes.end * plane], co);
+        }
+    }
+
+    /// Bias and activation on finished output planes of the col2im strategy.
+    fn finish_planes(&self, output: &mut [f32], n: usize, planes: std::ops::Range<usize>) {
+        if !self.has_bias && self.activation == Activation::None {
+            return;
+        }
+        self.for_planes(output, n, planes, |rows, co| {
+            self.activation.bias_apply(rows, self.bias[co]);
+        });
+    }
+
+    /// Adds one slab of the pointwise convolution (`[C_out·k³, planes, H, W]` of input depth
+    /// planes `slab.depth`) into the output: for each output channel and taps `(a, b)`, each
+    /// input row `(d, h)` adds, for every tap `c`, its span of `W` values into output row
+    /// `(d·sD − padD + a·dilD, h·sH − padH + b·dilH)`, `sW` apart from
+    /// `spans[2][c].first`. The order of the additions depends only on the shape.
+    fn col2im_slab(&self, slab: &crate::Slab<'_>, spans: &TapSpans, output: &mut [f32]) {
+        let [_, c_out, od, oh, ow] = self.shape.output;
+        let [_, h, w] = self.shape.in_dims();
+        let [kd, kh, kw] = self.shape.kernel_dims();
+        let [sd, sh, sw] = self.shape.params.stride;
+        let depth = &slab.depth;
+        let plane_in = h * w;
+        let chan = depth.len() * plane_in;
+        let plane_out = oh * ow;
+        let vox = od * plane_out;
+        let out_n = &mut output[slab.batch * c_out * vox..][..c_out * vox];
+        // The width taps that land somewhere, with their input span and first output column.
+        let x_taps: Vec<(usize, &TapSpan)> = spans[2]
+            .iter()
+            .enumerate()
+            .filter_map(|(c, t)| t.as_ref().map(|t| (c, t)))
+            .collect();
+        for co in 0..c_out {
+            let out_c = &mut out_n[co * vox..][..vox];
+            for (a, tz) in spans[0].iter().enumerate() {
+                let Some(tz) = tz else { continue };
+                // The tap's input planes within this slab.
+                let z0 = tz.inputs.start.max(depth.start);
+                let z1 = tz.inputs.end.min(depth.end);
+                if z0 >= z1 {
+                    continue;
+                }
+                let oz0 = tz.first + (z0 - tz.inputs.start) * sd;
+                for (b, ty) in spans[1].iter().enumerate() {
+                    let Some(ty) = ty else { continue };
+                    let row0 = ((co * kd + a) * kh + b) * kw;
+                    let taps = &slab.data[row0 * chan..][..kw * chan];
+                    for (iz, z) in (z0..z1).enumerate() {
+                        let oz = oz0 + iz * sd;
+                        let out_p = &mut out_c[oz * plane_out..][..plane_out];
+                        let in_off = (z - depth.start) * plane_in;
+                        for (iy, y) in ty.inputs.clone().enumerate() {
+                            let oy = ty.first + iy * sh;
+                            let dst = &mut out_p[oy * ow..][..ow];
+                            let src_row = in_off + y * w;
+                            for &(c, tx) in &x_taps {
+                                let src = &taps[c * chan + src_row..][..w];
+                                add_strided(&mut dst[tx.first..], &src[tx.inputs.clone()], sw);
+                            }
                         }
                     }
                 }

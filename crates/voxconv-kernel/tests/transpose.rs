@@ -1,5 +1,6 @@
-//! ConvTranspose3d: both strategies against the f64 reference, PyTorch golden values,
-//! determinism across thread counts, strategy selection, cancellation and every error case.
+//! ConvTranspose3d: every strategy against the f64 reference and against each other, PyTorch
+//! golden values, determinism across thread counts, strategy selection, cancellation and
+//! every error case.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -11,7 +12,7 @@ use voxconv_kernel::transpose::{
     conv_transpose3d, conv_transpose3d_reference, ConvTranspose3dParams, ConvTranspose3dPlan,
     ConvTranspose3dShape, TransposeStrategy,
 };
-use voxconv_kernel::{Activation, KernelError};
+use voxconv_kernel::{Activation, KernelError, Tiling};
 
 fn data(len: usize, seed: u64) -> Vec<f32> {
     voxconv_kernel::seeded(len, seed)
@@ -88,6 +89,43 @@ fn build(
     ConvTranspose3dShape::new(input, filters, params)
 }
 
+/// How a test plans: a forced strategy (else the default) and a slab depth for the inner
+/// convolution (else its own, one slab per item on these small shapes).
+#[derive(Clone, Copy, Debug, Default)]
+struct Planning {
+    strategy: Option<TransposeStrategy>,
+    slab_depth: Option<usize>,
+}
+
+/// Plans `shape` as `how` says, every thread used however small the problem.
+fn plan_for(
+    shape: ConvTranspose3dShape,
+    w: &[f32],
+    b: Option<&[f32]>,
+    act: Activation,
+    how: Planning,
+) -> ConvTranspose3dPlan {
+    let mut plan = ConvTranspose3dPlan::new(shape, w, b, act).unwrap();
+    if let Some(strategy) = how.strategy {
+        plan = plan.with_strategy(strategy).unwrap();
+        assert_eq!(plan.strategy(), strategy);
+    }
+    plan = plan.with_min_flops_per_thread(0.0);
+    if let Some(depth) = how.slab_depth {
+        let tiling = plan.conv_plan().tiling();
+        plan = plan.with_tiling(Tiling {
+            slab_depth: depth,
+            ..tiling
+        });
+        if plan.strategy() != TransposeStrategy::General {
+            // Input planes per slab of the pointwise convolution.
+            let planes = depth.min(shape.in_dims()[0]);
+            assert_eq!(plan.conv_plan().tiling().slab_depth, planes);
+        }
+    }
+    plan
+}
+
 /// Runs `shape` through the plan on `threads` threads (every thread used, however small the
 /// problem) into a NaN-prefilled output and compares with the reference.
 fn check_against_reference(
@@ -96,14 +134,13 @@ fn check_against_reference(
     with_bias: bool,
     threads: usize,
     seed: u64,
+    how: Planning,
 ) -> TransposeStrategy {
     let x = data(shape.input_len(), seed);
     let w = data(shape.filters_len(), seed + 1);
     let b = data(shape.c_out(), seed + 2);
     let b = with_bias.then_some(&b[..]);
-    let plan = ConvTranspose3dPlan::new(shape, &w, b, act)
-        .unwrap()
-        .with_min_flops_per_thread(0.0);
+    let plan = plan_for(shape, &w, b, act, how);
     let got = run(&plan, &x, threads);
     let want = conv_transpose3d_reference(&shape, &x, &w, b, act);
     assert!(got.iter().all(|v| v.is_finite()), "{shape:?}: NaN left");
@@ -111,11 +148,16 @@ fn check_against_reference(
         &got,
         &want,
         &format!(
-            "{} {shape:?} {act:?} bias {with_bias}",
+            "{} {shape:?} {act:?} bias {with_bias} {how:?}",
             plan.strategy().name()
         ),
     );
     plan.strategy()
+}
+
+/// An axis of the patch case: stride = kernel, no padding, dilation 1.
+fn patch_axis(max_x: usize) -> impl proptest::strategy::Strategy<Value = Axis> {
+    (1usize..max_x, 1usize..4, 0usize..3).prop_map(|(x, k, op)| (x, k, k, 0, 0, op % k, 1))
 }
 
 proptest! {
@@ -127,9 +169,35 @@ proptest! {
     })]
 
     /// Any shape (odd sizes, stride 1–3, asymmetric pads, crops past `dil·(k − 1)`, output
-    /// padding, dilation 1–2), N = 1–2, every activation, with and without bias, 1–3 threads.
+    /// padding, dilation 1–2), N = 1–2, every activation, with and without bias, 1–3 threads,
+    /// with the default strategy (`Col2im` but for the few patch shapes drawn), streamed in
+    /// the default slabs or 1–3 input planes per slab.
     #[test]
     fn general_matches_reference(
+        n in 1usize..3,
+        c_in in 1usize..4,
+        c_out in 1usize..4,
+        axes in [axis(5), axis(5), axis(8)],
+        act in activation_strategy(),
+        with_bias in any::<bool>(),
+        threads in 1usize..4,
+        slab_depth in proptest::option::of(1usize..4),
+        seed in 0u64..1000,
+    ) {
+        let shape = build(n, c_in, c_out, axes).unwrap();
+        let how = Planning { strategy: None, slab_depth };
+        let strategy = check_against_reference(shape, act, with_bias, threads, seed, how);
+        prop_assert_eq!(strategy, TransposeStrategy::for_shape(&shape));
+        if TransposeStrategy::PatchGemm.supports(&shape) {
+            prop_assert_eq!(strategy, TransposeStrategy::PatchGemm);
+        } else {
+            prop_assert_eq!(strategy, TransposeStrategy::Col2im);
+        }
+    }
+
+    /// The general strategy, forced, on any shape.
+    #[test]
+    fn forced_general_matches_reference(
         n in 1usize..3,
         c_in in 1usize..4,
         c_out in 1usize..4,
@@ -140,8 +208,57 @@ proptest! {
         seed in 0u64..1000,
     ) {
         let shape = build(n, c_in, c_out, axes).unwrap();
-        let strategy = check_against_reference(shape, act, with_bias, threads, seed);
-        prop_assert_eq!(strategy, TransposeStrategy::for_shape(&shape));
+        let how = Planning { strategy: Some(TransposeStrategy::General), slab_depth: None };
+        check_against_reference(shape, act, with_bias, threads, seed, how);
+    }
+
+    /// Every strategy that can run a shape (all three on patch shapes, which are drawn often
+    /// here) gives the same result within tolerance, on 1–3 threads, in several slabs or
+    /// one; the ones that cannot say so.
+    #[test]
+    fn strategies_agree(
+        n in 1usize..3,
+        c_in in 1usize..4,
+        c_out in 1usize..4,
+        all_patch in any::<bool>(),
+        general_axes in [axis(5), axis(5), axis(7)],
+        patch_axes in [patch_axis(5), patch_axis(5), patch_axis(7)],
+        act in activation_strategy(),
+        threads in 1usize..4,
+        slab_depth in proptest::option::of(1usize..3),
+        seed in 0u64..1000,
+    ) {
+        let axes = if all_patch { patch_axes } else { general_axes };
+        let shape = build(n, c_in, c_out, axes).unwrap();
+        let x = data(shape.input_len(), seed);
+        let w = data(shape.filters_len(), seed + 1);
+        let b = data(shape.c_out(), seed + 2);
+        let col2im = plan_for(
+            shape,
+            &w,
+            Some(&b),
+            act,
+            Planning { strategy: Some(TransposeStrategy::Col2im), slab_depth },
+        );
+        let want = run(&col2im, &x, threads);
+        for strategy in TransposeStrategy::ALL {
+            let planned = ConvTranspose3dPlan::new(shape, &w, Some(&b), act)
+                .unwrap()
+                .with_strategy(strategy);
+            if !strategy.supports(&shape) {
+                prop_assert!(
+                    matches!(planned, Err(KernelError::Unsupported { .. })),
+                    "{} on {:?}", strategy.name(), shape
+                );
+                continue;
+            }
+            let how = Planning { strategy: Some(strategy), slab_depth };
+            let got = run(&plan_for(shape, &w, Some(&b), act, how), &x, threads);
+            assert_close(&got, &want, &format!("{} vs col2im {shape:?} {how:?}", strategy.name()));
+        }
+        if all_patch {
+            prop_assert!(TransposeStrategy::PatchGemm.supports(&shape));
+        }
     }
 
     /// The patch strategy (stride = kernel, no padding, dilation 1), output padding included.
@@ -160,13 +277,14 @@ proptest! {
     ) {
         let axes = [0, 1, 2].map(|a| (x[a], k[a], k[a], 0, 0, op[a] % k[a], 1));
         let shape = build(n, c_in, c_out, axes).unwrap();
-        let strategy = check_against_reference(shape, act, with_bias, threads, seed);
+        let how = Planning::default();
+        let strategy = check_against_reference(shape, act, with_bias, threads, seed, how);
         prop_assert_eq!(strategy, TransposeStrategy::PatchGemm);
     }
 }
 
-/// Shapes with several tiles (and, for the patch strategy, several batch items), run on 1
-/// and 3 threads: the same bits.
+/// Shapes with several tiles (and several batch items, and several slabs per item), run on
+/// 1 and 3 threads: the same bits, for every strategy.
 #[test]
 fn bit_identical_across_thread_counts() {
     let p = |s: [usize; 3], pb: [usize; 3], pe: [usize; 3], op: [usize; 3], d: [usize; 3]| {
@@ -178,48 +296,53 @@ fn bit_identical_across_thread_counts() {
             dilation: d,
         }
     };
+    let patch = TransposeStrategy::PatchGemm;
+    let col2im = TransposeStrategy::Col2im;
+    let general = TransposeStrategy::General;
+    let monai = p([2; 3], [1; 3], [1; 3], [1; 3], [1; 3]);
+    let dilated = p([1; 3], [1; 3], [1; 3], [0; 3], [2, 1, 2]);
+    let cropped = p([2, 3, 2], [3, 0, 2], [1, 4, 0], [1, 2, 0], [2, 1, 1]);
+    let unet = p([2; 3], [0; 3], [0; 3], [0; 3], [1; 3]);
     let cases = [
-        // U-Net upsampling, 2 items of 1716 voxels (2 tiles each).
-        (
-            [2, 3, 11, 12, 13],
-            [3, 4, 2, 2, 2],
-            p([2; 3], [0; 3], [0; 3], [0; 3], [1; 3]),
-            TransposeStrategy::PatchGemm,
-        ),
-        // k = 3, s = 2, pad 1, output padding 1 (staged).
-        (
-            [2, 3, 7, 8, 9],
-            [3, 2, 3, 3, 3],
-            p([2; 3], [1; 3], [1; 3], [1; 3], [1; 3]),
-            TransposeStrategy::General,
-        ),
-        // Stride 1, symmetric padding (read in place, no staging), dilated.
-        (
-            [1, 2, 9, 10, 12],
-            [2, 3, 3, 3, 3],
-            p([1; 3], [1; 3], [1; 3], [0; 3], [2, 1, 2]),
-            TransposeStrategy::General,
-        ),
+        // U-Net upsampling, 2 items of 1716 voxels (2 tiles each); also in slabs of 4 planes.
+        ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, patch, None),
+        ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, patch, Some(4)),
+        ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, col2im, Some(3)),
+        // k = 3, s = 2, pad 1, output padding 1 (the MONAI UNet case), in one slab per item
+        // and in slabs of 2 planes; general staged.
+        ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, col2im, None),
+        ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, col2im, Some(2)),
+        ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, general, None),
+        // Stride 1, symmetric padding, dilated (general: read in place, no staging).
+        ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, col2im, None),
+        ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, col2im, Some(1)),
+        ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, general, None),
+        // Asymmetric crops, output padding, mixed strides and dilations.
+        ([2, 2, 7, 9, 11], [2, 3, 3, 2, 3], cropped, col2im, Some(2)),
+        ([2, 2, 7, 9, 11], [2, 3, 3, 2, 3], cropped, general, None),
     ];
-    for (i, (input, filters, params, strategy)) in cases.into_iter().enumerate() {
+    for (i, (input, filters, params, strategy, slab_depth)) in cases.into_iter().enumerate() {
         let shape = ConvTranspose3dShape::new(input, filters, params).unwrap();
         let x = data(shape.input_len(), 10 + i as u64);
         let w = data(shape.filters_len(), 20 + i as u64);
         let b = data(shape.c_out(), 30 + i as u64);
-        let plan = ConvTranspose3dPlan::new(shape, &w, Some(&b), Activation::LeakyRelu(0.1))
-            .unwrap()
-            .with_min_flops_per_thread(0.0);
-        assert_eq!(plan.strategy(), strategy, "case {i}");
+        let act = Activation::LeakyRelu(0.1);
+        let how = Planning {
+            strategy: Some(strategy),
+            slab_depth,
+        };
+        let plan = plan_for(shape, &w, Some(&b), act, how);
         let one = run(&plan, &x, 1);
         let three = run(&plan, &x, 3);
         assert!(
             one.iter()
                 .zip(&three)
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "case {i}: 1 and 3 threads differ"
+            "case {i} ({}): 1 and 3 threads differ",
+            strategy.name()
         );
-        let want = conv_transpose3d_reference(&shape, &x, &w, Some(&b), Activation::LeakyRelu(0.1));
-        assert_close(&one, &want, &format!("case {i}"));
+        let want = conv_transpose3d_reference(&shape, &x, &w, Some(&b), act);
+        assert_close(&one, &want, &format!("case {i} ({})", strategy.name()));
     }
 }
 
@@ -238,7 +361,7 @@ fn strategy_selection() {
         dilation: d,
     };
     let patch = TransposeStrategy::PatchGemm;
-    let general = TransposeStrategy::General;
+    let general = TransposeStrategy::Col2im;
     for (input, filters, params, want) in [
         // stride == kernel, no padding: patch.
         (
@@ -266,7 +389,7 @@ fn strategy_selection() {
             p([2; 3], 0, [1; 3], [1; 3]),
             patch,
         ),
-        // Padding, stride != kernel or dilation: general.
+        // Padding, stride != kernel or dilation: col2im (never the general strategy).
         (
             [1, 4, 3, 3, 3],
             [4, 2, 2, 2, 2],
@@ -303,7 +426,38 @@ fn strategy_selection() {
         assert_eq!(TransposeStrategy::for_shape(plan.shape()), want);
     }
     assert_eq!(patch.name(), "transpose-patch-gemm");
-    assert_eq!(general.name(), "transpose-general");
+    assert_eq!(TransposeStrategy::Col2im.name(), "transpose-col2im");
+    assert_eq!(TransposeStrategy::General.name(), "transpose-general");
+    // The MONAI UNet up-convolutions (k 3, s 2, pads 1, output padding 1): col2im.
+    let monai = p([2; 3], 1, [1; 3], [1; 3]);
+    for (input, filters) in [
+        ([1, 24, 6, 6, 6], [24, 4, 3, 3, 3]),
+        ([1, 8, 12, 12, 12], [8, 3, 3, 3, 3]),
+    ] {
+        let plan = plan_of(input, filters, monai);
+        assert_eq!(plan.strategy(), TransposeStrategy::Col2im);
+        assert_eq!(plan.strategy().name(), "transpose-col2im");
+        // Forcing: the general strategy runs any shape, the patch one refuses this one.
+        let plan = plan.with_strategy(TransposeStrategy::General).unwrap();
+        assert_eq!(plan.strategy(), TransposeStrategy::General);
+        assert!(!patch.supports(plan.shape()));
+        assert!(matches!(
+            plan.clone().with_strategy(patch),
+            Err(KernelError::Unsupported { .. })
+        ));
+        let plan = plan.with_strategy(TransposeStrategy::Col2im).unwrap();
+        assert_eq!(plan.strategy(), TransposeStrategy::Col2im);
+    }
+    // A patch shape can run all three.
+    let plan = plan_of(
+        [1, 4, 3, 3, 3],
+        [4, 2, 2, 2, 2],
+        p([2; 3], 0, [1; 3], [1; 3]),
+    );
+    for s in TransposeStrategy::ALL {
+        assert!(s.supports(plan.shape()));
+        assert_eq!(plan.clone().with_strategy(s).unwrap().strategy(), s);
+    }
     // Asymmetric pads with stride == kernel are not the patch case either.
     let params = ConvTranspose3dParams {
         stride: [2; 3],
@@ -569,14 +723,18 @@ fn cancelled_run_returns_cancelled() {
         pads_end: [1; 3],
         ..ConvTranspose3dParams::default()
     };
-    for (filters, params) in [
-        ([2, 3, 2, 2, 2], patch),
-        ([2, 3, 3, 3, 3], general),
-        ([2, 3, 3, 3, 3], stride1),
+    for (filters, params, strategy) in [
+        ([2, 3, 2, 2, 2], patch, TransposeStrategy::PatchGemm),
+        ([2, 3, 2, 2, 2], patch, TransposeStrategy::Col2im),
+        ([2, 3, 3, 3, 3], general, TransposeStrategy::Col2im),
+        ([2, 3, 3, 3, 3], general, TransposeStrategy::General),
+        ([2, 3, 3, 3, 3], stride1, TransposeStrategy::General),
     ] {
         let shape = ConvTranspose3dShape::new([2, 2, 5, 6, 7], filters, params).unwrap();
         let plan =
             ConvTranspose3dPlan::new(shape, &data(shape.filters_len(), 1), None, Activation::None)
+                .unwrap()
+                .with_strategy(strategy)
                 .unwrap();
         let x = data(shape.input_len(), 2);
         let mut out = vec![0.0; shape.output_len()];
@@ -621,6 +779,12 @@ fn workspace_is_reported() {
     let plan =
         ConvTranspose3dPlan::new(shape, &data(shape.filters_len(), 1), None, Activation::None)
             .unwrap();
+    // Col2im (the default): the slab ring, nothing staged.
+    assert_eq!(plan.strategy(), TransposeStrategy::Col2im);
+    assert_eq!(plan.staging_bytes(), 0);
+    assert!(plan.workspace_bytes(1) >= plan.conv_plan().slab_bytes());
+    assert!(plan.workspace_bytes(3) >= plan.workspace_bytes(1));
+    let plan = plan.with_strategy(TransposeStrategy::General).unwrap();
     // Per axis: (6 − 1)·2 + 1 = 11 inserted, padded by 1 before and 2 after, of which 1
     // each side is the convolution's own padding: 12.
     assert_eq!(plan.staging_bytes(), 4 * 12 * 12 * 12 * 4);
@@ -634,8 +798,32 @@ fn workspace_is_reported() {
     let shape = ConvTranspose3dShape::new([2, 4, 6, 6, 6], [4, 3, 3, 3, 3], params).unwrap();
     let plan =
         ConvTranspose3dPlan::new(shape, &data(shape.filters_len(), 1), None, Activation::None)
+            .unwrap()
+            .with_strategy(TransposeStrategy::General)
             .unwrap();
     assert_eq!(plan.staging_bytes(), 0);
+    // Col2im on a large volume (planned, not run): bounded by the slab ring, far below the
+    // column matrix (`C_out·k³` values per input voxel, 216 MiB here).
+    let params = ConvTranspose3dParams {
+        stride: [2; 3],
+        pads_begin: [1; 3],
+        pads_end: [1; 3],
+        output_padding: [1; 3],
+        dilation: [1; 3],
+    };
+    let shape = ConvTranspose3dShape::new([1, 4, 64, 64, 64], [4, 8, 3, 3, 3], params).unwrap();
+    let plan =
+        ConvTranspose3dPlan::new(shape, &data(shape.filters_len(), 1), None, Activation::None)
+            .unwrap();
+    assert_eq!(plan.strategy(), TransposeStrategy::Col2im);
+    let columns = 8 * 27 * shape.in_voxels() * 4;
+    assert!(plan.workspace_bytes(3) >= plan.conv_plan().slab_bytes());
+    assert!(
+        plan.workspace_bytes(3) <= 4 * 8 * 1024 * 1024,
+        "{} bytes",
+        plan.workspace_bytes(3)
+    );
+    assert!(plan.workspace_bytes(3) < columns / 4);
 }
 
 // ---- golden values from PyTorch -----------------------------------------------------------
@@ -711,10 +899,27 @@ fn golden_values_from_pytorch() {
             let got = run(&plan, &x.data, threads);
             assert_close(&got, &want.data, &format!("{} ({threads} threads)", c.name));
         }
+        // Every other strategy that can run the case, forced.
+        for strategy in TransposeStrategy::ALL {
+            if strategy == plan.strategy() || !strategy.supports(&shape) {
+                continue;
+            }
+            let forced = plan.clone().with_strategy(strategy).unwrap();
+            let got = run(&forced, &x.data, 2);
+            assert_close(
+                &got,
+                &want.data,
+                &format!("{} (forced {})", c.name, strategy.name()),
+            );
+        }
         let reference = conv_transpose3d_reference(&shape, &x.data, &w.data, Some(&b.data), act);
         assert_close(&reference, &want.data, &format!("{} (reference)", c.name));
     }
-    assert_eq!(seen.len(), 2, "the golden cases cover both strategies");
+    assert_eq!(
+        seen,
+        [TransposeStrategy::PatchGemm, TransposeStrategy::Col2im].into(),
+        "the golden cases cover both default strategies"
+    );
 }
 
 /// U-Net decoder shapes with enough channels that the inner convolution picks its fast
@@ -738,17 +943,74 @@ fn decoder_shapes_match_reference() {
         let x = data(shape.input_len(), 5);
         let w = data(shape.filters_len(), 6);
         let b = data(shape.c_out(), 7);
-        let plan = ConvTranspose3dPlan::new(shape, &w, Some(&b), Activation::Relu).unwrap();
-        let got = run(&plan, &x, 2);
         let want = conv_transpose3d_reference(&shape, &x, &w, Some(&b), Activation::Relu);
-        assert_close(
-            &got,
-            &want,
-            &format!(
-                "{} via {} {shape:?}",
-                plan.strategy().name(),
+        let default = ConvTranspose3dPlan::new(shape, &w, Some(&b), Activation::Relu).unwrap();
+        // The default, and the general strategy forced (its inner convolution then picks
+        // Winograd or the direct microkernel).
+        for plan in [
+            default.clone(),
+            default.with_strategy(TransposeStrategy::General).unwrap(),
+        ] {
+            let got = run(&plan, &x, 2);
+            assert_close(
+                &got,
+                &want,
+                &format!(
+                    "{} via {} {shape:?}",
+                    plan.strategy().name(),
+                    plan.conv_plan().strategy().name()
+                ),
+            );
+        }
+    }
+}
+
+/// Not a test: times the MONAI UNet up-convolutions (k 3, s 2, pads 1, output padding 1) on
+/// one thread, general vs col2im. `cargo test --release --test transpose -- --ignored
+/// --nocapture monai_timing`.
+#[test]
+#[ignore]
+fn monai_timing() {
+    let params = ConvTranspose3dParams {
+        stride: [2; 3],
+        pads_begin: [1; 3],
+        pads_end: [1; 3],
+        output_padding: [1; 3],
+        dilation: [1; 3],
+    };
+    for (input, filters) in [
+        ([1, 24, 6, 6, 6], [24, 4, 3, 3, 3]),
+        ([1, 8, 12, 12, 12], [8, 3, 3, 3, 3]),
+    ] {
+        let shape = ConvTranspose3dShape::new(input, filters, params).unwrap();
+        let x = data(shape.input_len(), 1);
+        let w = data(shape.filters_len(), 2);
+        let b = data(shape.c_out(), 3);
+        let mut out = vec![0f32; shape.output_len()];
+        for strategy in [TransposeStrategy::General, TransposeStrategy::Col2im] {
+            let plan = ConvTranspose3dPlan::new(shape, &w, Some(&b), Activation::None)
+                .unwrap()
+                .with_strategy(strategy)
+                .unwrap();
+            for _ in 0..20 {
+                plan.run_into(&x, &mut out, 1, None).unwrap();
+            }
+            let mut best = f64::INFINITY;
+            let mut total = 0.0;
+            let runs = 200;
+            for _ in 0..runs {
+                let t = std::time::Instant::now();
+                plan.run_into(&x, &mut out, 1, None).unwrap();
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                best = best.min(ms);
+                total += ms;
+            }
+            println!(
+                "{input:?} -> {filters:?} {}: best {best:.4} ms, mean {:.4} ms (inner {})",
+                strategy.name(),
+                total / runs as f64,
                 plan.conv_plan().strategy().name()
-            ),
-        );
+            );
+        }
     }
 }

@@ -678,6 +678,9 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
                     w.shape
                 ))
             })?;
+            if fs.contains(&0) {
+                return Err(err(format!("weight shape {fs:?} has an empty dimension")));
+            }
             let bias = match ins.get(2) {
                 Some(Some(_)) => Some(konst(2, "bias")?),
                 _ => None,
@@ -697,7 +700,10 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
             let prepad = (extra_b != [0; 3] || extra_e != [0; 3]).then_some((extra_b, extra_e));
             let mut xin = x;
             for a in 0..3 {
-                xin[2 + a] = x[2 + a] + extra_b[a] + extra_e[a];
+                xin[2 + a] = x[2 + a]
+                    .checked_add(extra_b[a])
+                    .and_then(|v| v.checked_add(extra_e[a]))
+                    .ok_or_else(|| err("padded input size overflows".into()))?;
             }
             let shape = Conv3dShape::new(
                 xin,
@@ -738,15 +744,24 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
                 Some(Some(_)) => Some(konst(2, "bias")?),
                 _ => None,
             };
+            if fs.contains(&0) || x.contains(&0) {
+                return Err(err(format!(
+                    "weight {fs:?} or input {x:?} has an empty dimension"
+                )));
+            }
             let mut pads = attr.pads;
             let mut op = *output_padding;
             if let Some(os) = output_shape {
                 // ONNX: total padding from the requested output shape (SAME_UPPER split).
                 for a in 0..3 {
-                    let full = attr.strides[a] * (x[2 + a] - 1)
-                        + op[a]
-                        + (fs[2 + a] - 1) * attr.dilations[a]
-                        + 1;
+                    let full = attr.strides[a]
+                        .checked_mul(x[2 + a] - 1)
+                        .and_then(|v| v.checked_add(op[a]))
+                        .and_then(|v| {
+                            v.checked_add((fs[2 + a] - 1).checked_mul(attr.dilations[a])?)
+                        })
+                        .and_then(|v| v.checked_add(1))
+                        .ok_or_else(|| err("output size overflows".into()))?;
                     let total = full.checked_sub(os[a]).ok_or_else(|| {
                         err(format!(
                             "output_shape {os:?} is larger than the transposed convolution gives"
@@ -814,9 +829,15 @@ fn resolve_pads(attr: &ConvAttr, x: [usize; 3], k: [usize; 3]) -> [usize; 6] {
         AutoPad::SameUpper | AutoPad::SameLower => {
             let mut p = [0usize; 6];
             for a in 0..3 {
-                let o = x[a].div_ceil(attr.strides[a]);
-                let eff = (k[a] - 1) * attr.dilations[a] + 1;
-                let total = ((o - 1) * attr.strides[a] + eff).saturating_sub(x[a]);
+                let o = x[a].div_ceil(attr.strides[a]).max(1);
+                let eff = k[a]
+                    .saturating_sub(1)
+                    .saturating_mul(attr.dilations[a])
+                    .saturating_add(1);
+                let total = (o - 1)
+                    .saturating_mul(attr.strides[a])
+                    .saturating_add(eff)
+                    .saturating_sub(x[a]);
                 let small = total / 2;
                 let (b, e) = if attr.auto_pad == AutoPad::SameUpper {
                     (small, total - small)
@@ -873,25 +894,25 @@ impl GraphPlan {
     /// Peak bytes of a run besides the caller's input: the largest set of live buffers
     /// plus the step's workspace, over all steps.
     pub fn working_bytes(&self, threads: usize) -> usize {
+        // Saturating: a graph may plan sizes no machine holds; admission then refuses them.
         let mut size = vec![0usize; self.slots];
         for s in &self.steps {
-            size[s.out] = s.out_shape.iter().product::<usize>() * 4;
+            size[s.out] = s.out_shape.iter().fold(4usize, |a, &d| a.saturating_mul(d));
         }
         let mut live = 0usize;
         let mut peak = 0usize;
         for s in &self.steps {
             let ws = match &s.kind {
-                Kind::Conv { plan, prepad, .. } => {
-                    plan.workspace_bytes(threads)
-                        + prepad.map_or(0, |_| plan.shape().input_len() * 4)
-                }
+                Kind::Conv { plan, prepad, .. } => plan.workspace_bytes(threads).saturating_add(
+                    prepad.map_or(0, |_| plan.shape().input_len().saturating_mul(4)),
+                ),
                 Kind::ConvTranspose(p) => p.workspace_bytes(threads),
                 Kind::Eval(_) => 0,
             };
-            peak = peak.max(live + size[s.out] + ws);
-            live += size[s.out];
+            peak = peak.max(live.saturating_add(size[s.out]).saturating_add(ws));
+            live = live.saturating_add(size[s.out]);
             for f in &s.free {
-                live -= size[*f];
+                live = live.saturating_sub(size[*f]);
             }
         }
         peak

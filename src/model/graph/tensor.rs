@@ -285,6 +285,34 @@ impl BinOp {
         })
     }
 
+    /// `x op y` for every `x` of `xs` (one `y`); the arithmetic ops as loops of their own,
+    /// so they vectorise.
+    fn apply_scalar(self, xs: &mut [f32], y: f32) {
+        match self {
+            BinOp::Add => xs.iter_mut().for_each(|x| *x += y),
+            BinOp::Sub => xs.iter_mut().for_each(|x| *x -= y),
+            BinOp::Mul => xs.iter_mut().for_each(|x| *x *= y),
+            BinOp::Div => xs.iter_mut().for_each(|x| *x /= y),
+            BinOp::PRelu => xs
+                .iter_mut()
+                .for_each(|x| *x = if *x < 0.0 { *x * y } else { *x }),
+            op => xs.iter_mut().for_each(|x| *x = op.f(*x, y)),
+        }
+    }
+
+    /// `x op y` elementwise over two slices of one length.
+    fn apply_zip(self, xs: &mut [f32], ys: &[f32]) {
+        let z = xs.iter_mut().zip(ys);
+        match self {
+            BinOp::Add => z.for_each(|(x, y)| *x += y),
+            BinOp::Sub => z.for_each(|(x, y)| *x -= y),
+            BinOp::Mul => z.for_each(|(x, y)| *x *= y),
+            BinOp::Div => z.for_each(|(x, y)| *x /= y),
+            BinOp::PRelu => z.for_each(|(x, &y)| *x = if *x < 0.0 { *x * y } else { *x }),
+            op => z.for_each(|(x, &y)| *x = op.f(*x, y)),
+        }
+    }
+
     /// Comparisons give booleans (kept as int64 0/1).
     fn is_comparison(self) -> bool {
         matches!(self, BinOp::Equal | BinOp::Less | BinOp::Greater)
@@ -318,16 +346,14 @@ pub fn binary(op: BinOp, a: Tensor, b: &Tensor) -> OpResult<Tensor> {
             Data::I64(v) => v.iter().map(|&x| x as f32).collect(),
         };
         if b.shape == shape {
-            av.iter_mut().zip(&bv).for_each(|(x, &y)| *x = op.f(*x, y));
+            op.apply_zip(&mut av, &bv);
         } else if bv.len() == 1 {
-            let y = bv[0];
-            av.iter_mut().for_each(|x| *x = op.f(*x, y));
+            op.apply_scalar(&mut av, bv[0]);
         } else if let Some(inner) = per_row(&b.shape, &shape) {
             // b varies along one leading block of axes only (e.g. [C,1,1,1] against
             // [N,C,D,H,W]): one constant per contiguous run of `inner` values.
             for (k, run) in av.chunks_mut(inner).enumerate() {
-                let y = bv[k % bv.len()];
-                run.iter_mut().for_each(|x| *x = op.f(*x, y));
+                op.apply_scalar(run, bv[k % bv.len()]);
             }
         } else {
             let ib = broadcast_index(&b.shape, &shape);
@@ -391,7 +417,23 @@ pub fn concat(parts: &[&Tensor], axis_: i64) -> OpResult<Tensor> {
     let outer: usize = shape[..ax].iter().product();
     let float = parts.iter().any(|p| p.elem() == Elem::F32);
     if float {
-        let vs: Vec<Vec<f32>> = parts.iter().map(|p| p.to_f32()).collect();
+        // Float parts are read in place; only integer ones (never in a real network) convert.
+        let converted: Vec<Option<Vec<f32>>> = parts
+            .iter()
+            .map(|p| match &p.data {
+                Data::F32(_) => None,
+                Data::I64(_) => Some(p.to_f32()),
+            })
+            .collect();
+        let vs: Vec<&[f32]> = parts
+            .iter()
+            .zip(&converted)
+            .map(|(p, c)| match (&p.data, c) {
+                (Data::F32(v), _) => v.as_slice(),
+                (_, Some(c)) => c.as_slice(),
+                (Data::I64(_), None) => &[],
+            })
+            .collect();
         let mut out = Vec::with_capacity(numel(&shape)?);
         for o in 0..outer {
             for (p, v) in parts.iter().zip(&vs) {
@@ -499,10 +541,12 @@ pub fn slice_geometry(
                 clamp(norm(ends[k]), -1, dim - 1),
             )
         };
+        // In i128: a step near i64::MIN or MAX must not overflow.
+        let (b128, e128, s128) = (i128::from(b), i128::from(e), i128::from(s));
         let n = if s > 0 {
-            ((e - b).max(0) + s - 1) / s
+            ((e128 - b128).max(0) + s128 - 1) / s128
         } else {
-            ((b - e).max(0) + (-s) - 1) / (-s)
+            ((b128 - e128).max(0) + (-s128) - 1) / (-s128)
         };
         begin[a] = b;
         step[a] = s;
@@ -526,9 +570,9 @@ pub fn slice(
     let mut idx = Vec::with_capacity(total);
     let mut pos = vec![0usize; rank];
     for _ in 0..total {
-        let mut flat = 0i64;
+        let mut flat = 0i128;
         for a in 0..rank {
-            flat += (begin[a] + pos[a] as i64 * step[a]) * st[a] as i64;
+            flat += (i128::from(begin[a]) + pos[a] as i128 * i128::from(step[a])) * st[a] as i128;
         }
         idx.push(flat as usize);
         for a in (0..rank).rev() {
