@@ -275,6 +275,15 @@ def git_rev():
         return "?"
 
 
+def loadavg():
+    """The 1-minute load average (None where /proc/loadavg is missing)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def geomean(xs):
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
@@ -366,8 +375,10 @@ def main():
                         cmd = me + ["--worker", eng, "--network", name, "--model",
                                     model_path, "--size", str(args.size), "--threads",
                                     str(t), "--repeat", str(args.repeat)]
+                    load0 = loadavg()
                     rc, so, se, rss, wall = run_child(cmd, t, args.timeout)
-                    entry = {"round": r, "rc": rc, "maxrss_kib": rss, "wall_s": wall}
+                    entry = {"round": r, "rc": rc, "maxrss_kib": rss, "wall_s": wall,
+                             "loadavg_1m": [load0, loadavg()]}
                     if rc == 0:
                         try:
                             entry.update(last_json(so))
@@ -454,6 +465,22 @@ def main():
         print(f"- {t} thread(s): geomean of voxconv vs the better peer "
               f"{f'{gm:.2f}×' if gm else 'n/a'} over {len(rs)} network(s)")
     print(f"- total wall time {total_s:.0f} s")
+    loads, extra = [], []  # extra: load beyond the benchmark's own threads
+    for rec in results.values():
+        for t_str, runs in rec["runs"].items():
+            for es in runs.values():
+                for e in es:
+                    for v in e["loadavg_1m"]:
+                        if v is not None:
+                            loads.append(v)
+                            extra.append(v - int(t_str))
+    if loads:
+        meta["loadavg_1m"] = [min(loads), max(loads)]
+        busy = max(extra) > 0.75
+        print(f"- 1-minute load average around the runs: {min(loads):.1f}–{max(loads):.1f} "
+              f"on {ncpu} cores" + (f" (up to {max(extra):.1f} beyond the benchmark's own "
+                                    f"threads: **the machine was busy, the figures are noisy**)"
+                                    if busy else ""))
 
     # Failures, verbatim (the first of each kind).
     errs = []

@@ -953,7 +953,7 @@ impl ConvTranspose3dPlan {
             od
         } else {
             // The lowest plane a later input plane (>= end) reaches: end·s − pad.
-            (depth.end * s + 1).saturating_sub(pad).min(od)
+            (depth.end * s).saturating_sub(pad).min(od)
         };
         (reach, done)
     }
@@ -1179,6 +1179,40 @@ mod tests {
         assert_eq!(transpose_output_dim(0, 5, 3, 1, 0, 0, 0, 2).unwrap(), 9);
         // output_padding 1 with stride 1 is allowed when the dilation exceeds it.
         assert_eq!(transpose_output_dim(0, 5, 3, 1, 0, 0, 1, 2).unwrap(), 10);
+    }
+
+    #[test]
+    fn tap_spans_of_the_monai_case() {
+        // x = 6, k = 3, s = 2, pad 1 (+ 1 end), output padding 1: 12 outputs. Tap t of input
+        // i lands at 2·i − 1 + t.
+        let params = ConvTranspose3dParams {
+            stride: [2; 3],
+            pads_begin: [1; 3],
+            pads_end: [1; 3],
+            output_padding: [1; 3],
+            dilation: [1; 3],
+        };
+        let shape = ConvTranspose3dShape::new([1, 1, 6, 6, 6], [1, 1, 3, 3, 3], params).unwrap();
+        let spans = ConvTranspose3dPlan::tap_spans(&shape).unwrap();
+        let span = |inputs, first| Some(TapSpan { inputs, first });
+        assert_eq!(spans[0], vec![span(1..6, 1), span(0..6, 0), span(0..6, 1)]);
+        // Crops: pad 3 before, 5 outputs; dilation 2: tap t of input i lands at 2·i − 3 + 2·t.
+        let params = ConvTranspose3dParams {
+            stride: [2, 1, 1],
+            pads_begin: [3, 0, 0],
+            pads_end: [3, 0, 0],
+            output_padding: [0; 3],
+            dilation: [2, 1, 1],
+        };
+        let shape = ConvTranspose3dShape::new([1, 1, 4, 1, 1], [1, 1, 3, 1, 1], params).unwrap();
+        assert_eq!(shape.out_dims()[0], 5);
+        let spans = ConvTranspose3dPlan::tap_spans(&shape).unwrap();
+        assert_eq!(spans[0], vec![span(2..4, 1), span(1..3, 1), span(0..2, 1)]);
+        let plan = ConvTranspose3dPlan::new(shape, &[1.0; 3], None, Activation::None).unwrap();
+        // Input planes 0..2 reach outputs up to 2·1 − 3 + 4 = 3 (0..4); later ones start at
+        // 2·2 − 3 = 1 (0..1 final).
+        assert_eq!(plan.col2im_planes(&(0..2)), (4, 1));
+        assert_eq!(plan.col2im_planes(&(2..4)), (5, 5));
     }
 
     #[test]
