@@ -548,6 +548,7 @@ impl Ctx<'_> {
             }
             "InstanceNormalization" => Op::InstanceNorm {
                 eps: f("epsilon", 1e-5),
+                act: None,
             },
             "GroupNormalization" => Op::GroupNorm {
                 eps: f("epsilon", 1e-5),

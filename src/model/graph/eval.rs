@@ -291,7 +291,7 @@ fn range_len(start: f64, limit: f64, delta: f64) -> OpResult<usize> {
 }
 
 /// Computes `op` on `ins` (absent optional inputs are `None`).
-pub fn eval(op: &Op, mut ins: Vec<In<'_>>) -> OpResult<Vec<Tensor>> {
+pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tensor>> {
     let y = match op {
         Op::Conv(_) | Op::ConvTranspose { .. } => {
             return Err("convolutions run through their kernel plan".into())
@@ -314,14 +314,46 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>) -> OpResult<Vec<Tensor>> {
             }
             Tensor::f32(shape, v)
         }
-        Op::InstanceNorm { eps } => {
+        Op::InstanceNorm { eps, act } => {
             let x = take(&mut ins, 0)?;
             let (n, c, sp) = ncs(&x.shape)?;
             let scale = per_channel(need(&ins, 1, "scale")?, c, "scale")?;
             let b = per_channel(need(&ins, 2, "B")?, c, "B")?;
             let shape = x.shape.clone();
             let mut v = x.into_f32()?;
-            ops::instance_norm(&mut v, n, c, sp, &scale, &b, *eps).map_err(|e| e.to_string())?;
+            // Channels are independent: split over threads in whole channels (the same bits
+            // at any thread count), the fused activation applied while a channel is hot.
+            let (sc, bi): (Vec<f32>, Vec<f32>) =
+                (0..n * c).map(|k| (scale[k % c], b[k % c])).unzip();
+            let per = (n * c).div_ceil(threads.max(1)).max(1);
+            let work = |chunk: &mut [f32], first: usize| -> OpResult<()> {
+                for (j, ch) in chunk.chunks_mut(sp.max(1)).enumerate() {
+                    let k = first + j;
+                    ops::instance_norm(ch, 1, 1, sp, &sc[k..=k], &bi[k..=k], *eps)
+                        .map_err(|e| e.to_string())?;
+                    if let Some(u) = act {
+                        apply_unary(*u, ch);
+                    }
+                }
+                Ok(())
+            };
+            if threads <= 1 || n * c < 2 {
+                work(&mut v, 0)?;
+            } else {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = v
+                        .chunks_mut(per * sp.max(1))
+                        .enumerate()
+                        .map(|(i, chunk)| {
+                            let work = &work;
+                            s.spawn(move || work(chunk, i * per))
+                        })
+                        .collect();
+                    handles.into_iter().try_for_each(|h| {
+                        h.join().map_err(|_| "a norm thread panicked".to_string())?
+                    })
+                })?;
+            }
             Tensor::f32(shape, v)
         }
         Op::GroupNorm {
@@ -354,7 +386,16 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>) -> OpResult<Vec<Tensor>> {
             let x = take(&mut ins, 0)?;
             let shape = x.shape.clone();
             let mut v = x.into_f32()?;
-            apply_unary(*u, &mut v);
+            if threads <= 1 || v.len() < 1 << 16 {
+                apply_unary(*u, &mut v);
+            } else {
+                let per = v.len().div_ceil(threads);
+                std::thread::scope(|s| {
+                    for chunk in v.chunks_mut(per) {
+                        s.spawn(move || apply_unary(*u, chunk));
+                    }
+                });
+            }
             Tensor::f32(shape, v)
         }
         Op::Binary(b) => {

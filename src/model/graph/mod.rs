@@ -74,8 +74,10 @@ pub enum Op {
     BatchNorm {
         eps: f32,
     },
+    /// `act`: an activation fused after the normalisation (its only reader).
     InstanceNorm {
         eps: f32,
+        act: Option<Unary>,
     },
     /// `per_group_affine`: opset 18's scale/bias per group (opset 21: per channel).
     GroupNorm {
@@ -304,7 +306,7 @@ enum Val {
         shape: Vec<usize>,
         elem: Elem,
         /// The step producing it, if a convolution (an activation may be fused into it).
-        conv_step: Option<usize>,
+        fuse_into: Option<usize>,
     },
 }
 
@@ -426,7 +428,7 @@ impl Graph {
                 slot: 0,
                 shape: input.to_vec(),
                 elem: Elem::F32,
-                conv_step: None,
+                fuse_into: None,
             },
         );
         let mut slots = 1usize;
@@ -476,7 +478,7 @@ impl Graph {
                         _ => None,
                     })
                     .collect();
-                let outs = eval::eval(&node.op, consts).map_err(|e| node_err(node, e))?;
+                let outs = eval::eval(&node.op, consts, 1).map_err(|e| node_err(node, e))?;
                 for (name, t) in node.outputs.iter().zip(outs) {
                     vals.insert(name.clone(), Val::Const(Arc::new(t)));
                 }
@@ -494,7 +496,7 @@ impl Graph {
             if let (
                 Op::Unary(u),
                 Some(Some(Val::Slot {
-                    conv_step: Some(si),
+                    fuse_into: Some(si),
                     slot,
                     shape,
                     elem,
@@ -508,18 +510,29 @@ impl Graph {
                     _ => None,
                 };
                 let single = readers.get(node.inputs[0].as_str()) == Some(&1);
-                if let (Some(act), true, Kind::Conv { plan, .. }) =
-                    (act, single, &mut steps[*si].kind)
+                let fused = match (&mut steps[*si].kind, single) {
+                    (Kind::Conv { plan, .. }, true) => match act {
+                        Some(act) if plan.activation() == Activation::None => {
+                            **plan = Conv3dPlan::new(*plan.shape(), act);
+                            true
+                        }
+                        _ => false,
+                    },
+                    (Kind::Eval(Op::InstanceNorm { act: a @ None, .. }), true) => {
+                        *a = Some(*u);
+                        true
+                    }
+                    _ => false,
+                };
                 {
-                    if plan.activation() == Activation::None {
-                        **plan = Conv3dPlan::new(*plan.shape(), act);
+                    if fused {
                         vals.insert(
                             node.outputs[0].clone(),
                             Val::Slot {
                                 slot: *slot,
                                 shape: shape.clone(),
                                 elem: *elem,
-                                conv_step: None,
+                                fuse_into: None,
                             },
                         );
                         continue;
@@ -536,7 +549,10 @@ impl Graph {
                     })
                 })
                 .collect();
-            let is_conv = matches!(kind, Kind::Conv { .. });
+            let fusable = matches!(
+                kind,
+                Kind::Conv { .. } | Kind::Eval(Op::InstanceNorm { act: None, .. })
+            );
             steps.push(Step {
                 node: ni,
                 kind,
@@ -562,7 +578,7 @@ impl Graph {
                     slot: slots,
                     shape,
                     elem,
-                    conv_step: is_conv.then_some(steps.len() - 1),
+                    fuse_into: fusable.then_some(steps.len() - 1),
                 },
             );
             slots += 1;
@@ -1071,7 +1087,7 @@ impl GraphPlan {
                         })
                     })
                     .collect();
-                let mut outs = eval::eval(op, ins).map_err(bug)?;
+                let mut outs = eval::eval(op, ins, threads).map_err(bug)?;
                 if outs.is_empty() {
                     return Err(bug("no output".into()));
                 }
