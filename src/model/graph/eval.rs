@@ -828,15 +828,7 @@ pub fn infer(op: &Op, ins: &[Option<Info<'_>>]) -> OpResult<(Vec<usize>, Elem)> 
             Ok((s, x.elem))
         }
         Op::Transpose { perm } => {
-            let rank = x.shape.len();
-            let p: Vec<usize> = match perm {
-                Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<OpResult<_>>()?,
-                None => (0..rank).rev().collect(),
-            };
-            let mut seen = vec![false; rank];
-            if p.len() != rank || p.iter().any(|&a| std::mem::replace(&mut seen[a], true)) {
-                return Err(format!("perm {p:?} is not a permutation of {rank} axes"));
-            }
+            let p = tensor::permutation(perm.as_deref(), x.shape.len())?;
             Ok((p.iter().map(|&a| x.shape[a]).collect(), x.elem))
         }
         Op::Cast { to } => {

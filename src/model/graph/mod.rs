@@ -684,23 +684,27 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
             )
         })
     };
+    // A convolution's constant weight (5-D, no empty dimension) and optional bias.
+    let weights = |layout: &str| -> Result<(Const, [usize; 5], Option<Const>), KernelError> {
+        let w = konst(1, "weight")?;
+        let fs: [usize; 5] = w
+            .shape
+            .as_slice()
+            .try_into()
+            .map_err(|_| err(format!("weight must be {layout}, got {:?}", w.shape)))?;
+        if fs.contains(&0) {
+            return Err(err(format!("weight shape {fs:?} has an empty dimension")));
+        }
+        let bias = match ins.get(2) {
+            Some(Some(_)) => Some(konst(2, "bias")?),
+            _ => None,
+        };
+        Ok((w, fs, bias))
+    };
     match &node.op {
         Op::Conv(attr) => {
             let x = five(&x_shape)?;
-            let w = konst(1, "weight")?;
-            let fs: [usize; 5] = w.shape.as_slice().try_into().map_err(|_| {
-                err(format!(
-                    "weight must be [C_out, C_in, kD, kH, kW], got {:?}",
-                    w.shape
-                ))
-            })?;
-            if fs.contains(&0) {
-                return Err(err(format!("weight shape {fs:?} has an empty dimension")));
-            }
-            let bias = match ins.get(2) {
-                Some(Some(_)) => Some(konst(2, "bias")?),
-                _ => None,
-            };
+            let (w, fs, bias) = weights("[C_out, C_in, kD, kH, kW]")?;
             if let Some(b) = &bias {
                 if b.shape != [fs[0]] {
                     return Err(err(format!(
@@ -749,17 +753,7 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
             output_shape,
         } => {
             let x = five(&x_shape)?;
-            let w = konst(1, "weight")?;
-            let fs: [usize; 5] = w.shape.as_slice().try_into().map_err(|_| {
-                err(format!(
-                    "weight must be [C_in, C_out, kD, kH, kW], got {:?}",
-                    w.shape
-                ))
-            })?;
-            let bias = match ins.get(2) {
-                Some(Some(_)) => Some(konst(2, "bias")?),
-                _ => None,
-            };
+            let (w, fs, bias) = weights("[C_in, C_out, kD, kH, kW]")?;
             if fs.contains(&0) || x.contains(&0) {
                 return Err(err(format!(
                     "weight {fs:?} or input {x:?} has an empty dimension"

@@ -455,9 +455,8 @@ pub fn concat(parts: &[&Tensor], axis_: i64) -> OpResult<Tensor> {
     }
 }
 
-/// Transpose by `perm` (default: reversed axes).
-pub fn transpose(t: &Tensor, perm: Option<&[i64]>) -> OpResult<Tensor> {
-    let rank = t.shape.len();
+/// Transpose's `perm` as axes, checked to be a permutation of `rank` (default: reversed).
+pub fn permutation(perm: Option<&[i64]>, rank: usize) -> OpResult<Vec<usize>> {
     let perm: Vec<usize> = match perm {
         Some(p) => p.iter().map(|&a| axis(a, rank)).collect::<OpResult<_>>()?,
         None => (0..rank).rev().collect(),
@@ -466,6 +465,12 @@ pub fn transpose(t: &Tensor, perm: Option<&[i64]>) -> OpResult<Tensor> {
     if perm.len() != rank || perm.iter().any(|&a| std::mem::replace(&mut seen[a], true)) {
         return Err(format!("perm {perm:?} is not a permutation of {rank} axes"));
     }
+    Ok(perm)
+}
+
+/// Transpose by `perm` (default: reversed axes).
+pub fn transpose(t: &Tensor, perm: Option<&[i64]>) -> OpResult<Tensor> {
+    let perm = permutation(perm, t.shape.len())?;
     let shape: Vec<usize> = perm.iter().map(|&a| t.shape[a]).collect();
     let st = strides(&t.shape);
     let pst: Vec<usize> = perm.iter().map(|&a| st[a]).collect();
