@@ -96,11 +96,17 @@ class Client:
         return self._region
 
     def output_shape(self, model, input_shape):
-        """The output shape `model` gives for a 5-D input shape (from GetModel's layers)."""
+        """The output shape `model` gives for a 5-D input shape (from GetModel's layers, or an
+        ONNX model's output dims)."""
         info = self._models.get(model)
         if info is None:
             info = self._models[model] = self.get_model(model)
         n, _, *spatial = input_shape
+        if info.format == "onnx" and info.outputs and len(info.outputs[0].shape) == 5:
+            # A graph's output dims; a dynamic one (-1) follows the input's (segmentation
+            # networks keep N, D, H, W). The server checks the size against its plan.
+            return tuple(int(d) if d >= 0 else int(input_shape[i])
+                         for i, d in enumerate(info.outputs[0].shape))
         for layer in info.layers:
             for i in range(3):
                 def at(v, default):
