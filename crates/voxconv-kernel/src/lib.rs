@@ -159,6 +159,19 @@ impl FromStr for Activation {
     }
 }
 
+/// `BufferLength` unless a buffer `what` holds exactly `expected` values.
+pub fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::BufferLength {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
 /// Checks that the buffers have exactly the lengths the shape implies.
 pub fn check_buffers(
     shape: &Conv3dShape,
@@ -166,17 +179,7 @@ pub fn check_buffers(
     filters: &[f32],
     bias: Option<&[f32]>,
 ) -> Result<(), KernelError> {
-    let check = |what, expected: usize, got: usize| {
-        if expected == got {
-            Ok(())
-        } else {
-            Err(KernelError::BufferLength {
-                what,
-                expected,
-                got,
-            })
-        }
-    };
+    let check = check_len;
     check("input", shape.input_len(), input.len())?;
     check("filters", shape.filters_len(), filters.len())?;
     if let Some(b) = bias {

@@ -13,6 +13,7 @@
 
 use super::shape::AXES;
 use super::KernelError;
+use crate::check_len;
 
 /// Names of the five dimensions of an `[N, C, D, H, W]` tensor, as errors report them.
 const DIMS5: [&str; 5] = ["N", "C", "D", "H", "W"];
@@ -28,18 +29,6 @@ fn product(dims: &[usize], what: &'static str) -> Result<usize, KernelError> {
     dims.iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or(KernelError::Overflow { what })
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(KernelError::BufferLength {
-            what,
-            expected,
-            got,
-        })
-    }
 }
 
 fn check_nonzero(

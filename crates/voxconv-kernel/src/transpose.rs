@@ -42,8 +42,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::shape::AXES;
 use crate::{
-    avx512, winograd, Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl, KernelError,
-    Strategy, Tiling,
+    avx512, check_len, winograd, Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl,
+    KernelError, Strategy, Tiling,
 };
 
 /// Stride, padding (begin/end per axis, as ONNX pads), output padding and dilation per
@@ -406,18 +406,6 @@ pub struct ConvTranspose3dPlan {
     /// Set by [`with_tiling`](ConvTranspose3dPlan::with_tiling), kept likewise.
     tiling: Option<Tiling>,
     inner: Inner,
-}
-
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(KernelError::BufferLength {
-            what,
-            expected,
-            got,
-        })
-    }
 }
 
 /// Adds `src` into every `stride`-th value of `dst`, from `dst[0]` (`dst` holds at least

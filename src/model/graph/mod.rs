@@ -452,17 +452,7 @@ impl Graph {
             if all_const && !matches!(node.op, Op::Conv(_) | Op::ConvTranspose { .. }) {
                 // A folded constant is bounded before it is computed (a file may ask for an
                 // Expand to 2^40 elements).
-                let infos: Vec<Option<eval::Info<'_>>> = ins
-                    .iter()
-                    .map(|v| match v {
-                        Some(Val::Const(c)) => Some(eval::Info {
-                            shape: &c.shape,
-                            elem: c.elem(),
-                            value: Some(&**c),
-                        }),
-                        _ => None,
-                    })
-                    .collect();
+                let infos = infos(&ins);
                 if let Ok((shape, _)) = eval::infer(&node.op, &infos) {
                     if tensor::numel(&shape).map_or(true, |n| n > MAX_FOLDED) {
                         return Err(node_err(
@@ -807,28 +797,32 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
             ))
         }
         op => {
-            let infos: Vec<Option<eval::Info<'_>>> = ins
-                .iter()
-                .map(|v| {
-                    v.as_ref().map(|v| match v {
-                        Val::Const(c) => eval::Info {
-                            shape: &c.shape,
-                            elem: c.elem(),
-                            value: Some(&**c),
-                        },
-                        Val::Slot { shape, elem, .. } => eval::Info {
-                            shape,
-                            elem: *elem,
-                            value: None,
-                        },
-                    })
-                })
-                .collect();
+            let infos = infos(ins);
             let (shape, elem) = eval::infer(op, &infos).map_err(err)?;
             crate::model::graph::tensor::numel(&shape).map_err(|e| node_err(node, e))?;
             Ok((Kind::Eval(op.clone()), shape, elem))
         }
     }
+}
+
+/// What planning knows of each input, for shape inference.
+fn infos(ins: &[Option<Val>]) -> Vec<Option<eval::Info<'_>>> {
+    ins.iter()
+        .map(|v| {
+            v.as_ref().map(|v| match v {
+                Val::Const(c) => eval::Info {
+                    shape: &c.shape,
+                    elem: c.elem(),
+                    value: Some(&**c),
+                },
+                Val::Slot { shape, elem, .. } => eval::Info {
+                    shape,
+                    elem: *elem,
+                    value: None,
+                },
+            })
+        })
+        .collect()
 }
 
 /// Pads after `auto_pad` (SAME: total `(o−1)·s + eff − x` split as ONNX says).
