@@ -57,6 +57,7 @@ async fn output_larger_than_256_mib_streams_in_bounded_memory() {
                     .count() as u64;
             }
             pb::infer_stream_response::Msg::Summary(sm) => assert_eq!(sm.output_bytes, total),
+            pb::infer_stream_response::Msg::Progress(_) => {}
         }
     }
     assert_eq!(total, announced);

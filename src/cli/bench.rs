@@ -226,6 +226,7 @@ impl Job {
                         data: self.raw.clone(),
                     }),
                     output_dtype: self.out_dtype as i32,
+                    sliding_window: None,
                 });
                 req.set_timeout(self.timeout);
                 let r = client.infer(req).await?.into_inner();
@@ -245,6 +246,7 @@ impl Job {
                                 self.raw.len() as u64
                             ))
                         }),
+                        sliding_window: None,
                     })),
                 };
                 // With shared memory, "sending" the input is writing it into the region.
@@ -374,6 +376,7 @@ async fn run_bench(
                 let info = client
                     .get_model(pb::GetModelRequest {
                         name: model.clone(),
+                        scan_shape: Vec::new(),
                     })
                     .await
                     .map_err(|s| format!("GetModel: {}: {}", s.code(), s.message()))?
@@ -549,6 +552,7 @@ pub fn ghz_request(rpc: GhzRpc, model: &str, shape: [usize; 5], raw: Bytes) -> V
                 data: raw,
             }),
             output_dtype: pb::DType::Fp32 as i32,
+            sliding_window: None,
         }
         .encode_to_vec(),
         GhzRpc::Kserve => kpb::ModelInferRequest {

@@ -13,7 +13,7 @@ use super::connect::ConnectArgs;
 use crate::proto::voxconv::v1 as pb;
 use crate::tensor::dtype::{self, DType};
 use crate::tensor::nifti::{is_nifti, output_header, read_scan, write_volume, AxisMap};
-use crate::tensor::{read_npy_raw, write_npy};
+use crate::tensor::{read_npy_raw, write_npy, write_npy_typed};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -57,6 +57,107 @@ pub struct InferArgs {
     /// namespace, same user as the server.
     #[arg(long, conflicts_with = "shared_memory_dir")]
     pub server_shared_memory: bool,
+    #[command(flatten)]
+    pub window: WindowArgs,
+}
+
+/// Server-side sliding-window inference over the whole scan (MONAI semantics).
+#[derive(Debug, Args)]
+pub struct WindowArgs {
+    /// Run the model over the whole scan in sliding windows on the server; the options
+    /// below default to the model's (GetModel), then to MONAI's.
+    #[arg(long)]
+    pub sliding_window: bool,
+    /// Window size D,H,W (default: the model's fixed input size).
+    #[arg(long, requires = "sliding_window", value_parser = parse_roi)]
+    pub roi: Option<[u32; 3]>,
+    /// Overlap of neighbouring windows in [0, 1): one value or D,H,W (default 0.25).
+    #[arg(long, requires = "sliding_window", value_parser = parse_floats)]
+    pub overlap: Option<Vec<f64>>,
+    /// Window weighting (default gaussian).
+    #[arg(long, requires = "sliding_window", value_enum)]
+    pub blend: Option<BlendArg>,
+    /// Gaussian sigma as a fraction of the roi: one value or D,H,W (default 0.125).
+    #[arg(long, requires = "sliding_window", value_parser = parse_floats)]
+    pub sigma_scale: Option<Vec<f64>>,
+    /// Windows per network call (default 1).
+    #[arg(long, requires = "sliding_window")]
+    pub sw_batch: Option<u32>,
+    /// Test-time mirroring over these spatial axes, e.g. 0,1,2 (0 = D, 1 = H, 2 = W), or
+    /// "none".
+    #[arg(long, requires = "sliding_window", value_parser = parse_axes)]
+    pub mirror: Option<Vec<u32>>,
+    /// Return the label map (argmax over channels): uint8 [N, 1, D, H, W] (.npy), or a NIfTI
+    /// label map (uint8/uint16, intent "label").
+    #[arg(long, requires = "sliding_window", conflicts_with = "probabilities")]
+    pub labels: bool,
+    /// Return softmax probabilities instead of the blended logits.
+    #[arg(long, requires = "sliding_window")]
+    pub probabilities: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BlendArg {
+    Gaussian,
+    Constant,
+}
+
+fn parse_floats(s: &str) -> Result<Vec<f64>, String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>().map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    match v.len() {
+        1 | 3 => Ok(v),
+        n => Err(format!("expected 1 value or 3 (D,H,W), got {n}")),
+    }
+}
+
+fn parse_roi(s: &str) -> Result<[u32; 3], String> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u32>().map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    v.try_into()
+        .map_err(|v: Vec<u32>| format!("expected D,H,W, got {} values", v.len()))
+}
+
+fn parse_axes(s: &str) -> Result<Vec<u32>, String> {
+    if s.trim().eq_ignore_ascii_case("none") || s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|p| p.trim().parse::<u32>().map_err(|e| format!("{p:?}: {e}")))
+        .collect()
+}
+
+impl WindowArgs {
+    /// The request's `SlidingWindow`, if asked for.
+    fn to_pb(&self) -> Option<pb::SlidingWindow> {
+        if !self.sliding_window {
+            return None;
+        }
+        let output = if self.labels {
+            pb::WindowOutput::Labels
+        } else if self.probabilities {
+            pb::WindowOutput::Probabilities
+        } else {
+            pb::WindowOutput::Default
+        };
+        Some(pb::SlidingWindow {
+            roi: self.roi.map(|r| r.to_vec()).unwrap_or_default(),
+            overlap: self.overlap.clone().unwrap_or_default(),
+            blend: match self.blend {
+                None => pb::Blend::Default,
+                Some(BlendArg::Gaussian) => pb::Blend::Gaussian,
+                Some(BlendArg::Constant) => pb::Blend::Constant,
+            } as i32,
+            sigma_scale: self.sigma_scale.clone().unwrap_or_default(),
+            batch: self.sw_batch.unwrap_or(0),
+            mirror: self.mirror.clone().map(|axes| pb::MirrorAxes { axes }),
+            output: output as i32,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -187,7 +288,17 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let input = load_input(&a.input)?;
     let channel = a.connect.channel().await?;
     let mut client = a.connect.inference(channel)?;
-    let out_dtype = match a.output_dtype {
+    let window = a.window.to_pb();
+    if window.is_some() && (a.shared_memory_dir.is_some() || a.server_shared_memory) {
+        return Err(
+            "--sliding-window: shared-memory output is not supported with sliding \
+                    windows (the output streams over the socket)"
+                .into(),
+        );
+    }
+    let labels = a.window.labels;
+    // Labels come as the server's UINT8/UINT16 (see the output header).
+    let mut out_dtype = match a.output_dtype {
         OutDType::Fp32 => DType::F32,
         OutDType::Fp16 => DType::F16,
     };
@@ -202,6 +313,7 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
             client
                 .get_model(pb::GetModelRequest {
                     name: a.model.clone(),
+                    scan_shape: Vec::new(),
                 })
                 .await
                 .map_err(status_error)?
@@ -235,10 +347,15 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
             model: a.model.clone(),
             input_dtype: crate::wire::dtype_to_pb(input.dtype) as i32,
             input_shape: input.shape.iter().map(|&d| d as u64).collect(),
-            output_dtype: crate::wire::dtype_to_pb(out_dtype) as i32,
+            output_dtype: if labels {
+                pb::DType::DtypeUnspecified as i32
+            } else {
+                crate::wire::dtype_to_pb(out_dtype) as i32
+            },
             max_chunk_bytes: 0,
             input_shared_memory: region.as_ref().map(|r| r.at(0)),
             output_shared_memory: region.as_ref().map(|r| r.at(output_at)),
+            sliding_window: window.clone(),
         })),
     };
     // Through shared memory the input is already in the region: no chunks.
@@ -249,6 +366,18 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let up = bar(&multi, "sent", raw.len() as u64);
     let down = bar(&multi, "received", 0);
+    let windows = window.as_ref().map(|_| {
+        let pb = multi.add(ProgressBar::new(0));
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:32}] {pos:>10}/{len:<10} {per_sec:>12} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        pb.set_prefix("windows");
+        pb
+    });
     let chunk = crate::client::stream::chunk_size(a.chunk_bytes);
     let up_tick = up.clone();
     let chunks = crate::client::stream::input_chunks(raw.clone(), chunk).inspect(move |m| {
@@ -285,6 +414,14 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
                     y = crate::kernel::buffer::zeroed_f32(elements);
                     down.set_length(h.total_bytes);
                     up.finish();
+                    out_dtype = crate::wire::dtype_from_pb("header.dtype", h.dtype, false)
+                        .map_err(|e| format!("server sent an output header with {e}"))?;
+                }
+                Some(pb::infer_stream_response::Msg::Progress(p)) => {
+                    if let Some(w) = &windows {
+                        w.set_length(p.windows_total);
+                        w.set_position(p.windows_done);
+                    }
                 }
                 Some(pb::infer_stream_response::Msg::Chunk(c)) => {
                     let size = out_dtype.size();
@@ -334,6 +471,9 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
     }
     let (shape, y, received, s) = outcome?;
     down.finish();
+    if let Some(w) = &windows {
+        w.finish();
+    }
     multi.clear().ok();
     let stream_ms = t_call.elapsed().as_secs_f64() * 1e3;
     if received as u64 != s.output_bytes {
@@ -345,9 +485,29 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
             .try_into()
             .map_err(|_| format!("server sent a rank-{} output", shape.len()))?;
         let reference = input.header.unwrap_or_default();
-        let maps = maps.expect("fetched for NIfTI output");
-        let h = output_header(&reference, maps, &format!("voxconv {}", a.model));
-        write_volume(&a.output, &h, shape5, &y)?;
+        // Sliding windows keep the scan's grid: the output overlays the input voxel for voxel.
+        let maps = match window {
+            Some(_) => [AxisMap::IDENTITY; 3],
+            None => maps.expect("fetched for NIfTI output"),
+        };
+        let mut h = output_header(&reference, maps, &format!("voxconv {}", a.model));
+        match (labels, out_dtype) {
+            (true, DType::U8) => {
+                label_header(&mut h, &y);
+                let v: Vec<u8> = y.iter().map(|&v| v as u8).collect();
+                write_volume(&a.output, &h, shape5, &v)?;
+            }
+            (true, _) => {
+                label_header(&mut h, &y);
+                let v: Vec<u16> = y.iter().map(|&v| v as u16).collect();
+                write_volume(&a.output, &h, shape5, &v)?;
+            }
+            _ => write_volume(&a.output, &h, shape5, &y)?,
+        }
+    } else if labels && out_dtype == DType::U8 {
+        write_npy_typed(&a.output, &shape, y.iter().map(|&v| v as u8).collect())?;
+    } else if labels {
+        write_npy_typed(&a.output, &shape, y.iter().map(|&v| v as u16).collect())?;
     } else {
         write_npy(&a.output, &shape, y)?;
     }
@@ -368,6 +528,13 @@ async fn infer_async(a: InferArgs) -> Result<(), BoxError> {
         s.compute_ms
     );
     Ok(())
+}
+
+/// Marks a NIfTI header as a label map (intent "label", display range over the labels).
+fn label_header(h: &mut nifti::NiftiHeader, labels: &[f32]) {
+    h.intent_code = 1002; // NIFTI_INTENT_LABEL
+    h.cal_min = 0.0;
+    h.cal_max = labels.iter().copied().fold(0.0, f32::max);
 }
 
 /// Exit 0 when SERVING, 1 otherwise (usable as a container health check).

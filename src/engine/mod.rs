@@ -20,7 +20,8 @@ use tracing::{info, info_span, Instrument, Span};
 use crate::config::Config;
 use crate::error::ServiceError;
 use crate::model::repo::ModelRegistry;
-use crate::model::{LayerTiming, Model, ModelPlan};
+use crate::model::sliding::{labels_fit_u8, PlanError, WindowOutput, WindowRequest};
+use crate::model::{LayerTiming, Model, ModelPlan, ProgressHook};
 use crate::obs::audit::AuditLog;
 use crate::obs::calls::{record_call, FinishedCall};
 use crate::obs::metrics::{CallTimes, Metrics};
@@ -101,6 +102,35 @@ pub struct Prepared {
     times: std::sync::OnceLock<CallTimes>,
 }
 
+/// The output dtype of a sliding-window call: labels as UINT8 (up to 256 classes) or
+/// UINT16, unless the client asked for UINT16; float outputs as asked (FP32 by default).
+fn window_out_dtype(plan: &ModelPlan, asked: Option<(&str, DType)>) -> Result<DType, ServiceError> {
+    let field = asked.map_or("output_dtype", |a| a.0);
+    let asked = asked.map(|a| a.1);
+    let Some(w) = &plan.window else {
+        return Ok(asked.unwrap_or(DType::F32));
+    };
+    let fits = labels_fit_u8(w.classes);
+    match (w.opts.output, asked) {
+        (WindowOutput::Labels, None) => Ok(if fits { DType::U8 } else { DType::U16 }),
+        (WindowOutput::Labels, Some(DType::U16)) => Ok(DType::U16),
+        (WindowOutput::Labels, Some(DType::U8)) if fits => Ok(DType::U8),
+        (WindowOutput::Labels, Some(d)) => Err(ServiceError::invalid(format!(
+            "{field}: labels of {} classes are {}, got {}",
+            w.classes,
+            if fits { "UINT8 or UINT16" } else { "UINT16" },
+            d.name()
+        ))),
+        (_, None) => Ok(DType::F32),
+        (kind, Some(d)) if !d.is_output() => Err(ServiceError::invalid(format!(
+            "{field}: {} are FP32 or FP16, got {} (UINT8/UINT16 are for labels)",
+            kind.name(),
+            d.name()
+        ))),
+        (_, Some(d)) => Ok(d),
+    }
+}
+
 /// What a finished call reports to its client: sizes, work and stage times.
 #[derive(Clone, Debug)]
 pub struct CallSummary {
@@ -112,6 +142,8 @@ pub struct CallSummary {
     pub compute: Duration,
     pub total: Duration,
     pub layers: Vec<LayerTiming>,
+    /// Sliding-window calls: windows computed.
+    pub windows: u64,
 }
 
 /// What a streamed call sends, in order: one header, the output's chunks, one summary.
@@ -127,6 +159,11 @@ pub enum StreamEvent {
         data: Bytes,
     },
     Summary(CallSummary),
+    /// Sliding-window progress: windows done of the total.
+    Progress {
+        done: u64,
+        total: u64,
+    },
 }
 
 /// One piece of a streamed input: its byte offset and bytes.
@@ -207,6 +244,7 @@ impl Prepared {
             compute,
             total,
             layers,
+            windows: self.plan.window.as_ref().map_or(0, |w| w.windows_total()),
         }
     }
 }
@@ -245,7 +283,9 @@ impl Engine {
     }
 
     /// Validates model, dtypes and shape (checked arithmetic, before any allocation).
-    /// `model_field` and `shape_field` name the request fields in messages.
+    /// `model_field` and `shape_field` name the request fields in messages; `out_dtype` and
+    /// `window` come with theirs.
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
         model_field: &str,
@@ -253,7 +293,8 @@ impl Engine {
         model: &str,
         in_dtype: DType,
         shape: &[u64],
-        out_dtype: DType,
+        out_dtype: Option<(&str, DType)>,
+        window: Option<(&str, &WindowRequest)>,
     ) -> Result<Prepared, ServiceError> {
         let _span = info_span!("validate").entered();
         let models = self.models.snapshot();
@@ -285,7 +326,33 @@ impl Engine {
                 dims[1]
             )));
         }
-        let plan = m.plan(dims).map_err(|e| ServiceError::kernel(&field, e))?;
+        let (plan, out_dtype) = match window {
+            None => {
+                let out = match out_dtype {
+                    None => DType::F32,
+                    Some((_, d)) if d.is_output() => d,
+                    Some((f, d)) => {
+                        return Err(ServiceError::invalid(format!(
+                            "{f}: expected FP32 or FP16, got {} (UINT8/UINT16 are for \
+                             sliding-window labels)",
+                            d.name()
+                        )))
+                    }
+                };
+                (
+                    m.plan(dims).map_err(|e| ServiceError::kernel(&field, e))?,
+                    out,
+                )
+            }
+            Some((window_field, request)) => {
+                let plan = m.plan_sliding(dims, request).map_err(|e| match e {
+                    PlanError::Window(w) => ServiceError::invalid(format!("{window_field}.{w}")),
+                    PlanError::Kernel(k) => ServiceError::kernel(&field, k),
+                })?;
+                let out = window_out_dtype(&plan, out_dtype)?;
+                (plan, out)
+            }
+        };
         let too_big = || ServiceError::invalid(format!("{field}: {shape:?} is too large"));
         let input_elems = dims
             .iter()
@@ -308,6 +375,36 @@ impl Engine {
             output_bytes,
             times: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Memory a sliding-window call over `scan` (`[N, C, D, H, W]`) with the model's
+    /// defaults reserves (GetModel): its decoded input and working set.
+    pub fn scan_working_bytes(
+        &self,
+        field: &str,
+        m: &Model,
+        scan: &[u64],
+    ) -> Result<u64, ServiceError> {
+        let dims: [usize; 5] = scan
+            .iter()
+            .map(|&v| usize::try_from(v).ok())
+            .collect::<Option<Vec<_>>>()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| {
+                ServiceError::invalid(format!(
+                    "{field}: expected 5 dimensions [N, C, D, H, W], got {scan:?}"
+                ))
+            })?;
+        let plan = m
+            .plan_sliding(dims, &WindowRequest::default())
+            .map_err(|e| match e {
+                PlanError::Window(w) => ServiceError::invalid(format!("{field}: {w}")),
+                PlanError::Kernel(k) => ServiceError::kernel(field, k),
+            })?;
+        let input = dims.iter().try_fold(4u64, |a, &d| a.checked_mul(d as u64));
+        Ok(input
+            .unwrap_or(u64::MAX)
+            .saturating_add(plan.working_bytes(self.pool.threads_per_job()) as u64))
     }
 
     /// Working memory of a call, reserved before its input buffer is allocated.
@@ -429,12 +526,21 @@ impl Engine {
         in_dtype: DType,
         shape: &[u64],
         data: Bytes,
-        out_dtype: DType,
+        out_dtype: Option<(&str, DType)>,
+        window: Option<(&str, &WindowRequest)>,
         deadline: Option<Instant>,
         started: Instant,
     ) -> Result<(Prepared, Vec<u8>, CallSummary), ServiceError> {
         let (model_field, shape_field, data_field) = fields;
-        let p = self.prepare(model_field, shape_field, model, in_dtype, shape, out_dtype)?;
+        let p = self.prepare(
+            model_field,
+            shape_field,
+            model,
+            in_dtype,
+            shape,
+            out_dtype,
+            window,
+        )?;
         if data.len() != p.input_bytes {
             return Err(ServiceError::invalid(format!(
                 "{data_field}: expected {} bytes ({:?} x {} bytes per {}), got {}",
@@ -582,10 +688,22 @@ impl Engine {
 
             // Compute on a worker; finished slabs go straight to the response stream. The
             // bounded channel is the backpressure: a slow reader slows the worker down.
-            let (model, plan, out_dtype, output) = (Arc::clone(&p.model), p.plan.clone(), p.out_dtype, p.plan.output);
+            let (model, mut plan, out_dtype, output) = (Arc::clone(&p.model), p.plan.clone(), p.out_dtype, p.plan.output);
             let tx = out.clone();
             let job_cancel = cancel.clone();
             let rt = tokio::runtime::Handle::current();
+            if plan.window.is_some() {
+                // Progress between chunks, with the chunks' backpressure.
+                let (tx, cancel, rt) = (out.clone(), cancel.clone(), rt.clone());
+                plan.progress = Some(ProgressHook(Arc::new(move |done, total| {
+                    rt.block_on(async {
+                        tokio::select! {
+                            _ = tx.send(Ok(StreamEvent::Progress { done, total })) => {}
+                            _ = cancel.token.cancelled() => {}
+                        }
+                    })
+                })));
+            }
             let slab_pool = Arc::clone(&self.slab_pool);
             let compute_span = info_span!(parent: Span::current(), "compute", flops = p.plan.flops());
             let job = self.pool.submit(Arc::clone(&cancel.flag), move |ctx| {

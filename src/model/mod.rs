@@ -8,6 +8,7 @@ pub mod builtin;
 pub mod graph;
 pub mod onnx;
 pub mod repo;
+pub mod sliding;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::AtomicBool;
@@ -52,6 +53,8 @@ pub struct Model {
     pub name: String,
     pub description: String,
     pub layers: Vec<Layer>,
+    /// Sliding-window defaults (`[sliding_window]` in model.toml).
+    pub window_defaults: sliding::WindowRequest,
 }
 
 /// One layer planned for its input shape.
@@ -93,6 +96,21 @@ pub struct ModelPlan {
     pub plans: Vec<LayerPlan>,
     pub input: [usize; 5],
     pub output: [usize; 5],
+    /// A whole scan in sliding windows (`plans` are then the model's plans for one call of
+    /// windows, `input` the scan, `output` the blended result).
+    pub window: Option<std::sync::Arc<sliding::SlidingPlan>>,
+    /// Told (windows done, total) during a sliding-window run.
+    pub progress: Option<ProgressHook>,
+}
+
+/// A callback for sliding-window progress.
+#[derive(Clone)]
+pub struct ProgressHook(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
 }
 
 /// Time spent in one layer.
@@ -111,6 +129,7 @@ impl Model {
             name: name.into(),
             description,
             layers: vec![Layer::Conv(layer)],
+            window_defaults: Default::default(),
         }
     }
 
@@ -198,6 +217,42 @@ impl Model {
             plans,
             input,
             output: shape,
+            window: None,
+            progress: None,
+        })
+    }
+
+    /// The model's fixed input spatial shape `[D, H, W]`, if it has one.
+    pub fn fixed_roi(&self) -> Option<[usize; 3]> {
+        let d = self.input_dims();
+        if d.len() != 5 || d[2..].iter().any(|&v| v <= 0) {
+            return None;
+        }
+        Some([d[2] as usize, d[3] as usize, d[4] as usize])
+    }
+
+    /// `request` over the model's defaults, checked.
+    pub fn window_options(
+        &self,
+        request: &sliding::WindowRequest,
+    ) -> Result<sliding::WindowOptions, sliding::WindowError> {
+        request.or(&self.window_defaults).resolve(self.fixed_roi())
+    }
+
+    /// Plans a whole scan `[N, C, D, H, W]` in sliding windows.
+    pub fn plan_sliding(
+        &self,
+        scan: [usize; 5],
+        request: &sliding::WindowRequest,
+    ) -> Result<ModelPlan, sliding::PlanError> {
+        let opts = self.window_options(request)?;
+        let sp = sliding::SlidingPlan::new(self, scan, opts)?;
+        Ok(ModelPlan {
+            plans: sp.window_plan().plans.clone(),
+            input: scan,
+            output: sp.output,
+            window: Some(std::sync::Arc::new(sp)),
+            progress: None,
         })
     }
 
@@ -265,6 +320,9 @@ impl Model {
 impl ModelPlan {
     /// FLOPs of all conv layers (direct-convolution count).
     pub fn flops(&self) -> f64 {
+        if let Some(w) = &self.window {
+            return w.flops();
+        }
         self.plans
             .iter()
             .map(|p| match p {
@@ -290,6 +348,9 @@ impl ModelPlan {
     /// Peak bytes the run needs besides the caller's input: the largest pair of consecutive
     /// activations alive together, plus workspace; a last conv layer streams (ring only).
     pub fn working_bytes(&self, threads: usize) -> usize {
+        if let Some(w) = &self.window {
+            return w.working_bytes(threads);
+        }
         let n = self.plans.len();
         let mut peak = 0usize;
         for (i, p) in self.plans.iter().enumerate() {
@@ -366,6 +427,9 @@ impl ModelPlan {
     /// Bytes of the buffers [`run_owned`](Self::run_owned) hands over (one slab of the last
     /// layer, or one batch item of a final pooling).
     pub fn owned_slab_bytes(&self) -> usize {
+        if let Some(w) = &self.window {
+            return w.slab_bytes();
+        }
         match self.plans.last() {
             Some(LayerPlan::Conv(c)) => c.slab_bytes(),
             _ => {
@@ -383,6 +447,9 @@ impl ModelPlan {
         cancel: Option<&AtomicBool>,
         mut sink: Sink<'_>,
     ) -> Result<Vec<LayerTiming>, KernelError> {
+        if let Some(w) = &self.window {
+            return self.run_window(w, model, input, threads, cancel, sink);
+        }
         let mut timings = Vec::with_capacity(self.plans.len());
         let mut cur = input;
         let last = self.plans.len() - 1;
@@ -447,6 +514,49 @@ impl ModelPlan {
             });
         }
         Ok(timings)
+    }
+
+    /// A sliding-window run: finished slabs to the sink as they leave the ring.
+    fn run_window(
+        &self,
+        w: &sliding::SlidingPlan,
+        model: &Model,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        mut sink: Sink<'_>,
+    ) -> Result<Vec<LayerTiming>, KernelError> {
+        let progress = self.progress.as_ref().map(|p| &*p.0);
+        let [_, k, d, h, wd] = self.output;
+        let plane = h * wd;
+        w.run(
+            model,
+            &input,
+            threads,
+            cancel,
+            progress,
+            &mut |batch, depth, data| match &mut sink {
+                Sink::Lent(on_slab) => on_slab(Slab { batch, depth, data }),
+                Sink::Owned { fresh, on_slab } => {
+                    let mut buf = fresh(data.len());
+                    buf.resize(data.len(), 0.0);
+                    buf.copy_from_slice(data);
+                    on_slab(OwnedSlab {
+                        batch,
+                        depth,
+                        data: buf,
+                    })
+                }
+                Sink::Into(out) => {
+                    let rows = depth.len() * plane;
+                    for ch in 0..k {
+                        let at = ((batch * k + ch) * d + depth.start) * plane;
+                        out[at..at + rows].copy_from_slice(&data[ch * rows..(ch + 1) * rows]);
+                    }
+                    ControlFlow::Continue(())
+                }
+            },
+        )
     }
 
     /// Hands a whole computed output to the sink: copied into the caller's buffer, or one
@@ -581,6 +691,7 @@ mod tests {
                 name: "t".into(),
                 description: String::new(),
                 layers,
+                window_defaults: Default::default(),
             };
             let plan = model.plan(shape).unwrap();
             let x = crate::kernel::seeded(shape.iter().product(), 9);

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use super::sliding::WindowRequest;
 use super::{ConvLayer, Layer, MaxPoolLayer, Model, ModelSet};
 use crate::kernel::{Activation, Conv3dParams};
 
@@ -45,6 +46,9 @@ struct ModelToml {
     #[serde(default)]
     description: String,
     layers: Vec<LayerToml>,
+    /// Sliding-window defaults for whole scans.
+    #[serde(default)]
+    sliding_window: WindowRequest,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +97,9 @@ fn tensor(st: &SafeTensors<'_>, key: &str) -> Result<(Vec<f32>, Vec<usize>), Str
 struct OnnxToml {
     #[serde(default)]
     description: String,
+    /// Sliding-window defaults for whole scans.
+    #[serde(default)]
+    sliding_window: WindowRequest,
 }
 
 /// Loads the ONNX model in `dir` (`model.onnx`, optional `model.toml` with a description).
@@ -126,11 +133,14 @@ fn load_onnx(dir: &Path, name: &str) -> Result<Model, LoadError> {
     } else {
         spec.description
     };
-    Ok(Model {
+    let model = Model {
         name: name.to_string(),
         description,
         layers: vec![Layer::Graph(Arc::new(graph))],
-    })
+        window_defaults: spec.sliding_window,
+    };
+    check_window_defaults(&model).map_err(err)?;
+    Ok(model)
 }
 
 /// Loads the model in `dir`, named `name`: `model.onnx` if there is one, else
@@ -316,11 +326,26 @@ pub fn load_model(dir: &Path, name: &str) -> Result<Model, LoadError> {
     if layers.is_empty() {
         return Err(err(None, None, "model.toml has no layers".into()));
     }
-    Ok(Model {
+    let model = Model {
         name: name.to_string(),
         description: spec.description,
         layers,
-    })
+        window_defaults: spec.sliding_window,
+    };
+    check_window_defaults(&model).map_err(|m| err(None, None, m))?;
+    Ok(model)
+}
+
+/// Checks a model.toml's `[sliding_window]` values (the roi too where the model fixes its
+/// window or the file gives one).
+fn check_window_defaults(model: &Model) -> Result<(), String> {
+    let d = &model.window_defaults;
+    let roi = model
+        .fixed_roi()
+        .or(if d.roi.is_none() { Some([1; 3]) } else { None });
+    d.resolve(roi)
+        .map(|_| ())
+        .map_err(|e| format!("model.toml: sliding_window.{e}"))
 }
 
 /// Folds inference-mode BatchNorm into the convolution before it:

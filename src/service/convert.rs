@@ -7,6 +7,7 @@ use super::error;
 use crate::auth::Caller;
 use crate::engine::{CallSummary, InputChunk, Origin, StreamEvent};
 use crate::error::ServiceError;
+use crate::model::sliding::{Blend, PerAxis, WindowOptions, WindowOutput, WindowRequest};
 use crate::model::{Layer, Model};
 use crate::proto::voxconv::v1 as pb;
 use crate::tensor::dtype::DType;
@@ -41,6 +42,7 @@ pub(crate) fn summary_to_pb(s: &CallSummary) -> pb::Summary {
                 epilogue_ms: ms(l.stages.epilogue),
             })
             .collect(),
+        windows: s.windows,
     }
 }
 
@@ -59,6 +61,10 @@ pub(crate) fn event_to_pb(e: StreamEvent) -> pb::InferStreamResponse {
         }),
         StreamEvent::Chunk { offset, data } => Msg::Chunk(pb::Chunk { offset, data }),
         StreamEvent::Summary(s) => Msg::Summary(summary_to_pb(&s)),
+        StreamEvent::Progress { done, total } => Msg::Progress(pb::Progress {
+            windows_done: done,
+            windows_total: total,
+        }),
     };
     pb::InferStreamResponse { msg: Some(msg) }
 }
@@ -153,5 +159,99 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
             .and_then(|g| g.declared_input())
             .and_then(|s| m.plan(s).ok())
             .map_or(0, |p| p.working_bytes(1) as u64),
+        sliding_window: m
+            .window_options(&WindowRequest::default())
+            .ok()
+            .map(|o| window_to_pb(&o)),
+        scan_working_bytes: 0,
+    }
+}
+
+/// One value or three (`[D, H, W]`), none for the default.
+fn per_axis(field: &str, v: &[f64]) -> Result<Option<PerAxis>, ServiceError> {
+    match *v {
+        [] => Ok(None),
+        [a] => Ok(Some(PerAxis::One(a))),
+        [a, b, c] => Ok(Some(PerAxis::Three([a, b, c]))),
+        _ => Err(ServiceError::invalid(format!(
+            "{field}: expected 1 value (all axes) or 3 [D, H, W], got {}",
+            v.len()
+        ))),
+    }
+}
+
+/// A request's `SlidingWindow` (`field` names it) as options; values are checked when the
+/// call is planned.
+pub(crate) fn window_from_pb(
+    field: &str,
+    w: &pb::SlidingWindow,
+) -> Result<WindowRequest, ServiceError> {
+    let roi = match w.roi[..] {
+        [] => None,
+        [d, h, w] => Some([d as usize, h as usize, w as usize]),
+        _ => {
+            return Err(ServiceError::invalid(format!(
+                "{field}.roi: expected 3 sizes [D, H, W], got {}",
+                w.roi.len()
+            )))
+        }
+    };
+    let blend = match pb::Blend::try_from(w.blend) {
+        Ok(pb::Blend::Default) => None,
+        Ok(pb::Blend::Gaussian) => Some(Blend::Gaussian),
+        Ok(pb::Blend::Constant) => Some(Blend::Constant),
+        Err(_) => {
+            return Err(ServiceError::invalid(format!(
+                "{field}.blend: expected BLEND_GAUSSIAN or BLEND_CONSTANT, got {}",
+                w.blend
+            )))
+        }
+    };
+    let output = match pb::WindowOutput::try_from(w.output) {
+        Ok(pb::WindowOutput::Default) => None,
+        Ok(pb::WindowOutput::Logits) => Some(WindowOutput::Logits),
+        Ok(pb::WindowOutput::Probabilities) => Some(WindowOutput::Probabilities),
+        Ok(pb::WindowOutput::Labels) => Some(WindowOutput::Labels),
+        Err(_) => {
+            return Err(ServiceError::invalid(format!(
+                "{field}.output: expected WINDOW_OUTPUT_LOGITS, WINDOW_OUTPUT_PROBABILITIES or \
+                 WINDOW_OUTPUT_LABELS, got {}",
+                w.output
+            )))
+        }
+    };
+    Ok(WindowRequest {
+        roi,
+        overlap: per_axis(&format!("{field}.overlap"), &w.overlap)?,
+        blend,
+        sigma_scale: per_axis(&format!("{field}.sigma_scale"), &w.sigma_scale)?,
+        batch: (w.batch != 0).then_some(w.batch as usize),
+        mirror: w
+            .mirror
+            .as_ref()
+            .map(|m| m.axes.iter().map(|&a| a as usize).collect()),
+        output,
+    })
+}
+
+/// Resolved options as the message (GetModel's defaults).
+pub(crate) fn window_to_pb(o: &WindowOptions) -> pb::SlidingWindow {
+    pb::SlidingWindow {
+        roi: o.roi.iter().map(|&v| v as u32).collect(),
+        overlap: o.overlap.to_vec(),
+        blend: match o.blend {
+            Blend::Gaussian => pb::Blend::Gaussian,
+            Blend::Constant => pb::Blend::Constant,
+        } as i32,
+        sigma_scale: o.sigma_scale.to_vec(),
+        batch: o.batch as u32,
+        mirror: Some(pb::MirrorAxes {
+            axes: o.mirror.iter().map(|&a| a as u32).collect(),
+        }),
+        output: match o.output {
+            WindowOutput::Logits => pb::WindowOutput::Logits,
+            WindowOutput::Probabilities => pb::WindowOutput::Probabilities,
+            WindowOutput::Labels => pb::WindowOutput::Labels,
+        } as i32,
     }
 }

@@ -18,6 +18,7 @@ use tracing::{info_span, Instrument};
 
 use super::{origin_of, ServiceError};
 use crate::engine::{Engine, Origin, Prepared};
+use crate::model::sliding::{Blend, PerAxis, WindowOutput, WindowRequest};
 use crate::model::Model;
 use crate::proto::inference as kv;
 use crate::tensor::dtype::DType;
@@ -171,6 +172,7 @@ impl KserveService {
                 )))
             }
         };
+        let window = window_from_params(&req.parameters)?;
         let (p, bytes, _summary) = self
             .inner
             .run_whole(
@@ -179,7 +181,8 @@ impl KserveService {
                 dtype,
                 &shape,
                 data,
-                DType::F32,
+                None,
+                window.as_ref().map(|w| ("parameters", w)),
                 deadline,
                 started,
             )
@@ -191,7 +194,7 @@ impl KserveService {
             parameters: Default::default(),
             outputs: vec![kv::model_infer_response::InferOutputTensor {
                 name: p.model.output_name().into(),
-                datatype: DType::F32.name().into(),
+                datatype: p.out_dtype.name().into(),
                 shape: p.plan.output.iter().map(|&d| d as i64).collect(),
                 parameters: Default::default(),
                 contents: None,
@@ -201,6 +204,148 @@ impl KserveService {
         *prepared = Some(p);
         Ok(response)
     }
+}
+
+/// Sliding-window request parameters (`sliding_window = true`, then `roi` "D,H,W",
+/// `overlap` and `sigma_scale` (a number or "a,b,c"), `blend`, `sw_batch_size`, `mirror`
+/// "0,1,2" ("" for none), `output` logits|probabilities|labels); `None` without
+/// `sliding_window`.
+fn window_from_params(
+    params: &std::collections::HashMap<String, kv::InferParameter>,
+) -> Result<Option<WindowRequest>, ServiceError> {
+    use kv::infer_parameter::ParameterChoice as P;
+    const KEYS: [&str; 7] = [
+        "roi",
+        "overlap",
+        "blend",
+        "sigma_scale",
+        "sw_batch_size",
+        "mirror",
+        "output",
+    ];
+    let get = |k: &str| params.get(k).and_then(|p| p.parameter_choice.as_ref());
+    let on = match get("sliding_window") {
+        None => false,
+        Some(P::BoolParam(b)) => *b,
+        Some(_) => {
+            return Err(ServiceError::invalid(
+                "parameters.sliding_window: expected a bool",
+            ))
+        }
+    };
+    if !on {
+        if let Some(k) = KEYS.iter().find(|k| params.contains_key(**k)) {
+            return Err(ServiceError::invalid(format!(
+                "parameters.{k}: a sliding-window option; set parameters.sliding_window = true"
+            )));
+        }
+        return Ok(None);
+    }
+    let text = |k: &str| -> Result<Option<String>, ServiceError> {
+        match get(k) {
+            None => Ok(None),
+            Some(P::StringParam(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ServiceError::invalid(format!(
+                "parameters.{k}: expected a string"
+            ))),
+        }
+    };
+    let list = |k: &str, s: &str| -> Result<Vec<f64>, ServiceError> {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.trim().parse::<f64>().map_err(|_| {
+                    ServiceError::invalid(format!(
+                        "parameters.{k}: expected numbers separated by commas, got {s:?}"
+                    ))
+                })
+            })
+            .collect()
+    };
+    let per_axis = |k: &str| -> Result<Option<PerAxis>, ServiceError> {
+        let v = match get(k) {
+            None => return Ok(None),
+            Some(P::DoubleParam(v)) => vec![*v],
+            Some(P::Int64Param(v)) => vec![*v as f64],
+            Some(P::StringParam(s)) => list(k, s)?,
+            Some(_) => {
+                return Err(ServiceError::invalid(format!(
+                    "parameters.{k}: expected a number or \"a,b,c\""
+                )))
+            }
+        };
+        match v[..] {
+            [a] => Ok(Some(PerAxis::One(a))),
+            [a, b, c] => Ok(Some(PerAxis::Three([a, b, c]))),
+            _ => Err(ServiceError::invalid(format!(
+                "parameters.{k}: expected 1 value or 3 [D, H, W], got {}",
+                v.len()
+            ))),
+        }
+    };
+    let ints = |k: &str, s: &str| -> Result<Vec<usize>, ServiceError> {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                p.trim().parse::<usize>().map_err(|_| {
+                    ServiceError::invalid(format!(
+                        "parameters.{k}: expected whole numbers separated by commas, got {s:?}"
+                    ))
+                })
+            })
+            .collect()
+    };
+    let roi = match text("roi")? {
+        None => None,
+        Some(s) => match ints("roi", &s)?[..] {
+            [d, h, w] => Some([d, h, w]),
+            _ => {
+                return Err(ServiceError::invalid(format!(
+                    "parameters.roi: expected \"D,H,W\", got {s:?}"
+                )))
+            }
+        },
+    };
+    let blend = match text("blend")?.as_deref() {
+        None => None,
+        Some("gaussian") => Some(Blend::Gaussian),
+        Some("constant") => Some(Blend::Constant),
+        Some(other) => {
+            return Err(ServiceError::invalid(format!(
+                "parameters.blend: expected gaussian or constant, got {other:?}"
+            )))
+        }
+    };
+    let output = match text("output")?.as_deref() {
+        None => None,
+        Some("logits") => Some(WindowOutput::Logits),
+        Some("probabilities") => Some(WindowOutput::Probabilities),
+        Some("labels") => Some(WindowOutput::Labels),
+        Some(other) => {
+            return Err(ServiceError::invalid(format!(
+                "parameters.output: expected logits, probabilities or labels, got {other:?}"
+            )))
+        }
+    };
+    let batch = match get("sw_batch_size") {
+        None => None,
+        Some(P::Int64Param(v)) if *v >= 0 => Some(*v as usize),
+        Some(_) => {
+            return Err(ServiceError::invalid(
+                "parameters.sw_batch_size: expected a non-negative int64",
+            ))
+        }
+    };
+    let mirror = text("mirror")?.map(|s| ints("mirror", &s)).transpose()?;
+    Ok(Some(WindowRequest {
+        roi,
+        overlap: per_axis("overlap")?,
+        blend,
+        sigma_scale: per_axis("sigma_scale")?,
+        batch,
+        mirror,
+        output,
+    }))
 }
 
 /// Typed `contents` → little-endian bytes (FP16/BF16 travel only raw).

@@ -17,7 +17,7 @@ pub use error::ServiceError;
 
 use crate::engine::Engine;
 use crate::proto::voxconv::v1 as pb;
-use crate::wire::dtype_from_pb;
+use crate::wire::{dtype_from_pb, out_dtype_from_pb};
 
 /// The voxconv.v1 service: the engine behind thin handlers.
 #[derive(Clone)]
@@ -41,7 +41,12 @@ impl InferenceService {
         let empty = pb::Tensor::default();
         let input = req.input.as_ref().unwrap_or(&empty);
         let in_dtype = dtype_from_pb("input.dtype", input.dtype, false)?;
-        let out_dtype = dtype_from_pb("output_dtype", req.output_dtype, true)?;
+        let out_dtype = out_dtype_from_pb("output_dtype", req.output_dtype)?;
+        let window = req
+            .sliding_window
+            .as_ref()
+            .map(|w| convert::window_from_pb("sliding_window", w))
+            .transpose()?;
         let p = self.engine.prepare(
             "model",
             "input.shape",
@@ -49,6 +54,7 @@ impl InferenceService {
             in_dtype,
             &input.shape,
             out_dtype,
+            window.as_ref().map(|w| ("sliding_window", w)),
         )?;
         if input.data.len() != p.input_bytes {
             return Err(ServiceError::invalid(format!(
@@ -64,7 +70,12 @@ impl InferenceService {
     /// Validates an `InferStream` header as the handler does. For fuzzing; never panics.
     pub fn validate_stream_header(&self, h: &pb::StreamHeader) -> Result<(), Status> {
         let i = dtype_from_pb("header.input_dtype", h.input_dtype, false)?;
-        let o = dtype_from_pb("header.output_dtype", h.output_dtype, true)?;
+        let o = out_dtype_from_pb("header.output_dtype", h.output_dtype)?;
+        let window = h
+            .sliding_window
+            .as_ref()
+            .map(|w| convert::window_from_pb("header.sliding_window", w))
+            .transpose()?;
         self.engine.prepare(
             "header.model",
             "header.input_shape",
@@ -72,6 +83,7 @@ impl InferenceService {
             i,
             &h.input_shape,
             o,
+            window.as_ref().map(|w| ("header.sliding_window", w)),
         )?;
         Ok(())
     }
@@ -153,6 +165,12 @@ mod validation_props {
                     data: vec![0u8; 32].into(),
                 }),
                 output_dtype: 0,
+                // Mutations reach the sliding-window options too.
+                sliding_window: Some(pb::SlidingWindow {
+                    roi: vec![2, 1, 2],
+                    overlap: vec![0.5],
+                    ..Default::default()
+                }),
             };
             prop_assert!(svc.validate_infer(&valid).is_ok());
             let mut mutated = valid.encode_to_vec();
@@ -193,7 +211,7 @@ mod validation_props {
             }
             let name = MODELS.get(model).map_or("no-such-model", |m| m.0);
             let out = if out_f16 { DType::F16 } else { DType::F32 };
-            let got = svc.engine.prepare("model", "shape", name, in_dtype, &shape, out);
+            let got = svc.engine.prepare("model", "shape", name, in_dtype, &shape, Some(("output_dtype", out)), None);
             let want = consistent(model, &shape, in_dtype.size() as u128, out.size() as u128);
             prop_assert_eq!(got.is_ok(), want, "shape {:?} model {} -> {:?}", shape, name,
                 got.as_ref().err());

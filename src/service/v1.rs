@@ -11,14 +11,16 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use super::convert::{event_to_pb, input_chunk, model_info, origin_of, summary_to_pb};
+use super::convert::{
+    event_to_pb, input_chunk, model_info, origin_of, summary_to_pb, window_from_pb,
+};
 use super::{error, InferenceService};
 use crate::engine::log_region;
 use crate::error::ServiceError;
 use crate::obs::telemetry::set_remote_parent;
 use crate::proto::voxconv::v1 as pb;
 use crate::wire::deadline;
-use crate::wire::{dtype_from_pb, dtype_to_pb};
+use crate::wire::{dtype_from_pb, dtype_to_pb, out_dtype_from_pb};
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::InferStreamResponse, Status>> + Send>>;
 
@@ -39,7 +41,12 @@ impl pb::inference_server::Inference for InferenceService {
         let result: Result<pb::InferResponse, ServiceError> = async {
             let input = req.input.unwrap_or_default();
             let in_dtype = dtype_from_pb("input.dtype", input.dtype, false)?;
-            let out_dtype = dtype_from_pb("output_dtype", req.output_dtype, true)?;
+            let out_dtype = out_dtype_from_pb("output_dtype", req.output_dtype)?;
+            let window = req
+                .sliding_window
+                .as_ref()
+                .map(|w| window_from_pb("sliding_window", w))
+                .transpose()?;
             let (p, bytes, summary) = self
                 .engine
                 .run_whole(
@@ -49,6 +56,7 @@ impl pb::inference_server::Inference for InferenceService {
                     &input.shape,
                     input.data,
                     out_dtype,
+                    window.as_ref().map(|w| ("sliding_window", w)),
                     deadline,
                     started,
                 )
@@ -138,7 +146,12 @@ impl pb::inference_server::Inference for InferenceService {
             let _e = span.enter();
             let e = &self.engine;
             dtype_from_pb("header.input_dtype", header.input_dtype, false).and_then(|i| {
-                let o = dtype_from_pb("header.output_dtype", header.output_dtype, true)?;
+                let o = out_dtype_from_pb("header.output_dtype", header.output_dtype)?;
+                let window = header
+                    .sliding_window
+                    .as_ref()
+                    .map(|w| window_from_pb("header.sliding_window", w))
+                    .transpose()?;
                 let p = e.prepare(
                     "header.model",
                     "header.input_shape",
@@ -146,6 +159,7 @@ impl pb::inference_server::Inference for InferenceService {
                     i,
                     &header.input_shape,
                     o,
+                    window.as_ref().map(|w| ("header.sliding_window", w)),
                 )?;
                 fn region(r: &Option<pb::SharedMemoryRef>) -> Option<(&str, u64)> {
                     r.as_ref().map(|r| (r.region.as_str(), r.offset))
@@ -295,7 +309,8 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
-        let name = request.into_inner().name;
+        let req = request.into_inner();
+        let name = req.name;
         let set = self.engine.models.snapshot();
         let m = set.get(&name).ok_or_else(|| match set.error(&name) {
             Some(e) => Status::from(ServiceError::Unavailable(format!(
@@ -307,6 +322,12 @@ impl pb::inference_server::Inference for InferenceService {
         })?;
         let mut info = model_info(&m);
         info.error = set.error(&name).cloned().unwrap_or_default();
+        if !req.scan_shape.is_empty() {
+            info.scan_working_bytes = self
+                .engine
+                .scan_working_bytes("scan_shape", &m, &req.scan_shape)
+                .map_err(Status::from)?;
+        }
         Ok(Response::new(info))
     }
 }

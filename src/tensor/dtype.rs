@@ -121,6 +121,14 @@ pub fn encode(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
                 }
             }
         }
+        // Labels: whole numbers in range (an argmax), saturating otherwise.
+        DType::U8 => out.extend(values.iter().map(|&v| v as u8)),
+        DType::U16 => {
+            out.reserve(values.len() * 2);
+            for &v in values {
+                out.extend_from_slice(&(v as u16).to_le_bytes());
+            }
+        }
         _ if cfg!(target_endian = "little") => {
             out.extend_from_slice(bytemuck::cast_slice::<f32, u8>(values));
         }

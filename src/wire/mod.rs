@@ -50,6 +50,15 @@ pub fn dtype_from_pb(field: &str, v: i32, output: bool) -> Result<DType, Service
     Ok(d)
 }
 
+/// A requested output dtype: `None` when unspecified (the server's choice), any dtype
+/// otherwise (whether it suits the call is checked when the call is planned).
+pub fn out_dtype_from_pb(field: &str, v: i32) -> Result<Option<(&str, DType)>, ServiceError> {
+    if v == pb::DType::DtypeUnspecified as i32 {
+        return Ok(None);
+    }
+    dtype_from_pb(field, v, false).map(|d| Some((field, d)))
+}
+
 /// The voxconv.v1 enum value of a dtype.
 pub fn dtype_to_pb(d: DType) -> pb::DType {
     match d {

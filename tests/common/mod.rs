@@ -161,6 +161,7 @@ pub fn models() -> ModelSet {
             },
             activation: Activation::Relu,
         })],
+        window_defaults: Default::default(),
     });
     set.insert(Model {
         name: "nopad".into(),
@@ -172,6 +173,7 @@ pub fn models() -> ModelSet {
             params: Conv3dParams::default(),
             activation: Activation::None,
         })],
+        window_defaults: Default::default(),
     });
     set
 }
@@ -186,6 +188,7 @@ pub fn unary(model: &str, dtype: pb::DType, shape: &[u64], data: Bytes) -> pb::I
             data,
         }),
         output_dtype: 0,
+        sliding_window: None,
     }
 }
 

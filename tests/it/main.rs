@@ -15,3 +15,4 @@ mod repository;
 mod security;
 mod service;
 mod shared_memory;
+mod sliding;

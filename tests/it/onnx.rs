@@ -184,6 +184,7 @@ async fn served_by_the_graphs_names() {
     let info = v1
         .get_model(voxconv::proto::voxconv::v1::GetModelRequest {
             name: "monai_segresnet".into(),
+            scan_shape: Vec::new(),
         })
         .await
         .unwrap()

@@ -44,7 +44,8 @@ async fn stream(
                 let at = ch.offset as usize / 4;
                 out[at..at + ch.data.len() / 4].copy_from_slice(&floats(&ch.data));
             }
-            pb::infer_stream_response::Msg::Summary(_) => {}
+            pb::infer_stream_response::Msg::Summary(_)
+            | pb::infer_stream_response::Msg::Progress(_) => {}
         }
     }
     Ok(out)
@@ -70,6 +71,7 @@ async fn pytorch_fixture_model_matches_pytorch() {
     let info = c
         .get_model(pb::GetModelRequest {
             name: "tiny_net".into(),
+            scan_shape: Vec::new(),
         })
         .await
         .unwrap()
@@ -155,6 +157,7 @@ async fn broken_models_are_reported_and_the_others_serve() {
     let e = c
         .get_model(pb::GetModelRequest {
             name: "channels".into(),
+            scan_shape: Vec::new(),
         })
         .await
         .unwrap_err();

@@ -33,6 +33,10 @@ async fn collect(
                 seen += c.data.len();
             }
             pb::infer_stream_response::Msg::Summary(s) => summary = Some(s),
+            pb::infer_stream_response::Msg::Progress(p) => {
+                assert!(summary.is_none(), "progress before the summary");
+                assert!(p.windows_done <= p.windows_total);
+            }
         }
     }
     let summary = summary.expect("a summary closes the stream");
@@ -135,6 +139,7 @@ async fn list_and_get_models() {
     let sobel = client
         .get_model(pb::GetModelRequest {
             name: "sobel3d".into(),
+            scan_shape: Vec::new(),
         })
         .await
         .unwrap()
@@ -151,6 +156,7 @@ async fn list_and_get_models() {
     let e = client
         .get_model(pb::GetModelRequest {
             name: "nope".into(),
+            scan_shape: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -517,7 +523,10 @@ async fn shutdown_drains_in_flight_calls_and_refuses_new_ones() {
         match m.msg.unwrap() {
             pb::infer_stream_response::Msg::Chunk(c) => total += c.data.len() as u64,
             pb::infer_stream_response::Msg::Summary(x) => summary = Some(x),
-            pb::infer_stream_response::Msg::Header(_) => unreachable!(),
+            pb::infer_stream_response::Msg::Header(_)
+            | pb::infer_stream_response::Msg::Progress(_) => {
+                unreachable!()
+            }
         }
     }
     assert_eq!(total, summary.unwrap().output_bytes);

@@ -93,6 +93,7 @@ async fn input_and_output_through_shared_memory_equal_the_kernel() {
                 max_chunk_bytes: chunk,
                 input_shared_memory: at("r1", 0),
                 output_shared_memory: at("r1", out_at),
+                sliding_window: None,
             };
             let msgs = stream(&mut client, h, vec![]).await.unwrap();
             assert_eq!(msgs.len(), 2, "{model}: a header and a summary, no chunks");

@@ -9,6 +9,8 @@ On the server's host, `infer(..., shared_memory=True)` passes input and output t
 memory instead (the server must run with --shared-memory-dir /dev/shm): memory the server
 creates and maps (the output is computed straight into it), or a POSIX shared-memory object
 this client creates where the server cannot create one.
+`infer(..., sliding_window={...})` runs an ONNX model over a whole scan in windows on the
+server (MONAI sliding_window_inference semantics), optionally returning labels (argmax).
 Stubs are generated from proto/ by ./generate_stubs.sh and committed.
 """
 import mmap
@@ -22,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ._gen.voxconv.v1 import voxconv_pb2 as pb
 from ._gen.voxconv.v1 import voxconv_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "pb"]
+__all__ = ["Client", "pb", "sliding_window_message"]
 __version__ = "0.1.0"
 
 _DTYPES = {
@@ -32,6 +34,87 @@ _DTYPES = {
     np.dtype("uint16"): pb.UINT16,
     np.dtype("uint8"): pb.UINT8,
 }
+# How an output of each wire dtype is read (little-endian); BF16 is widened to float32.
+_WIRE = {pb.FP32: "<f4", pb.FP16: "<f2", pb.BF16: "<u2", pb.INT16: "<i2",
+         pb.UINT16: "<u2", pb.UINT8: "u1"}
+
+_BLENDS = {"gaussian": pb.BLEND_GAUSSIAN, "constant": pb.BLEND_CONSTANT}
+_WINDOW_OUTPUTS = {"logits": pb.WINDOW_OUTPUT_LOGITS,
+                   "probabilities": pb.WINDOW_OUTPUT_PROBABILITIES,
+                   "labels": pb.WINDOW_OUTPUT_LABELS}
+_SLIDING_KEYS = ("roi", "overlap", "blend", "sigma_scale", "batch", "mirror", "output")
+
+
+def _floats(key, v):
+    """One number or three (D, H, W) as a list of floats."""
+    vals = [v] if np.ndim(v) == 0 else list(v)
+    if len(vals) not in (1, 3):
+        raise ValueError(f"sliding_window[{key!r}]: expected one number or three, got {v!r}")
+    try:
+        return [float(x) for x in vals]
+    except (TypeError, ValueError):
+        raise ValueError(f"sliding_window[{key!r}]: expected numbers, got {v!r}") from None
+
+
+def _ints(key, v, n=None):
+    vals = [v] if np.ndim(v) == 0 else list(v)
+    if n is not None and len(vals) != n:
+        raise ValueError(f"sliding_window[{key!r}]: expected {n} integers, got {v!r}")
+    out = []
+    for x in vals:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"sliding_window[{key!r}]: expected non-negative integers, "
+                             f"got {v!r}")
+        out.append(int(x))
+    return out
+
+
+def sliding_window_message(sliding_window):
+    """The pb.SlidingWindow for `infer`'s sliding_window argument (None: no sliding window).
+
+    True or {}: the model's defaults. A dict may set roi (3 ints, D, H, W), overlap (a float
+    or 3), blend ("gaussian" or "constant"), sigma_scale (a float or 3), batch (windows per
+    network call), mirror (spatial axes 0 = D, 1 = H, 2 = W to mirror over; [] = none) and
+    output ("logits", "probabilities" or "labels"); unset keys take the model's defaults.
+    A pb.SlidingWindow is passed through.
+    """
+    if sliding_window is None or sliding_window is False:
+        return None
+    if isinstance(sliding_window, pb.SlidingWindow):
+        return sliding_window
+    if sliding_window is True:
+        sliding_window = {}
+    if not isinstance(sliding_window, dict):
+        raise ValueError(f"sliding_window: expected None, True, a dict or a pb.SlidingWindow, "
+                         f"got {type(sliding_window).__name__}")
+    for key in sliding_window:
+        if key not in _SLIDING_KEYS:
+            raise ValueError(f"sliding_window: unknown key {key!r} (expected one of "
+                             f"{', '.join(_SLIDING_KEYS)})")
+    sw = pb.SlidingWindow()
+    g = sliding_window.get
+    if g("roi") is not None:
+        sw.roi.extend(_ints("roi", g("roi"), 3))
+    if g("overlap") is not None:
+        sw.overlap.extend(_floats("overlap", g("overlap")))
+    if g("sigma_scale") is not None:
+        sw.sigma_scale.extend(_floats("sigma_scale", g("sigma_scale")))
+    if g("blend") is not None:
+        if g("blend") not in _BLENDS:
+            raise ValueError(f"sliding_window['blend']: expected 'gaussian' or 'constant', "
+                             f"got {g('blend')!r}")
+        sw.blend = _BLENDS[g("blend")]
+    if g("batch") is not None:
+        (sw.batch,) = _ints("batch", g("batch"), 1)
+    if g("mirror") is not None:
+        sw.mirror.SetInParent()  # present even with no axes: "no mirroring"
+        sw.mirror.axes.extend(_ints("mirror", g("mirror")))
+    if g("output") is not None:
+        if g("output") not in _WINDOW_OUTPUTS:
+            raise ValueError(f"sliding_window['output']: expected 'logits', 'probabilities' "
+                             f"or 'labels', got {g('output')!r}")
+        sw.output = _WINDOW_OUTPUTS[g("output")]
+    return sw
 
 
 class Client:
@@ -130,8 +213,11 @@ class Client:
         """ModelInfo of every model the server knows (including ones that failed to load)."""
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
-    def get_model(self, name):
-        return self.stub.GetModel(pb.GetModelRequest(name=name), timeout=self.timeout)
+    def get_model(self, name, scan_shape=None):
+        """ModelInfo of `name`; with scan_shape ([N, C, D, H, W] of a whole scan) its
+        scan_working_bytes is the working memory of a sliding-window call over that scan."""
+        req = pb.GetModelRequest(name=name, scan_shape=[int(d) for d in scan_shape or ()])
+        return self.stub.GetModel(req, timeout=self.timeout)
 
     def health(self, service=""):
         """The serving status name of the server ("") or of a service / "model/<name>"."""
@@ -139,14 +225,17 @@ class Client:
                                    timeout=self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
-    def infer(self, model, volume, output_dtype="float32", timeout=None, metadata=None,
-              shared_memory=False):
+    def infer(self, model, volume, output_dtype=None, timeout=None, metadata=None,
+              shared_memory=False, sliding_window=None, progress=None):
         """Runs `volume` through `model` and returns the output as a NumPy array.
 
         volume: [N, C, D, H, W], [C, D, H, W] or [D, H, W], float32 / float16 / int16 /
         uint16 / uint8, sent in its own dtype. The result keeps the leading layout:
         [N, C_out, ...] for 5-D input, [C_out, ...] for 4-D and 3-D input.
-        output_dtype: "float32" or "float16" (what the server sends back).
+        output_dtype: "float32" (default) or "float16" (what the server sends back); with
+        sliding_window labels also "uint8" or "uint16". Left unset on a sliding-window call,
+        the server picks: float32 for logits / probabilities, uint8 (uint16 beyond 256
+        classes) for labels. The result's dtype is the one the server reports.
         metadata: extra gRPC metadata, e.g. [("traceparent", "00-<trace>-<span>-01")] to
         make the server's spans part of the caller's trace.
         shared_memory: pass input and output through this client's shared-memory region
@@ -154,6 +243,14 @@ class Client:
         on this host started with --shared-memory-dir /dev/shm. True: memory the server
         creates (same PID namespace and user; float32 outputs are computed in place), else a
         POSIX object this client creates; "server" or "client" to insist on one.
+        sliding_window: run an ONNX model over the whole volume in windows on the server
+        (MONAI sliding_window_inference semantics): True for the model's defaults, or a dict
+        with any of roi (3 ints), overlap (float or 3), blend ("gaussian" / "constant"),
+        sigma_scale (float or 3), batch (int), mirror (list of spatial axes, [] = none),
+        output ("logits" / "probabilities" / "labels"; labels come back [N, 1, D, H, W]).
+        Not combinable with shared_memory.
+        progress: callable(windows_done, windows_total), called on each Progress message of
+        a sliding-window call.
         """
         volume = np.asarray(volume)
         if volume.ndim not in (3, 4, 5):
@@ -167,15 +264,31 @@ class Client:
             raise TypeError(f"volume: dtype {volume.dtype} is not one of "
                             f"{sorted(str(d) for d in _DTYPES)}")
         volume = np.ascontiguousarray(volume, dtype=dtype.newbyteorder("<"))
-        out_np = np.dtype(output_dtype)
-        if out_np not in (np.dtype("float32"), np.dtype("float16")):
-            raise ValueError(f"output_dtype: expected float32 or float16, got {output_dtype}")
-        out_pb = pb.FP16 if out_np == np.float16 else pb.FP32
+        sw = sliding_window_message(sliding_window)
+        labels = sw is not None and sw.output == pb.WINDOW_OUTPUT_LABELS
+        allowed = ("float32", "float16") + (("uint8", "uint16") if labels else ())
+        if output_dtype is None:
+            # Unspecified on a sliding-window call: the server's choice (FP32, or UINT8 /
+            # UINT16 for labels, also where labels are the model's default output).
+            out_np = np.dtype("float32")
+            out_pb = pb.DTYPE_UNSPECIFIED if sw is not None else pb.FP32
+        else:
+            out_np = np.dtype(output_dtype)
+            if out_np.name not in allowed:
+                raise ValueError(f"output_dtype: expected {' or '.join(allowed)}"
+                                 f"{' (labels)' if labels else ''}, got {output_dtype}")
+            out_pb = _DTYPES[out_np]
+            if labels and out_pb == pb.FP32:
+                out_pb = pb.DTYPE_UNSPECIFIED  # labels are integers; FP32 is not asked for
         raw = memoryview(volume.reshape(-1).view(np.uint8))
         step = self.chunk_bytes
         header = pb.StreamHeader(model=model, input_dtype=_DTYPES[dtype],
                                  input_shape=list(volume.shape), output_dtype=out_pb)
+        if sw is not None:
+            header.sliding_window.CopyFrom(sw)
         region = None
+        if shared_memory and sw is not None:
+            raise ValueError("shared_memory: not supported with sliding_window")
         if shared_memory:
             where = "auto" if shared_memory is True else shared_memory
             if where not in ("auto", "server", "client"):
@@ -199,23 +312,31 @@ class Client:
                     offset=off, data=bytes(raw[off:off + step])))
 
         out = shape = summary = None
+        wire = out_pb
         for msg in self.stub.InferStream(requests(), timeout=timeout or self.timeout,
                                          metadata=metadata):
             kind = msg.WhichOneof("msg")
             if kind == "header":
                 out = np.empty(int(msg.header.total_bytes), dtype=np.uint8)
                 shape = tuple(msg.header.shape)
+                wire = msg.header.dtype or out_pb or pb.FP32
             elif kind == "chunk":
                 data = np.frombuffer(msg.chunk.data, dtype=np.uint8)
                 out[msg.chunk.offset:msg.chunk.offset + len(data)] = data
             elif kind == "summary":
                 summary = msg.summary
+            elif kind == "progress" and progress is not None:
+                progress(int(msg.progress.windows_done), int(msg.progress.windows_total))
         if summary is None or out is None:
             raise RuntimeError("stream ended without a header and summary")
         if region is not None:
             out[:] = np.frombuffer(region.buf, np.uint8, len(out), out_at)
         self.last_summary = summary
-        y = out.view("<f2" if out_pb == pb.FP16 else "<f4").reshape(shape)
+        if wire not in _WIRE:
+            raise RuntimeError(f"output: unsupported dtype {pb.DType.Name(wire)}")
+        y = out.view(_WIRE[wire]).reshape(shape)
+        if wire == pb.BF16:
+            y = (y.astype(np.uint32) << 16).view(np.float32)
         return y if ndim == 5 else y[0]
 
 
