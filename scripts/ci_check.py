@@ -7,6 +7,10 @@
     ci_check.py npy-shape FILE SHAPE           FILE holds an array of SHAPE
     ci_check.py allclose GOT WANT              two .npy files agree (rtol 1e-4, atol 1e-6)
     ci_check.py close-to-max GOT WANT          max|GOT - WANT| <= 1e-4 x max|WANT| (networks)
+    ci_check.py labels-agree LABELS LOGITS     label .npy (uint8 [N,1,...]) = argmax of logits .npy
+                                               on >= 99.99 % of voxels (ties within 1e-4 aside)
+    ci_check.py nifti-labels LABELS LOGITS SCAN  a NIfTI label map (uint8, intent label, the
+                                               scan's grid and affine) = argmax of NIfTI logits
     ci_check.py bench-json FILE                voxconv bench --json: percentiles, zero errors
     ci_check.py metrics URL BENCH_JSON         /metrics counted the calls made before it
     ci_check.py audit FILE                     the audit log of the mTLS + token checks
@@ -67,6 +71,47 @@ def close_to_max(got, want):
     print(f"{got} matches {want}: {y.shape}, max error {err:.3g} (max|ref| {scale:.3g})")
 
 
+def _agree(labels, logits, axis):
+    import numpy as np
+
+    scale = float(np.abs(logits).max())
+    top2 = np.sort(logits, axis=axis)
+    gap = np.take(top2, -1, axis=axis) - np.take(top2, -2, axis=axis)
+    best = np.argmax(logits, axis=axis)
+    counted = gap > 1e-4 * scale
+    agree = float((labels == best)[counted].mean()) if counted.any() else 0.0
+    assert counted.mean() > 0.5, f"too many ties: {counted.mean():.3f} counted"
+    assert agree >= 0.9999, f"labels agree with argmax(logits) on {agree:.6%} only"
+    return agree
+
+
+def labels_agree(labels, logits):
+    import numpy as np
+
+    y, e = np.load(labels), np.load(logits)
+    assert y.dtype == np.uint8, y.dtype
+    assert y.shape == (e.shape[0], 1) + e.shape[2:], (y.shape, e.shape)
+    agree = _agree(y[:, 0], e, 1)
+    print(f"{labels}: {y.shape} uint8 labels agree with argmax({logits}) on {agree:.4%}")
+
+
+def nifti_labels(labels, logits, scan):
+    import nibabel as nib
+    import numpy as np
+
+    lab, log, src = nib.load(labels), nib.load(logits), nib.load(scan)
+    assert lab.get_data_dtype() == np.uint8, lab.get_data_dtype()
+    assert lab.header.get_intent()[0] == "label", lab.header.get_intent()
+    assert lab.shape == src.shape[:3], (lab.shape, src.shape)
+    assert np.allclose(lab.affine, src.affine, atol=1e-4), (lab.affine, src.affine)
+    y = np.asarray(lab.dataobj)
+    e = np.asarray(log.dataobj, dtype=np.float32)  # (x, y, z, C)
+    assert e.shape[:3] == y.shape, (e.shape, y.shape)
+    agree = _agree(y, e, 3)
+    print(f"{labels}: {lab.shape} uint8 label map on the scan's grid, agrees with argmax on "
+          f"{agree:.4%}")
+
+
 def bench_json(path):
     r = json.load(open(path))
     lat = r["latency_ms"]
@@ -120,6 +165,8 @@ CHECKS = {
     "npy-shape": npy_shape,
     "allclose": allclose,
     "close-to-max": close_to_max,
+    "labels-agree": labels_agree,
+    "nifti-labels": nifti_labels,
     "bench-json": bench_json,
     "metrics": metrics,
     "audit": audit,

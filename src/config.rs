@@ -24,6 +24,12 @@ pub struct ServeArgs {
     /// the core count oversubscribes the CPU.
     #[arg(long, env = "VOXCONV_THREADS_PER_JOB")]
     pub threads_per_job: Option<usize>,
+    /// Sliding-window calls: network calls run at once over different windows, each on
+    /// threads-per-job / window-lanes threads (default: threads-per-job, i.e. one thread
+    /// per window: U-Nets scale better over windows than inside one). Each lane holds its
+    /// own windows and network working memory; 1 is the smallest footprint.
+    #[arg(long, env = "VOXCONV_WINDOW_LANES")]
+    pub window_lanes: Option<usize>,
     /// Jobs waiting for a worker before new ones are refused (RESOURCE_EXHAUSTED).
     #[arg(long, env = "VOXCONV_QUEUE_LEN", default_value_t = 16)]
     pub queue_len: usize,
@@ -264,6 +270,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub workers: usize,
     pub threads_per_job: usize,
+    pub window_lanes: usize,
     pub queue_len: usize,
     pub memory_budget: u64,
     pub chunk_bytes: usize,
@@ -297,6 +304,7 @@ impl Config {
             listen: "127.0.0.1:0".parse().expect("literal"),
             workers: 1,
             threads_per_job: 1,
+            window_lanes: 1,
             queue_len: 16,
             memory_budget: 1 << 30,
             chunk_bytes: 256 << 10,
@@ -342,6 +350,12 @@ impl TryFrom<ServeArgs> for Config {
             1,
             1024,
         )? as usize;
+        let window_lanes = bounded(
+            "window-lanes",
+            a.window_lanes.map_or(threads_per_job as u64, |l| l as u64),
+            1,
+            threads_per_job as u64,
+        )? as usize;
         let queue_len = bounded("queue-len", a.queue_len as u64, 1, 1 << 20)? as usize;
         let memory_budget = bounded(
             "memory-budget",
@@ -379,6 +393,7 @@ impl TryFrom<ServeArgs> for Config {
             listen: a.listen,
             workers,
             threads_per_job,
+            window_lanes,
             queue_len,
             memory_budget,
             chunk_bytes,

@@ -73,20 +73,20 @@ pub struct WindowArgs {
     pub roi: Option<[u32; 3]>,
     /// Overlap of neighbouring windows in [0, 1): one value or D,H,W (default 0.25).
     #[arg(long, requires = "sliding_window", value_parser = parse_floats)]
-    pub overlap: Option<Vec<f64>>,
+    pub overlap: Option<Floats>,
     /// Window weighting (default gaussian).
     #[arg(long, requires = "sliding_window", value_enum)]
     pub blend: Option<BlendArg>,
     /// Gaussian sigma as a fraction of the roi: one value or D,H,W (default 0.125).
     #[arg(long, requires = "sliding_window", value_parser = parse_floats)]
-    pub sigma_scale: Option<Vec<f64>>,
+    pub sigma_scale: Option<Floats>,
     /// Windows per network call (default 1).
     #[arg(long, requires = "sliding_window")]
     pub sw_batch: Option<u32>,
     /// Test-time mirroring over these spatial axes, e.g. 0,1,2 (0 = D, 1 = H, 2 = W), or
     /// "none".
     #[arg(long, requires = "sliding_window", value_parser = parse_axes)]
-    pub mirror: Option<Vec<u32>>,
+    pub mirror: Option<Axes>,
     /// Return the label map (argmax over channels): uint8 [N, 1, D, H, W] (.npy), or a NIfTI
     /// label map (uint8/uint16, intent "label").
     #[arg(long, requires = "sliding_window", conflicts_with = "probabilities")]
@@ -102,13 +102,21 @@ pub enum BlendArg {
     Constant,
 }
 
-fn parse_floats(s: &str) -> Result<Vec<f64>, String> {
+/// One value or three (D,H,W).
+#[derive(Clone, Debug)]
+pub struct Floats(pub Vec<f64>);
+
+/// Spatial axes (0 = D, 1 = H, 2 = W); empty for none.
+#[derive(Clone, Debug)]
+pub struct Axes(pub Vec<u32>);
+
+fn parse_floats(s: &str) -> Result<Floats, String> {
     let v: Vec<f64> = s
         .split(',')
         .map(|p| p.trim().parse::<f64>().map_err(|e| format!("{p:?}: {e}")))
         .collect::<Result<_, _>>()?;
     match v.len() {
-        1 | 3 => Ok(v),
+        1 | 3 => Ok(Floats(v)),
         n => Err(format!("expected 1 value or 3 (D,H,W), got {n}")),
     }
 }
@@ -122,18 +130,19 @@ fn parse_roi(s: &str) -> Result<[u32; 3], String> {
         .map_err(|v: Vec<u32>| format!("expected D,H,W, got {} values", v.len()))
 }
 
-fn parse_axes(s: &str) -> Result<Vec<u32>, String> {
+fn parse_axes(s: &str) -> Result<Axes, String> {
     if s.trim().eq_ignore_ascii_case("none") || s.trim().is_empty() {
-        return Ok(Vec::new());
+        return Ok(Axes(Vec::new()));
     }
     s.split(',')
         .map(|p| p.trim().parse::<u32>().map_err(|e| format!("{p:?}: {e}")))
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(Axes)
 }
 
 impl WindowArgs {
     /// The request's `SlidingWindow`, if asked for.
-    fn to_pb(&self) -> Option<pb::SlidingWindow> {
+    pub(crate) fn to_pb(&self) -> Option<pb::SlidingWindow> {
         if !self.sliding_window {
             return None;
         }
@@ -146,15 +155,15 @@ impl WindowArgs {
         };
         Some(pb::SlidingWindow {
             roi: self.roi.map(|r| r.to_vec()).unwrap_or_default(),
-            overlap: self.overlap.clone().unwrap_or_default(),
+            overlap: self.overlap.clone().map(|f| f.0).unwrap_or_default(),
             blend: match self.blend {
                 None => pb::Blend::Default,
                 Some(BlendArg::Gaussian) => pb::Blend::Gaussian,
                 Some(BlendArg::Constant) => pb::Blend::Constant,
             } as i32,
-            sigma_scale: self.sigma_scale.clone().unwrap_or_default(),
+            sigma_scale: self.sigma_scale.clone().map(|f| f.0).unwrap_or_default(),
             batch: self.sw_batch.unwrap_or(0),
-            mirror: self.mirror.clone().map(|axes| pb::MirrorAxes { axes }),
+            mirror: self.mirror.clone().map(|a| pb::MirrorAxes { axes: a.0 }),
             output: output as i32,
         })
     }

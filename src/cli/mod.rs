@@ -127,3 +127,84 @@ pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every sliding-window flag parses into the request (clap checks value types only
+    /// when a flag is given).
+    #[test]
+    fn sliding_window_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "voxconv",
+            "infer",
+            "--model",
+            "m",
+            "--input",
+            "x.npy",
+            "--output",
+            "y.npy",
+            "--sliding-window",
+            "--roi",
+            "96,96,64",
+            "--overlap",
+            "0.5",
+            "--sigma-scale",
+            "0.1,0.2,0.3",
+            "--blend",
+            "constant",
+            "--sw-batch",
+            "2",
+            "--mirror",
+            "0,2",
+            "--labels",
+        ])
+        .unwrap();
+        let Command::Infer(a) = cli.command else {
+            panic!("infer")
+        };
+        let w = a.window.to_pb().unwrap();
+        assert_eq!(w.roi, vec![96, 96, 64]);
+        assert_eq!(w.overlap, vec![0.5]);
+        assert_eq!(w.sigma_scale, vec![0.1, 0.2, 0.3]);
+        assert_eq!(w.batch, 2);
+        assert_eq!(w.mirror.unwrap().axes, vec![0, 2]);
+        assert_eq!(
+            w.output,
+            crate::proto::voxconv::v1::WindowOutput::Labels as i32
+        );
+        let none = Cli::try_parse_from([
+            "voxconv",
+            "infer",
+            "--model",
+            "m",
+            "--input",
+            "x",
+            "--output",
+            "y",
+            "--sliding-window",
+            "--mirror",
+            "none",
+        ])
+        .unwrap();
+        let Command::Infer(a) = none.command else {
+            panic!("infer")
+        };
+        assert_eq!(
+            a.window.to_pb().unwrap().mirror.unwrap().axes,
+            Vec::<u32>::new()
+        );
+        // Window options without --sliding-window are a usage error.
+        assert!(Cli::try_parse_from([
+            "voxconv", "infer", "--model", "m", "--input", "x", "--output", "y", "--labels",
+        ])
+        .is_err());
+    }
+}

@@ -345,10 +345,14 @@ impl Engine {
                 )
             }
             Some((window_field, request)) => {
-                let plan = m.plan_sliding(dims, request).map_err(|e| match e {
-                    PlanError::Window(w) => ServiceError::invalid(format!("{window_field}.{w}")),
-                    PlanError::Kernel(k) => ServiceError::kernel(&field, k),
-                })?;
+                let plan = m
+                    .plan_sliding(dims, request, self.config.window_lanes)
+                    .map_err(|e| match e {
+                        PlanError::Window(w) => {
+                            ServiceError::invalid(format!("{window_field}.{w}"))
+                        }
+                        PlanError::Kernel(k) => ServiceError::kernel(&field, k),
+                    })?;
                 let out = window_out_dtype(&plan, out_dtype)?;
                 (plan, out)
             }
@@ -396,7 +400,7 @@ impl Engine {
                 ))
             })?;
         let plan = m
-            .plan_sliding(dims, &WindowRequest::default())
+            .plan_sliding(dims, &WindowRequest::default(), self.config.window_lanes)
             .map_err(|e| match e {
                 PlanError::Window(w) => ServiceError::invalid(format!("{field}: {w}")),
                 PlanError::Kernel(k) => ServiceError::kernel(field, k),

@@ -239,14 +239,16 @@ impl Model {
         request.or(&self.window_defaults).resolve(self.fixed_roi())
     }
 
-    /// Plans a whole scan `[N, C, D, H, W]` in sliding windows.
+    /// Plans a whole scan `[N, C, D, H, W]` in sliding windows, up to `lanes` network calls
+    /// at once (the call's threads: see [`sliding::SlidingPlan::new`]).
     pub fn plan_sliding(
         &self,
         scan: [usize; 5],
         request: &sliding::WindowRequest,
+        lanes: usize,
     ) -> Result<ModelPlan, sliding::PlanError> {
         let opts = self.window_options(request)?;
-        let sp = sliding::SlidingPlan::new(self, scan, opts)?;
+        let sp = sliding::SlidingPlan::new(self, scan, opts, lanes)?;
         Ok(ModelPlan {
             plans: sp.window_plan().plans.clone(),
             input: scan,

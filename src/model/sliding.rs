@@ -295,12 +295,24 @@ pub struct SlidingPlan {
     rest: Option<ModelPlan>,
     importance: Vec<f32>,
     ring_depth: usize,
-    max_rows: usize,
+    /// Output depth rows per slab at most.
+    slab_rows: usize,
+    /// Window starts per axis (padded coordinates).
+    starts: [Vec<usize>; 3],
+    /// Network calls run at once (each on `threads / lanes` threads).
+    lanes: usize,
 }
 
 impl SlidingPlan {
-    /// Plans `opts` over `scan` for `model`.
-    pub fn new(model: &Model, scan: [usize; 5], opts: WindowOptions) -> Result<Self, PlanError> {
+    /// Plans `opts` over `scan` for `model`, with up to `lanes` network calls at once
+    /// (windows in parallel: U-Nets scale better over windows than over one window's
+    /// threads; each lane holds its own windows and network working memory).
+    pub fn new(
+        model: &Model,
+        scan: [usize; 5],
+        opts: WindowOptions,
+        lanes: usize,
+    ) -> Result<Self, PlanError> {
         let [n, c, d, h, w] = scan;
         let dims = [d, h, w];
         const NAMES: [&str; 5] = ["N", "C", "D", "H", "W"];
@@ -357,6 +369,8 @@ impl SlidingPlan {
             0 => None,
             r => Some(plan_for(r)?),
         };
+        let lanes = lanes.clamp(1, per_item.div_ceil(batch));
+        let wave = batch * lanes;
         if opts.output != WindowOutput::Logits && classes < 2 {
             return Err(PlanError::Window(bad(
                 "output",
@@ -376,10 +390,10 @@ impl SlidingPlan {
         // The ring: rows from the first not yet sent to the end of the deepest window of a
         // call; the most rows sent at once.
         let (mut ring_depth, mut max_rows, mut sent) = (0usize, 0usize, 0usize);
-        for (i, group) in windows.chunks(batch).enumerate() {
+        for (i, group) in windows.chunks(wave).enumerate() {
             let end = group.iter().map(|s| s[0] + roi[0]).max().unwrap_or(0);
             ring_depth = ring_depth.max(end - sent);
-            let next = windows.get((i + 1) * batch).map_or(padded[0], |s| s[0]);
+            let next = windows.get((i + 1) * wave).map_or(padded[0], |s| s[0]);
             max_rows = max_rows.max(next.saturating_sub(sent));
             sent = sent.max(next);
         }
@@ -419,7 +433,12 @@ impl SlidingPlan {
             rest,
             importance,
             ring_depth,
-            max_rows: max_rows.min(d),
+            slab_rows: max_rows
+                .min(d)
+                .min((SLAB_BYTES / (out_channels * h * w * 4)).max(1))
+                .max(1),
+            starts,
+            lanes,
         })
     }
 
@@ -444,10 +463,15 @@ impl SlidingPlan {
         &self.full
     }
 
+    /// Network calls run at once.
+    pub fn lanes(&self) -> usize {
+        self.lanes
+    }
+
     /// Bytes of one output slab at most (`[K, rows, H, W]` float32).
     pub fn slab_bytes(&self) -> usize {
         let [_, k, _, h, w] = self.output;
-        k * self.max_rows * h * w * 4
+        k * self.slab_rows * h * w * 4
     }
 
     /// Working memory besides the decoded scan: the ring and its weights, a call's windows
@@ -457,15 +481,22 @@ impl SlidingPlan {
         let win = self.opts.roi.iter().product::<usize>();
         let b = self.full.input[0];
         let mirrored = usize::from(!self.opts.mirror.is_empty());
-        let ring = (self.classes + 1) * self.ring_depth * self.padded[1] * self.padded[2] * 4;
+        // The ring of weighted predictions and one plane of weights.
+        let ring = (self.classes * self.ring_depth + 1) * self.padded[1] * self.padded[2] * 4;
         let input = b * c * win * 4 * (1 + mirrored);
         let pred = b * self.classes * win * 4 * (1 + mirrored);
-        ring + input + pred + self.full.working_bytes(threads) + self.slab_bytes()
+        let lanes = self.lanes.min(threads.max(1));
+        let per_lane = (threads / lanes).max(1);
+        let lane = input + pred + self.full.working_bytes(per_lane);
+        ring + lanes * lane + self.slab_bytes()
     }
 
     /// Runs every window of `input` (`[N, C, D, H, W]`); finished slabs go to `emit`
     /// (batch item, output depth rows, `[K, rows, H, W]`), `progress` hears
-    /// (windows done, total) after every call of the network.
+    /// (windows done, total) after every wave of network calls. With `lanes` > 1 (see
+    /// [`SlidingPlan::new`]) that many calls run at once, each on `threads / lanes` threads;
+    /// their predictions are weighted in in window order, so the result has the same bits
+    /// whatever the threads and lanes.
     pub fn run(
         &self,
         model: &Model,
@@ -476,94 +507,80 @@ impl SlidingPlan {
         emit: &mut EmitSlab<'_>,
     ) -> Result<Vec<LayerTiming>, KernelError> {
         let [n, c, d, h, w] = self.scan;
-        let roi = self.opts.roi;
-        let [rd, rh, rw] = roi;
-        let win = rd * rh * rw;
+        let [rd, rh, rw] = self.opts.roi;
         let k = self.classes;
         let [_, ph, pw] = self.padded;
         let plane = ph * pw;
         let depth = self.ring_depth;
         let mut ring = vec![0f32; k * depth * plane];
-        let mut weight = vec![0f32; depth * plane];
-        let mut slab = Vec::new();
+        let mut buf = FinishBuffers::default();
         let mut timings: Vec<LayerTiming> = Vec::new();
         let mut blend_time = std::time::Duration::ZERO;
         let total = self.windows_total();
         let mut done = 0u64;
-        let subsets = mirror_subsets(&self.opts.mirror);
         let batch = self.full.input[0];
+        let lanes = self.lanes.min(threads.max(1));
+        let per_lane = (threads / lanes).max(1);
+        let wave = batch * lanes;
         for item in 0..n {
             let scan = &input[item * c * d * h * w..(item + 1) * c * d * h * w];
             let mut sent = 0usize;
-            for (g, group) in self.windows.chunks(batch).enumerate() {
+            for (g, windows) in self.windows.chunks(wave).enumerate() {
                 if cancel.is_some_and(|f| f.load(Ordering::Relaxed)) {
                     return Err(KernelError::Cancelled);
                 }
-                let plan = if group.len() == batch {
-                    &self.full
+                let groups: Vec<&[[usize; 3]]> = windows.chunks(batch).collect();
+                let preds = if groups.len() == 1 {
+                    vec![self.predict(model, scan, groups[0], per_lane, cancel)]
                 } else {
-                    self.rest.as_ref().unwrap_or(&self.full)
+                    std::thread::scope(|sc| {
+                        let handles: Vec<_> = groups[1..]
+                            .iter()
+                            .map(|grp| {
+                                sc.spawn(move || self.predict(model, scan, grp, per_lane, cancel))
+                            })
+                            .collect();
+                        let first = self.predict(model, scan, groups[0], per_lane, cancel);
+                        std::iter::once(first)
+                            .chain(handles.into_iter().map(|hd| {
+                                hd.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+                            }))
+                            .collect::<Vec<_>>()
+                    })
                 };
-                let b = group.len();
                 let t0 = Instant::now();
-                let x = self.gather(scan, group);
-                blend_time += t0.elapsed();
-                // The prediction: the identity run, then each mirrored one flipped back.
-                let mut pred = Vec::new();
-                for (s, &axes) in subsets.iter().enumerate() {
-                    let xin = if axes == 0 {
-                        x.clone()
-                    } else {
-                        flip(&x, [b * c, rd, rh, rw], axes)
-                    };
-                    let mut y = vec![0f32; b * k * win];
-                    let t = plan.run_to(model, xin, threads, cancel, &mut y)?;
+                for (group, pred) in groups.iter().zip(preds) {
+                    let (pred, t, gathered) = pred?;
                     merge_timings(&mut timings, t);
-                    if s == 0 {
-                        pred = y;
-                    } else {
-                        let y = flip(&y, [b * k, rd, rh, rw], axes);
-                        for (p, v) in pred.iter_mut().zip(&y) {
-                            *p += v;
-                        }
-                    }
-                }
-                let t0 = Instant::now();
-                if subsets.len() > 1 {
-                    let runs = subsets.len() as f32;
-                    for p in &mut pred {
-                        *p /= runs;
-                    }
-                }
-                // Weighted into the ring.
-                for (j, &[z0, y0, x0]) in group.iter().enumerate() {
-                    for z in 0..rd {
-                        let row = (z0 + z) % depth;
-                        for y in 0..rh {
-                            let wm = &self.importance[(z * rh + y) * rw..][..rw];
-                            let at = row * plane + (y0 + y) * pw + x0;
-                            for (acc, m) in weight[at..at + rw].iter_mut().zip(wm) {
-                                *acc += m;
-                            }
-                            for ch in 0..k {
-                                let p = &pred[((j * k + ch) * rd + z) * rh * rw + y * rw..][..rw];
-                                let at = ch * depth * plane + at;
-                                for ((acc, v), m) in ring[at..at + rw].iter_mut().zip(p).zip(wm) {
-                                    *acc += v * m;
+                    blend_time += gathered;
+                    // Weighted into the ring.
+                    for (j, &[z0, y0, x0]) in group.iter().enumerate() {
+                        for z in 0..rd {
+                            let row = (z0 + z) % depth;
+                            for y in 0..rh {
+                                let wm = &self.importance[(z * rh + y) * rw..][..rw];
+                                let at = row * plane + (y0 + y) * pw + x0;
+                                for ch in 0..k {
+                                    let p =
+                                        &pred[((j * k + ch) * rd + z) * rh * rw + y * rw..][..rw];
+                                    let at = ch * depth * plane + at;
+                                    for ((acc, v), m) in ring[at..at + rw].iter_mut().zip(p).zip(wm)
+                                    {
+                                        *acc += v * m;
+                                    }
                                 }
                             }
                         }
                     }
                 }
-                done += b as u64;
+                done += windows.len() as u64;
                 // Rows no later window of this item touches are final.
                 let next = self
                     .windows
-                    .get((g + 1) * batch)
+                    .get((g + 1) * wave)
                     .map_or(self.padded[0], |s| s[0]);
                 let flow = if next > sent {
-                    let f =
-                        self.finish_rows(item, sent..next, &mut ring, &mut weight, &mut slab, emit);
+                    let f = self.finish_rows(item, sent..next, &mut ring, &mut buf, emit);
                     sent = next;
                     f
                 } else {
@@ -584,6 +601,58 @@ impl SlidingPlan {
             stages: Default::default(),
         });
         Ok(timings)
+    }
+
+    /// One call's prediction `[b, K, rd, rh, rw]`: the identity run, then each mirrored one
+    /// flipped back, averaged; with the network's layer times and the time gathering took.
+    #[allow(clippy::type_complexity)]
+    fn predict(
+        &self,
+        model: &Model,
+        scan: &[f32],
+        group: &[[usize; 3]],
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Vec<f32>, Vec<LayerTiming>, std::time::Duration), KernelError> {
+        let [_, c, ..] = self.scan;
+        let [rd, rh, rw] = self.opts.roi;
+        let (b, k) = (group.len(), self.classes);
+        let plan = if b == self.full.input[0] {
+            &self.full
+        } else {
+            self.rest.as_ref().unwrap_or(&self.full)
+        };
+        let t0 = Instant::now();
+        let x = self.gather(scan, group);
+        let gathered = t0.elapsed();
+        let subsets = mirror_subsets(&self.opts.mirror);
+        let mut timings = Vec::new();
+        let mut pred = Vec::new();
+        for (s, &axes) in subsets.iter().enumerate() {
+            let xin = if axes == 0 {
+                x.clone()
+            } else {
+                flip(&x, [b * c, rd, rh, rw], axes)
+            };
+            let mut y = vec![0f32; b * k * rd * rh * rw];
+            let t = plan.run_to(model, xin, threads, cancel, &mut y)?;
+            merge_timings(&mut timings, t);
+            if s == 0 {
+                pred = y;
+            } else {
+                let y = flip(&y, [b * k, rd, rh, rw], axes);
+                for (p, v) in pred.iter_mut().zip(&y) {
+                    *p += v;
+                }
+            }
+        }
+        if subsets.len() > 1 {
+            let runs = subsets.len() as f32;
+            for p in &mut pred {
+                *p /= runs;
+            }
+        }
+        Ok((pred, timings, gathered))
     }
 
     /// Window inputs `[b, C, rd, rh, rw]` from one batch item of the scan (zero outside it).
@@ -624,8 +693,7 @@ impl SlidingPlan {
         item: usize,
         rows: Range<usize>,
         ring: &mut [f32],
-        weight: &mut [f32],
-        slab: &mut Vec<f32>,
+        buf: &mut FinishBuffers,
         emit: &mut EmitSlab<'_>,
     ) -> ControlFlow<()> {
         let [_, k_out, d, h, w] = self.output;
@@ -636,22 +704,24 @@ impl SlidingPlan {
         let depth = self.ring_depth;
         let lo = rows.start.max(pd);
         let hi = rows.end.min(pd + d);
-        let mut flow = ControlFlow::Continue(());
-        if hi > lo {
-            let n_rows = hi - lo;
-            slab.clear();
-            slab.resize(k_out * n_rows * h * w, 0.0);
-            let mut v = vec![0f32; k];
-            for (r, prow) in (lo..hi).enumerate() {
+        let mut start = lo;
+        while start < hi {
+            let end = (start + self.slab_rows).min(hi);
+            let n_rows = end - start;
+            buf.slab.clear();
+            buf.slab.resize(k_out * n_rows * h * w, 0.0);
+            buf.values.resize(k, 0.0);
+            for (r, prow) in (start..end).enumerate() {
+                self.weight_plane(prow, &mut buf.weight);
                 let row = prow % depth;
                 for y in 0..h {
                     let at = row * plane + (y + ph0) * pw + pw0;
-                    let wsum = &weight[at..at + w];
+                    let wsum = &buf.weight[(y + ph0) * pw + pw0..][..w];
                     match self.opts.output {
                         WindowOutput::Logits => {
                             for ch in 0..k {
                                 let src = &ring[ch * depth * plane + at..][..w];
-                                let dst = &mut slab[((ch * n_rows + r) * h + y) * w..][..w];
+                                let dst = &mut buf.slab[((ch * n_rows + r) * h + y) * w..][..w];
                                 for ((o, a), s) in dst.iter_mut().zip(src).zip(wsum) {
                                     *o = a / s;
                                 }
@@ -659,15 +729,15 @@ impl SlidingPlan {
                         }
                         kind => {
                             for x in 0..w {
-                                for (ch, val) in v.iter_mut().enumerate() {
+                                for (ch, val) in buf.values.iter_mut().enumerate() {
                                     *val = ring[ch * depth * plane + at + x] / wsum[x];
                                 }
                                 if kind == WindowOutput::Labels {
-                                    slab[(r * h + y) * w + x] = argmax(&v) as f32;
+                                    buf.slab[(r * h + y) * w + x] = argmax(&buf.values) as f32;
                                 } else {
-                                    softmax(&mut v);
-                                    for (ch, p) in v.iter().enumerate() {
-                                        slab[((ch * n_rows + r) * h + y) * w + x] = *p;
+                                    softmax(&mut buf.values);
+                                    for (ch, p) in buf.values.iter().enumerate() {
+                                        buf.slab[((ch * n_rows + r) * h + y) * w + x] = *p;
                                     }
                                 }
                             }
@@ -675,18 +745,59 @@ impl SlidingPlan {
                     }
                 }
             }
-            flow = emit(item, lo - pd..hi - pd, slab);
+            if emit(item, start - pd..end - pd, &buf.slab).is_break() {
+                return ControlFlow::Break(());
+            }
+            start = end;
         }
         for prow in rows {
             let row = prow % depth;
-            weight[row * plane..(row + 1) * plane].fill(0.0);
             for ch in 0..k {
                 ring[(ch * depth + row) * plane..(ch * depth + row + 1) * plane].fill(0.0);
             }
         }
-        flow
+        ControlFlow::Continue(())
+    }
+
+    /// Σ w over the windows covering padded depth row `prow`, per voxel of the padded
+    /// plane: the same sums in the same (window) order as weighting each window in would
+    /// give, without a ring of weights (they do not depend on the scan).
+    fn weight_plane(&self, prow: usize, plane: &mut Vec<f32>) {
+        let [rd, rh, rw] = self.opts.roi;
+        let [_, ph, pw] = self.padded;
+        plane.clear();
+        plane.resize(ph * pw, 0.0);
+        for &z0 in self.starts[0]
+            .iter()
+            .filter(|&&z0| z0 <= prow && prow < z0 + rd)
+        {
+            let dz = prow - z0;
+            for &y0 in &self.starts[1] {
+                for &x0 in &self.starts[2] {
+                    for y in 0..rh {
+                        let wm = &self.importance[(dz * rh + y) * rw..][..rw];
+                        let at = (y0 + y) * pw + x0;
+                        for (acc, m) in plane[at..at + rw].iter_mut().zip(wm) {
+                            *acc += m;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
+
+/// Scratch of [`SlidingPlan::finish_rows`]: one slab, one weight plane, one voxel's classes.
+#[derive(Default)]
+struct FinishBuffers {
+    slab: Vec<f32>,
+    weight: Vec<f32>,
+    values: Vec<f32>,
+}
+
+/// Most bytes of one output slab (float32): a finished band of rows leaves in slabs of
+/// this size, so a wide scan needs no band-sized buffer.
+pub const SLAB_BYTES: usize = 4 << 20;
 
 /// Where finished slabs go: (batch item, output depth rows, `[K, rows, H, W]`).
 pub type EmitSlab<'a> = dyn FnMut(usize, Range<usize>, &[f32]) -> ControlFlow<()> + 'a;
@@ -889,7 +1000,7 @@ mod tests {
         }
 
         fn windowed(m: &Model, scan: [usize; 5], x: &[f32], q: &WindowRequest) -> Vec<f32> {
-            let plan = m.plan_sliding(scan, q).unwrap();
+            let plan = m.plan_sliding(scan, q, 2).unwrap();
             let mut y = vec![f32::NAN; plan.output_len()];
             plan.run_to(m, x.to_vec(), 2, None, &mut y).unwrap();
             y
@@ -955,7 +1066,7 @@ mod tests {
                 batch: Some(3),
                 ..Default::default()
             };
-            let plan = m.plan_sliding(scan, &q).unwrap();
+            let plan = m.plan_sliding(scan, &q, 2).unwrap();
             let w = plan.window.clone().unwrap();
             let x = crate::kernel::seeded(scan.iter().product(), 1);
             let mut seen = Vec::new();

@@ -95,7 +95,7 @@ fn windows_match_monai() {
         let (want_shape, want) = npy(&dir.join(&c.expected));
         let scan: [usize; 5] = shape.clone().try_into().unwrap();
         let plan = m
-            .plan_sliding(scan, &request(&c, WindowOutput::Logits))
+            .plan_sliding(scan, &request(&c, WindowOutput::Logits), 2)
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(plan.output.to_vec(), want_shape, "{}", c.name);
         let mut runs = Vec::new();
@@ -131,7 +131,7 @@ fn windows_match_monai() {
 
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         let lplan = m
-            .plan_sliding(scan, &request(&c, WindowOutput::Labels))
+            .plan_sliding(scan, &request(&c, WindowOutput::Labels), 2)
             .unwrap();
         assert_eq!(lplan.output[1], 1);
         let mut labels = vec![f32::NAN; lplan.output_len()];
@@ -153,7 +153,7 @@ fn windows_match_monai() {
         );
 
         let pplan = m
-            .plan_sliding(scan, &request(&c, WindowOutput::Probabilities))
+            .plan_sliding(scan, &request(&c, WindowOutput::Probabilities), 2)
             .unwrap();
         let mut p = vec![f32::NAN; pplan.output_len()];
         pplan.run_to(&m, x.clone(), 2, None, &mut p).unwrap();
