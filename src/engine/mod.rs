@@ -20,7 +20,7 @@ use tracing::{info, info_span, Instrument, Span};
 use crate::config::Config;
 use crate::error::ServiceError;
 use crate::model::repo::ModelRegistry;
-use crate::model::sliding::{labels_fit_u8, PlanError, WindowOutput, WindowRequest};
+use crate::model::sliding::{labels_fit_u8, InputFeed, PlanError, WindowOutput, WindowRequest};
 use crate::model::{LayerTiming, Model, ModelPlan, ProgressHook};
 use crate::obs::audit::AuditLog;
 use crate::obs::calls::{record_call, FinishedCall};
@@ -405,17 +405,24 @@ impl Engine {
                 PlanError::Window(w) => ServiceError::invalid(format!("{field}: {w}")),
                 PlanError::Kernel(k) => ServiceError::kernel(field, k),
             })?;
-        let input = dims.iter().try_fold(4u64, |a, &d| a.checked_mul(d as u64));
-        Ok(input
-            .unwrap_or(u64::MAX)
-            .saturating_add(plan.working_bytes(self.pool.threads_per_job()) as u64))
+        // Streamed over the socket, a single-channel scan is consumed as it arrives.
+        let input = plan
+            .window
+            .as_ref()
+            .map_or(u64::MAX, |w| w.input_bytes_held(true) as u64);
+        Ok(input.saturating_add(plan.working_bytes(self.pool.threads_per_job()) as u64))
     }
 
     /// Working memory of a call, reserved before its input buffer is allocated.
     fn memory_needed(&self, p: &Prepared, output_buffers: usize) -> u64 {
+        self.memory_with_input(p, (p.input_elems as u64).saturating_mul(4), output_buffers)
+    }
+
+    /// Like [`memory_needed`](Self::memory_needed), with `input` bytes of decoded input held
+    /// (less than the whole scan where it is consumed as it arrives).
+    fn memory_with_input(&self, p: &Prepared, input: u64, output_buffers: usize) -> u64 {
         let threads = self.pool.threads_per_job();
-        (p.input_elems as u64)
-            .saturating_mul(4)
+        input
             .saturating_add(p.plan.working_bytes(threads) as u64)
             .saturating_add(output_buffers as u64)
     }
@@ -627,13 +634,30 @@ impl Engine {
                 chunk,
                 depth,
             );
-            let need = self.memory_needed(&p, in_flight);
+            // A single-channel scan in sliding windows over the socket is consumed as it
+            // arrives: a ring of rows, not the whole scan.
+            let notify = Arc::new(tokio::sync::Notify::new());
+            let feed = match (&p.plan.window, &route.input) {
+                (Some(w), None) => {
+                    let n = Arc::clone(&notify);
+                    InputFeed::new(w, Box::new(move || n.notify_one())).map(Arc::new)
+                }
+                _ => None,
+            };
+            let held = match (&p.plan.window, &feed) {
+                (Some(w), Some(_)) => w.input_bytes_held(true) as u64,
+                _ => (p.input_elems as u64).saturating_mul(4),
+            };
+            let need = self.memory_with_input(&p, held, in_flight);
             let reservation = until(deadline, "waiting for memory", self.pool.reserve(need))
                 .instrument(info_span!("queue_wait", stage = "memory"))
                 .await??;
 
-            // Upload: ordered chunks, decoded as they arrive.
             let t_recv = Instant::now();
+            let (input, receive) = if feed.is_some() {
+                (Vec::new(), Duration::ZERO)
+            } else {
+            // Upload: ordered chunks, decoded as they arrive.
             let mut dec = StreamDecoder::new(p.in_dtype, p.input_elems);
             if let Some((region, base)) = &route.input {
                 // The input is in the client's shared memory: read it on a blocking thread.
@@ -679,7 +703,8 @@ impl Engine {
             .instrument(info_span!("decode", bytes = p.input_bytes))
             .await?;
             let input = dec.finish().ok_or_else(|| ServiceError::Internal("input incomplete".into()))?;
-            let receive = t_recv.elapsed();
+            (input, t_recv.elapsed())
+            };
 
             let header = StreamEvent::Header {
                 dtype: p.out_dtype,
@@ -696,6 +721,7 @@ impl Engine {
             let tx = out.clone();
             let job_cancel = cancel.clone();
             let rt = tokio::runtime::Handle::current();
+            plan.feed = feed.clone();
             if plan.window.is_some() {
                 // Progress between chunks, with the chunks' backpressure.
                 let (tx, cancel, rt) = (out.clone(), cancel.clone(), rt.clone());
@@ -760,10 +786,40 @@ impl Engine {
                 };
                 (r, ctx.queue_wait, t0.elapsed(), write_failed)
             })?;
-            let outcome = tokio::select! {
-                r = until(deadline, "computing", job) => r?,
-                _ = out.closed() => return Err(ServiceError::Cancelled("client went away".into())),
+            let outcome = match &feed {
+                None => tokio::select! {
+                    r = until(deadline, "computing", job) => r?,
+                    _ = out.closed() => return Err(ServiceError::Cancelled("client went away".into())),
+                },
+                Some(feed) => {
+                    // The upload runs beside the windows: a failed upload stops them.
+                    let job = until(deadline, "computing", job);
+                    let upload = receive_into_feed(feed, &notify, p.in_dtype, p.input_bytes, &mut inbound, deadline)
+                        .instrument(info_span!("decode", bytes = p.input_bytes));
+                    tokio::pin!(job, upload);
+                    let mut uploaded = false;
+                    loop {
+                        tokio::select! {
+                            r = &mut upload, if !uploaded => {
+                                uploaded = true;
+                                if let Err(e) = r {
+                                    feed.close();
+                                    return Err(e);
+                                }
+                            }
+                            r = &mut job => {
+                                feed.close();
+                                break r?;
+                            }
+                            _ = out.closed() => {
+                                feed.close();
+                                return Err(ServiceError::Cancelled("client went away".into()));
+                            }
+                        }
+                    }
+                }
             };
+            let receive = if feed.is_some() { t_recv.elapsed() } else { receive };
             let (r, queue, compute, write_failed) = outcome
                 .map_err(|_| ServiceError::Internal("worker dropped the job".into()))??;
             if let Some(kind) = write_failed {
@@ -791,6 +847,73 @@ impl Engine {
         }
         (result, p)
     }
+}
+
+/// Longest pause in a sliding-window upload consumed as it arrives (see
+/// [`receive_into_feed`]).
+pub const FEED_STALL: Duration = Duration::from_secs(30);
+
+/// Receives a stream's input chunks (in order, checked as for whole uploads) into `feed`,
+/// waiting for room whenever the windows have not yet released enough rows.
+async fn receive_into_feed<S>(
+    feed: &InputFeed,
+    released: &tokio::sync::Notify,
+    dtype: DType,
+    expected: usize,
+    inbound: &mut S,
+    deadline: Option<Instant>,
+) -> Result<(), ServiceError>
+where
+    S: Stream<Item = Result<InputChunk, ServiceError>> + Unpin + Send,
+{
+    let mut dec = dtype::PieceDecoder::new(dtype);
+    let mut values = Vec::new();
+    let mut received = 0usize;
+    while received < expected {
+        // The windows hold a worker while they wait for rows: a client that stops sending
+        // must not keep it from the others.
+        let next = tokio::time::timeout(FEED_STALL, inbound.next());
+        let Some(msg) = until(deadline, "receiving the input", next)
+            .await?
+            .map_err(|_| {
+                ServiceError::DeadlineExceeded(format!(
+                    "chunk: no input for {} s while the sliding windows wait for it ({received} \
+                     of {expected} bytes received)",
+                    FEED_STALL.as_secs()
+                ))
+            })?
+        else {
+            return Err(ServiceError::invalid(format!(
+                "chunk: input ended after {received} of {expected} bytes"
+            )));
+        };
+        let c = msg?;
+        if c.offset != received as u64 {
+            return Err(ServiceError::invalid(format!(
+                "chunk.offset: expected {received} (chunks in order), got {}",
+                c.offset
+            )));
+        }
+        let end = received.saturating_add(c.data.len());
+        if end > expected {
+            return Err(ServiceError::invalid(format!(
+                "chunk.data: input is {expected} bytes, this chunk ends at {end}"
+            )));
+        }
+        received = end;
+        values.clear();
+        dec.push(&c.data, &mut values);
+        let mut at = 0;
+        while at < values.len() {
+            let n = feed.push(&values[at..]);
+            at += n;
+            if n == 0 {
+                // The windows hold every row: wait until they release some.
+                until(deadline, "receiving the input", released.notified()).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Logs a shared-memory region registered or created: names and keys may carry identifiers,

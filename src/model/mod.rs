@@ -101,6 +101,9 @@ pub struct ModelPlan {
     pub window: Option<std::sync::Arc<sliding::SlidingPlan>>,
     /// Told (windows done, total) during a sliding-window run.
     pub progress: Option<ProgressHook>,
+    /// A sliding-window run's scan as it arrives (then the `input` given to the run is
+    /// ignored; see [`sliding::InputFeed`]).
+    pub feed: Option<std::sync::Arc<sliding::InputFeed>>,
 }
 
 /// A callback for sliding-window progress.
@@ -219,6 +222,7 @@ impl Model {
             output: shape,
             window: None,
             progress: None,
+            feed: None,
         })
     }
 
@@ -255,6 +259,7 @@ impl Model {
             output: sp.output,
             window: Some(std::sync::Arc::new(sp)),
             progress: None,
+            feed: None,
         })
     }
 
@@ -531,9 +536,13 @@ impl ModelPlan {
         let progress = self.progress.as_ref().map(|p| &*p.0);
         let [_, k, d, h, wd] = self.output;
         let plane = h * wd;
+        let source = match &self.feed {
+            Some(feed) => sliding::Source::Fed(feed),
+            None => sliding::Source::Whole(&input),
+        };
         w.run(
             model,
-            &input,
+            source,
             threads,
             cancel,
             progress,

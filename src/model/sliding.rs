@@ -500,7 +500,7 @@ impl SlidingPlan {
     pub fn run(
         &self,
         model: &Model,
-        input: &[f32],
+        input: Source<'_>,
         threads: usize,
         cancel: Option<&AtomicBool>,
         progress: Option<&(dyn Fn(u64, u64) + Send + Sync)>,
@@ -522,25 +522,51 @@ impl SlidingPlan {
         let lanes = self.lanes.min(threads.max(1));
         let per_lane = (threads / lanes).max(1);
         let wave = batch * lanes;
+        let item_len = c * d * h * w;
         for item in 0..n {
-            let scan = &input[item * c * d * h * w..(item + 1) * c * d * h * w];
             let mut sent = 0usize;
             for (g, windows) in self.windows.chunks(wave).enumerate() {
                 if cancel.is_some_and(|f| f.load(Ordering::Relaxed)) {
                     return Err(KernelError::Cancelled);
                 }
                 let groups: Vec<&[[usize; 3]]> = windows.chunks(batch).collect();
+                // The windows' inputs: from the scan, or from the rows fed so far (then
+                // the rows no later window reads are released for the next ones).
+                let t0 = Instant::now();
+                let xs: Vec<Vec<f32>> = match input {
+                    Source::Whole(scan) => {
+                        let scan = &scan[item * item_len..(item + 1) * item_len];
+                        let plane = |ch: usize, z: usize| &scan[(ch * d + z) * h * w..][..h * w];
+                        groups.iter().map(|grp| self.gather(plane, grp)).collect()
+                    }
+                    Source::Fed(feed) => {
+                        let rows = self.scan_rows(windows);
+                        let state = feed.wait_rows(item * d + rows.end, cancel)?;
+                        let xs = groups
+                            .iter()
+                            .map(|grp| self.gather(|_, z| state.row(item * d + z), grp))
+                            .collect();
+                        let next = self
+                            .windows
+                            .get((g + 1) * wave)
+                            .map_or(d, |s| self.scan_rows(std::slice::from_ref(s)).start);
+                        feed.release(state, item * d + next);
+                        xs
+                    }
+                };
+                blend_time += t0.elapsed();
                 let preds = if groups.len() == 1 {
-                    vec![self.predict(model, scan, groups[0], per_lane, cancel)]
+                    vec![self.predict(model, &xs[0], groups[0], per_lane, cancel)]
                 } else {
                     std::thread::scope(|sc| {
                         let handles: Vec<_> = groups[1..]
                             .iter()
-                            .map(|grp| {
-                                sc.spawn(move || self.predict(model, scan, grp, per_lane, cancel))
+                            .zip(&xs[1..])
+                            .map(|(grp, x)| {
+                                sc.spawn(move || self.predict(model, x, grp, per_lane, cancel))
                             })
                             .collect();
-                        let first = self.predict(model, scan, groups[0], per_lane, cancel);
+                        let first = self.predict(model, &xs[0], groups[0], per_lane, cancel);
                         std::iter::once(first)
                             .chain(handles.into_iter().map(|hd| {
                                 hd.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -550,9 +576,8 @@ impl SlidingPlan {
                 };
                 let t0 = Instant::now();
                 for (group, pred) in groups.iter().zip(preds) {
-                    let (pred, t, gathered) = pred?;
+                    let (pred, t) = pred?;
                     merge_timings(&mut timings, t);
-                    blend_time += gathered;
                     // Weighted into the ring.
                     for (j, &[z0, y0, x0]) in group.iter().enumerate() {
                         for z in 0..rd {
@@ -603,17 +628,16 @@ impl SlidingPlan {
         Ok(timings)
     }
 
-    /// One call's prediction `[b, K, rd, rh, rw]`: the identity run, then each mirrored one
-    /// flipped back, averaged; with the network's layer times and the time gathering took.
-    #[allow(clippy::type_complexity)]
+    /// One call's prediction `[b, K, rd, rh, rw]` from its windows' inputs `x`: the identity
+    /// run, then each mirrored one flipped back, averaged; with the network's layer times.
     fn predict(
         &self,
         model: &Model,
-        scan: &[f32],
+        x: &[f32],
         group: &[[usize; 3]],
         threads: usize,
         cancel: Option<&AtomicBool>,
-    ) -> Result<(Vec<f32>, Vec<LayerTiming>, std::time::Duration), KernelError> {
+    ) -> Result<(Vec<f32>, Vec<LayerTiming>), KernelError> {
         let [_, c, ..] = self.scan;
         let [rd, rh, rw] = self.opts.roi;
         let (b, k) = (group.len(), self.classes);
@@ -622,17 +646,14 @@ impl SlidingPlan {
         } else {
             self.rest.as_ref().unwrap_or(&self.full)
         };
-        let t0 = Instant::now();
-        let x = self.gather(scan, group);
-        let gathered = t0.elapsed();
         let subsets = mirror_subsets(&self.opts.mirror);
         let mut timings = Vec::new();
         let mut pred = Vec::new();
         for (s, &axes) in subsets.iter().enumerate() {
             let xin = if axes == 0 {
-                x.clone()
+                x.to_vec()
             } else {
-                flip(&x, [b * c, rd, rh, rw], axes)
+                flip(x, [b * c, rd, rh, rw], axes)
             };
             let mut y = vec![0f32; b * k * rd * rh * rw];
             let t = plan.run_to(model, xin, threads, cancel, &mut y)?;
@@ -652,18 +673,21 @@ impl SlidingPlan {
                 *p /= runs;
             }
         }
-        Ok((pred, timings, gathered))
+        Ok((pred, timings))
     }
 
     /// Window inputs `[b, C, rd, rh, rw]` from one batch item of the scan (zero outside it).
-    fn gather(&self, scan: &[f32], group: &[[usize; 3]]) -> Vec<f32> {
+    fn gather<'s>(
+        &self,
+        plane: impl Fn(usize, usize) -> &'s [f32],
+        group: &[[usize; 3]],
+    ) -> Vec<f32> {
         let [_, c, d, h, w] = self.scan;
         let [rd, rh, rw] = self.opts.roi;
         let [pd, ph, pw] = self.pad_before;
         let mut x = vec![0f32; group.len() * c * rd * rh * rw];
         for (j, &[z0, y0, x0]) in group.iter().enumerate() {
             for ch in 0..c {
-                let src = &scan[ch * d * h * w..(ch + 1) * d * h * w];
                 let dst = &mut x[(j * c + ch) * rd * rh * rw..][..rd * rh * rw];
                 // Padded column range that lies inside the scan.
                 let lo = pw.saturating_sub(x0).min(rw);
@@ -672,11 +696,12 @@ impl SlidingPlan {
                     let Some(sz) = (z0 + z).checked_sub(pd).filter(|&v| v < d) else {
                         continue;
                     };
+                    let src = plane(ch, sz);
                     for y in 0..rh {
                         let Some(sy) = (y0 + y).checked_sub(ph).filter(|&v| v < h) else {
                             continue;
                         };
-                        let row = &src[(sz * h + sy) * w..][..w];
+                        let row = &src[sy * w..][..w];
                         let out = &mut dst[(z * rh + y) * rw..][..rw];
                         out[lo..hi].copy_from_slice(&row[x0 + lo - pw..x0 + hi - pw]);
                     }
@@ -684,6 +709,31 @@ impl SlidingPlan {
             }
         }
         x
+    }
+
+    /// Scan depth rows `[lo, hi)` the windows `group` read (padding aside).
+    fn scan_rows(&self, group: &[[usize; 3]]) -> Range<usize> {
+        let (pd, d, rd) = (self.pad_before[0], self.scan[2], self.opts.roi[0]);
+        let z0 = group.iter().map(|s| s[0]).min().unwrap_or(0);
+        let z1 = group.iter().map(|s| s[0] + rd).max().unwrap_or(0);
+        let lo = z0.saturating_sub(pd).min(d);
+        lo..z1.saturating_sub(pd).min(d).max(lo)
+    }
+
+    /// Rows an [`InputFeed`] for this plan holds at once: a wave's depth span (single-
+    /// channel scans only: in NCDHW order a second channel's first rows arrive after the
+    /// whole first channel, so nothing could be released early).
+    pub fn feed_rows(&self) -> Option<usize> {
+        (self.scan[1] == 1).then(|| self.ring_depth.min(self.scan[2]).max(1))
+    }
+
+    /// Bytes of the decoded scan held during a run: the feed's rows, or the whole scan.
+    pub fn input_bytes_held(&self, fed: bool) -> usize {
+        let [n, c, d, h, w] = self.scan;
+        match self.feed_rows().filter(|_| fed) {
+            Some(rows) => rows * h * w * 4,
+            None => n * c * d * h * w * 4,
+        }
     }
 
     /// Normalises padded rows `rows` of the ring, sends their part inside the scan, and
@@ -783,6 +833,150 @@ impl SlidingPlan {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Where a run's scan comes from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    /// The whole decoded scan, `[N, C, D, H, W]`.
+    Whole(&'a [f32]),
+    /// Rows as they arrive (single-channel scans).
+    Fed(&'a InputFeed),
+}
+
+/// A single-channel scan consumed as it arrives: a ring of depth rows (`[H, W]` each) that
+/// the receiver fills in order and the windows release once no later window reads them.
+/// The receiver may fill a row only once it is free ([`InputFeed::room`]); the worker waits
+/// for the rows its windows read ([`InputFeed::wait_rows`]).
+pub struct InputFeed {
+    row_len: usize,
+    cap: usize,
+    total: usize,
+    state: std::sync::Mutex<FeedState>,
+    ready: std::sync::Condvar,
+    on_release: Box<dyn Fn() + Send + Sync>,
+}
+
+/// The feed's rows, locked: read a row the worker waited for.
+pub struct FeedState {
+    buf: Vec<f32>,
+    /// Values received (scan order).
+    filled: usize,
+    /// Rows before this one are no longer read.
+    released: usize,
+    closed: bool,
+    row_len: usize,
+    cap: usize,
+}
+
+impl std::fmt::Debug for InputFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputFeed")
+            .field("rows", &self.cap)
+            .field("row_len", &self.row_len)
+            .finish()
+    }
+}
+
+impl FeedState {
+    /// Global row `r` (`item · D + z`), which must have arrived and not be released.
+    fn row(&self, r: usize) -> &[f32] {
+        &self.buf[(r % self.cap) * self.row_len..][..self.row_len]
+    }
+}
+
+impl InputFeed {
+    /// A feed for `plan`'s scan holding `plan.feed_rows()` rows; `on_release` is called
+    /// whenever rows are released (to wake the receiver).
+    pub fn new(plan: &SlidingPlan, on_release: Box<dyn Fn() + Send + Sync>) -> Option<Self> {
+        let cap = plan.feed_rows()?;
+        let [n, _, d, h, w] = plan.scan;
+        Some(Self {
+            row_len: h * w,
+            cap,
+            total: n * d * h * w,
+            state: std::sync::Mutex::new(FeedState {
+                buf: vec![0f32; cap * h * w],
+                filled: 0,
+                released: 0,
+                closed: false,
+                row_len: h * w,
+                cap,
+            }),
+            ready: std::sync::Condvar::new(),
+            on_release,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Values that may be pushed now (0: wait for a release).
+    pub fn room(&self) -> usize {
+        let s = self.lock();
+        ((s.released + self.cap) * self.row_len).min(self.total) - s.filled
+    }
+
+    /// Values received so far.
+    pub fn filled(&self) -> usize {
+        self.lock().filled
+    }
+
+    /// Appends the next values, at most [`room`](Self::room) of them; returns how many.
+    pub fn push(&self, values: &[f32]) -> usize {
+        let mut s = self.lock();
+        let room = ((s.released + self.cap) * self.row_len).min(self.total) - s.filled;
+        let n = values.len().min(room);
+        let len = s.buf.len();
+        let mut done = 0;
+        while done < n {
+            let at = (s.filled + done) % len;
+            let k = (n - done).min(len - at);
+            s.buf[at..at + k].copy_from_slice(&values[done..done + k]);
+            done += k;
+        }
+        s.filled += n;
+        drop(s);
+        self.ready.notify_all();
+        n
+    }
+
+    /// The input failed or the call ended: a waiting worker stops.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    /// Waits until every row before global row `end` has arrived (checking `cancel`).
+    fn wait_rows(
+        &self,
+        end: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<std::sync::MutexGuard<'_, FeedState>, KernelError> {
+        let need = (end * self.row_len).min(self.total);
+        let mut s = self.lock();
+        while s.filled < need {
+            if s.closed || cancel.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                return Err(KernelError::Cancelled);
+            }
+            s = self
+                .ready
+                .wait_timeout(s, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(s)
+    }
+
+    /// Rows before global row `upto` are read by no later window.
+    fn release(&self, mut s: std::sync::MutexGuard<'_, FeedState>, upto: usize) {
+        if upto > s.released {
+            s.released = upto;
+            drop(s);
+            (self.on_release)();
         }
     }
 }
@@ -1057,6 +1251,76 @@ mod tests {
             }
         }
 
+        /// A scan fed in odd-sized pieces by another thread, through a ring of one wave's
+        /// rows, gives the same bits as the whole scan.
+        #[test]
+        fn a_fed_scan_equals_the_whole_scan() {
+            let m = model(1, 3, 5);
+            for (scan, lanes, batch) in [([2, 1, 37, 9, 11], 2, 1), ([1, 1, 5, 30, 7], 1, 3)] {
+                let q = WindowRequest {
+                    roi: Some([6, 5, 4]),
+                    batch: Some(batch),
+                    overlap: Some(PerAxis::One(0.4)),
+                    ..Default::default()
+                };
+                let plan = m.plan_sliding(scan, &q, lanes).unwrap();
+                let w = plan.window.clone().unwrap();
+                let x = crate::kernel::seeded(scan.iter().product(), 3);
+                let mut want = Vec::new();
+                w.run(&m, Source::Whole(&x), 2, None, None, &mut |_, _, d| {
+                    want.extend_from_slice(d);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+                let feed = InputFeed::new(&w, Box::new(|| {})).unwrap();
+                assert!(w.feed_rows().unwrap() < scan[2] || scan[2] <= 6);
+                let mut got = Vec::new();
+                std::thread::scope(|sc| {
+                    sc.spawn(|| {
+                        let mut at = 0;
+                        while at < x.len() {
+                            let n = feed.push(&x[at..(at + 97).min(x.len())]);
+                            if n == 0 {
+                                std::thread::yield_now();
+                            }
+                            at += n;
+                        }
+                    });
+                    w.run(&m, Source::Fed(&feed), 2, None, None, &mut |_, _, d| {
+                        got.extend_from_slice(d);
+                        ControlFlow::Continue(())
+                    })
+                    .unwrap();
+                });
+                assert_eq!(feed.filled(), x.len());
+                assert!(got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert_eq!(got.len(), want.len());
+            }
+            // A closed feed stops a waiting run.
+            let scan = [1, 1, 20, 4, 4];
+            let plan = m
+                .plan_sliding(
+                    scan,
+                    &WindowRequest {
+                        roi: Some([4, 4, 4]),
+                        ..Default::default()
+                    },
+                    1,
+                )
+                .unwrap();
+            let w = plan.window.clone().unwrap();
+            let feed = InputFeed::new(&w, Box::new(|| {})).unwrap();
+            feed.push(&[0.0; 16 * 3]);
+            feed.close();
+            let r = w.run(&m, Source::Fed(&feed), 1, None, None, &mut |_, _, _| {
+                ControlFlow::Continue(())
+            });
+            assert_eq!(r.unwrap_err(), KernelError::Cancelled);
+        }
+
         #[test]
         fn slabs_cover_the_output_once_in_depth_order() {
             let m = model(1, 2, 3);
@@ -1073,11 +1337,18 @@ mod tests {
             let mut progress = Vec::new();
             let calls = std::sync::Mutex::new(&mut progress);
             let hook = |done: u64, total: u64| calls.lock().unwrap().push((done, total));
-            w.run(&m, &x, 1, None, Some(&hook), &mut |b, rows, data| {
-                assert_eq!(data.len(), 2 * rows.len() * 9 * 7);
-                seen.push((b, rows));
-                ControlFlow::Continue(())
-            })
+            w.run(
+                &m,
+                Source::Whole(&x),
+                1,
+                None,
+                Some(&hook),
+                &mut |b, rows, data| {
+                    assert_eq!(data.len(), 2 * rows.len() * 9 * 7);
+                    seen.push((b, rows));
+                    ControlFlow::Continue(())
+                },
+            )
             .unwrap();
             for b in 0..2 {
                 let mut next = 0;

@@ -143,6 +143,49 @@ pub fn encode(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
 
 /// Decodes a byte stream that arrives in pieces whose boundaries may split an element.
 #[derive(Debug)]
+/// Decodes a byte stream piece by piece into whole values (a value split between pieces
+/// is carried over), for callers that place the values themselves.
+pub struct PieceDecoder {
+    dtype: DType,
+    carry: [u8; 4],
+    carry_len: usize,
+}
+
+impl PieceDecoder {
+    pub fn new(dtype: DType) -> Self {
+        Self {
+            dtype,
+            carry: [0; 4],
+            carry_len: 0,
+        }
+    }
+
+    /// Appends the whole values `bytes` completes to `out`.
+    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<f32>) {
+        let size = self.dtype.size();
+        if self.carry_len > 0 {
+            let take = (size - self.carry_len).min(bytes.len());
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
+            self.carry_len += take;
+            bytes = &bytes[take..];
+            if self.carry_len < size {
+                return;
+            }
+            let mut v = [0f32];
+            decode(self.dtype, &self.carry[..size], &mut v);
+            out.push(v[0]);
+            self.carry_len = 0;
+        }
+        let whole = bytes.len() / size * size;
+        let start = out.len();
+        out.resize(start + whole / size, 0.0);
+        decode(self.dtype, &bytes[..whole], &mut out[start..]);
+        let rest = &bytes[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carry_len = rest.len();
+    }
+}
+
 pub struct StreamDecoder {
     dtype: DType,
     carry: [u8; 4],
