@@ -207,18 +207,19 @@ impl KserveService {
 }
 
 /// Sliding-window request parameters (`sliding_window = true`, then `roi` "D,H,W",
-/// `overlap` and `sigma_scale` (a number or "a,b,c"), `blend`, `sw_batch_size`, `mirror`
+/// `overlap` and `sigma_scale` (a number or "a,b,c"), `blend`, `batch` (or `sw_batch_size`), `mirror`
 /// "0,1,2" ("" for none), `output` logits|probabilities|labels); `None` without
 /// `sliding_window`.
 fn window_from_params(
     params: &std::collections::HashMap<String, kv::InferParameter>,
 ) -> Result<Option<WindowRequest>, ServiceError> {
     use kv::infer_parameter::ParameterChoice as P;
-    const KEYS: [&str; 7] = [
+    const KEYS: [&str; 8] = [
         "roi",
         "overlap",
         "blend",
         "sigma_scale",
+        "batch",
         "sw_batch_size",
         "mirror",
         "output",
@@ -327,12 +328,13 @@ fn window_from_params(
             )))
         }
     };
-    let batch = match get("sw_batch_size") {
+    // `batch` as voxconv.v1 names it (and errors do), `sw_batch_size` as MONAI does.
+    let batch = match get("batch").or_else(|| get("sw_batch_size")) {
         None => None,
         Some(P::Int64Param(v)) if *v >= 0 => Some(*v as usize),
         Some(_) => {
             return Err(ServiceError::invalid(
-                "parameters.sw_batch_size: expected a non-negative int64",
+                "parameters.batch (or sw_batch_size): expected a non-negative int64",
             ))
         }
     };

@@ -317,6 +317,26 @@ async fn served_streamed_and_checked() {
         assert!(e.message().contains(want), "{} / {want}", e.message());
     }
 
+    // Unary Infer takes the same options (the output must fit one message).
+    let r = client
+        .infer(pb::InferRequest {
+            model: "tiny_unet".into(),
+            input: Some(pb::Tensor {
+                dtype: pb::DType::Fp32 as i32,
+                shape: shape64.clone(),
+                data: f32_bytes(&x),
+            }),
+            output_dtype: 0,
+            sliding_window: Some(window.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = r.output.unwrap();
+    assert_eq!(t.dtype, pb::DType::Uint8 as i32);
+    assert_eq!(t.data.as_ref(), &out[..], "unary labels = streamed labels");
+    assert_eq!(r.summary.unwrap().windows, 18);
+
     // The scan is consumed as it arrives: an upload that stops short or skips ahead is
     // INVALID_ARGUMENT while the windows wait for it, and the server goes on serving.
     let all = chunks(&f32_bytes(&x), 4096);
@@ -373,6 +393,16 @@ async fn served_streamed_and_checked() {
     assert_eq!(r.outputs[0].datatype, "UINT8");
     assert_eq!(r.outputs[0].shape, vec![1, 1, 29, 23, 31]);
     assert_eq!(r.raw_output_contents[0].as_ref(), &out[..], "same labels");
+    let mut big = req.clone();
+    big.parameters
+        .insert("sw_batch_size".into(), param(P::Int64Param(1000)));
+    let e = k.model_infer(big).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("parameters.batch: expected 1 to 64"),
+        "{}",
+        e.message()
+    );
     req.parameters
         .insert("overlap".into(), param(P::DoubleParam(-0.5)));
     let e = k.model_infer(req.clone()).await.unwrap_err();
