@@ -38,10 +38,13 @@ import monai
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export_onnx import _randomise  # noqa: E402  (the same re-drawn norms and PReLU slopes)
+from sliding_ref import mirrored  # noqa: E402  (nnU-Net mirroring, as check/bench use it)
 from monai.networks.nets import UNet
 
-torch.set_num_threads(1)
-torch.set_num_interop_threads(1)
+# One thread (intra and inter op), as export_onnx (imported above) already set on import.
 
 SEED = 11
 ROI = (16, 12, 20)  # D, H, W: deliberately not a cube
@@ -61,23 +64,6 @@ CASES = [
     ("b_gaussian", "b", 0.25, "gaussian", 0.125, 1, []),
     ("b_mirror_w", "b", 0.5, "gaussian", 0.125, 1, [2]),
 ]
-
-
-def _randomise(model, seed):
-    """Re-draw norm affine parameters and PReLU slopes away from their defaults
-    (as scripts/export_onnx.py does)."""
-    g = torch.Generator().manual_seed(seed + 1000)
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, norm_types):
-                if getattr(m, "weight", None) is not None:
-                    m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))  # U(0.5, 1.5)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, nn.PReLU):
-                m.weight.copy_(0.05 + 0.5 * torch.rand(m.weight.shape, generator=g))
-    return model
 
 
 def build():
@@ -102,22 +88,6 @@ def make_scan(shape, seed):
         x = (p[sl(0, 2)] + p[sl(1, 1)] + p[sl(2, 0)]) / 3.0
     x = (x - x.mean()) / x.std()
     return x.astype(np.float32)
-
-
-def mirrored(predict, axes):
-    """nnU-Net style test-time mirroring: the mean of predict(x) and, for every non-empty
-    subset of `axes` (spatial 0 = D, 1 = H, 2 = W), flip(predict(flip(x)))."""
-    if not axes:
-        return predict
-    combos = [c for k in range(1, len(axes) + 1) for c in itertools.combinations(axes, k)]
-
-    def f(x):
-        y = predict(x)
-        for c in combos:
-            dims = [a + 2 for a in c]
-            y = y + torch.flip(predict(torch.flip(x, dims)), dims)
-        return y / (len(combos) + 1)
-    return f
 
 
 def window_starts(spatial, overlap):

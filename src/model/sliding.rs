@@ -555,18 +555,20 @@ impl SlidingPlan {
                     }
                 };
                 blend_time += t0.elapsed();
+                let mut xs = xs.into_iter();
+                let first_x = xs.next().unwrap_or_default();
                 let preds = if groups.len() == 1 {
-                    vec![self.predict(model, &xs[0], groups[0], per_lane, cancel)]
+                    vec![self.predict(model, first_x, groups[0], per_lane, cancel)]
                 } else {
                     std::thread::scope(|sc| {
                         let handles: Vec<_> = groups[1..]
                             .iter()
-                            .zip(&xs[1..])
+                            .zip(xs)
                             .map(|(grp, x)| {
                                 sc.spawn(move || self.predict(model, x, grp, per_lane, cancel))
                             })
                             .collect();
-                        let first = self.predict(model, &xs[0], groups[0], per_lane, cancel);
+                        let first = self.predict(model, first_x, groups[0], per_lane, cancel);
                         std::iter::once(first)
                             .chain(handles.into_iter().map(|hd| {
                                 hd.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -633,7 +635,7 @@ impl SlidingPlan {
     fn predict(
         &self,
         model: &Model,
-        x: &[f32],
+        x: Vec<f32>,
         group: &[[usize; 3]],
         threads: usize,
         cancel: Option<&AtomicBool>,
@@ -649,11 +651,16 @@ impl SlidingPlan {
         let subsets = mirror_subsets(&self.opts.mirror);
         let mut timings = Vec::new();
         let mut pred = Vec::new();
+        // The identity run takes `x` itself unless mirrored runs still need it.
+        let mut own = Some(x);
         for (s, &axes) in subsets.iter().enumerate() {
-            let xin = if axes == 0 {
-                x.to_vec()
-            } else {
+            let x = own.as_ref().expect("kept until the last run");
+            let xin = if axes != 0 {
                 flip(x, [b * c, rd, rh, rw], axes)
+            } else if subsets.len() > 1 {
+                x.clone()
+            } else {
+                own.take().expect("the only run")
             };
             let mut y = vec![0f32; b * k * rd * rh * rw];
             let t = plan.run_to(model, xin, threads, cancel, &mut y)?;

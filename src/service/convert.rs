@@ -234,6 +234,39 @@ pub(crate) fn window_from_pb(
     })
 }
 
+/// What a request asks of its output, each with the field that names it: the dtype
+/// (`None`: unspecified, the server's choice) and the sliding window.
+pub(crate) struct OutputAsk {
+    pub dtype: Option<(&'static str, DType)>,
+    window: Option<(&'static str, WindowRequest)>,
+}
+
+impl OutputAsk {
+    /// A request's `output_dtype` and `sliding_window`; `header` for a `StreamHeader`'s.
+    pub fn from_pb(
+        header: bool,
+        output_dtype: i32,
+        window: Option<&pb::SlidingWindow>,
+    ) -> Result<Self, ServiceError> {
+        let (dtype_field, window_field) = if header {
+            ("header.output_dtype", "header.sliding_window")
+        } else {
+            ("output_dtype", "sliding_window")
+        };
+        Ok(Self {
+            dtype: crate::wire::out_dtype_from_pb(dtype_field, output_dtype)?,
+            window: window
+                .map(|w| window_from_pb(window_field, w).map(|r| (window_field, r)))
+                .transpose()?,
+        })
+    }
+
+    /// The window as the engine takes it.
+    pub fn window(&self) -> Option<(&'static str, &WindowRequest)> {
+        self.window.as_ref().map(|(f, w)| (*f, w))
+    }
+}
+
 /// Resolved options as the message (GetModel's defaults).
 pub(crate) fn window_to_pb(o: &WindowOptions) -> pb::SlidingWindow {
     pb::SlidingWindow {

@@ -251,24 +251,12 @@ fn window_from_params(
             ))),
         }
     };
-    let list = |k: &str, s: &str| -> Result<Vec<f64>, ServiceError> {
-        s.split(',')
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| {
-                p.trim().parse::<f64>().map_err(|_| {
-                    ServiceError::invalid(format!(
-                        "parameters.{k}: expected numbers separated by commas, got {s:?}"
-                    ))
-                })
-            })
-            .collect()
-    };
     let per_axis = |k: &str| -> Result<Option<PerAxis>, ServiceError> {
         let v = match get(k) {
             None => return Ok(None),
             Some(P::DoubleParam(v)) => vec![*v],
             Some(P::Int64Param(v)) => vec![*v as f64],
-            Some(P::StringParam(s)) => list(k, s)?,
+            Some(P::StringParam(s)) => comma_list(k, s, "numbers")?,
             Some(_) => {
                 return Err(ServiceError::invalid(format!(
                     "parameters.{k}: expected a number or \"a,b,c\""
@@ -284,21 +272,9 @@ fn window_from_params(
             ))),
         }
     };
-    let ints = |k: &str, s: &str| -> Result<Vec<usize>, ServiceError> {
-        s.split(',')
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| {
-                p.trim().parse::<usize>().map_err(|_| {
-                    ServiceError::invalid(format!(
-                        "parameters.{k}: expected whole numbers separated by commas, got {s:?}"
-                    ))
-                })
-            })
-            .collect()
-    };
     let roi = match text("roi")? {
         None => None,
-        Some(s) => match ints("roi", &s)?[..] {
+        Some(s) => match comma_list::<usize>("roi", &s, "whole numbers")?[..] {
             [d, h, w] => Some([d, h, w]),
             _ => {
                 return Err(ServiceError::invalid(format!(
@@ -338,7 +314,9 @@ fn window_from_params(
             ))
         }
     };
-    let mirror = text("mirror")?.map(|s| ints("mirror", &s)).transpose()?;
+    let mirror = text("mirror")?
+        .map(|s| comma_list("mirror", &s, "whole numbers"))
+        .transpose()?;
     Ok(Some(WindowRequest {
         roi,
         overlap: per_axis("overlap")?,
@@ -348,6 +326,20 @@ fn window_from_params(
         mirror,
         output,
     }))
+}
+
+/// A comma-separated parameter `k` of `what` (empty pieces skipped).
+fn comma_list<T: std::str::FromStr>(k: &str, s: &str, what: &str) -> Result<Vec<T>, ServiceError> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim().parse::<T>().map_err(|_| {
+                ServiceError::invalid(format!(
+                    "parameters.{k}: expected {what} separated by commas, got {s:?}"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Typed `contents` → little-endian bytes (FP16/BF16 travel only raw).

@@ -17,7 +17,8 @@ pub use error::ServiceError;
 
 use crate::engine::Engine;
 use crate::proto::voxconv::v1 as pb;
-use crate::wire::{dtype_from_pb, out_dtype_from_pb};
+use crate::wire::dtype_from_pb;
+use convert::OutputAsk;
 
 /// The voxconv.v1 service: the engine behind thin handlers.
 #[derive(Clone)]
@@ -41,20 +42,15 @@ impl InferenceService {
         let empty = pb::Tensor::default();
         let input = req.input.as_ref().unwrap_or(&empty);
         let in_dtype = dtype_from_pb("input.dtype", input.dtype, false)?;
-        let out_dtype = out_dtype_from_pb("output_dtype", req.output_dtype)?;
-        let window = req
-            .sliding_window
-            .as_ref()
-            .map(|w| convert::window_from_pb("sliding_window", w))
-            .transpose()?;
+        let ask = OutputAsk::from_pb(false, req.output_dtype, req.sliding_window.as_ref())?;
         let p = self.engine.prepare(
             "model",
             "input.shape",
             &req.model,
             in_dtype,
             &input.shape,
-            out_dtype,
-            window.as_ref().map(|w| ("sliding_window", w)),
+            ask.dtype,
+            ask.window(),
         )?;
         if input.data.len() != p.input_bytes {
             return Err(ServiceError::invalid(format!(
@@ -70,20 +66,15 @@ impl InferenceService {
     /// Validates an `InferStream` header as the handler does. For fuzzing; never panics.
     pub fn validate_stream_header(&self, h: &pb::StreamHeader) -> Result<(), Status> {
         let i = dtype_from_pb("header.input_dtype", h.input_dtype, false)?;
-        let o = out_dtype_from_pb("header.output_dtype", h.output_dtype)?;
-        let window = h
-            .sliding_window
-            .as_ref()
-            .map(|w| convert::window_from_pb("header.sliding_window", w))
-            .transpose()?;
+        let ask = OutputAsk::from_pb(true, h.output_dtype, h.sliding_window.as_ref())?;
         self.engine.prepare(
             "header.model",
             "header.input_shape",
             &h.model,
             i,
             &h.input_shape,
-            o,
-            window.as_ref().map(|w| ("header.sliding_window", w)),
+            ask.dtype,
+            ask.window(),
         )?;
         Ok(())
     }

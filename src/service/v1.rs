@@ -11,16 +11,14 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use super::convert::{
-    event_to_pb, input_chunk, model_info, origin_of, summary_to_pb, window_from_pb,
-};
+use super::convert::{event_to_pb, input_chunk, model_info, origin_of, summary_to_pb, OutputAsk};
 use super::{error, InferenceService};
 use crate::engine::log_region;
 use crate::error::ServiceError;
 use crate::obs::telemetry::set_remote_parent;
 use crate::proto::voxconv::v1 as pb;
 use crate::wire::deadline;
-use crate::wire::{dtype_from_pb, dtype_to_pb, out_dtype_from_pb};
+use crate::wire::{dtype_from_pb, dtype_to_pb};
 
 type StreamOut = Pin<Box<dyn Stream<Item = Result<pb::InferStreamResponse, Status>> + Send>>;
 
@@ -41,12 +39,7 @@ impl pb::inference_server::Inference for InferenceService {
         let result: Result<pb::InferResponse, ServiceError> = async {
             let input = req.input.unwrap_or_default();
             let in_dtype = dtype_from_pb("input.dtype", input.dtype, false)?;
-            let out_dtype = out_dtype_from_pb("output_dtype", req.output_dtype)?;
-            let window = req
-                .sliding_window
-                .as_ref()
-                .map(|w| window_from_pb("sliding_window", w))
-                .transpose()?;
+            let ask = OutputAsk::from_pb(false, req.output_dtype, req.sliding_window.as_ref())?;
             let (p, bytes, summary) = self
                 .engine
                 .run_whole(
@@ -55,8 +48,8 @@ impl pb::inference_server::Inference for InferenceService {
                     in_dtype,
                     &input.shape,
                     input.data,
-                    out_dtype,
-                    window.as_ref().map(|w| ("sliding_window", w)),
+                    ask.dtype,
+                    ask.window(),
                     deadline,
                     started,
                 )
@@ -146,20 +139,16 @@ impl pb::inference_server::Inference for InferenceService {
             let _e = span.enter();
             let e = &self.engine;
             dtype_from_pb("header.input_dtype", header.input_dtype, false).and_then(|i| {
-                let o = out_dtype_from_pb("header.output_dtype", header.output_dtype)?;
-                let window = header
-                    .sliding_window
-                    .as_ref()
-                    .map(|w| window_from_pb("header.sliding_window", w))
-                    .transpose()?;
+                let ask =
+                    OutputAsk::from_pb(true, header.output_dtype, header.sliding_window.as_ref())?;
                 let p = e.prepare(
                     "header.model",
                     "header.input_shape",
                     &header.model,
                     i,
                     &header.input_shape,
-                    o,
-                    window.as_ref().map(|w| ("header.sliding_window", w)),
+                    ask.dtype,
+                    ask.window(),
                 )?;
                 fn region(r: &Option<pb::SharedMemoryRef>) -> Option<(&str, u64)> {
                     r.as_ref().map(|r| (r.region.as_str(), r.offset))

@@ -161,35 +161,46 @@ impl PieceDecoder {
     }
 
     /// Appends the whole values `bytes` completes to `out`.
-    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<f32>) {
+    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<f32>) {
+        let start = out.len();
+        out.resize(
+            start + (self.carry_len + bytes.len()) / self.dtype.size(),
+            0.0,
+        );
+        let n = self.push_into(bytes, &mut out[start..]);
+        debug_assert_eq!(start + n, out.len());
+    }
+
+    /// Decodes the whole values `bytes` completes into the front of `out` (which must hold
+    /// them: `(carried + bytes.len()) / size` values) and returns how many.
+    pub fn push_into(&mut self, mut bytes: &[u8], out: &mut [f32]) -> usize {
         let size = self.dtype.size();
+        let mut n = 0;
         if self.carry_len > 0 {
             let take = (size - self.carry_len).min(bytes.len());
             self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
             self.carry_len += take;
             bytes = &bytes[take..];
             if self.carry_len < size {
-                return;
+                return 0;
             }
-            let mut v = [0f32];
-            decode(self.dtype, &self.carry[..size], &mut v);
-            out.push(v[0]);
+            let carry = self.carry;
+            decode(self.dtype, &carry[..size], &mut out[..1]);
+            n = 1;
             self.carry_len = 0;
         }
-        let whole = bytes.len() / size * size;
-        let start = out.len();
-        out.resize(start + whole / size, 0.0);
-        decode(self.dtype, &bytes[..whole], &mut out[start..]);
-        let rest = &bytes[whole..];
+        let whole = bytes.len() / size;
+        decode(self.dtype, &bytes[..whole * size], &mut out[n..n + whole]);
+        let rest = &bytes[whole * size..];
         self.carry[..rest.len()].copy_from_slice(rest);
         self.carry_len = rest.len();
+        n + whole
     }
 }
 
+/// Decodes an upload of a known number of values, piece by piece, into one buffer.
 pub struct StreamDecoder {
-    dtype: DType,
-    carry: [u8; 4],
-    carry_len: usize,
+    pieces: PieceDecoder,
     out: Vec<f32>,
     filled: usize,
 }
@@ -198,9 +209,7 @@ impl StreamDecoder {
     /// A decoder for exactly `elements` values (the buffer is allocated here, once).
     pub fn new(dtype: DType, elements: usize) -> Self {
         Self {
-            dtype,
-            carry: [0; 4],
-            carry_len: 0,
+            pieces: PieceDecoder::new(dtype),
             out: vec![0f32; elements],
             filled: 0,
         }
@@ -208,48 +217,22 @@ impl StreamDecoder {
 
     /// Bytes consumed so far.
     pub fn bytes_received(&self) -> usize {
-        self.filled * self.dtype.size() + self.carry_len
+        self.filled * self.pieces.dtype.size() + self.pieces.carry_len
     }
 
     /// Bytes expected in total.
     pub fn bytes_expected(&self) -> usize {
-        self.out.len() * self.dtype.size()
+        self.out.len() * self.pieces.dtype.size()
     }
 
     /// Decodes the next piece; the caller has checked it does not run past the end.
-    pub fn push(&mut self, mut bytes: &[u8]) {
-        let size = self.dtype.size();
-        if self.carry_len > 0 {
-            let take = (size - self.carry_len).min(bytes.len());
-            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
-            self.carry_len += take;
-            bytes = &bytes[take..];
-            if self.carry_len == size {
-                let carry = self.carry;
-                decode(
-                    self.dtype,
-                    &carry[..size],
-                    &mut self.out[self.filled..self.filled + 1],
-                );
-                self.filled += 1;
-                self.carry_len = 0;
-            }
-        }
-        let whole = bytes.len() / size;
-        decode(
-            self.dtype,
-            &bytes[..whole * size],
-            &mut self.out[self.filled..self.filled + whole],
-        );
-        self.filled += whole;
-        let rest = &bytes[whole * size..];
-        self.carry[..rest.len()].copy_from_slice(rest);
-        self.carry_len = rest.len();
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.filled += self.pieces.push_into(bytes, &mut self.out[self.filled..]);
     }
 
     /// The decoded values, once every byte has arrived.
     pub fn finish(self) -> Option<Vec<f32>> {
-        (self.filled == self.out.len() && self.carry_len == 0).then_some(self.out)
+        (self.filled == self.out.len() && self.pieces.carry_len == 0).then_some(self.out)
     }
 }
 
