@@ -33,10 +33,16 @@ pub struct KernelBenchArgs {
     /// Override reduction rows per GEMM (tuning).
     #[arg(long, hide = true)]
     pub k_chunk: Option<usize>,
+    /// Override output channels per tile (tuning).
+    #[arg(long, hide = true)]
+    pub chan_block: Option<usize>,
     /// Force a strategy: im2col | direct | pointwise | winograd (comparison); one a workload
     /// or this CPU cannot run is an error.
     #[arg(long, hide = true)]
     pub strategy: Option<String>,
+    /// Pack the filters in every timed run instead of once before them.
+    #[arg(long, hide = true)]
+    pub pack_per_call: bool,
     /// Use the portable gemm crate instead of the AVX-512 microkernel (comparison).
     #[arg(long, hide = true)]
     pub portable_gemm: bool,
@@ -54,6 +60,15 @@ struct BenchLine<'a> {
     gflops: f64,
     workspace_bytes: usize,
     runs: usize,
+    /// Thread time per run by stage (ms, summed over threads, warm-up included in none).
+    stages_ms: Stages,
+}
+
+#[derive(Debug, Serialize)]
+struct Stages {
+    im2col: f64,
+    gemm: f64,
+    epilogue: f64,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -82,12 +97,13 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         let shape = w.shape().map_err(|e| format!("workload {}: {e}", w.name))?;
         let mut plan = Conv3dPlan::new(shape, Activation::None);
-        if a.tile_cols.is_some() || a.k_chunk.is_some() {
+        if a.tile_cols.is_some() || a.k_chunk.is_some() || a.chan_block.is_some() {
             let t = plan.tiling();
             plan = plan.with_tiling(Tiling {
                 tile_cols: a.tile_cols.unwrap_or(t.tile_cols),
                 k_chunk: a.k_chunk.unwrap_or(t.k_chunk),
                 slab_depth: t.slab_depth,
+                chan_block: a.chan_block.unwrap_or(t.chan_block),
             });
         }
         if a.portable_gemm {
@@ -112,15 +128,38 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         let input = seeded(shape.input_len(), 1);
         let filters = seeded(shape.filters_len(), 2);
         let bias = seeded(shape.c_out(), 3);
+        // Filters are packed once, before the timed runs, as a model packs them at load;
+        // `--pack-per-call` times the packing too.
+        let packed = if a.pack_per_call {
+            None
+        } else {
+            Some(plan.pack_filters(&filters)?)
+        };
         let mut out = vec![0f32; shape.output_len()];
         let mut times = Vec::with_capacity(repeat);
+        let mut before = plan.stage_times();
         for i in 0..=repeat {
+            if i == 1 {
+                before = plan.stage_times();
+            }
             let t0 = Instant::now();
-            plan.run_into(&input, &filters, Some(&bias), &mut out, threads, None)?;
+            match &packed {
+                Some(p) => plan.run_into(&input, p, Some(&bias), &mut out, threads, None)?,
+                None => plan.run_into(&input, &filters, Some(&bias), &mut out, threads, None)?,
+            }
             if i > 0 {
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
+        let after = plan.stage_times();
+        let per_run = |a: std::time::Duration, b: std::time::Duration| {
+            (a - b).as_secs_f64() * 1e3 / repeat.max(1) as f64
+        };
+        let stages_ms = Stages {
+            im2col: per_run(after.im2col, before.im2col),
+            gemm: per_run(after.gemm, before.gemm),
+            epilogue: per_run(after.epilogue, before.epilogue),
+        };
         let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
         let median_ms = median(&mut times);
         let line = BenchLine {
@@ -134,6 +173,7 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             gflops: shape.flops() / (median_ms * 1e6),
             workspace_bytes: plan.workspace_bytes(threads),
             runs: repeat,
+            stages_ms,
         };
         if a.json {
             println!("{}", serde_json::to_string(&line)?);

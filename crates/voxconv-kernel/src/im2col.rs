@@ -42,6 +42,12 @@ fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize)
     let w = src.len() as isize;
     // First input index of this run, and the valid range of j: 0 <= first + j·stride < w.
     let first = (ow0 * stride) as isize + off;
+    if stride == 1 && first >= 0 && first + len as isize <= w {
+        // Inside the row (the common case): one copy, no padding.
+        let f = first as usize;
+        copy_run(dst, &src[f..f + len]);
+        return;
+    }
     let (j_lo, j_hi) = if stride == 1 {
         // The common case, without divisions.
         (
@@ -80,10 +86,26 @@ fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize)
     dst[j_hi..].fill(0.0);
 }
 
+/// One run of a tile along a single output row `(oz, oy)`: output columns `ow0 .. ow0 + len`,
+/// stored from column `col` of the tile.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Run {
+    oz: usize,
+    oy: usize,
+    ow0: usize,
+    len: usize,
+    col: usize,
+}
+
 /// Fills the im2col rows `[r0, r1)` of output voxels `[start, start + cols)` of one batch
 /// item into `col`, row `r − r0` starting at `(r − r0)·stride` (`stride >= cols`; a stride
 /// that is not a multiple of 4 KiB keeps the GEMM's strided reads off a single cache set).
-/// `input_n` is that item's `C_in·D·H·W` values.
+/// `input_n` is that item's `C_in·D·H·W` values; `runs` is reusable scratch.
+///
+/// Reduction rows outside, the tile's output-row runs inside: each row's tap is decoded
+/// once, and each destination row is written front to back (small volumes have many short
+/// runs, where per-run bookkeeping is what costs).
+#[allow(clippy::too_many_arguments)]
 pub fn im2col_tile(
     shape: &Conv3dShape,
     input_n: &[f32],
@@ -92,6 +114,7 @@ pub fn im2col_tile(
     rows: std::ops::Range<usize>,
     col: &mut [f32],
     stride: usize,
+    runs: &mut Vec<Run>,
 ) {
     debug_assert!(stride >= cols);
     let [_, _, d, h, w] = shape.input;
@@ -99,67 +122,64 @@ pub fn im2col_tile(
     let [_, oh, ow] = shape.out_dims();
     let p = shape.params;
     let n_rows = rows.end - rows.start;
-    if n_rows == 0 {
+    if n_rows == 0 || cols == 0 {
         return;
     }
-    let col = &mut col[..(n_rows - 1) * stride + cols];
+    runs.clear();
+    let end = start + cols;
+    let mut v = start;
+    while v < end {
+        let ow0 = v % ow;
+        let row = v / ow;
+        let len = (ow - ow0).min(end - v);
+        runs.push(Run {
+            oz: row / oh,
+            oy: row % oh,
+            ow0,
+            len,
+            col: v - start,
+        });
+        v += len;
+    }
+    let plane = h * w;
     // The reduction row r0 as (ci, a, b, c); advanced with carries, no divisions per row.
     let r0 = rows.start;
-    let first = (
+    let (mut ci, mut a, mut b, mut c) = (
         r0 / (kw * kh * kd),
         (r0 / (kw * kh)) % kd,
         (r0 / kw) % kh,
         r0 % kw,
     );
-    let end = start + cols;
-    let mut v = start;
-    let mut col_off = 0;
-    while v < end {
-        // One run of the tile along a single output row (fixed od, oh).
-        let ow0 = v % ow;
-        let row = v / ow;
-        let oy = row % oh;
-        let oz = row / oh;
-        let len = (ow - ow0).min(end - v);
-        let (mut ci, mut a, mut b, mut c) = first;
-        let mut dst_start = col_off;
-        let mut src: Option<usize> = None;
-        let mut src_valid = false;
-        for _ in 0..n_rows {
-            if !src_valid {
-                // Source row for (ci, a, b), or None in the zero padding.
-                let iz = (oz * p.stride[0] + a * p.dilation[0]) as isize - p.padding[0] as isize;
-                let iy = (oy * p.stride[1] + b * p.dilation[1]) as isize - p.padding[1] as isize;
-                src = (iz >= 0 && iy >= 0 && iz < d as isize && iy < h as isize)
-                    .then(|| ((ci * d + iz as usize) * h + iy as usize) * w);
-                src_valid = true;
+    for i in 0..n_rows {
+        let dst_row = &mut col[i * stride..i * stride + cols];
+        let chan = &input_n[ci * d * plane..(ci + 1) * d * plane];
+        let z_off = (a * p.dilation[0]) as isize - p.padding[0] as isize;
+        let y_off = (b * p.dilation[1]) as isize - p.padding[1] as isize;
+        let x_off = (c * p.dilation[2]) as isize - p.padding[2] as isize;
+        for r in runs.iter() {
+            let dst = &mut dst_row[r.col..r.col + r.len];
+            let iz = (r.oz * p.stride[0]) as isize + z_off;
+            let iy = (r.oy * p.stride[1]) as isize + y_off;
+            if iz < 0 || iy < 0 || iz >= d as isize || iy >= h as isize {
+                dst.fill(0.0);
+                continue;
             }
-            let dst = &mut col[dst_start..dst_start + len];
-            match src {
-                None => dst.fill(0.0),
-                Some(s) => {
-                    let off = (c * p.dilation[2]) as isize - p.padding[2] as isize;
-                    fill_row(dst, &input_n[s..s + w], ow0, p.stride[2], off);
-                }
-            }
-            dst_start += stride;
-            c += 1;
-            if c == kw {
-                c = 0;
-                b += 1;
-                src_valid = false;
-                if b == kh {
-                    b = 0;
-                    a += 1;
-                    if a == kd {
-                        a = 0;
-                        ci += 1;
-                    }
+            let s = iz as usize * plane + iy as usize * w;
+            fill_row(dst, &chan[s..s + w], r.ow0, p.stride[2], x_off);
+        }
+        c += 1;
+        if c == kw {
+            c = 0;
+            b += 1;
+            if b == kh {
+                b = 0;
+                a += 1;
+                if a == kd {
+                    a = 0;
+                    ci += 1;
                 }
             }
         }
-        v += len;
-        col_off += len;
     }
 }
 

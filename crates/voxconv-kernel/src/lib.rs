@@ -22,7 +22,9 @@ pub mod transpose;
 pub mod winograd;
 pub mod workloads;
 
-pub use plan::{Conv3dPlan, GemmImpl, OwnedSlab, Slab, StageTimes, Strategy, Tiling};
+pub use plan::{
+    Conv3dPlan, Filters, GemmImpl, OwnedSlab, PackedFilters, Slab, StageTimes, Strategy, Tiling,
+};
 pub use reference::conv3d_reference;
 pub use shape::{Conv3dParams, Conv3dShape};
 pub use workloads::{default_threads, seeded, Workload, WorkloadFile};

@@ -42,8 +42,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::shape::AXES;
 use crate::{
-    avx512, check_len, winograd, Activation, Conv3dParams, Conv3dPlan, Conv3dShape, GemmImpl,
-    KernelError, Strategy, Tiling,
+    check_len, Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError, PackedFilters,
+    Tiling,
 };
 
 /// Stride, padding (begin/end per axis, as ONNX pads), output padding and dilation per
@@ -406,6 +406,8 @@ pub struct ConvTranspose3dPlan {
     /// Set by [`with_tiling`](ConvTranspose3dPlan::with_tiling), kept likewise.
     tiling: Option<Tiling>,
     inner: Inner,
+    /// The inner convolution's filters packed for its strategy and GEMM, once per plan.
+    packed: PackedFilters,
 }
 
 /// Adds `src` into every `stride`-th value of `dst`, from `dst[0]` (`dst` holds at least
@@ -438,6 +440,7 @@ impl ConvTranspose3dPlan {
         }
         let strategy = TransposeStrategy::for_shape(&shape);
         let inner = Self::plan_inner(&shape, filters, activation, strategy)?;
+        let packed = Self::pack(&inner)?;
         Ok(Self {
             shape,
             activation,
@@ -446,6 +449,7 @@ impl ConvTranspose3dPlan {
             min_flops_per_thread: None,
             tiling: None,
             inner,
+            packed,
         })
     }
 
@@ -465,7 +469,12 @@ impl ConvTranspose3dPlan {
         }
         let filters = self.original_filters();
         let inner = Self::plan_inner(&self.shape, &filters, self.activation, strategy)?;
-        let mut plan = Self { inner, ..self };
+        let packed = Self::pack(&inner)?;
+        let mut plan = Self {
+            inner,
+            packed,
+            ..self
+        };
         if let Some(flops) = plan.min_flops_per_thread {
             plan = plan.with_min_flops_per_thread(flops);
         }
@@ -473,6 +482,15 @@ impl ConvTranspose3dPlan {
             plan = plan.with_tiling(tiling);
         }
         Ok(plan)
+    }
+
+    /// The inner convolution's filters packed for it.
+    fn pack(inner: &Inner) -> Result<PackedFilters, KernelError> {
+        match inner {
+            Inner::Patch { conv, filters }
+            | Inner::Col2im { conv, filters, .. }
+            | Inner::General { conv, filters, .. } => conv.pack_filters(filters),
+        }
     }
 
     fn plan_inner(
@@ -738,17 +756,20 @@ impl ConvTranspose3dPlan {
     /// ring (at most 3 slabs of `C_out·k³` channels, about 8 MiB each, whatever the volume)
     /// and scratch (`Col2im` scatters straight into the output, nothing more); `General`,
     /// the staging buffer ([`staging_bytes`](Self::staging_bytes)) and the convolution's
-    /// scratch; all, the weights the convolution packs for its microkernel.
+    /// scratch. The packed filters belong to the plan ([`packed_bytes`](Self::packed_bytes)),
+    /// not to a run.
     pub fn workspace_bytes(&self, threads: usize) -> usize {
         let threads = threads.max(1);
         let conv = self.conv_plan();
-        let packed = packed_weight_bytes(conv);
         match &self.inner {
-            Inner::Patch { .. } | Inner::Col2im { .. } => {
-                conv.streaming_workspace_bytes(threads) + packed
-            }
-            Inner::General { .. } => self.staging_bytes() + conv.workspace_bytes(threads) + packed,
+            Inner::Patch { .. } | Inner::Col2im { .. } => conv.streaming_workspace_bytes(threads),
+            Inner::General { .. } => self.staging_bytes() + conv.workspace_bytes(threads),
         }
+    }
+
+    /// Bytes of the filters packed for the inner convolution, held by the plan.
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.bytes()
     }
 
     /// Runs the transposed convolution of `input` (`[N, C_in, D, H, W]`) into `output`
@@ -772,25 +793,21 @@ impl ConvTranspose3dPlan {
             return Err(KernelError::Cancelled);
         }
         match &self.inner {
-            Inner::Patch { conv, filters } => {
-                conv.run_slabs(input, filters, None, threads, cancel, &mut |slab| {
+            Inner::Patch { conv, .. } => {
+                conv.run_slabs(input, &self.packed, None, threads, cancel, &mut |slab| {
                     self.scatter_patches(&slab, output);
                     ControlFlow::Continue(())
                 })?;
                 self.fill_output_padding(output);
                 Ok(())
             }
-            Inner::Col2im {
-                conv,
-                filters,
-                spans,
-            } => {
+            Inner::Col2im { conv, spans, .. } => {
                 // Per batch item: output planes zeroed so far, and planes finished (bias,
                 // activation) so far; both only grow, slab by slab.
                 let n_b = self.shape.batch();
                 let mut zeroed = vec![0usize; n_b];
                 let mut finished = vec![0usize; n_b];
-                conv.run_slabs(input, filters, None, threads, cancel, &mut |slab| {
+                conv.run_slabs(input, &self.packed, None, threads, cancel, &mut |slab| {
                     let n = slab.batch;
                     let (reach, done) = self.col2im_planes(&slab.depth);
                     // Planes between the taps (stride > dilated kernel) are reached by no
@@ -817,14 +834,12 @@ impl ConvTranspose3dPlan {
                 Ok(())
             }
             Inner::General {
-                conv,
-                filters,
-                stage: None,
-            } => conv.run_into(input, filters, self.bias(), output, threads, cancel),
+                conv, stage: None, ..
+            } => conv.run_into(input, &self.packed, self.bias(), output, threads, cancel),
             Inner::General {
                 conv,
-                filters,
                 stage: Some(axes),
+                ..
             } => {
                 let in_item = self.shape.c_in() * self.shape.in_voxels();
                 let out_item = self.shape.c_out() * self.shape.out_voxels();
@@ -836,7 +851,7 @@ impl ConvTranspose3dPlan {
                     self.stage(&input[n * in_item..][..in_item], axes, &mut staging);
                     conv.run_into(
                         &staging,
-                        filters,
+                        &self.packed,
                         self.bias(),
                         &mut output[n * out_item..][..out_item],
                         threads,
@@ -1056,19 +1071,6 @@ impl ConvTranspose3dPlan {
             }
         }
     }
-}
-
-/// Bytes of the weights `conv` packs on every run for its microkernel (none for the
-/// portable GEMM).
-fn packed_weight_bytes(conv: &Conv3dPlan) -> usize {
-    let s = conv.shape();
-    let groups = s.c_out().div_ceil(avx512::NC);
-    let floats = match (conv.gemm_impl(), conv.strategy()) {
-        (GemmImpl::Portable, _) => 0,
-        (_, Strategy::Winograd) => winograd::XI * groups * s.c_in() * avx512::NC,
-        _ => groups * s.reduction_len() * avx512::NC,
-    };
-    floats * 4
 }
 
 /// One-call convenience: plans, allocates the output and runs.

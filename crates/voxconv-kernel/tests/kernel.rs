@@ -73,7 +73,8 @@ fn problem() -> impl proptest::strategy::Strategy<Value = (Conv3dShape, Activati
     (
         1usize..3,
         1usize..5,
-        1usize..6,
+        // Past 16 output channels, so random channel blocks split a tile's channels.
+        1usize..20,
         [axis(9), axis(9), axis(48)],
         activation_strategy(),
         any::<bool>(),
@@ -172,6 +173,7 @@ proptest! {
         tile_cols in 1usize..70,
         k_chunk in 1usize..40,
         slab_depth in 1usize..4,
+        chan_block in 1usize..20,
         threads in 1usize..4,
         seed in 0u64..1000,
     ) {
@@ -183,7 +185,7 @@ proptest! {
         for plan in variants(shape, act) {
             let what = format!("{:?}/{:?} default tiling", plan.strategy(), plan.gemm_impl());
             assert_close(&shape, &run_plan(&plan, &x, &w, bias, threads), &want, &mag, &what);
-            let tiled = plan.clone().with_tiling(Tiling { tile_cols, k_chunk, slab_depth });
+            let tiled = plan.clone().with_tiling(Tiling { tile_cols, k_chunk, slab_depth, chan_block });
             let what = format!("{:?}/{:?} {:?}", plan.strategy(), plan.gemm_impl(), tiled.tiling());
             assert_close(&shape, &run_plan(&tiled, &x, &w, bias, threads), &want, &mag, &what);
         }
@@ -262,6 +264,7 @@ fn one_two_and_three_threads_are_bit_identical() {
             tile_cols: 100,
             k_chunk: 50,
             slab_depth: 3,
+            chan_block: 8,
         }),
     );
     for plan in plans {
@@ -292,6 +295,7 @@ fn slab_plans(shape: Conv3dShape) -> impl Iterator<Item = (Conv3dPlan, usize)> {
                     tile_cols: 37,
                     k_chunk: 20,
                     slab_depth: 2,
+                    chan_block: 8,
                 })
                 .with_min_flops_per_thread(0.0);
             (plan, threads)
@@ -429,6 +433,72 @@ fn owned_slabs_match_lent_slabs_with_dirty_recycled_buffers() {
             }
         }
     }
+}
+
+#[test]
+fn packed_filters_give_the_raw_filters_result_and_refuse_other_plans() {
+    let conv = |c_in: usize, c_out: usize, k: usize, pad: usize| {
+        let params = Conv3dParams {
+            stride: [1; 3],
+            padding: [pad; 3],
+            dilation: [1; 3],
+        };
+        Conv3dShape::new([2, c_in, 7, 6, 9], [c_out, c_in, k, k, k], params).unwrap()
+    };
+    // Winograd- and direct-eligible, pointwise, and an odd channel count (partial groups).
+    for shape in [conv(16, 24, 3, 1), conv(5, 11, 1, 0), conv(3, 13, 3, 0)] {
+        let x = data(shape.input_len(), 1);
+        let w = data(shape.filters_len(), 2);
+        let b = data(shape.c_out(), 3);
+        let plans = variants(shape, Activation::Relu);
+        for plan in &plans {
+            let packed = plan.pack_filters(&w).unwrap();
+            let raw = run_plan(plan, &x, &w, Some(&b), 2);
+            let mut out = vec![f32::NAN; shape.output_len()];
+            plan.run_into(&x, &packed, Some(&b), &mut out, 2, None)
+                .unwrap();
+            assert!(
+                bit_identical(&raw, &out),
+                "{:?}/{:?}: packed and raw filters differ",
+                plan.strategy(),
+                plan.gemm_impl()
+            );
+            // Filters packed for another path of the same shape are refused, not misread.
+            for other in plans
+                .iter()
+                .filter(|o| o.strategy() != plan.strategy() || o.gemm_impl() != plan.gemm_impl())
+            {
+                let mut out = vec![0f32; shape.output_len()];
+                let err = other.run_into(&x, &packed, Some(&b), &mut out, 1, None);
+                assert!(
+                    matches!(err, Err(KernelError::Invalid { .. })),
+                    "{:?}/{:?} ran filters packed for {:?}/{:?}: {err:?}",
+                    other.strategy(),
+                    other.gemm_impl(),
+                    plan.strategy(),
+                    plan.gemm_impl()
+                );
+            }
+        }
+    }
+    // ... and so are filters packed for another shape.
+    let (a, b) = (conv(16, 24, 3, 1), conv(16, 16, 3, 1));
+    let packed = Conv3dPlan::new(b, Activation::None)
+        .pack_filters(&data(b.filters_len(), 2))
+        .unwrap();
+    let plan = Conv3dPlan::new(a, Activation::None);
+    let mut out = vec![0f32; a.output_len()];
+    let err = plan.run_into(&data(a.input_len(), 1), &packed, None, &mut out, 1, None);
+    assert!(matches!(err, Err(KernelError::Invalid { .. })), "{err:?}");
+    // Raw filters of the wrong length are an error too, before any packing.
+    assert!(matches!(
+        plan.pack_filters(&[0.0; 5]),
+        Err(KernelError::BufferLength {
+            what: "filters",
+            got: 5,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -596,6 +666,7 @@ fn regression_nan_prefilled_output_is_overwritten() {
             tile_cols: 10,
             k_chunk,
             slab_depth: 1,
+            chan_block: usize::MAX,
         });
         let got = run_plan(&plan, &x, &w, None, 2);
         assert!(got.iter().all(|v| v.is_finite()), "k_chunk {k_chunk}");
@@ -623,6 +694,7 @@ fn regression_single_column_tiles() {
         tile_cols: 1,
         k_chunk: 1,
         slab_depth: 1,
+        chan_block: usize::MAX,
     });
     assert_close(
         &shape,
@@ -677,6 +749,7 @@ fn cancel_flag_and_callback_break_stop_the_run() {
             tile_cols: 14,
             k_chunk: 54,
             slab_depth: 1,
+            chan_block: usize::MAX,
         })
         .with_min_flops_per_thread(0.0);
     let flag = AtomicBool::new(true);
@@ -1132,7 +1205,10 @@ fn the_avx512_gemm_is_an_error_without_avx512() {
             .with_gemm(GemmImpl::Portable)
             .unwrap();
         assert_eq!(wino.strategy(), KernelStrategy::Im2colGemm);
-        assert_eq!(wino.tiling(), Tiling::for_shape(&cube));
+        assert_eq!(
+            wino.tiling(),
+            Tiling::for_strategy(&cube, KernelStrategy::Im2colGemm)
+        );
     }
 }
 

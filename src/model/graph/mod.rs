@@ -21,7 +21,9 @@ use std::time::Instant;
 
 use crate::kernel::ops::{PadMode, Pool3d, ResizeMode};
 use crate::kernel::transpose::{ConvTranspose3dParams, ConvTranspose3dPlan, ConvTranspose3dShape};
-use crate::kernel::{Activation, Conv3dParams, Conv3dPlan, Conv3dShape, KernelError};
+use crate::kernel::{
+    Activation, Conv3dParams, Conv3dPlan, Conv3dShape, Filters, KernelError, PackedFilters,
+};
 use tensor::{BinOp, Const, Elem, Tensor};
 
 /// Elementwise functions of one input.
@@ -266,6 +268,8 @@ enum Kind {
     Conv {
         plan: Box<Conv3dPlan>,
         weights: Const,
+        /// `weights` packed for the plan, once per graph plan (not per run).
+        packed: Option<PackedFilters>,
         bias: Option<Const>,
         /// Explicit zero padding before the convolution (asymmetric or SAME pads).
         prepad: Option<([usize; 3], [usize; 3])>,
@@ -627,6 +631,22 @@ impl Graph {
                 steps[si].free.push(slot);
             }
         }
+        // Filters packed once, now that every plan (activations fused) is final.
+        for s in &mut steps {
+            if let Kind::Conv {
+                plan,
+                weights,
+                packed,
+                ..
+            } = &mut s.kind
+            {
+                let w = weights.as_f32().map_err(|e| KernelError::Invalid {
+                    what: "convolution weights".into(),
+                    reason: e,
+                })?;
+                *packed = Some(plan.pack_filters(w)?);
+            }
+        }
         let names = self
             .nodes
             .iter()
@@ -730,6 +750,7 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
                 Kind::Conv {
                     plan: Box::new(Conv3dPlan::new(shape, Activation::None)),
                     weights: w,
+                    packed: None,
                     bias,
                     prepad,
                 },
@@ -1031,6 +1052,7 @@ impl GraphPlan {
             Kind::Conv {
                 plan,
                 weights,
+                packed,
                 bias,
                 prepad,
             } => {
@@ -1046,9 +1068,13 @@ impl GraphPlan {
                     None => x,
                 };
                 let mut out = vec![0f32; plan.shape().output_len()];
+                let filters = match packed {
+                    Some(p) => Filters::Packed(p),
+                    None => Filters::Raw(weights.as_f32().map_err(bug)?),
+                };
                 plan.run_into(
                     x,
-                    weights.as_f32().map_err(bug)?,
+                    filters,
                     bias.as_ref().map(|b| b.as_f32()).transpose().map_err(bug)?,
                     &mut out,
                     threads,

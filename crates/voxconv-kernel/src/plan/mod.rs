@@ -17,11 +17,13 @@
 //! work of one tile; `run` the public entry points; `schedule` the slab/tile decomposition
 //! and the multi-threaded scheduler.
 
+mod packed;
 mod run;
 mod schedule;
 mod strategy;
 mod tile;
 
+pub use packed::{Filters, PackedFilters};
 pub use run::{OwnedSlab, Slab};
 pub use strategy::{GemmImpl, Strategy, Tiling};
 
@@ -78,7 +80,7 @@ impl Conv3dPlan {
             clock: Arc::default(),
         };
         plan.strategy = plan.default_strategy();
-        plan.tiling = plan.adapt_tiling(plan.tiling);
+        plan.tiling = plan.default_tiling();
         plan
     }
 
@@ -119,7 +121,7 @@ impl Conv3dPlan {
             && !self.supports(self.strategy)
         {
             self.strategy = Strategy::Im2colGemm;
-            self.tiling = Tiling::for_shape(&self.shape);
+            self.tiling = self.default_tiling();
         }
         Ok(self)
     }
@@ -145,8 +147,15 @@ impl Conv3dPlan {
                 reason,
             });
         }
+        // A default tiling becomes the new strategy's default; one set by `with_tiling`
+        // is kept (adapted to the strategy's constraints).
+        let default = self.tiling == self.default_tiling();
         self.strategy = strategy;
-        self.tiling = self.adapt_tiling(self.tiling);
+        self.tiling = if default {
+            self.default_tiling()
+        } else {
+            self.adapt_tiling(self.tiling)
+        };
         Ok(self)
     }
 

@@ -4,11 +4,11 @@
 use std::ops::{ControlFlow, Range};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
-use crate::{check_buffers, KernelError};
+use crate::{check_len, KernelError};
 
 use super::schedule::{ring_slabs, Output, SlabInfo};
 use super::tile::Dest;
-use super::Conv3dPlan;
+use super::{Conv3dPlan, Filters};
 
 /// A finished slab of output: depth planes `depth` of batch item `batch`, all channels,
 /// laid out `[C_out, depth.len(), oH, oW]`.
@@ -49,27 +49,33 @@ impl Conv3dPlan {
     fn check(
         &self,
         input: &[f32],
-        filters: &[f32],
+        filters: Filters<'_>,
         bias: Option<&[f32]>,
         threads: usize,
     ) -> Result<(), KernelError> {
         if threads == 0 {
             return Err(KernelError::ZeroThreads);
         }
-        check_buffers(&self.shape, input, filters, bias)
+        check_len("input", self.shape.input_len(), input.len())?;
+        self.check_filters(filters)?;
+        if let Some(b) = bias {
+            check_len("bias", self.shape.c_out(), b.len())?;
+        }
+        Ok(())
     }
 
     /// Runs the convolution into `output` (`[N, C_out, oD, oH, oW]`, fully overwritten) on
     /// `threads` threads. Returns `Cancelled` if `cancel` is set before the end.
-    pub fn run_into(
+    pub fn run_into<'f>(
         &self,
         input: &[f32],
-        filters: &[f32],
+        filters: impl Into<Filters<'f>>,
         bias: Option<&[f32]>,
         output: &mut [f32],
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<(), KernelError> {
+        let filters = filters.into();
         self.check(input, filters, bias, threads)?;
         if output.len() != self.shape.output_len() {
             return Err(KernelError::BufferLength {
@@ -101,15 +107,16 @@ impl Conv3dPlan {
     /// Runs the convolution and hands each finished slab, in output order, to `on_slab`.
     /// Memory: `streaming_workspace_bytes(threads)`, not the output size. `on_slab` may
     /// return `Break` to stop early (the result is then `Cancelled`).
-    pub fn run_slabs(
+    pub fn run_slabs<'f>(
         &self,
         input: &[f32],
-        filters: &[f32],
+        filters: impl Into<Filters<'f>>,
         bias: Option<&[f32]>,
         threads: usize,
         cancel: Option<&AtomicBool>,
         on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
     ) -> Result<(), KernelError> {
+        let filters = filters.into();
         self.check(input, filters, bias, threads)?;
         let ring = ring_slabs(threads);
         let slab_len = self.slab_bytes() / 4;
@@ -151,16 +158,17 @@ impl Conv3dPlan {
     /// so a consumer that sends the values on needs no copy. Memory is the same ring of
     /// [`slab_bytes`](Self::slab_bytes) buffers plus whatever the consumer keeps.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_slabs_owned(
+    pub fn run_slabs_owned<'f>(
         &self,
         input: &[f32],
-        filters: &[f32],
+        filters: impl Into<Filters<'f>>,
         bias: Option<&[f32]>,
         threads: usize,
         cancel: Option<&AtomicBool>,
         fresh: &mut dyn FnMut(usize) -> Vec<f32>,
         on_slab: &mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,
     ) -> Result<(), KernelError> {
+        let filters = filters.into();
         self.check(input, filters, bias, threads)?;
         let ring = ring_slabs(threads);
         let slab_len = self.slab_bytes() / 4;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::KernelError;
 
 use super::tile::Dest;
-use super::Conv3dPlan;
+use super::{Conv3dPlan, Filters};
 
 /// Work (FLOPs) below which another thread costs more to start than it saves.
 pub(super) const MIN_FLOPS_PER_THREAD: f64 = 16e6;
@@ -77,7 +77,8 @@ impl Conv3dPlan {
             while d0 < od {
                 let d1 = (d0 + self.tiling.slab_depth).min(od);
                 let voxels = (d1 - d0) * plane;
-                let tiles = voxels.div_ceil(self.tiling.tile_cols);
+                let tiles = voxels.div_ceil(self.tiling.tile_cols)
+                    * self.tiling.chan_blocks(self.shape.c_out());
                 out.push(SlabInfo {
                     index: out.len(),
                     batch,
@@ -101,7 +102,7 @@ impl Conv3dPlan {
     pub(super) fn drive(
         &self,
         input: &[f32],
-        filters: &[f32],
+        filters: Filters<'_>,
         bias: Option<&[f32]>,
         threads: usize,
         cancel: Option<&AtomicBool>,

@@ -85,6 +85,10 @@ pub struct Tiling {
     pub k_chunk: usize,
     /// Output depth planes per slab.
     pub slab_depth: usize,
+    /// Output channels per tile (a multiple of the microkernel's 8, or all of them): where
+    /// a shape has few voxel tiles (deep stages, small volumes), tiles also split the output
+    /// channels, so threads share the work instead of one thread taking it all.
+    pub chan_block: usize,
 }
 
 /// Target size of one thread's im2col buffer: comfortably inside a 1 MiB L2.
@@ -106,11 +110,26 @@ const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
 const DIRECT_MIN_K: usize = 64;
 /// ... or for output rows shorter than this.
 const DIRECT_SHORT_ROW: usize = 48;
+/// ... and at least this share of its 16-lane row segments compute real outputs (unet-deep,
+/// 8-voxel rows at 0.5: direct 65 ms, im2col + GEMM 29 ms at one thread).
+const DIRECT_MIN_LANE_USE: f64 = 0.75;
+/// ... unless the output has fewer channels than this: im2col's cost per output grows as
+/// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
+/// direct 0.33 ms, im2col + GEMM 1.2 ms).
+const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
+/// A shape with fewer voxel tiles than this splits its output channels into blocks ...
+const MIN_TILES: usize = 16;
+/// ... of at least this many channels (smaller blocks reread the columns too often) ...
+const MIN_CHAN_BLOCK: usize = 32;
+/// ... or, for im2col + GEMM, narrows its tiles down to this many voxels (unet-deep, 8³
+/// outputs, 1 and 2 threads: 256 beat 512, 128 and 64, and beat channel blocks of 128).
+const MIN_IM2COL_TILE_COLS: usize = 256;
 /// Padding (in f32) after each im2col row.
 pub(super) const COL_ROW_PAD: usize = 16;
 
 impl Tiling {
-    /// Default tiling for a shape: independent of the thread count (determinism).
+    /// Default tiling for a shape, before any strategy's preferences: one channel block,
+    /// independent of the thread count (determinism).
     pub fn for_shape(shape: &Conv3dShape) -> Self {
         let [od, oh, ow] = shape.out_dims();
         let plane = oh * ow;
@@ -122,6 +141,11 @@ impl Tiling {
         if ow <= tile_cols {
             tile_cols = tile_cols / ow * ow;
         }
+        Self::with_cols(shape, slab_depth, tile_cols)
+    }
+
+    /// `tile_cols` wide tiles in slabs of `slab_depth` planes, the im2col buffer's rows to fit.
+    fn with_cols(shape: &Conv3dShape, slab_depth: usize, tile_cols: usize) -> Self {
         let k = shape.reduction_len();
         let k_chunk = (COL_BUFFER_BYTES / 4 / tile_cols)
             .clamp(16, k.max(16))
@@ -130,18 +154,91 @@ impl Tiling {
             tile_cols,
             k_chunk,
             slab_depth,
+            chan_block: shape.c_out(),
         }
+    }
+
+    /// Voxel tiles of the whole output (all batch items).
+    fn voxel_tiles(&self, shape: &Conv3dShape) -> usize {
+        let [od, oh, ow] = shape.out_dims();
+        let slab_vox = self.slab_depth.min(od) * oh * ow;
+        shape.batch()
+            * od.div_ceil(self.slab_depth.max(1))
+            * slab_vox.div_ceil(self.tile_cols.max(1))
+    }
+
+    /// The default tiling of `strategy` (Winograd adapts it further: whole plane pairs).
+    /// Shapes with few voxel tiles (deep stages, small volumes) get more tiles so threads
+    /// share them: im2col + GEMM narrows its tiles (down to `MIN_IM2COL_TILE_COLS`; splitting
+    /// channels would repeat the im2col per block), the direct and pointwise paths, which
+    /// read the input in place, split the output channels. Independent of the thread count.
+    pub fn for_strategy(shape: &Conv3dShape, strategy: Strategy) -> Self {
+        let mut t = Self::for_shape(shape);
+        match strategy {
+            Strategy::Im2colGemm => {
+                let ow = shape.out_dims()[2];
+                while t.voxel_tiles(shape) < MIN_TILES && t.tile_cols >= 2 * MIN_IM2COL_TILE_COLS {
+                    let mut cols = t.tile_cols / 2;
+                    if ow <= cols {
+                        cols = cols / ow * ow;
+                    }
+                    t = Self::with_cols(shape, t.slab_depth, cols);
+                }
+            }
+            Strategy::Direct | Strategy::Pointwise => {
+                t.chan_block = chan_block_for(shape.c_out(), t.voxel_tiles(shape));
+            }
+            Strategy::Winograd => {}
+        }
+        t
     }
 
     fn sanitized(self, shape: &Conv3dShape) -> Self {
         let [od, oh, ow] = shape.out_dims();
         let slab_depth = self.slab_depth.clamp(1, od);
+        let c_out = shape.c_out();
+        let chan_block = self
+            .chan_block
+            .clamp(1, c_out)
+            .next_multiple_of(avx512::NC)
+            .min(c_out);
         Self {
             tile_cols: self.tile_cols.clamp(1, slab_depth * oh * ow),
             k_chunk: self.k_chunk.clamp(1, shape.reduction_len()),
             slab_depth,
+            chan_block,
         }
     }
+
+    /// Channel blocks per voxel tile.
+    pub fn chan_blocks(&self, c_out: usize) -> usize {
+        c_out.div_ceil(self.chan_block.max(1))
+    }
+}
+
+/// Output channels per tile for `c_out` channels over `voxel_tiles` voxel tiles: all of them,
+/// unless there are fewer than `MIN_TILES` voxel tiles; then blocks of at least
+/// `MIN_CHAN_BLOCK` channels (multiples of the microkernel's 8), enough of them for about
+/// `MIN_TILES` tiles in all. Depends on the shape only (determinism).
+fn chan_block_for(c_out: usize, voxel_tiles: usize) -> usize {
+    if voxel_tiles >= MIN_TILES || c_out < 2 * MIN_CHAN_BLOCK {
+        return c_out;
+    }
+    let blocks = MIN_TILES
+        .div_ceil(voxel_tiles)
+        .min(c_out / MIN_CHAN_BLOCK)
+        .max(1);
+    c_out
+        .div_ceil(blocks)
+        .next_multiple_of(avx512::NC)
+        .min(c_out)
+}
+
+/// Share of the direct kernel's lanes that compute real outputs: it covers each output row
+/// with 16-lane segments.
+fn direct_lane_use(shape: &Conv3dShape) -> f64 {
+    let ow = shape.out_dims()[2];
+    ow as f64 / ow.next_multiple_of(16) as f64
 }
 
 impl Conv3dPlan {
@@ -157,6 +254,8 @@ impl Conv3dPlan {
         {
             Strategy::Winograd
         } else if self.supports(Strategy::Direct)
+            && (direct_lane_use(shape) >= DIRECT_MIN_LANE_USE
+                || shape.c_out() < DIRECT_IDLE_LANES_MAX_COUT)
             && (shape.reduction_len() >= DIRECT_MIN_K || shape.out_dims()[2] < DIRECT_SHORT_ROW)
         {
             // Measured (docs/kernel-performance.md): direct wins where im2col is a large
@@ -271,7 +370,15 @@ impl Conv3dPlan {
             tile_cols: 2 * pairs * plane,
             k_chunk: t.k_chunk,
             slab_depth,
+            // The input transform is the tile's whole channel count's worth of work: one
+            // block of all the output channels.
+            chan_block: self.shape.c_out(),
         }
+    }
+
+    /// The default tiling of the plan's shape and strategy.
+    pub(super) fn default_tiling(&self) -> Tiling {
+        self.adapt_tiling(Tiling::for_strategy(&self.shape, self.strategy))
     }
 
     /// Tiling constraints of the strategy (Winograd: whole plane pairs).

@@ -1,15 +1,16 @@
 //! The work of one tile, by strategy: im2col + GEMM (AVX-512 microkernel or the portable
 //! `gemm` crate), pointwise, direct, Winograd, and the bias/activation epilogue.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::im2col::im2col_tile;
+use crate::im2col::{im2col_tile, Run};
 use crate::{avx512, winograd, Activation};
 
 use super::schedule::SlabInfo;
-use super::{Conv3dPlan, GemmImpl, Strategy};
+use super::{Conv3dPlan, Filters, GemmImpl, Strategy};
 
 /// Adds the time since `since` to `slot` and restarts `since`.
 fn lap(slot: &AtomicU64, since: &mut Instant) {
@@ -23,7 +24,7 @@ fn lap(slot: &AtomicU64, since: &mut Instant) {
 pub(super) struct Operands<'a> {
     input: &'a [f32],
     filters: &'a [f32],
-    packed: Vec<f32>,
+    packed: Cow<'a, [f32]>,
     bias: Option<&'a [f32]>,
 }
 
@@ -33,6 +34,8 @@ pub(super) struct Scratch {
     col: Vec<f32>,
     acc: Vec<f32>,
     segments: Vec<avx512::Segment>,
+    /// im2col: the tile's output-row runs.
+    runs: Vec<Run>,
     /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
     wino_v: Vec<f32>,
     wino_m: Vec<f32>,
@@ -51,18 +54,10 @@ impl Conv3dPlan {
     pub(super) fn operands<'a>(
         &self,
         input: &'a [f32],
-        filters: &'a [f32],
+        filters: Filters<'a>,
         bias: Option<&'a [f32]>,
     ) -> Operands<'a> {
-        let packed = match (self.gemm, self.strategy) {
-            (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Winograd) => {
-                winograd::transform_filters(filters, self.shape.c_out(), self.shape.c_in())
-            }
-            (GemmImpl::Avx512 | GemmImpl::Avx2, _) => {
-                avx512::pack_weights(filters, self.shape.c_out(), self.shape.reduction_len())
-            }
-            (GemmImpl::Portable, _) => Vec::new(),
-        };
+        let (filters, packed) = self.filter_operands(filters);
         Operands {
             input,
             filters,
@@ -76,6 +71,7 @@ impl Conv3dPlan {
             col: vec![0f32; self.col_len()],
             acc: vec![0f32; self.acc_len()],
             segments: Vec::new(),
+            runs: Vec::new(),
             wino_v: vec![0f32; self.wino_v_len()],
             wino_m: vec![0f32; self.wino_m_len()],
             lane_groups: Vec::new(),
@@ -100,6 +96,9 @@ impl Conv3dPlan {
         let k = shape.reduction_len();
         let in_item = shape.c_in() * shape.in_voxels();
         let input_n = &ops.input[slab.batch * in_item..(slab.batch + 1) * in_item];
+        let blocks = self.tiling.chan_blocks(c_out);
+        let (t, cb) = (t / blocks, t % blocks);
+        let chans = cb * self.tiling.chan_block..((cb + 1) * self.tiling.chan_block).min(c_out);
         let off = t * self.tiling.tile_cols;
         let cols = self.tiling.tile_cols.min(slab.voxels - off);
         let v0 = slab.start + off;
@@ -111,13 +110,25 @@ impl Conv3dPlan {
         let mut since = Instant::now();
         if self.strategy == Strategy::Direct {
             // SAFETY: forwarded caller's contract (dst rows of `cols` values at stride rs).
-            unsafe { self.direct_tile(ops, input_n, v0, cols, dst, rs, &mut scratch.segments) };
+            unsafe {
+                self.direct_tile(
+                    ops,
+                    input_n,
+                    v0,
+                    cols,
+                    chans.clone(),
+                    dst,
+                    rs,
+                    &mut scratch.segments,
+                )
+            };
             lap(&clock.gemm, &mut since);
-            self.activation_pass(dst, rs, cols);
+            self.activation_pass(dst, rs, cols, chans);
             lap(&clock.epilogue, &mut since);
             return;
         }
         if self.strategy == Strategy::Winograd {
+            debug_assert_eq!(chans, 0..c_out, "Winograd tiles hold every channel");
             // SAFETY: forwarded caller's contract.
             unsafe { self.winograd_tile(ops, input_n, v0, cols, dst, rs, scratch) };
             return;
@@ -136,7 +147,16 @@ impl Conv3dPlan {
                     (input_n[v0..].as_ptr(), shape.in_voxels())
                 }
                 Strategy::Im2colGemm => {
-                    im2col_tile(shape, input_n, v0, cols, r0..r1, &mut scratch.col, stride);
+                    im2col_tile(
+                        shape,
+                        input_n,
+                        v0,
+                        cols,
+                        r0..r1,
+                        &mut scratch.col,
+                        stride,
+                        &mut scratch.runs,
+                    );
                     lap(&clock.im2col, &mut since);
                     (scratch.col.as_ptr(), stride)
                 }
@@ -146,21 +166,32 @@ impl Conv3dPlan {
                 // holds all groups × k rows; dst per the caller's contract; `acc` holds
                 // c_out rows of `stride >= cols` values.
                 GemmImpl::Avx512 | GemmImpl::Avx2 => unsafe {
-                    self.micro_chunk(ops, a, lda, r0..r1, cols, dst, rs, &mut scratch.acc)
+                    self.micro_chunk(
+                        ops,
+                        a,
+                        lda,
+                        r0..r1,
+                        cols,
+                        chans.clone(),
+                        dst,
+                        rs,
+                        &mut scratch.acc,
+                    )
                 },
-                // SAFETY: lhs = filters[:, r0..r1] (row stride k, in bounds); rhs = `a` as
-                // above; dst per the caller's contract. The first chunk overwrites dst
-                // (read_dst = false), later chunks accumulate in a fixed order.
+                // SAFETY: lhs = filters[chans, r0..r1] (row stride k, in bounds); rhs = `a`
+                // as above; dst rows `chans` per the caller's contract. The first chunk
+                // overwrites dst (read_dst = false), later chunks accumulate in a fixed
+                // order.
                 GemmImpl::Portable => unsafe {
                     gemm::gemm(
-                        c_out,
+                        chans.len(),
                         cols,
                         r1 - r0,
-                        dst,
+                        dst.add(chans.start * rs),
                         1,
                         rs as isize,
                         r0 > 0,
-                        ops.filters.as_ptr().add(r0),
+                        ops.filters.as_ptr().add(chans.start * k + r0),
                         1,
                         k as isize,
                         a,
@@ -184,7 +215,7 @@ impl Conv3dPlan {
             GemmImpl::Portable => ops.bias,
         };
         if bias.is_some() || self.activation != Activation::None {
-            for co in 0..c_out {
+            for co in chans {
                 // SAFETY: row `co` of the tile: `cols` values at dst + co·row_stride, inside
                 // the destination and owned by this tile (caller's contract).
                 let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
@@ -194,12 +225,13 @@ impl Conv3dPlan {
         lap(&clock.epilogue, &mut since);
     }
 
-    /// Applies the activation to a finished tile (bias already added).
-    fn activation_pass(&self, dst: *mut f32, rs: usize, cols: usize) {
+    /// Applies the activation to the channels `chans` of a finished tile (bias already
+    /// added).
+    fn activation_pass(&self, dst: *mut f32, rs: usize, cols: usize, chans: Range<usize>) {
         if self.activation == Activation::None {
             return;
         }
-        for co in 0..self.shape.c_out() {
+        for co in chans {
             // SAFETY: row `co` of a tile this thread owns (see `compute_tile`).
             let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
             self.activation.bias_apply(row, 0.0);
@@ -207,7 +239,8 @@ impl Conv3dPlan {
     }
 
     /// A tile by the direct strategy: split into row segments of at most 16 voxels, three
-    /// segments × 8 channels per microkernel call.
+    /// segments × 8 channels per microkernel call, for the channels `chans` (whole groups of
+    /// 8 but the last).
     ///
     /// # Safety
     /// As `compute_tile`.
@@ -218,6 +251,7 @@ impl Conv3dPlan {
         input_n: &[f32],
         v0: usize,
         cols: usize,
+        chans: Range<usize>,
         dst: *mut f32,
         rs: usize,
         segments: &mut Vec<avx512::Segment>,
@@ -250,10 +284,9 @@ impl Conv3dPlan {
                 padding: p.padding,
                 dilation: p.dilation,
             };
-            let c_out = shape.c_out();
             let k = shape.reduction_len();
-            for g in 0..c_out.div_ceil(NC) {
-                let nch = NC.min(c_out - g * NC);
+            for g in chans.start / NC..chans.end.div_ceil(NC) {
+                let nch = NC.min(chans.end - g * NC);
                 let b = ops.packed[g * k * NC..].as_ptr();
                 let bias = ops.bias.map_or(std::ptr::null(), |b| b[g * NC..].as_ptr());
                 for segs in segments.chunks(DIRECT_SEGS) {
@@ -277,7 +310,7 @@ impl Conv3dPlan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, input_n, v0, cols, dst, rs, segments);
+            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments);
             unreachable!("Strategy::Direct is only chosen on x86_64");
         }
     }
@@ -382,7 +415,8 @@ impl Conv3dPlan {
         }
     }
 
-    /// One reduction chunk `rows` of a tile with our microkernel. A single chunk
+    /// One reduction chunk `rows` of a tile's channels `chans` (whole groups of 8 but the
+    /// last) with our microkernel. A single chunk
     /// writes `dst` directly (bias fused); otherwise the first chunks accumulate in `acc`
     /// and the last one adds bias and writes `dst`.
     ///
@@ -397,6 +431,7 @@ impl Conv3dPlan {
         lda: usize,
         rows: Range<usize>,
         cols: usize,
+        chans: Range<usize>,
         dst: *mut f32,
         rs: usize,
         acc: &mut [f32],
@@ -404,22 +439,23 @@ impl Conv3dPlan {
         #[cfg(target_arch = "x86_64")]
         {
             use avx512::{MV, NC};
-            let c_out = self.shape.c_out();
             let k = self.shape.reduction_len();
             let first = rows.start == 0;
             let last = rows.end == k;
             let accs = self.col_stride();
             let acc = acc.as_mut_ptr();
-            for g in 0..c_out.div_ceil(NC) {
-                let nch = NC.min(c_out - g * NC);
-                let b = ops.packed[(g * k + rows.start) * NC..].as_ptr();
-                let bias = match (last, ops.bias) {
-                    (true, Some(bias)) => bias[g * NC..].as_ptr(),
-                    _ => std::ptr::null(),
-                };
-                for p in 0..cols.div_ceil(MV) {
-                    let nvox = MV.min(cols - p * MV);
-                    let o = p * MV;
+            // Voxel blocks outside, channel groups inside: one block's columns (kc rows of
+            // 48 values) stay in L1 while every group's weights stream past them.
+            for p in 0..cols.div_ceil(MV) {
+                let nvox = MV.min(cols - p * MV);
+                let o = p * MV;
+                for g in chans.start / NC..chans.end.div_ceil(NC) {
+                    let nch = NC.min(chans.end - g * NC);
+                    let b = ops.packed[(g * k + rows.start) * NC..].as_ptr();
+                    let bias = match (last, ops.bias) {
+                        (true, Some(bias)) => bias[g * NC..].as_ptr(),
+                        _ => std::ptr::null(),
+                    };
                     // SAFETY: every pointer below stays inside the buffers described in this
                     // function's contract: block (g, p) covers channels g·NC.. g·NC+nch and
                     // columns o..o+nvox of the tile; the plan checked that the CPU runs
@@ -455,7 +491,7 @@ impl Conv3dPlan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, a, lda, rows, cols, dst, rs, acc);
+            let _ = (ops, a, lda, rows, cols, chans, dst, rs, acc);
             unreachable!("our microkernel is only chosen on x86_64");
         }
     }
