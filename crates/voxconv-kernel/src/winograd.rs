@@ -8,8 +8,9 @@
 //! result stays within a small multiple of the direct method's rounding error (the tests
 //! bound it against the f64 reference).
 //!
-//! Lanes: 16 horizontally adjacent output blocks of one block row form a *lane group*
-//! (one zmm); three lane groups form the 48 columns of one microkernel call.
+//! Lanes: 16 output blocks form a *lane group* (one zmm), taken in order along block rows,
+//! then down block rows and plane pairs; three lane groups form the 48 columns of one
+//! microkernel call.
 
 // Transform code indexes several small arrays with the same loop variables; index loops are
 // clearer here than zipped iterators.
@@ -26,10 +27,19 @@ pub const GROUPS: usize = 3;
 pub const COLS: usize = LANES * GROUPS;
 /// Transform positions.
 pub const XI: usize = 64;
-/// Stride between channels in the transformed buffers: all 64 positions × 48 columns, plus
-/// one cache line so channel rows never sit a multiple of 4 KiB apart (L1 aliasing when the
-/// microkernel walks down a column).
-pub const CH_STRIDE: usize = XI * COLS + 16;
+/// Stride between transform positions in the transformed buffers (V: `channels = C_in`, M:
+/// `C_out`): position ξ holds a channels × 48 matrix, rows 48 values apart, so each GEMM reads
+/// and writes one contiguous panel; plus one cache line so positions never sit a multiple of
+/// 4 KiB apart.
+pub const fn xi_stride(channels: usize) -> usize {
+    channels * COLS + 16
+}
+
+/// Stride between input channels in the transformed input V: all 64 positions × 48 columns,
+/// plus one cache line so channel rows never sit a multiple of 4 KiB apart (L1 aliasing
+/// when the microkernel walks down a column). The input transform writes one channel's 64
+/// positions together, so they sit together.
+pub const V_CH_STRIDE: usize = XI * COLS + 16;
 
 /// Whether a shape can use this transform.
 pub fn eligible(shape: &Conv3dShape) -> bool {
@@ -37,24 +47,84 @@ pub fn eligible(shape: &Conv3dShape) -> bool {
     shape.kernel_dims() == [3, 3, 3] && p.stride == [1; 3] && p.dilation == [1; 3]
 }
 
-/// Share of the transform's lanes that compute real outputs: a block row of `⌈oW/2⌉`
-/// blocks fills lane groups of 16, and odd output sizes leave half-empty 2×2×2 blocks. An
-/// 8-wide output fills 4 lanes of 16 (0.25): the 3.4× fewer multiplies are then lost.
+/// Share of the transform's lanes that compute real outputs: odd output sizes leave
+/// half-empty 2×2×2 blocks, and a tile's last lane group may be partly empty (blocks fill
+/// lane groups of 16 across block rows and plane pairs, see [`LaneGroup`]).
 pub fn lane_use(shape: &Conv3dShape) -> f64 {
     let [od, oh, ow] = shape.out_dims();
-    let lane_cols = 2 * LANES * ow.div_ceil(2).div_ceil(LANES);
     let pairs = |n: usize| n as f64 / (2 * n.div_ceil(2)) as f64;
-    ow as f64 / lane_cols as f64 * pairs(oh) * pairs(od)
+    let blocks = od.div_ceil(2) * oh.div_ceil(2) * ow.div_ceil(2);
+    let groups = blocks.div_ceil(LANES).max(1);
+    pairs(od) * pairs(oh) * pairs(ow) * blocks as f64 / (groups * LANES) as f64
 }
 
-/// Up to 16 output blocks of one block row: output planes `z0, z0+1`, rows `2·ty, 2·ty+1`,
-/// columns `2·tx0 ..` (`lanes` blocks).
+/// Consecutive output blocks of one block row: output planes `z0, z0+1`, rows `2·ty,
+/// 2·ty+1`, columns `2·tx0 ..` (`len` blocks), held by lanes `lane .. lane + len` of a lane
+/// group.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct LaneGroup {
+pub struct BlockRun {
     pub z0: usize,
     pub ty: usize,
     pub tx0: usize,
-    pub lanes: usize,
+    pub len: usize,
+    pub lane: usize,
+}
+
+/// Up to 16 output blocks, one a lane: the blocks of a tile in order (plane pair, block
+/// row, block column) cut into groups of 16, so a group may span block rows and plane
+/// pairs. Small outputs fill every lane (an 8³ output: 64 blocks, four full groups) where
+/// one block row a group would leave most lanes empty.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LaneGroup {
+    pub runs: [BlockRun; LANES],
+    pub n_runs: usize,
+}
+
+impl LaneGroup {
+    pub fn runs(&self) -> &[BlockRun] {
+        &self.runs[..self.n_runs]
+    }
+
+    fn lanes(&self) -> usize {
+        self.runs().last().map_or(0, |r| r.lane + r.len)
+    }
+}
+
+/// The lane groups of output plane pairs `z_pairs` (first planes `2·p`) of a `oh × ow`
+/// output, appended to `out`.
+pub fn lane_groups(
+    z_pairs: std::ops::Range<usize>,
+    oh: usize,
+    ow: usize,
+    out: &mut Vec<LaneGroup>,
+) {
+    let (nty, ntx) = (oh.div_ceil(2), ow.div_ceil(2));
+    let mut g = LaneGroup::default();
+    for zp in z_pairs {
+        for ty in 0..nty {
+            let mut tx0 = 0;
+            while tx0 < ntx {
+                let lane = g.lanes();
+                let len = (LANES - lane).min(ntx - tx0);
+                g.runs[g.n_runs] = BlockRun {
+                    z0: 2 * zp,
+                    ty,
+                    tx0,
+                    len,
+                    lane,
+                };
+                g.n_runs += 1;
+                tx0 += len;
+                if lane + len == LANES {
+                    out.push(g);
+                    g = LaneGroup::default();
+                }
+            }
+        }
+    }
+    if g.n_runs > 0 {
+        out.push(g);
+    }
 }
 
 /// `U = G g Gᵀ` for every (C_out, C_in) pair, computed in f64, packed for the microkernel:
@@ -145,8 +215,8 @@ fn at(m: [Lanes; 4]) -> [Lanes; 2] {
 }
 
 /// Input transform of up to three lane groups of one batch item into `v`: input channel ci,
-/// position ξ, column `g·16 + lane` at `ci·CH_STRIDE + ξ·COLS + g·16 + lane` (zero padding
-/// outside the input).
+/// position ξ, column `g·16 + lane` at `ci·V_CH_STRIDE + ξ·COLS + g·16 + lane` (zero
+/// padding outside the input).
 ///
 /// # Safety
 /// The CPU must support `isa` (the plan checked it); the transform is compiled for each ISA
@@ -177,39 +247,70 @@ pub unsafe fn input_transform(
     }
 }
 
+/// An input patch: `[i][j][l][lane]`.
+type Patch = [[[Lanes; 4]; 4]; 4];
+
+/// Gathers the input of `run`'s blocks (channel `ci`) into its lanes of `p` (zero outside
+/// the input). `MASKED`: leave the other lanes as they are; else the lanes after the run
+/// get whatever its columns hold there.
+#[inline(always)]
+fn gather<const MASKED: bool>(
+    p: &mut Patch,
+    run: &BlockRun,
+    input_n: &[f32],
+    ci: usize,
+    [d, h, w]: [usize; 3],
+    [pd, ph, pw]: [usize; 3],
+) {
+    let x_start = (2 * run.tx0) as isize - pw as isize;
+    let span = 2 * run.len + 2;
+    let keep: [bool; LANES] =
+        std::array::from_fn(|k| !MASKED || k.wrapping_sub(run.lane) < run.len);
+    for (i, pi) in p.iter_mut().enumerate() {
+        let iz = (run.z0 + i) as isize - pd as isize;
+        if iz < 0 || iz >= d as isize {
+            continue;
+        }
+        for (j, pij) in pi.iter_mut().enumerate() {
+            let iy = (2 * run.ty + j) as isize - ph as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let row = &input_n[((ci * d + iz as usize) * h + iy as usize) * w..][..w];
+            // The run's input columns, placed so that lane k reads `seg[2k + l]`.
+            let mut seg = [0f32; 4 * LANES + 2];
+            let lo = (-x_start).clamp(0, span as isize) as usize;
+            let hi = (w as isize - x_start).clamp(lo as isize, span as isize) as usize;
+            if hi > lo {
+                let s0 = (x_start + lo as isize) as usize;
+                let at = 2 * run.lane;
+                super::im2col::copy_run(&mut seg[at + lo..at + hi], &row[s0..s0 + (hi - lo)]);
+            }
+            // All 16 lanes at once (vectorized), kept in the run's lanes only.
+            for (l, pijl) in pij.iter_mut().enumerate() {
+                for (k, x) in pijl.iter_mut().enumerate() {
+                    let v = seg[2 * k + l];
+                    *x = if keep[k] { v } else { *x };
+                }
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn input_transform_body(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
     let [_, c_in, d, h, w] = shape.input;
     let [pd, ph, pw] = shape.params.padding;
     for ci in 0..c_in {
         for (gi, grp) in groups.iter().enumerate() {
-            // Patch [i][j][l][lane].
+            // Patch [i][j][l][lane]; lanes past the group's blocks stay zero.
             let mut p = [[[[0f32; LANES]; 4]; 4]; 4];
-            let x_start = (2 * grp.tx0) as isize - pw as isize;
-            let span = 2 * grp.lanes + 2;
-            for (i, pi) in p.iter_mut().enumerate() {
-                let iz = (grp.z0 + i) as isize - pd as isize;
-                if iz < 0 || iz >= d as isize {
-                    continue;
-                }
-                for (j, pij) in pi.iter_mut().enumerate() {
-                    let iy = (2 * grp.ty + j) as isize - ph as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let row = &input_n[((ci * d + iz as usize) * h + iy as usize) * w..][..w];
-                    let mut seg = [0f32; 2 * LANES + 2];
-                    let lo = (-x_start).clamp(0, span as isize) as usize;
-                    let hi = (w as isize - x_start).clamp(lo as isize, span as isize) as usize;
-                    if hi > lo {
-                        let s0 = (x_start + lo as isize) as usize;
-                        super::im2col::copy_run(&mut seg[lo..hi], &row[s0..s0 + (hi - lo)]);
-                    }
-                    for (l, pijl) in pij.iter_mut().enumerate() {
-                        for (k, x) in pijl.iter_mut().enumerate() {
-                            *x = seg[2 * k + l];
-                        }
-                    }
+            // One run from lane 0 needs no mask: the lanes after it are never output.
+            if grp.n_runs == 1 && grp.runs[0].lane == 0 {
+                gather::<false>(&mut p, &grp.runs[0], input_n, ci, [d, h, w], [pd, ph, pw]);
+            } else {
+                for run in grp.runs() {
+                    gather::<true>(&mut p, run, input_n, ci, [d, h, w], [pd, ph, pw]);
                 }
             }
             // Bᵀ along x, then y, then z.
@@ -229,7 +330,7 @@ fn input_transform_body(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGrou
                     let t = bt([p[0][j][l], p[1][j][l], p[2][j][l], p[3][j][l]]);
                     for i in 0..4 {
                         let xi = (i * 4 + j) * 4 + l;
-                        store(v, ci * CH_STRIDE + xi * COLS + gi * LANES, &t[i]);
+                        store(v, ci * V_CH_STRIDE + xi * COLS + gi * LANES, &t[i]);
                     }
                 }
             }
@@ -237,14 +338,16 @@ fn input_transform_body(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGrou
     }
 }
 
-/// Output transform of `m` (channel co, position ξ, column at `co·CH_STRIDE + ξ·COLS + col`)
-/// into the destination: output plane `z`, row `y`, column `x` of channel `co` at
-/// `dst[co·rs + (z − tile_z0)·oH·oW + y·oW + x]`, with bias and activation applied.
+/// Output transform of `m` (channel co, position ξ, column at `ξ·xi_stride(C_out) + co·COLS +
+/// col`)
+/// for the channels `chans` into the destination: output plane `z`, row `y`, column `x` of
+/// channel `co` at `dst[co·rs + (z − tile_z0)·oH·oW + y·oW + x]`, with bias and activation
+/// applied.
 ///
 /// # Safety
 /// The CPU must support `isa`. `dst` must be writable at every such index for the planes
-/// of the lane groups that exist (`z < oD`, `y < oH`, `x < oW`), and no other thread may
-/// access them meanwhile.
+/// of the lane groups that exist (`z < oD`, `y < oH`, `x < oW`) and the channels `chans`,
+/// and no other thread may access them meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn output_transform(
@@ -252,6 +355,7 @@ pub unsafe fn output_transform(
     shape: &Conv3dShape,
     m: &[f32],
     groups: &[LaneGroup],
+    chans: std::ops::Range<usize>,
     bias: Option<&[f32]>,
     activation: super::Activation,
     dst: *mut f32,
@@ -262,20 +366,21 @@ pub unsafe fn output_transform(
         &'a Conv3dShape,
         &'a [f32],
         &'a [LaneGroup],
+        std::ops::Range<usize>,
         Option<&'a [f32]>,
         super::Activation,
     );
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn avx512(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
         // SAFETY: forwarded contract.
-        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, dst, rs, tile_z0) }
+        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, a.5, dst, rs, tile_z0) }
     }
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
         // SAFETY: forwarded contract.
-        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, dst, rs, tile_z0) }
+        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, a.5, dst, rs, tile_z0) }
     }
-    let a = (shape, m, groups, bias, activation);
+    let a = (shape, m, groups, chans, bias, activation);
     // SAFETY: the CPU supports `isa`; the rest is the caller's contract.
     unsafe {
         match isa {
@@ -293,28 +398,29 @@ unsafe fn output_transform_body(
     shape: &Conv3dShape,
     m: &[f32],
     groups: &[LaneGroup],
+    chans: std::ops::Range<usize>,
     bias: Option<&[f32]>,
     activation: super::Activation,
     dst: *mut f32,
     rs: usize,
     tile_z0: usize,
 ) {
-    let c_out = shape.c_out();
     let [od, oh, ow] = shape.out_dims();
-    for co in 0..c_out {
+    let xs = xi_stride(shape.c_out());
+    for co in chans {
         let b = bias.map_or(0.0, |b| b[co]);
         for (gi, grp) in groups.iter().enumerate() {
             // Aᵀ along x while loading: 4×4×4 → 4×4×2 per lane.
-            let base = co * CH_STRIDE + gi * LANES;
+            let base = co * COLS + gi * LANES;
             let mut r = [[[[0f32; LANES]; 2]; 4]; 4];
             for i in 0..4 {
                 for j in 0..4 {
                     let xi = (i * 4 + j) * 4;
                     r[i][j] = at([
-                        load(m, base + xi * COLS),
-                        load(m, base + (xi + 1) * COLS),
-                        load(m, base + (xi + 2) * COLS),
-                        load(m, base + (xi + 3) * COLS),
+                        load(m, base + xi * xs),
+                        load(m, base + (xi + 1) * xs),
+                        load(m, base + (xi + 2) * xs),
+                        load(m, base + (xi + 3) * xs),
                     ]);
                 }
             }
@@ -326,8 +432,6 @@ unsafe fn output_transform_body(
                     s[i][1][x] = t[1];
                 }
             }
-            let x0 = 2 * grp.tx0;
-            let n = (2 * grp.lanes).min(ow - x0);
             for y in 0..2 {
                 for x in 0..2 {
                     let t = at([s[0][y][x], s[1][y][x], s[2][y][x], s[3][y][x]]);
@@ -335,26 +439,32 @@ unsafe fn output_transform_body(
                     s[1][y][x] = t[1];
                 }
             }
-            for dz in 0..2 {
-                let z = grp.z0 + dz;
-                if z >= od {
-                    continue;
-                }
-                for dy in 0..2 {
-                    let y = 2 * grp.ty + dy;
-                    if y >= oh {
+            for run in grp.runs() {
+                let x0 = 2 * run.tx0;
+                let n = (2 * run.len).min(ow - x0);
+                for dz in 0..2 {
+                    let z = run.z0 + dz;
+                    if z >= od {
                         continue;
                     }
-                    let mut row = [0f32; 2 * LANES];
-                    for k in 0..LANES {
-                        row[2 * k] = s[dz][dy][0][k];
-                        row[2 * k + 1] = s[dz][dy][1][k];
+                    for dy in 0..2 {
+                        let y = 2 * run.ty + dy;
+                        if y >= oh {
+                            continue;
+                        }
+                        // All 16 lanes interleaved (vectorized), then the run's share.
+                        let mut row = [0f32; 2 * LANES];
+                        for k in 0..LANES {
+                            row[2 * k] = s[dz][dy][0][k];
+                            row[2 * k + 1] = s[dz][dy][1][k];
+                        }
+                        let row = &mut row[2 * run.lane..2 * run.lane + n];
+                        activation.bias_apply(row, b);
+                        let off = co * rs + (z - tile_z0) * oh * ow + y * ow + x0;
+                        // SAFETY: n values of row y of plane z, inside the tile (caller's
+                        // contract); `row` is a local array, so the ranges cannot overlap.
+                        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(off), n) };
                     }
-                    activation.bias_apply(&mut row[..n], b);
-                    let off = co * rs + (z - tile_z0) * oh * ow + y * ow + x0;
-                    // SAFETY: n values of row y of plane z, inside the tile (caller's
-                    // contract); `row` is a local array, so the ranges cannot overlap.
-                    unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(off), n) };
                 }
             }
         }

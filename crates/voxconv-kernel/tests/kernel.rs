@@ -201,17 +201,19 @@ proptest! {
     })]
 
     /// Winograd F(2×2×2, 3×3×3) (3×3×3, stride 1, dilation 1): odd and even sizes, every
-    /// padding, partial blocks at every edge, random tilings, against the reference. Its
+    /// padding, partial blocks at every edge, lane groups spanning block rows and plane
+    /// pairs, random tilings and channel blocks, against the reference. Its
     /// transforms add rounding, so the bound is `WINOGRAD_TOLERANCE` times the direct one.
     #[test]
     fn winograd_matches_reference(
         n in 1usize..3,
         c_in in 1usize..6,
-        c_out in 1usize..11,
+        c_out in 1usize..20,
         dims in [1usize..12, 1usize..12, 1usize..40],
         pads in [0usize..3, 0usize..3, 0usize..3],
         act in activation_strategy(),
         slab_depth in 1usize..6,
+        chan_block in 1usize..20,
         threads in 1usize..4,
         seed in 0u64..1000,
     ) {
@@ -233,7 +235,9 @@ proptest! {
         let mag: Vec<f64> = mag.iter().map(|m| m * WINOGRAD_TOLERANCE).collect();
         assert_close(&shape, &run_plan(&plan, &x, &w, Some(&b), threads), &want, &mag, "winograd");
         let t = plan.tiling();
-        let tiled = plan.with_tiling(Tiling { slab_depth, ..t });
+        // Other plane pairs per slab, and output channels in blocks (each repeats the input
+        // transform of its tile).
+        let tiled = plan.with_tiling(Tiling { slab_depth, chan_block, ..t });
         assert_close(&shape, &run_plan(&tiled, &x, &w, Some(&b), threads), &want, &mag, "winograd tiled");
     }
 }
@@ -1222,17 +1226,57 @@ fn winograd_is_not_the_default_where_most_of_its_lanes_would_be_empty() {
         };
         Conv3dShape::new([1, c, d, d, d], [c, c, 3, 3, 3], params).unwrap()
     };
-    // 8 output columns fill 4 lanes of 16 (two columns a lane); 64 fill all; 9 and 20 leave
-    // half-empty blocks and lane groups.
-    assert_eq!(lane_use(&conv(32, 8)), 0.25);
+    // Blocks fill lane groups across block rows and plane pairs: an 8³ output is 64 blocks,
+    // four full groups; 20³ is 1000 blocks in 63 groups; 9³ leaves half-empty blocks (9 of
+    // 10 on each axis) and 125 blocks in 8 groups; 3³ is 8 blocks in one group of 16.
+    assert_eq!(lane_use(&conv(32, 8)), 1.0);
     assert_eq!(lane_use(&conv(32, 64)), 1.0);
-    assert!((lane_use(&conv(32, 20)) - 20.0 / 32.0).abs() < 1e-12);
+    assert!((lane_use(&conv(32, 20)) - 1000.0 / 1008.0).abs() < 1e-12);
     let odd = 9.0 / 10.0;
-    assert!((lane_use(&conv(32, 9)) - 9.0 / 32.0 * odd * odd).abs() < 1e-12);
+    assert!((lane_use(&conv(32, 9)) - odd * odd * odd * 125.0 / 128.0).abs() < 1e-12);
+    assert!((lane_use(&conv(32, 3)) - 0.75f64.powi(3) * 0.5).abs() < 1e-12);
     if GemmImpl::best_available().is_microkernel() {
+        let tiny = Conv3dPlan::new(conv(64, 3), Activation::None);
+        assert_ne!(tiny.strategy(), KernelStrategy::Winograd);
         let deep = Conv3dPlan::new(conv(64, 8), Activation::None);
-        assert_ne!(deep.strategy(), KernelStrategy::Winograd);
+        assert_eq!(deep.strategy(), KernelStrategy::Winograd);
         let wide = Conv3dPlan::new(conv(32, 64), Activation::None);
         assert_eq!(wide.strategy(), KernelStrategy::Winograd);
+    }
+}
+
+#[test]
+fn winograd_lane_groups_hold_every_output_block_once() {
+    use voxconv_kernel::winograd::{lane_groups, LANES};
+    for (pairs, oh, ow) in [
+        (0..1, 1, 1),
+        (0..4, 8, 8),
+        (1..3, 7, 9),
+        (0..2, 5, 40),
+        (2..5, 3, 66),
+    ] {
+        let mut groups = Vec::new();
+        lane_groups(pairs.clone(), oh, ow, &mut groups);
+        let mut seen = std::collections::BTreeSet::new();
+        for (gi, g) in groups.iter().enumerate() {
+            let mut lane = 0;
+            for r in g.runs() {
+                assert_eq!(r.lane, lane, "runs fill lanes in order");
+                assert!(r.len > 0 && r.tx0 + r.len <= ow.div_ceil(2));
+                for tx in r.tx0..r.tx0 + r.len {
+                    assert!(seen.insert((r.z0, r.ty, tx)), "block twice");
+                }
+                lane += r.len;
+            }
+            assert!(lane <= LANES);
+            if gi + 1 < groups.len() {
+                assert_eq!(lane, LANES, "only the last group is partly empty");
+            }
+        }
+        let want = pairs.len() * oh.div_ceil(2) * ow.div_ceil(2);
+        assert_eq!(seen.len(), want, "{pairs:?} {oh}x{ow}");
+        assert!(seen
+            .iter()
+            .all(|&(z0, ty, _)| pairs.contains(&(z0 / 2)) && z0 % 2 == 0 && ty < oh.div_ceil(2)));
     }
 }

@@ -182,14 +182,14 @@ impl Conv3dPlan {
 
     fn wino_v_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => self.shape.c_in() * winograd::CH_STRIDE,
+            Strategy::Winograd => self.shape.c_in() * winograd::V_CH_STRIDE,
             _ => 0,
         }
     }
 
     fn wino_m_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => self.shape.c_out() * winograd::CH_STRIDE,
+            Strategy::Winograd => winograd::XI * winograd::xi_stride(self.shape.c_out()),
             _ => 0,
         }
     }

@@ -117,6 +117,9 @@ const DIRECT_MIN_LANE_USE: f64 = 0.75;
 /// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
 /// direct 0.33 ms, im2col + GEMM 1.2 ms).
 const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
+/// Winograd's channel blocks, where a shape has few voxel tiles, hold at least this many
+/// channels: each block repeats the tile's input transform.
+const WINOGRAD_MIN_CHAN_BLOCK: usize = 128;
 /// A shape with fewer voxel tiles than this splits its output channels into blocks ...
 const MIN_TILES: usize = 16;
 /// ... of at least this many channels (smaller blocks reread the columns too often) ...
@@ -186,9 +189,14 @@ impl Tiling {
                 }
             }
             Strategy::Direct | Strategy::Pointwise => {
-                t.chan_block = chan_block_for(shape.c_out(), t.voxel_tiles(shape));
+                t.chan_block = chan_block_for(shape.c_out(), t.voxel_tiles(shape), MIN_CHAN_BLOCK);
             }
-            Strategy::Winograd => {}
+            Strategy::Winograd => {
+                // Each channel block repeats the tile's input transform.
+                t = winograd_tiling(shape, t);
+                t.chan_block =
+                    chan_block_for(shape.c_out(), t.voxel_tiles(shape), WINOGRAD_MIN_CHAN_BLOCK);
+            }
         }
         t
     }
@@ -220,13 +228,13 @@ impl Tiling {
 /// unless there are fewer than `MIN_TILES` voxel tiles; then blocks of at least
 /// `MIN_CHAN_BLOCK` channels (multiples of the microkernel's 8), enough of them for about
 /// `MIN_TILES` tiles in all. Depends on the shape only (determinism).
-fn chan_block_for(c_out: usize, voxel_tiles: usize) -> usize {
-    if voxel_tiles >= MIN_TILES || c_out < 2 * MIN_CHAN_BLOCK {
+fn chan_block_for(c_out: usize, voxel_tiles: usize, min_block: usize) -> usize {
+    if voxel_tiles >= MIN_TILES || c_out < 2 * min_block {
         return c_out;
     }
     let blocks = MIN_TILES
         .div_ceil(voxel_tiles)
-        .min(c_out / MIN_CHAN_BLOCK)
+        .min(c_out / min_block)
         .max(1);
     c_out
         .div_ceil(blocks)
@@ -351,31 +359,6 @@ impl Conv3dPlan {
         )
     }
 
-    /// Winograd works on pairs of output planes: tiles of whole plane pairs (enough for
-    /// about 24 lane groups), slabs of an even number of planes.
-    fn winograd_tiling(&self, t: Tiling) -> Tiling {
-        let [od, oh, ow] = self.shape.out_dims();
-        let plane = oh * ow;
-        let groups_per_pair = oh.div_ceil(2) * ow.div_ceil(2).div_ceil(winograd::LANES);
-        let pairs = 24usize.div_ceil(groups_per_pair).max(1);
-        let slab_depth = t
-            .slab_depth
-            .next_multiple_of(2)
-            .max(2 * pairs)
-            .min(od.next_multiple_of(2));
-        let slab_depth = slab_depth
-            .next_multiple_of(2 * pairs)
-            .min(od.next_multiple_of(2));
-        Tiling {
-            tile_cols: 2 * pairs * plane,
-            k_chunk: t.k_chunk,
-            slab_depth,
-            // The input transform is the tile's whole channel count's worth of work: one
-            // block of all the output channels.
-            chan_block: self.shape.c_out(),
-        }
-    }
-
     /// The default tiling of the plan's shape and strategy.
     pub(super) fn default_tiling(&self) -> Tiling {
         self.adapt_tiling(Tiling::for_strategy(&self.shape, self.strategy))
@@ -385,9 +368,33 @@ impl Conv3dPlan {
     pub(super) fn adapt_tiling(&self, t: Tiling) -> Tiling {
         let t = t.sanitized(&self.shape);
         match self.strategy {
-            Strategy::Winograd => self.winograd_tiling(t),
+            Strategy::Winograd => winograd_tiling(&self.shape, t),
             _ => t,
         }
+    }
+}
+
+/// Winograd works on pairs of output planes: tiles of whole plane pairs (enough for about
+/// 24 lane groups), slabs of an even number of planes; the channel blocks as given.
+fn winograd_tiling(shape: &Conv3dShape, t: Tiling) -> Tiling {
+    let [od, oh, ow] = shape.out_dims();
+    let plane = oh * ow;
+    // Blocks fill lane groups across block rows and plane pairs.
+    let blocks_per_pair = oh.div_ceil(2) * ow.div_ceil(2);
+    let pairs = (24 * winograd::LANES).div_ceil(blocks_per_pair).max(1);
+    let slab_depth = t
+        .slab_depth
+        .next_multiple_of(2)
+        .max(2 * pairs)
+        .min(od.next_multiple_of(2));
+    let slab_depth = slab_depth
+        .next_multiple_of(2 * pairs)
+        .min(od.next_multiple_of(2));
+    Tiling {
+        tile_cols: 2 * pairs * plane,
+        k_chunk: t.k_chunk,
+        slab_depth,
+        chan_block: t.chan_block,
     }
 }
 

@@ -128,9 +128,8 @@ impl Conv3dPlan {
             return;
         }
         if self.strategy == Strategy::Winograd {
-            debug_assert_eq!(chans, 0..c_out, "Winograd tiles hold every channel");
             // SAFETY: forwarded caller's contract.
-            unsafe { self.winograd_tile(ops, input_n, v0, cols, dst, rs, scratch) };
+            unsafe { self.winograd_tile(ops, input_n, v0, cols, chans, dst, rs, scratch) };
             return;
         }
         let kc = match self.strategy {
@@ -315,8 +314,9 @@ impl Conv3dPlan {
         }
     }
 
-    /// A tile of whole output plane pairs by Winograd F(2×2×2, 3×3×3), 48 columns (three
-    /// lane groups) at a time: input transform, 64 microkernel GEMMs, output transform.
+    /// A tile of whole output plane pairs by Winograd F(2×2×2, 3×3×3) for the channels
+    /// `chans` (whole groups of 8 but the last), 48 columns (three lane groups) at a time:
+    /// input transform, 64 microkernel GEMMs, output transform.
     ///
     /// # Safety
     /// As `compute_tile`.
@@ -327,6 +327,7 @@ impl Conv3dPlan {
         input_n: &[f32],
         v0: usize,
         cols: usize,
+        chans: Range<usize>,
         dst: *mut f32,
         rs: usize,
         scratch: &mut Scratch,
@@ -334,7 +335,7 @@ impl Conv3dPlan {
         #[cfg(target_arch = "x86_64")]
         {
             use avx512::NC;
-            use winograd::{LaneGroup, CH_STRIDE, COLS, GROUPS, LANES, XI};
+            use winograd::{xi_stride, COLS, GROUPS, LANES, V_CH_STRIDE, XI};
             let shape = &self.shape;
             let [_, oh, ow] = shape.out_dims();
             let plane = oh * ow;
@@ -342,21 +343,15 @@ impl Conv3dPlan {
             let planes = cols.div_ceil(plane);
             let (c_in, c_out) = (shape.c_in(), shape.c_out());
             let n_groups = c_out.div_ceil(NC);
+            let ms = xi_stride(c_out);
             let lane_groups = &mut scratch.lane_groups;
             lane_groups.clear();
-            for z0 in (z_start..z_start + planes).step_by(2) {
-                for ty in 0..oh.div_ceil(2) {
-                    let ntx = ow.div_ceil(2);
-                    for tx0 in (0..ntx).step_by(LANES) {
-                        lane_groups.push(LaneGroup {
-                            z0,
-                            ty,
-                            tx0,
-                            lanes: LANES.min(ntx - tx0),
-                        });
-                    }
-                }
-            }
+            winograd::lane_groups(
+                z_start / 2..(z_start + planes).div_ceil(2),
+                oh,
+                ow,
+                lane_groups,
+            );
             let clock = &*self.clock;
             let mut since = Instant::now();
             for block in lane_groups.chunks(GROUPS) {
@@ -365,25 +360,26 @@ impl Conv3dPlan {
                     winograd::input_transform(self.gemm, shape, input_n, block, &mut scratch.wino_v)
                 };
                 lap(&clock.im2col, &mut since);
+                let nvox = block.len() * LANES;
                 for xi in 0..XI {
-                    for g in 0..n_groups {
-                        let nch = NC.min(c_out - g * NC);
-                        // SAFETY: V holds c_in channel rows (stride CH_STRIDE) with COLS values
-                        // at position ξ; the packed U[ξ][g] holds c_in·NC weights; M rows
-                        // g·NC.. g·NC+nch (stride CH_STRIDE) are inside wino_m.
+                    for g in chans.start / NC..chans.end.div_ceil(NC) {
+                        let nch = NC.min(chans.end - g * NC);
+                        // SAFETY: V holds c_in channel rows (stride V_CH_STRIDE) with `nvox`
+                        // values at position ξ; the packed U[ξ][g] holds c_in·NC weights; M's panel
+                        // ξ rows g·NC.. g·NC+nch (stride COLS) are inside wino_m.
                         unsafe {
                             micro_block(
                                 self.gemm,
                                 c_in,
                                 scratch.wino_v[xi * COLS..].as_ptr(),
-                                CH_STRIDE,
+                                V_CH_STRIDE,
                                 ops.packed[(xi * n_groups + g) * c_in * NC..].as_ptr(),
                                 std::ptr::null(),
                                 0,
-                                scratch.wino_m[g * NC * CH_STRIDE + xi * COLS..].as_mut_ptr(),
-                                CH_STRIDE,
-                                nch,
+                                scratch.wino_m[xi * ms + g * NC * COLS..].as_mut_ptr(),
                                 COLS,
+                                nch,
+                                nvox,
                                 std::ptr::null(),
                             )
                         };
@@ -398,6 +394,7 @@ impl Conv3dPlan {
                         shape,
                         &scratch.wino_m,
                         block,
+                        chans.clone(),
                         ops.bias,
                         self.activation,
                         dst,
@@ -410,7 +407,7 @@ impl Conv3dPlan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, input_n, v0, cols, dst, rs, scratch);
+            let _ = (ops, input_n, v0, cols, chans, dst, rs, scratch);
             unreachable!("Strategy::Winograd is only chosen on x86_64");
         }
     }
