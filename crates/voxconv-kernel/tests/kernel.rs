@@ -238,7 +238,11 @@ proptest! {
         // Other plane pairs per slab, and output channels in blocks (each repeats the input
         // transform of its tile).
         let tiled = plan.with_tiling(Tiling { slab_depth, chan_block, ..t });
-        assert_close(&shape, &run_plan(&tiled, &x, &w, Some(&b), threads), &want, &mag, "winograd tiled");
+        let got = run_plan(&tiled, &x, &w, Some(&b), threads);
+        assert_close(&shape, &got, &want, &mag, "winograd tiled");
+        // One thread runs a voxel tile's channel blocks as one: the same bits.
+        let one = run_plan(&tiled, &x, &w, Some(&b), 1);
+        prop_assert!(one.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "1 vs {} threads", threads);
     }
 }
 
@@ -271,6 +275,18 @@ fn one_two_and_three_threads_are_bit_identical() {
             chan_block: 8,
         }),
     );
+    // Winograd in channel blocks: threads share the blocks of a voxel tile, one thread runs
+    // them as one.
+    if let Ok(wino) =
+        Conv3dPlan::new(shape, Activation::Relu).with_strategy(KernelStrategy::Winograd)
+    {
+        let t = wino.tiling();
+        plans.push(wino.with_tiling(Tiling {
+            chan_block: 8,
+            slab_depth: 4,
+            ..t
+        }));
+    }
     for plan in plans {
         let one = run_plan(&plan, &x, &w, Some(&b), 1);
         for threads in [2, 3] {

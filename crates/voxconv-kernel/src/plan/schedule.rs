@@ -119,13 +119,35 @@ impl Conv3dPlan {
         let threads = threads.min(self.useful_threads());
         if threads == 1 {
             let mut scratch = self.scratch();
+            // Winograd's channel blocks are there to share a voxel tile between threads; on
+            // one thread a voxel tile's blocks run as one, its input transform done once
+            // (each output is computed the same way: the results do not change).
+            let c_out = self.shape.c_out();
+            let blocks = self.tiling.chan_blocks(c_out);
+            let merge = self.strategy == super::Strategy::Winograd && blocks > 1;
             for s in &slabs {
                 for t in 0..s.tiles {
+                    if merge && t % blocks != 0 {
+                        continue;
+                    }
                     if cancelled() {
                         return Err(KernelError::Cancelled);
                     }
                     // SAFETY: one thread; dest_of gives the slab's own rows.
-                    unsafe { self.compute_tile(ops, s, t, dest_of(s), &mut scratch) };
+                    unsafe {
+                        if merge {
+                            self.compute_voxel_tile(
+                                ops,
+                                s,
+                                t / blocks,
+                                0..c_out,
+                                dest_of(s),
+                                &mut scratch,
+                            )
+                        } else {
+                            self.compute_tile(ops, s, t, dest_of(s), &mut scratch)
+                        }
+                    };
                 }
                 if deliver(s).is_break() {
                     return Err(KernelError::Cancelled);

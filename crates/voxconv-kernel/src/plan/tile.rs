@@ -91,14 +91,33 @@ impl Conv3dPlan {
         dest: Dest,
         scratch: &mut Scratch,
     ) {
-        let shape = &self.shape;
-        let c_out = shape.c_out();
-        let k = shape.reduction_len();
-        let in_item = shape.c_in() * shape.in_voxels();
-        let input_n = &ops.input[slab.batch * in_item..(slab.batch + 1) * in_item];
+        let c_out = self.shape.c_out();
         let blocks = self.tiling.chan_blocks(c_out);
         let (t, cb) = (t / blocks, t % blocks);
         let chans = cb * self.tiling.chan_block..((cb + 1) * self.tiling.chan_block).min(c_out);
+        // SAFETY: forwarded caller's contract.
+        unsafe { self.compute_voxel_tile(ops, slab, t, chans, dest, scratch) }
+    }
+
+    /// Computes the channels `chans` (whole channel blocks) of voxel tile `t` of `slab`: a
+    /// tile, or on one thread several tiles of one voxel tile at once (Winograd: one input
+    /// transform for them all). Each output's arithmetic is the same either way.
+    ///
+    /// # Safety
+    /// As [`compute_tile`](Self::compute_tile), for the tiles of `chans`.
+    pub(super) unsafe fn compute_voxel_tile(
+        &self,
+        ops: &Operands<'_>,
+        slab: &SlabInfo,
+        t: usize,
+        chans: Range<usize>,
+        dest: Dest,
+        scratch: &mut Scratch,
+    ) {
+        let shape = &self.shape;
+        let k = shape.reduction_len();
+        let in_item = shape.c_in() * shape.in_voxels();
+        let input_n = &ops.input[slab.batch * in_item..(slab.batch + 1) * in_item];
         let off = t * self.tiling.tile_cols;
         let cols = self.tiling.tile_cols.min(slab.voxels - off);
         let v0 = slab.start + off;
