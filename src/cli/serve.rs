@@ -44,7 +44,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
     };
     let code = rt.block_on(async move {
-        let listener = match bind_listener(config.listen) {
+        let listener = match crate::server::conn::listen(config.listen) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("voxconv: --listen {}: {e}", config.listen);
@@ -208,21 +208,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// The gRPC listener, with an accept queue deeper than tokio's default (1024): a burst of
-/// connects past the queue is not refused by the kernel but left half-open (the final ACK
-/// dropped), invisible to the connection budget until the client retries, so a flood of
-/// silent connections could outlive the preface deadline. The kernel caps the depth at
-/// `net.core.somaxconn`.
-fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    const ACCEPT_QUEUE: u32 = 8192;
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(ACCEPT_QUEUE)
 }

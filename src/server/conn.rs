@@ -527,6 +527,23 @@ enum Ending {
     Shutdown,
 }
 
+/// A listener for [`serve`], with an accept queue deeper than tokio's default (1024): a
+/// burst of connects past the queue is not refused by the kernel but left half-open (the
+/// final ACK dropped), unseen by the connection budget until the client retries, so a flood
+/// of silent connections could outlive the preface deadline. The kernel caps the depth at
+/// `net.core.somaxconn`.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    const ACCEPT_QUEUE: u32 = 8192;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_QUEUE)
+}
+
 /// Accepts on `listener` until `shutdown` resolves, then stops accepting (the socket is
 /// closed), sends GOAWAY on every connection and waits for them to close (each is closed
 /// by force after `limits.shutdown_grace`).

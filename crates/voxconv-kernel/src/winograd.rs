@@ -27,10 +27,9 @@ pub const GROUPS: usize = 3;
 pub const COLS: usize = LANES * GROUPS;
 /// Transform positions.
 pub const XI: usize = 64;
-/// Stride between transform positions in the transformed buffers (V: `channels = C_in`, M:
-/// `C_out`): position ξ holds a channels × 48 matrix, rows 48 values apart, so each GEMM reads
-/// and writes one contiguous panel; plus one cache line so positions never sit a multiple of
-/// 4 KiB apart.
+/// Stride between transform positions in the GEMM products M (`channels` = C_out): position
+/// ξ holds a C_out × 48 matrix, rows 48 values apart, so each GEMM writes one contiguous
+/// panel; plus one cache line so positions never sit a multiple of 4 KiB apart.
 pub const fn xi_stride(channels: usize) -> usize {
     channels * COLS + 16
 }
@@ -277,8 +276,9 @@ fn gather<const MASKED: bool>(
                 continue;
             }
             let row = &input_n[((ci * d + iz as usize) * h + iy as usize) * w..][..w];
-            // The run's input columns, placed so that lane k reads `seg[2k + l]`.
-            let mut seg = [0f32; 4 * LANES + 2];
+            // The run's input columns, placed so that lane k reads `seg[2k + l]` (they end
+            // by 2·(lane + len) + 2 <= 2·LANES + 2).
+            let mut seg = [0f32; 2 * LANES + 2];
             let lo = (-x_start).clamp(0, span as isize) as usize;
             let hi = (w as isize - x_start).clamp(lo as isize, span as isize) as usize;
             if hi > lo {
@@ -338,11 +338,10 @@ fn input_transform_body(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGrou
     }
 }
 
-/// Output transform of `m` (channel co, position ξ, column at `ξ·xi_stride(C_out) + co·COLS +
-/// col`)
-/// for the channels `chans` into the destination: output plane `z`, row `y`, column `x` of
-/// channel `co` at `dst[co·rs + (z − tile_z0)·oH·oW + y·oW + x]`, with bias and activation
-/// applied.
+/// Output transform of `m` (channel co, position ξ, column at
+/// `ξ·xi_stride(C_out) + co·COLS + col`) for the channels `chans` into the destination:
+/// output plane `z`, row `y`, column `x` of channel `co` at
+/// `dst[co·rs + (z − tile_z0)·oH·oW + y·oW + x]`, with bias and activation applied.
 ///
 /// # Safety
 /// The CPU must support `isa`. `dst` must be writable at every such index for the planes
@@ -439,6 +438,17 @@ unsafe fn output_transform_body(
                     s[1][y][x] = t[1];
                 }
             }
+            // Output rows (dz, dy) of all 16 lanes, interleaved once (vectorized); each run
+            // takes its own share.
+            let mut rows = [[[0f32; 2 * LANES]; 2]; 2];
+            for dz in 0..2 {
+                for dy in 0..2 {
+                    for k in 0..LANES {
+                        rows[dz][dy][2 * k] = s[dz][dy][0][k];
+                        rows[dz][dy][2 * k + 1] = s[dz][dy][1][k];
+                    }
+                }
+            }
             for run in grp.runs() {
                 let x0 = 2 * run.tx0;
                 let n = (2 * run.len).min(ow - x0);
@@ -452,13 +462,7 @@ unsafe fn output_transform_body(
                         if y >= oh {
                             continue;
                         }
-                        // All 16 lanes interleaved (vectorized), then the run's share.
-                        let mut row = [0f32; 2 * LANES];
-                        for k in 0..LANES {
-                            row[2 * k] = s[dz][dy][0][k];
-                            row[2 * k + 1] = s[dz][dy][1][k];
-                        }
-                        let row = &mut row[2 * run.lane..2 * run.lane + n];
+                        let row = &mut rows[dz][dy][2 * run.lane..2 * run.lane + n];
                         activation.bias_apply(row, b);
                         let off = co * rs + (z - tile_z0) * oh * ow + y * ow + x0;
                         // SAFETY: n values of row y of plane z, inside the tile (caller's

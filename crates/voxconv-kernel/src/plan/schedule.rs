@@ -125,11 +125,9 @@ impl Conv3dPlan {
             let c_out = self.shape.c_out();
             let blocks = self.tiling.chan_blocks(c_out);
             let merge = self.strategy == super::Strategy::Winograd && blocks > 1;
+            let step = if merge { blocks } else { 1 };
             for s in &slabs {
-                for t in 0..s.tiles {
-                    if merge && t % blocks != 0 {
-                        continue;
-                    }
+                for t in (0..s.tiles).step_by(step) {
                     if cancelled() {
                         return Err(KernelError::Cancelled);
                     }

@@ -383,9 +383,10 @@ impl Conv3dPlan {
                 for xi in 0..XI {
                     for g in chans.start / NC..chans.end.div_ceil(NC) {
                         let nch = NC.min(chans.end - g * NC);
-                        // SAFETY: V holds c_in channel rows (stride V_CH_STRIDE) with `nvox`
-                        // values at position ξ; the packed U[ξ][g] holds c_in·NC weights; M's panel
-                        // ξ rows g·NC.. g·NC+nch (stride COLS) are inside wino_m.
+                        // SAFETY: V holds c_in channel rows (stride V_CH_STRIDE) with
+                        // `nvox` values at position ξ; the packed U[ξ][g] holds c_in·NC
+                        // weights; M's panel ξ rows g·NC.. g·NC+nch (stride COLS) are inside
+                        // wino_m.
                         unsafe {
                             micro_block(
                                 self.gemm,
