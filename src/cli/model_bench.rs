@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 
 use crate::model::repo::load_model;
+use crate::model::LayerPlan;
 
 #[derive(Debug, Args)]
 pub struct ModelBenchArgs {
@@ -28,6 +29,10 @@ pub struct ModelBenchArgs {
     /// One JSON object per model on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// After the timed runs, one more run timed step by step (ONNX graphs): print the N
+    /// slowest steps (node, op, strategy, output shape, ms) and the time per op type.
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 5], String> {
@@ -123,6 +128,69 @@ pub fn run(a: ModelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 println!(
                     "    {:<26} {:>10.2} ms (last run)",
                     t.strategy, t.compute_ms
+                );
+            }
+        }
+        if let Some(top) = a.steps {
+            print_steps(&plan, &x, a.threads, top, a.json)?;
+        }
+    }
+    Ok(())
+}
+
+/// One run of a graph timed step by step: the `top` slowest steps and the time per op type.
+fn print_steps(
+    plan: &crate::model::ModelPlan,
+    x: &[f32],
+    threads: usize,
+    top: usize,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let graphs = plan.plans.iter().filter_map(|p| match p {
+        LayerPlan::Graph(g) => Some(g),
+        _ => None,
+    });
+    for g in graphs {
+        let (_, mut steps) = g.run_profiled(x.to_vec(), threads)?;
+        let mut per_op: Vec<(&'static str, f64, usize)> = Vec::new();
+        for s in &steps {
+            match per_op.iter_mut().find(|(o, ..)| *o == s.op) {
+                Some(e) => {
+                    e.1 += s.ms;
+                    e.2 += 1;
+                }
+                None => per_op.push((s.op, s.ms, 1)),
+            }
+        }
+        per_op.sort_by(|a, b| b.1.total_cmp(&a.1));
+        steps.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        steps.truncate(top);
+        if json {
+            let st: Vec<serde_json::Value> = steps
+                .iter()
+                .map(|s| {
+                    serde_json::json!({"node": s.node, "op": s.op, "strategy": s.strategy,
+                        "shape": s.shape, "ms": s.ms})
+                })
+                .collect();
+            let ops: Vec<serde_json::Value> = per_op
+                .iter()
+                .map(|(o, ms, n)| serde_json::json!({"op": o, "ms": ms, "steps": n}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"slowest_steps": st, "per_op": ops})
+            );
+        } else {
+            println!("  per op type (one profiled run):");
+            for (o, ms, n) in &per_op {
+                println!("    {o:<26} {ms:>10.2} ms in {n} step(s)");
+            }
+            println!("  slowest {} step(s):", steps.len());
+            for s in &steps {
+                println!(
+                    "    {:>9.2} ms  {:<22} {:<20} {:<30} {:?}",
+                    s.ms, s.op, s.strategy, s.node, s.shape
                 );
             }
         }

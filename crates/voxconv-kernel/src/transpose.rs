@@ -34,8 +34,10 @@
 //!     ([`ConvTranspose3dPlan::with_strategy`]) to compare.
 //! * [`conv_transpose3d_reference`]: the definition, scattered in f64, the oracle.
 //!
-//! Results are bit-identical across thread counts (the convolution is, and the scatters and
-//! staging are sequential, on the calling thread, in slab order).
+//! Results are bit-identical across thread counts: the convolution is, the staging and the
+//! patch scatter are sequential, on the calling thread, in slab order, and the col2im
+//! scatter of a slab is split over threads by whole output channels, each channel's
+//! additions in the order one thread makes them.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -409,6 +411,9 @@ pub struct ConvTranspose3dPlan {
     /// The inner convolution's filters packed for its strategy and GEMM, once per plan.
     packed: PackedFilters,
 }
+
+/// Scatter-adds per extra col2im thread of a slab (below that, one thread does it all).
+const COL2IM_MIN_ADDS_PER_THREAD: usize = 1 << 17;
 
 /// Adds `src` into every `stride`-th value of `dst`, from `dst[0]` (`dst` holds at least
 /// `(src.len() − 1)·stride + 1` values).
@@ -813,15 +818,11 @@ impl ConvTranspose3dPlan {
                     // Planes between the taps (stride > dilated kernel) are reached by no
                     // slab: zero them too before they are finished.
                     let reach = reach.max(done);
-                    if zeroed[n] < reach {
-                        self.for_planes(output, n, zeroed[n]..reach, |rows, _| rows.fill(0.0));
-                        zeroed[n] = reach;
-                    }
-                    self.col2im_slab(&slab, spans, output);
-                    if finished[n] < done {
-                        self.finish_planes(output, n, finished[n]..done);
-                        finished[n] = done;
-                    }
+                    let zero = zeroed[n]..reach.max(zeroed[n]);
+                    let finish = finished[n]..done.max(finished[n]);
+                    self.col2im_deliver(&slab, spans, output, zero, finish, threads);
+                    zeroed[n] = zeroed[n].max(reach);
+                    finished[n] = finished[n].max(done);
                     ControlFlow::Continue(())
                 })?;
                 // Nothing is left in practice (the last slab of an item finishes it all),
@@ -991,13 +992,76 @@ impl ConvTranspose3dPlan {
         });
     }
 
+    /// One slab of the col2im strategy: per output channel, zeroes the planes `zero`,
+    /// scatter-adds the slab, then applies bias and activation to the planes `finish`. The
+    /// channels are independent (each writes only its own output), so with `threads > 1`
+    /// and enough work they are split into contiguous blocks run on scoped threads, each
+    /// channel's additions in the same order as on one thread: the same bits.
+    fn col2im_deliver(
+        &self,
+        slab: &crate::Slab<'_>,
+        spans: &TapSpans,
+        output: &mut [f32],
+        zero: std::ops::Range<usize>,
+        finish: std::ops::Range<usize>,
+        threads: usize,
+    ) {
+        let [_, c_out, od, oh, ow] = self.shape.output;
+        let vox = od * oh * ow;
+        let out_n = &mut output[slab.batch * c_out * vox..][..c_out * vox];
+        // Adds per channel: taps × the slab's input voxels.
+        let work = self.shape.kernel_taps()
+            * slab.depth.len()
+            * self.shape.in_dims()[1..].iter().product::<usize>();
+        let blocks = threads
+            .min(c_out)
+            .min((c_out * work) / COL2IM_MIN_ADDS_PER_THREAD)
+            .max(1);
+        let run = |chans: std::ops::Range<usize>, out: &mut [f32]| {
+            let plane = oh * ow;
+            for (j, co) in chans.clone().enumerate() {
+                let out_c = &mut out[j * vox..][..vox];
+                out_c[zero.start * plane..zero.end * plane].fill(0.0);
+                self.col2im_channel(slab, spans, out_c, co);
+                if self.has_bias || self.activation != Activation::None {
+                    self.activation.bias_apply(
+                        &mut out_c[finish.start * plane..finish.end * plane],
+                        self.bias[co],
+                    );
+                }
+            }
+        };
+        if blocks <= 1 {
+            run(0..c_out, out_n);
+            return;
+        }
+        let per = c_out.div_ceil(blocks);
+        std::thread::scope(|scope| {
+            let mut chunks = out_n.chunks_mut(per * vox).enumerate();
+            let first = chunks.next();
+            for (b, chunk) in chunks {
+                let run = &run;
+                scope.spawn(move || run(b * per..((b + 1) * per).min(c_out), chunk));
+            }
+            if let Some((_, chunk)) = first {
+                run(0..per.min(c_out), chunk);
+            }
+        });
+    }
+
     /// Adds one slab of the pointwise convolution (`[C_out·k³, planes, H, W]` of input depth
-    /// planes `slab.depth`) into the output: for each output channel and taps `(a, b)`, each
+    /// planes `slab.depth`) into output channel `co` (`out_c`, `[oD, oH, oW]`): for taps `(a, b)`, each
     /// input row `(d, h)` adds, for every tap `c`, its span of `W` values into output row
     /// `(d·sD − padD + a·dilD, h·sH − padH + b·dilH)`, `sW` apart from
     /// `spans[2][c].first`. The order of the additions depends only on the shape.
-    fn col2im_slab(&self, slab: &crate::Slab<'_>, spans: &TapSpans, output: &mut [f32]) {
-        let [_, c_out, od, oh, ow] = self.shape.output;
+    fn col2im_channel(
+        &self,
+        slab: &crate::Slab<'_>,
+        spans: &TapSpans,
+        out_c: &mut [f32],
+        co: usize,
+    ) {
+        let [_, _, _, oh, ow] = self.shape.output;
         let [_, h, w] = self.shape.in_dims();
         let [kd, kh, kw] = self.shape.kernel_dims();
         let [sd, sh, sw] = self.shape.params.stride;
@@ -1005,41 +1069,31 @@ impl ConvTranspose3dPlan {
         let plane_in = h * w;
         let chan = depth.len() * plane_in;
         let plane_out = oh * ow;
-        let vox = od * plane_out;
-        let out_n = &mut output[slab.batch * c_out * vox..][..c_out * vox];
-        // The width taps that land somewhere, with their input span and first output column.
-        let x_taps: Vec<(usize, &TapSpan)> = spans[2]
-            .iter()
-            .enumerate()
-            .filter_map(|(c, t)| t.as_ref().map(|t| (c, t)))
-            .collect();
-        for co in 0..c_out {
-            let out_c = &mut out_n[co * vox..][..vox];
-            for (a, tz) in spans[0].iter().enumerate() {
-                let Some(tz) = tz else { continue };
-                // The tap's input planes within this slab.
-                let z0 = tz.inputs.start.max(depth.start);
-                let z1 = tz.inputs.end.min(depth.end);
-                if z0 >= z1 {
-                    continue;
-                }
-                let oz0 = tz.first + (z0 - tz.inputs.start) * sd;
-                for (b, ty) in spans[1].iter().enumerate() {
-                    let Some(ty) = ty else { continue };
-                    let row0 = ((co * kd + a) * kh + b) * kw;
-                    let taps = &slab.data[row0 * chan..][..kw * chan];
-                    for (iz, z) in (z0..z1).enumerate() {
-                        let oz = oz0 + iz * sd;
-                        let out_p = &mut out_c[oz * plane_out..][..plane_out];
-                        let in_off = (z - depth.start) * plane_in;
-                        for (iy, y) in ty.inputs.clone().enumerate() {
-                            let oy = ty.first + iy * sh;
-                            let dst = &mut out_p[oy * ow..][..ow];
-                            let src_row = in_off + y * w;
-                            for &(c, tx) in &x_taps {
-                                let src = &taps[c * chan + src_row..][..w];
-                                add_strided(&mut dst[tx.first..], &src[tx.inputs.clone()], sw);
-                            }
+        for (a, tz) in spans[0].iter().enumerate() {
+            let Some(tz) = tz else { continue };
+            // The tap's input planes within this slab.
+            let z0 = tz.inputs.start.max(depth.start);
+            let z1 = tz.inputs.end.min(depth.end);
+            if z0 >= z1 {
+                continue;
+            }
+            let oz0 = tz.first + (z0 - tz.inputs.start) * sd;
+            for (b, ty) in spans[1].iter().enumerate() {
+                let Some(ty) = ty else { continue };
+                let row0 = ((co * kd + a) * kh + b) * kw;
+                let taps = &slab.data[row0 * chan..][..kw * chan];
+                for (iz, z) in (z0..z1).enumerate() {
+                    let oz = oz0 + iz * sd;
+                    let out_p = &mut out_c[oz * plane_out..][..plane_out];
+                    let in_off = (z - depth.start) * plane_in;
+                    for (iy, y) in ty.inputs.clone().enumerate() {
+                        let oy = ty.first + iy * sh;
+                        let dst = &mut out_p[oy * ow..][..ow];
+                        let src_row = in_off + y * w;
+                        for (c, tx) in spans[2].iter().enumerate() {
+                            let Some(tx) = tx else { continue };
+                            let src = &taps[c * chan + src_row..][..w];
+                            add_strided(&mut dst[tx.first..], &src[tx.inputs.clone()], sw);
                         }
                     }
                 }

@@ -313,6 +313,9 @@ fn bit_identical_across_thread_counts() {
         ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, col2im, None),
         ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, col2im, Some(2)),
         ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, general, None),
+        // Enough scatter work per slab that col2im splits its output channels over threads.
+        ([1, 4, 16, 16, 16], [4, 8, 3, 3, 3], monai, col2im, None),
+        ([1, 4, 16, 16, 16], [4, 8, 3, 3, 3], monai, col2im, Some(8)),
         // Stride 1, symmetric padding, dilated (general: read in place, no staging).
         ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, col2im, None),
         ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, col2im, Some(1)),

@@ -880,6 +880,20 @@ fn resolve_pads(attr: &ConvAttr, x: [usize; 3], k: [usize; 3]) -> [usize; 6] {
 /// Milliseconds per strategy, in first-use order.
 pub type StrategyTimes = Vec<(&'static str, f64)>;
 
+/// The time of one step of a run ([`GraphPlan::run_profiled`]).
+#[derive(Clone, Debug)]
+pub struct StepTime {
+    /// The node's name in the graph (its op type where it has none).
+    pub node: String,
+    /// The ONNX op type.
+    pub op: &'static str,
+    /// The kernel strategy (convolutions) or the op evaluated.
+    pub strategy: &'static str,
+    /// The step's output shape.
+    pub shape: Vec<usize>,
+    pub ms: f64,
+}
+
 /// One value at run time: taken (its last reader) or lent.
 enum Held<'a> {
     Own(Tensor),
@@ -967,6 +981,44 @@ impl GraphPlan {
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<(Vec<f32>, StrategyTimes), KernelError> {
+        self.run_with(input, threads, cancel, &mut |_, _| {})
+    }
+
+    /// Like [`run`](Self::run), and returns every step's time too (node name, op type,
+    /// strategy, milliseconds), in execution order: for `model-bench --steps`.
+    #[allow(clippy::type_complexity)]
+    pub fn run_profiled(
+        &self,
+        input: Vec<f32>,
+        threads: usize,
+    ) -> Result<(Vec<f32>, Vec<StepTime>), KernelError> {
+        let mut steps = Vec::with_capacity(self.steps.len());
+        let (out, _) = self.run_with(input, threads, None, &mut |i, ms| {
+            let s = &self.steps[i];
+            let (name, op) = &self.names[s.node];
+            let strategy = match &s.kind {
+                Kind::Conv { plan, .. } => plan.strategy().name(),
+                Kind::ConvTranspose(p) => p.strategy().name(),
+                Kind::Eval(op) => op.name(),
+            };
+            steps.push(StepTime {
+                node: name.clone(),
+                op,
+                strategy,
+                shape: s.out_shape.clone(),
+                ms,
+            });
+        })?;
+        Ok((out, steps))
+    }
+
+    fn run_with(
+        &self,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        on_step: &mut dyn FnMut(usize, f64),
+    ) -> Result<(Vec<f32>, StrategyTimes), KernelError> {
         let want: usize = self.input.iter().product();
         if input.len() != want {
             return Err(KernelError::BufferLength {
@@ -978,7 +1030,7 @@ impl GraphPlan {
         let mut slots: Vec<Option<Tensor>> = (0..self.slots).map(|_| None).collect();
         slots[0] = Some(Tensor::f32(self.input.to_vec(), input));
         let mut times: Vec<(&'static str, f64)> = Vec::new();
-        for s in &self.steps {
+        for (i, s) in self.steps.iter().enumerate() {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(KernelError::Cancelled);
             }
@@ -986,6 +1038,7 @@ impl GraphPlan {
             let (y, strat) = self.run_step(s, &mut slots, threads, cancel)?;
             slots[s.out] = Some(y);
             let ms = t0.elapsed().as_secs_f64() * 1e3;
+            on_step(i, ms);
             match times.iter_mut().find(|(n, _)| *n == strat) {
                 Some(t) => t.1 += ms,
                 None => times.push((strat, ms)),
