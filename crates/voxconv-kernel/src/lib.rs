@@ -18,6 +18,7 @@ pub mod ops;
 pub mod plan;
 pub mod reference;
 pub mod shape;
+mod subpixel;
 pub mod transpose;
 pub mod winograd;
 pub mod workloads;

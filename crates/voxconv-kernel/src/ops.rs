@@ -746,38 +746,99 @@ fn pool_setup(
 /// NaN. A window that lies entirely in the padding is [`KernelError::Unsupported`] (PyTorch
 /// forbids such geometry; onnxruntime would answer `f32::MIN`).
 pub fn maxpool3d_padded(x: &[f32], shape: [usize; 5], p: &Pool3d) -> Result<Vec<f32>, KernelError> {
+    maxpool3d_padded_threads(x, shape, p, 1)
+}
+
+/// [`maxpool3d_padded`] on up to `threads` threads, split by whole `(n, c)` planes: the same
+/// bits on any thread count. Each output row is pooled at once: where the windows along
+/// the width are all whole (no padding reached), every tap is one strided pass over the
+/// row, which the compiler vectorises.
+pub fn maxpool3d_padded_threads(
+    x: &[f32],
+    shape: [usize; 5],
+    p: &Pool3d,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
     let (out_shape, mut out, [wz, wy, wx]) = pool_setup(x, shape, p, Some("MaxPool"))?;
     let [_, _, d, h, w] = shape;
     let [dz, dy, dx] = p.dilation;
-    let out_plane = out_shape[2] * out_shape[3] * out_shape[4];
-    for (src, dst) in x
-        .chunks_exact(d * h * w)
-        .zip(out.chunks_exact_mut(out_plane))
-    {
-        let mut o = dst.iter_mut();
-        for z in &wz {
-            for y in &wy {
-                for xw in &wx {
-                    let mut m = f32::NEG_INFINITY;
+    let (kx, sx) = (p.kernel[2], p.stride[2]);
+    let ow = out_shape[4];
+    let out_plane = out_shape[2] * out_shape[3] * ow;
+    let in_plane = d * h * w;
+    // NaN propagates, as in PyTorch: the value taken when it is larger or NaN, the taps of
+    // a window in (z, y, x) order.
+    let step = |m: f32, v: f32| if v > m || v.is_nan() { v } else { m };
+    // Whole windows along the width: window i starts at x0 + i·sx and has every tap.
+    let x0 = wx.first().map_or(0, |w| w.first);
+    let uniform = wx
+        .iter()
+        .enumerate()
+        .all(|(i, win)| win.taps == kx && win.first == x0 + i * sx);
+    let planes = |src: &[f32], dst: &mut [f32]| {
+        for (src, dst) in src
+            .chunks_exact(in_plane)
+            .zip(dst.chunks_exact_mut(out_plane))
+        {
+            let mut rows = dst.chunks_exact_mut(ow.max(1));
+            for z in &wz {
+                for y in &wy {
+                    let Some(acc) = rows.next() else { return };
+                    acc.fill(f32::NEG_INFINITY);
                     for jz in 0..z.taps {
                         let iz = z.first + jz * dz;
                         for jy in 0..y.taps {
                             let iy = y.first + jy * dy;
                             let row = &src[(iz * h + iy) * w..][..w];
-                            for &v in row[xw.first..].iter().step_by(dx).take(xw.taps) {
-                                // NaN propagates, as in PyTorch.
-                                if v > m || v.is_nan() {
-                                    m = v;
+                            if uniform {
+                                for jx in 0..kx {
+                                    let from = &row[x0 + jx * dx..];
+                                    if sx == 1 {
+                                        for (a, &v) in acc.iter_mut().zip(from) {
+                                            *a = step(*a, v);
+                                        }
+                                    } else {
+                                        for (a, &v) in acc.iter_mut().zip(from.iter().step_by(sx)) {
+                                            *a = step(*a, v);
+                                        }
+                                    }
+                                }
+                            } else {
+                                for (a, xw) in acc.iter_mut().zip(&wx) {
+                                    for &v in row[xw.first..].iter().step_by(dx).take(xw.taps) {
+                                        *a = step(*a, v);
+                                    }
                                 }
                             }
                         }
                     }
-                    if let Some(slot) = o.next() {
-                        *slot = m;
-                    }
                 }
             }
         }
+    };
+    let n_planes = shape[0] * shape[1];
+    // At least ~1 MiB of input per extra thread.
+    let threads = threads
+        .min(n_planes)
+        .min((x.len() / (1 << 18)).max(1))
+        .max(1);
+    if threads <= 1 || out_plane == 0 {
+        planes(x, &mut out);
+    } else {
+        let per = n_planes.div_ceil(threads);
+        std::thread::scope(|sc| {
+            let mut chunks = x
+                .chunks(per * in_plane)
+                .zip(out.chunks_mut(per * out_plane));
+            let first = chunks.next();
+            for (src, dst) in chunks {
+                let planes = &planes;
+                sc.spawn(move || planes(src, dst));
+            }
+            if let Some((src, dst)) = first {
+                planes(src, dst);
+            }
+        });
     }
     Ok(out)
 }

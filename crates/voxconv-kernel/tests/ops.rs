@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use serde::Deserialize;
 use voxconv_kernel::ops::{
-    avgpool3d, global_avgpool, group_norm, instance_norm, maxpool3d_padded, pad3d, pool3d_shape,
-    resize3d, softmax_channels, CoordMode, NearestMode, PadMode, Pool3d, ResizeMode,
+    avgpool3d, global_avgpool, group_norm, instance_norm, maxpool3d_padded,
+    maxpool3d_padded_threads, pad3d, pool3d_shape, resize3d, softmax_channels, CoordMode,
+    NearestMode, PadMode, Pool3d, ResizeMode,
 };
 use voxconv_kernel::KernelError;
 
@@ -544,6 +545,92 @@ fn pooling_errors() {
 
 // ---------------------------------------------------------------------------------------------
 // NaN, exact properties
+
+/// The row-at-once max pooling against the definition (every window scanned voxel by voxel)
+/// with NaNs and signed zeros in the data, whole and clipped windows, strides and dilations;
+/// and 1, 2 and 3 threads give the same bits.
+#[test]
+fn maxpool_rows_match_definition_on_any_thread_count() {
+    let cases: [([usize; 5], Pool3d); 4] = [
+        ([2, 4, 52, 40, 48], pool(2, 2, 0)),
+        ([1, 3, 9, 10, 11], pool(3, 2, 1)),
+        (
+            [1, 2, 7, 8, 13],
+            Pool3d {
+                dilation: [1, 2, 2],
+                ceil_mode: true,
+                ..pool(2, 3, 1)
+            },
+        ),
+        (
+            [1, 1, 6, 6, 9],
+            Pool3d {
+                stride: [1, 1, 1],
+                ..pool(3, 1, 0)
+            },
+        ),
+    ];
+    for (i, (shape, p)) in cases.into_iter().enumerate() {
+        let len: usize = shape.iter().product();
+        let mut seed = 0x9e37_79b9_u64 + i as u64;
+        let x: Vec<f32> = (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                match seed >> 56 {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    2 => 0.0,
+                    v => (v as f32 - 128.0) / 7.0,
+                }
+            })
+            .collect();
+        let out = pool3d_shape(shape, &p).unwrap();
+        let one = maxpool3d_padded_threads(&x, shape, &p, 1).unwrap();
+        for t in [2, 3] {
+            let y = maxpool3d_padded_threads(&x, shape, &p, t).unwrap();
+            assert!(
+                one.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "case {i}: 1 and {t} threads differ"
+            );
+        }
+        // The definition, output by output.
+        let [_, _, d, h, w] = shape;
+        let [od, oh, ow] = [out[2], out[3], out[4]];
+        for (k, &got) in one.iter().enumerate() {
+            let (nc, z, y, xo) = (k / (od * oh * ow), k / (oh * ow) % od, k / ow % oh, k % ow);
+            let mut m = f32::NEG_INFINITY;
+            for a in 0..p.kernel[0] {
+                for b in 0..p.kernel[1] {
+                    for c in 0..p.kernel[2] {
+                        let iz = (z * p.stride[0] + a * p.dilation[0]) as isize
+                            - p.pads_begin[0] as isize;
+                        let iy = (y * p.stride[1] + b * p.dilation[1]) as isize
+                            - p.pads_begin[1] as isize;
+                        let ix = (xo * p.stride[2] + c * p.dilation[2]) as isize
+                            - p.pads_begin[2] as isize;
+                        if iz < 0
+                            || iy < 0
+                            || ix < 0
+                            || iz >= d as isize
+                            || iy >= h as isize
+                            || ix >= w as isize
+                        {
+                            continue;
+                        }
+                        let v =
+                            x[nc * d * h * w + ((iz as usize * h) + iy as usize) * w + ix as usize];
+                        if v > m || v.is_nan() {
+                            m = v;
+                        }
+                    }
+                }
+            }
+            assert_eq!(got.to_bits(), m.to_bits(), "case {i}: output {k}");
+        }
+    }
+}
 
 #[test]
 fn maxpool_propagates_nan_and_ignores_padding() {

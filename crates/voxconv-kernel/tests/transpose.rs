@@ -117,7 +117,10 @@ fn plan_for(
             slab_depth: depth,
             ..tiling
         });
-        if plan.strategy() != TransposeStrategy::General {
+        if !matches!(
+            plan.strategy(),
+            TransposeStrategy::General | TransposeStrategy::SubPixel
+        ) {
             // Input planes per slab of the pointwise convolution.
             let planes = depth.min(shape.in_dims()[0]);
             assert_eq!(plan.conv_plan().tiling().slab_depth, planes);
@@ -212,6 +215,28 @@ proptest! {
         check_against_reference(shape, act, with_bias, threads, seed, how);
     }
 
+    /// The sub-pixel strategy, forced, on any shape of dilation 1 where some tap lands
+    /// (stride 1–3, asymmetric pads, crops, output padding: phases without taps are the bias).
+    #[test]
+    fn forced_subpixel_matches_reference(
+        n in 1usize..3,
+        c_in in 1usize..4,
+        c_out in 1usize..4,
+        axes in [axis(5), axis(5), axis(8)],
+        act in activation_strategy(),
+        with_bias in any::<bool>(),
+        threads in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        let axes = axes.map(|(x, k, s, pb, pe, op, _)| (x, k, s, pb, pe, op.min(s - 1), 1));
+        let Ok(shape) = build(n, c_in, c_out, axes) else {
+            return Ok(());
+        };
+        prop_assume!(TransposeStrategy::SubPixel.supports(&shape));
+        let how = Planning { strategy: Some(TransposeStrategy::SubPixel), slab_depth: None };
+        check_against_reference(shape, act, with_bias, threads, seed, how);
+    }
+
     /// Every strategy that can run a shape (all three on patch shapes, which are drawn often
     /// here) gives the same result within tolerance, on 1–3 threads, in several slabs or
     /// one; the ones that cannot say so.
@@ -299,6 +324,7 @@ fn bit_identical_across_thread_counts() {
     let patch = TransposeStrategy::PatchGemm;
     let col2im = TransposeStrategy::Col2im;
     let general = TransposeStrategy::General;
+    let subpixel = TransposeStrategy::SubPixel;
     let monai = p([2; 3], [1; 3], [1; 3], [1; 3], [1; 3]);
     let dilated = p([1; 3], [1; 3], [1; 3], [0; 3], [2, 1, 2]);
     let cropped = p([2, 3, 2], [3, 0, 2], [1, 4, 0], [1, 2, 0], [2, 1, 1]);
@@ -316,6 +342,11 @@ fn bit_identical_across_thread_counts() {
         // Enough scatter work per slab that col2im splits its output channels over threads.
         ([1, 4, 16, 16, 16], [4, 8, 3, 3, 3], monai, col2im, None),
         ([1, 4, 16, 16, 16], [4, 8, 3, 3, 3], monai, col2im, Some(8)),
+        // Sub-pixel phases: the MONAI case, the U-Net patch case, and one large enough that
+        // the interleaving copy splits its channels over threads.
+        ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, subpixel, None),
+        ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, subpixel, None),
+        ([1, 2, 32, 32, 32], [2, 16, 3, 3, 3], monai, subpixel, None),
         // Stride 1, symmetric padding, dilated (general: read in place, no staging).
         ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, col2im, None),
         ([1, 2, 9, 10, 12], [2, 3, 3, 3, 3], dilated, col2im, Some(1)),

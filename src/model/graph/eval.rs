@@ -401,7 +401,7 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
         Op::Binary(b) => {
             let x = take(&mut ins, 0)?;
             let y = need(&ins, 1, "B")?;
-            tensor::binary(*b, x, y)?
+            tensor::binary_threads(*b, x, y, threads)?
         }
         Op::Clip => {
             let x = take(&mut ins, 0)?;
@@ -456,7 +456,8 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             let x = need(&ins, 0, "X")?;
             let s = five(&x.shape)?;
             let out_shape = ops::pool3d_shape(s, p).map_err(|e| e.to_string())?;
-            let v = ops::maxpool3d_padded(x.as_f32()?, s, p).map_err(|e| e.to_string())?;
+            let v = ops::maxpool3d_padded_threads(x.as_f32()?, s, p, threads)
+                .map_err(|e| e.to_string())?;
             Tensor::f32(out_shape.to_vec(), v)
         }
         Op::AveragePool {

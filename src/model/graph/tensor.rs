@@ -322,7 +322,41 @@ impl BinOp {
 /// `a op b` with numpy broadcasting. Float if either side is float. When `a` already has
 /// the output shape (the common case: an activation plus a per-channel constant), the
 /// result is computed in `a`'s buffer.
+/// Below this many values per extra thread, an elementwise op stays on one thread.
+const PAR_MIN_VALUES: usize = 1 << 18;
+
+/// Calls `f(first_row, rows)` on blocks of whole `row`-value rows of `v`, split over up to
+/// `threads` scoped threads where `v` is large (elementwise work: the same bits on any
+/// thread count).
+pub fn par_rows(v: &mut [f32], row: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let row = row.max(1);
+    let rows = v.len() / row;
+    let threads = threads.min(rows).min(v.len() / PAR_MIN_VALUES).max(1);
+    if threads <= 1 {
+        f(0, v);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|sc| {
+        let mut blocks = v.chunks_mut(per * row).enumerate();
+        let first = blocks.next();
+        for (b, block) in blocks {
+            let f = &f;
+            sc.spawn(move || f(b * per, block));
+        }
+        if let Some((_, block)) = first {
+            f(0, block);
+        }
+    });
+}
+
 pub fn binary(op: BinOp, a: Tensor, b: &Tensor) -> OpResult<Tensor> {
+    binary_threads(op, a, b, 1)
+}
+
+/// [`binary`] with the common float cases (same shape, a scalar, a per-channel constant)
+/// split over up to `threads` threads.
+pub fn binary_threads(op: BinOp, a: Tensor, b: &Tensor, threads: usize) -> OpResult<Tensor> {
     let shape = broadcast_shape(&a.shape, &b.shape)?;
     numel(&shape)?;
     let float = a.elem() == Elem::F32 || b.elem() == Elem::F32;
@@ -338,7 +372,12 @@ pub fn binary(op: BinOp, a: Tensor, b: &Tensor) -> OpResult<Tensor> {
         return Ok(Tensor::i64(shape, v));
     }
     let out_is_int = op.is_comparison();
-    let bv = b.to_f32();
+    // b is read in place when it is float (a residual Add's second operand is a whole
+    // activation: copying it cost as much as the addition).
+    let bv: std::borrow::Cow<'_, [f32]> = match &b.data {
+        Data::F32(v) => std::borrow::Cow::Borrowed(v),
+        Data::I64(_) => std::borrow::Cow::Owned(b.to_f32()),
+    };
     let mut out = if a.shape == shape {
         let sh = a.shape.clone();
         let mut av = match a.data {
@@ -346,15 +385,21 @@ pub fn binary(op: BinOp, a: Tensor, b: &Tensor) -> OpResult<Tensor> {
             Data::I64(v) => v.iter().map(|&x| x as f32).collect(),
         };
         if b.shape == shape {
-            op.apply_zip(&mut av, &bv);
+            const ROW: usize = 4096;
+            par_rows(&mut av, ROW, threads, |first, xs| {
+                op.apply_zip(xs, &bv[first * ROW..]);
+            });
         } else if bv.len() == 1 {
-            op.apply_scalar(&mut av, bv[0]);
+            par_rows(&mut av, 4096, threads, |_, xs| op.apply_scalar(xs, bv[0]));
         } else if let Some(inner) = per_row(&b.shape, &shape) {
             // b varies along one leading block of axes only (e.g. [C,1,1,1] against
             // [N,C,D,H,W]): one constant per contiguous run of `inner` values.
-            for (k, run) in av.chunks_mut(inner).enumerate() {
-                op.apply_scalar(run, bv[k % bv.len()]);
-            }
+            let inner = inner.max(1);
+            par_rows(&mut av, inner, threads, |first, xs| {
+                for (k, run) in xs.chunks_mut(inner).enumerate() {
+                    op.apply_scalar(run, bv[(first + k) % bv.len()]);
+                }
+            });
         } else {
             let ib = broadcast_index(&b.shape, &shape);
             av.iter_mut()
