@@ -555,6 +555,7 @@ impl Ctx<'_> {
                 groups: usize::try_from(a.int("num_groups").ok_or("num_groups is required")?)
                     .map_err(|_| "num_groups must be positive")?,
                 per_group_affine: opset < 21,
+                act: None,
             },
             "Relu" => Op::Unary(Unary::Relu),
             "LeakyRelu" => Op::Unary(Unary::LeakyRelu(f("alpha", 0.01))),

@@ -86,6 +86,31 @@ fn unets_match_onnxruntime() {
     }
 }
 
+/// SegResNet's GroupNorm, exported as `Reshape → InstanceNormalization → Reshape → Mul →
+/// Add` (+ Relu), is planned as one GroupNorm step per norm: no Reshape, Mul or Relu step
+/// is left, and the output still matches onnxruntime (`unets_match_onnxruntime`).
+#[test]
+fn decomposed_group_norms_are_fused() {
+    let name = "monai_segresnet";
+    let dir = fixtures().join(name);
+    let m = load_model(&dir, name).unwrap();
+    let g = m.graph().expect("an ONNX graph");
+    let norms = g
+        .nodes
+        .iter()
+        .filter(|n| n.op.name() == "InstanceNormalization")
+        .count();
+    assert!(norms > 0);
+    let (shape, _) = npy(&dir.join("input.npy"));
+    let plan = g.plan(shape.try_into().unwrap()).unwrap();
+    let steps = plan.strategies();
+    let count = |op: &str| steps.iter().filter(|(_, s)| *s == op).count();
+    assert_eq!(count("GroupNormalization"), norms, "{steps:?}");
+    for op in ["InstanceNormalization", "Reshape", "Mul", "Relu"] {
+        assert_eq!(count(op), 0, "{op} left: {steps:?}");
+    }
+}
+
 fn kserve_request(model: &str, input: &str, shape: &[usize], x: &[f32]) -> kv::ModelInferRequest {
     kv::ModelInferRequest {
         model_name: model.into(),

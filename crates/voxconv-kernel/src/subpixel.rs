@@ -88,6 +88,8 @@ pub(crate) struct Phase {
 #[derive(Clone, Debug)]
 pub(crate) struct SubPixel {
     pub phases: Vec<Phase>,
+    /// A copy of the phase convolution with the most taps (for its strategy and tiling).
+    main: Conv3dPlan,
 }
 
 /// Below this many output values per extra thread, the interleaving copy stays on one thread.
@@ -158,7 +160,16 @@ impl SubPixel {
                 }
             }
         }
-        Ok(Self { phases })
+        let main = phases
+            .iter()
+            .filter_map(|p| p.conv.as_ref().map(|(c, _)| c))
+            .max_by_key(|c| c.shape().filters_len())
+            .cloned()
+            .ok_or_else(|| KernelError::Unsupported {
+                what: "transposed convolution strategy transpose-subpixel".into(),
+                reason: "no output voxel is reached by a tap".into(),
+            })?;
+        Ok(Self { phases, main })
     }
 
     /// The largest phase output (the scratch buffer of a run), in values.
@@ -183,14 +194,13 @@ impl SubPixel {
         self.phases
             .iter_mut()
             .filter_map(|p| p.conv.as_mut().map(|(c, _)| c))
+            .chain(std::iter::once(&mut self.main))
     }
 
-    /// The first phase convolution (the largest: phase 0 has the most taps or as many).
-    pub fn first_conv(&self) -> Option<&Conv3dPlan> {
-        self.phases
-            .iter()
-            .filter_map(|p| p.conv.as_ref().map(|(c, _)| c))
-            .max_by_key(|c| c.shape().filters_len())
+    /// The phase convolution with the most taps (planning guarantees one: `new` fails
+    /// where no phase has taps).
+    pub fn first_conv(&self) -> &Conv3dPlan {
+        &self.main
     }
 
     /// Runs every phase into `output` (fully overwritten).

@@ -32,6 +32,9 @@
 //!     padding nothing is staged. Never chosen by default (with stride > 1 it multiplies
 //!     the inserted zeros too), but it can be forced
 //!     ([`ConvTranspose3dPlan::with_strategy`]) to compare.
+//!   - `SubPixel` (dilation 1, only when forced): the output split by its residue modulo
+//!     the stride into phases, each a stride-1 convolution of the input with the taps that
+//!     reach it, interleaved into the output ([`crate::subpixel`]).
 //! * [`conv_transpose3d_reference`]: the definition, scattered in f64, the oracle.
 //!
 //! Results are bit-identical across thread counts: the convolution is, the staging and the
@@ -268,14 +271,20 @@ pub enum TransposeStrategy {
     /// Any shape, only when forced: the equivalent direct convolution of the zero-inserted,
     /// padded input with the flipped filters.
     General,
+    /// Dilation 1, only when forced: the output split by its residue modulo the stride into
+    /// up to `sD·sH·sW` phases, each an ordinary stride-1 convolution of the input with a
+    /// sub-filter (the taps that reach it), interleaved into the output
+    /// ([`crate::subpixel`]): the same multiplies, no scatter-add.
+    SubPixel,
 }
 
 impl TransposeStrategy {
     /// Every strategy, for tests and benchmarks.
-    pub const ALL: [TransposeStrategy; 3] = [
+    pub const ALL: [TransposeStrategy; 4] = [
         TransposeStrategy::PatchGemm,
         TransposeStrategy::Col2im,
         TransposeStrategy::General,
+        TransposeStrategy::SubPixel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -283,10 +292,13 @@ impl TransposeStrategy {
             TransposeStrategy::PatchGemm => "transpose-patch-gemm",
             TransposeStrategy::Col2im => "transpose-col2im",
             TransposeStrategy::General => "transpose-general",
+            TransposeStrategy::SubPixel => "transpose-subpixel",
         }
     }
 
     /// The strategy a plan uses for `shape`: `PatchGemm` where it applies, else `Col2im`.
+    /// (`SubPixel` is not a default: on the MONAI UNet up-convolutions at 96³ its small
+    /// phase convolutions ran at 0.3-1.1× col2im's speed, slowest with 3 output channels.)
     pub fn for_shape(shape: &ConvTranspose3dShape) -> Self {
         if TransposeStrategy::PatchGemm.supports(shape) {
             TransposeStrategy::PatchGemm
@@ -296,7 +308,8 @@ impl TransposeStrategy {
     }
 
     /// Whether this strategy can run `shape`: `Col2im` and `General` run any shape,
-    /// `PatchGemm` only stride = kernel with no padding and dilation 1.
+    /// `PatchGemm` only stride = kernel with no padding and dilation 1, `SubPixel` dilation 1
+    /// where some output is reached by a tap.
     pub fn supports(self, shape: &ConvTranspose3dShape) -> bool {
         self.unsupported_reason(shape).is_none()
     }
@@ -320,8 +333,33 @@ impl TransposeStrategy {
                     p.dilation
                 ))
             }
+            TransposeStrategy::SubPixel if p.dilation != [1; 3] => Some(format!(
+                "needs dilation 1; this shape has dilation {:?}",
+                p.dilation
+            )),
+            TransposeStrategy::SubPixel if !Self::some_tap_lands(shape) => {
+                Some("no output voxel is reached by a tap (every output is the bias)".to_string())
+            }
             _ => None,
         }
+    }
+
+    /// Whether along every axis some output residue (modulo the stride) is reached by a tap.
+    fn some_tap_lands(shape: &ConvTranspose3dShape) -> bool {
+        let p = &shape.params;
+        (0..3).all(|a| {
+            (0..p.stride[a]).any(|r| {
+                crate::subpixel::phase_axis(
+                    shape.in_dims()[a],
+                    shape.kernel_dims()[a],
+                    p.stride[a],
+                    p.pads_begin[a],
+                    shape.out_dims()[a],
+                    r,
+                )
+                .is_some_and(|x| x.taps > 0)
+            })
+        })
     }
 }
 
@@ -392,6 +430,12 @@ enum Inner {
         /// convolution reads the input as it is (stride 1, symmetric padding).
         stage: Option<[StageAxis; 3]>,
     },
+    Phases {
+        /// Every phase, with its convolution and packed sub-filters.
+        sub: crate::subpixel::SubPixel,
+        /// The filters as given (`[C_in, C_out, kD, kH, kW]`).
+        filters: Vec<f32>,
+    },
 }
 
 /// A validated ConvTranspose3d with its filters rearranged for its strategy.
@@ -408,8 +452,9 @@ pub struct ConvTranspose3dPlan {
     /// Set by [`with_tiling`](ConvTranspose3dPlan::with_tiling), kept likewise.
     tiling: Option<Tiling>,
     inner: Inner,
-    /// The inner convolution's filters packed for its strategy and GEMM, once per plan.
-    packed: PackedFilters,
+    /// The inner convolution's filters packed for its strategy and GEMM, once per plan
+    /// (`SubPixel`'s phases hold their own: `None`).
+    packed: Option<PackedFilters>,
 }
 
 /// Scatter-adds per extra col2im thread of a slab (below that, one thread does it all).
@@ -489,13 +534,22 @@ impl ConvTranspose3dPlan {
         Ok(plan)
     }
 
-    /// The inner convolution's filters packed for it.
-    fn pack(inner: &Inner) -> Result<PackedFilters, KernelError> {
+    /// The inner convolution's filters packed for it (`SubPixel`'s phases hold their own).
+    fn pack(inner: &Inner) -> Result<Option<PackedFilters>, KernelError> {
         match inner {
             Inner::Patch { conv, filters }
             | Inner::Col2im { conv, filters, .. }
-            | Inner::General { conv, filters, .. } => conv.pack_filters(filters),
+            | Inner::General { conv, filters, .. } => conv.pack_filters(filters).map(Some),
+            Inner::Phases { .. } => Ok(None),
         }
+    }
+
+    /// The packed filters of the single inner convolution (a bug if missing).
+    fn packed(&self) -> Result<&PackedFilters, KernelError> {
+        self.packed.as_ref().ok_or_else(|| KernelError::Invalid {
+            what: "transposed convolution plan".into(),
+            reason: format!("{} has no packed filters", self.strategy().name()),
+        })
     }
 
     fn plan_inner(
@@ -519,6 +573,10 @@ impl ConvTranspose3dPlan {
                 }
             }
             TransposeStrategy::General => Self::plan_general(shape, filters, activation)?,
+            TransposeStrategy::SubPixel => Inner::Phases {
+                sub: crate::subpixel::SubPixel::new(shape, filters, activation)?,
+                filters: filters.to_vec(),
+            },
         })
     }
 
@@ -607,6 +665,7 @@ impl ConvTranspose3dPlan {
                     }
                 }
             }
+            Inner::Phases { filters, .. } => original.copy_from_slice(filters),
         }
         original
     }
@@ -698,8 +757,9 @@ impl ConvTranspose3dPlan {
     /// offered; tests use it to drive the parallel scheduler on small shapes).
     pub fn with_min_flops_per_thread(mut self, flops: f64) -> Self {
         self.min_flops_per_thread = Some(flops);
-        let conv = self.conv_mut();
-        *conv = conv.clone().with_min_flops_per_thread(flops);
+        for conv in self.convs_mut() {
+            *conv = conv.clone().with_min_flops_per_thread(flops);
+        }
         self
     }
 
@@ -708,16 +768,19 @@ impl ConvTranspose3dPlan {
     /// batch item on small shapes.
     pub fn with_tiling(mut self, tiling: Tiling) -> Self {
         self.tiling = Some(tiling);
-        let conv = self.conv_mut();
-        *conv = conv.clone().with_tiling(tiling);
+        for conv in self.convs_mut() {
+            *conv = conv.clone().with_tiling(tiling);
+        }
         self
     }
 
-    fn conv_mut(&mut self) -> &mut Conv3dPlan {
+    /// Every inner convolution (one, or one per `SubPixel` phase with taps).
+    fn convs_mut(&mut self) -> Vec<&mut Conv3dPlan> {
         match &mut self.inner {
             Inner::Patch { conv, .. }
             | Inner::Col2im { conv, .. }
-            | Inner::General { conv, .. } => conv,
+            | Inner::General { conv, .. } => vec![conv],
+            Inner::Phases { sub, .. } => sub.convs_mut().collect(),
         }
     }
     pub fn shape(&self) -> &ConvTranspose3dShape {
@@ -729,6 +792,7 @@ impl ConvTranspose3dPlan {
             Inner::Patch { .. } => TransposeStrategy::PatchGemm,
             Inner::Col2im { .. } => TransposeStrategy::Col2im,
             Inner::General { .. } => TransposeStrategy::General,
+            Inner::Phases { .. } => TransposeStrategy::SubPixel,
         }
     }
 
@@ -736,12 +800,14 @@ impl ConvTranspose3dPlan {
         self.activation
     }
 
-    /// The convolution that does the multiplies (its strategy, GEMM and stage times).
+    /// The convolution that does the multiplies (its strategy, GEMM and stage times); for
+    /// `SubPixel`, the phase convolution with the most taps.
     pub fn conv_plan(&self) -> &Conv3dPlan {
         match &self.inner {
             Inner::Patch { conv, .. }
             | Inner::Col2im { conv, .. }
             | Inner::General { conv, .. } => conv,
+            Inner::Phases { sub, .. } => sub.first_conv(),
         }
     }
 
@@ -769,12 +835,25 @@ impl ConvTranspose3dPlan {
         match &self.inner {
             Inner::Patch { .. } | Inner::Col2im { .. } => conv.streaming_workspace_bytes(threads),
             Inner::General { .. } => self.staging_bytes() + conv.workspace_bytes(threads),
+            Inner::Phases { sub, .. } => {
+                sub.scratch_len() * 4
+                    + sub
+                        .phases
+                        .iter()
+                        .filter_map(|p| p.conv.as_ref())
+                        .map(|(c, _)| c.workspace_bytes(threads))
+                        .max()
+                        .unwrap_or(0)
+            }
         }
     }
 
     /// Bytes of the filters packed for the inner convolution, held by the plan.
     pub fn packed_bytes(&self) -> usize {
-        self.packed.bytes()
+        match &self.inner {
+            Inner::Phases { sub, .. } => sub.packed_bytes(),
+            _ => self.packed.as_ref().map_or(0, PackedFilters::bytes),
+        }
     }
 
     /// Runs the transposed convolution of `input` (`[N, C_in, D, H, W]`) into `output`
@@ -799,7 +878,7 @@ impl ConvTranspose3dPlan {
         }
         match &self.inner {
             Inner::Patch { conv, .. } => {
-                conv.run_slabs(input, &self.packed, None, threads, cancel, &mut |slab| {
+                conv.run_slabs(input, self.packed()?, None, threads, cancel, &mut |slab| {
                     self.scatter_patches(&slab, output);
                     ControlFlow::Continue(())
                 })?;
@@ -812,7 +891,7 @@ impl ConvTranspose3dPlan {
                 let n_b = self.shape.batch();
                 let mut zeroed = vec![0usize; n_b];
                 let mut finished = vec![0usize; n_b];
-                conv.run_slabs(input, &self.packed, None, threads, cancel, &mut |slab| {
+                conv.run_slabs(input, self.packed()?, None, threads, cancel, &mut |slab| {
                     let n = slab.batch;
                     let (reach, done) = self.col2im_planes(&slab.depth);
                     // Planes between the taps (stride > dilated kernel) are reached by no
@@ -836,7 +915,7 @@ impl ConvTranspose3dPlan {
             }
             Inner::General {
                 conv, stage: None, ..
-            } => conv.run_into(input, &self.packed, self.bias(), output, threads, cancel),
+            } => conv.run_into(input, self.packed()?, self.bias(), output, threads, cancel),
             Inner::General {
                 conv,
                 stage: Some(axes),
@@ -852,7 +931,7 @@ impl ConvTranspose3dPlan {
                     self.stage(&input[n * in_item..][..in_item], axes, &mut staging);
                     conv.run_into(
                         &staging,
-                        &self.packed,
+                        self.packed()?,
                         self.bias(),
                         &mut output[n * out_item..][..out_item],
                         threads,
@@ -861,6 +940,16 @@ impl ConvTranspose3dPlan {
                 }
                 Ok(())
             }
+            Inner::Phases { sub, .. } => sub.run(
+                &self.shape,
+                input,
+                output,
+                self.bias(),
+                &self.bias,
+                self.activation,
+                threads,
+                cancel,
+            ),
         }
     }
 

@@ -360,6 +360,7 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             eps,
             groups,
             per_group_affine,
+            act,
         } => {
             let x = take(&mut ins, 0)?;
             let (n, c, sp) = ncs(&x.shape)?;
@@ -378,8 +379,49 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             let b = expand(need(&ins, 2, "bias")?, "bias")?;
             let shape = x.shape.clone();
             let mut v = x.into_f32()?;
-            ops::group_norm(&mut v, n, c, sp, *groups, &scale, &b, *eps)
-                .map_err(|e| e.to_string())?;
+            // Groups are independent: split over threads in whole (item, group) blocks (the
+            // same bits at any thread count), the fused activation applied while hot.
+            let per = c / groups;
+            let block = (per * sp).max(1);
+            let blocks = n * groups;
+            let work = |chunk: &mut [f32], first: usize| -> OpResult<()> {
+                for (j, grp) in chunk.chunks_mut(block).enumerate() {
+                    let ch0 = ((first + j) % groups) * per;
+                    ops::group_norm(
+                        grp,
+                        1,
+                        per,
+                        sp,
+                        1,
+                        &scale[ch0..ch0 + per],
+                        &b[ch0..ch0 + per],
+                        *eps,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    if let Some(u) = act {
+                        apply_unary(*u, grp);
+                    }
+                }
+                Ok(())
+            };
+            if threads <= 1 || blocks < 2 {
+                work(&mut v, 0)?;
+            } else {
+                let per_thread = blocks.div_ceil(threads);
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = v
+                        .chunks_mut(per_thread * block)
+                        .enumerate()
+                        .map(|(i, chunk)| {
+                            let work = &work;
+                            s.spawn(move || work(chunk, i * per_thread))
+                        })
+                        .collect();
+                    handles.into_iter().try_for_each(|h| {
+                        h.join().map_err(|_| "a norm thread panicked".to_string())?
+                    })
+                })?;
+            }
             Tensor::f32(shape, v)
         }
         Op::Unary(u) => {

@@ -82,10 +82,13 @@ pub enum Op {
         act: Option<Unary>,
     },
     /// `per_group_affine`: opset 18's scale/bias per group (opset 21: per channel).
+    /// `act`: an activation fused after it (planning only: the decomposed GroupNorm that
+    /// PyTorch exports is fused back into this op, its Relu with it).
     GroupNorm {
         eps: f32,
         groups: usize,
         per_group_affine: bool,
+        act: Option<Unary>,
     },
     Unary(Unary),
     Binary(BinOp),
@@ -633,6 +636,11 @@ impl Graph {
                         output.1
                     ),
                 })?;
+        let out_slot = match &output.0 {
+            Arg::Slot(s) => Some(*s),
+            Arg::Const(_) => None,
+        };
+        fuse_group_norms(&mut steps, input, out_slot);
         // Liveness: each slot is freed after its last reader (the output slot never).
         let mut last: HashMap<usize, usize> = HashMap::new();
         for (si, s) in steps.iter().enumerate() {
@@ -680,6 +688,186 @@ impl Graph {
             output_shape,
             names,
         })
+    }
+}
+
+/// The per-channel values of a constant that broadcasts along the channel axis of a
+/// `[N, C, …]` value of rank `rank` (shape `[C, 1, …]`, `[1, C, 1, …]` or a scalar).
+fn channel_values(c: &Const, channels: usize, rank: usize) -> Option<Vec<f32>> {
+    let v = c.as_f32().ok()?;
+    if v.len() == 1 {
+        return Some(vec![v[0]; channels]);
+    }
+    if c.shape.len() > rank || v.len() != channels {
+        return None;
+    }
+    let mut dims = vec![1usize; rank - c.shape.len()];
+    dims.extend_from_slice(&c.shape);
+    (dims[1] == channels && dims.iter().enumerate().all(|(i, &d)| i == 1 || d == 1))
+        .then_some(v.to_vec())
+}
+
+/// Fuses PyTorch's exported GroupNorm, `Reshape [N, G, −1] → InstanceNormalization →
+/// Reshape back → Mul γ → Add β` (SegResNet's), and a Relu / LeakyRelu / Sigmoid after it,
+/// into one GroupNorm step: one pass for the statistics and one that normalises, scales,
+/// shifts and activates (was five passes and a copy). Each intermediate must have the next
+/// step as its only reader; γ, β per channel (or scalars), the norm's own scale and bias per
+/// group folded into them.
+fn fuse_group_norms(steps: &mut Vec<Step>, input: [usize; 5], out_slot: Option<usize>) {
+    let mut readers: HashMap<usize, usize> = HashMap::new();
+    for s in steps.iter() {
+        for a in s.args.iter().flatten() {
+            if let Arg::Slot(x) = a {
+                *readers.entry(*x).or_default() += 1;
+            }
+        }
+    }
+    if let Some(o) = out_slot {
+        *readers.entry(o).or_default() += 1;
+    }
+    let mut shapes: HashMap<usize, Vec<usize>> = HashMap::new();
+    shapes.insert(0, input.to_vec());
+    for s in steps.iter() {
+        shapes.insert(s.out, s.out_shape.clone());
+    }
+    // The step reading `slot`, when it is the only reader.
+    let sole_reader = |steps: &[Step], slot: usize, from: usize| -> Option<usize> {
+        if readers.get(&slot) != Some(&1) {
+            return None;
+        }
+        (from..steps.len()).find(|&j| {
+            steps[j]
+                .args
+                .iter()
+                .flatten()
+                .any(|a| matches!(a, Arg::Slot(x) if *x == slot))
+        })
+    };
+    let slot_arg = |s: &Step, i: usize| match s.args.get(i) {
+        Some(Some(Arg::Slot(x))) => Some(*x),
+        _ => None,
+    };
+    // (step, const operand) of a binary step with one slot operand and one constant.
+    let bin_const = |s: &Step, op: BinOp, slot: usize| -> Option<Const> {
+        if !matches!(&s.kind, Kind::Eval(Op::Binary(b)) if *b == op) || s.args.len() != 2 {
+            return None;
+        }
+        match (&s.args[0], &s.args[1]) {
+            (Some(Arg::Slot(x)), Some(Arg::Const(c)))
+            | (Some(Arg::Const(c)), Some(Arg::Slot(x)))
+                if *x == slot =>
+            {
+                Some(Arc::clone(c))
+            }
+            _ => None,
+        }
+    };
+    let mut i = 0;
+    while i < steps.len() {
+        let fused = (|| {
+            let s1 = &steps[i];
+            if !matches!(s1.kind, Kind::Eval(Op::Reshape { .. })) {
+                return None;
+            }
+            let x = slot_arg(s1, 0)?;
+            let xs = shapes.get(&x)?.clone();
+            if xs.len() < 3 || s1.out_shape.len() != 3 || s1.out_shape[0] != xs[0] {
+                return None;
+            }
+            let (c, groups) = (xs[1], s1.out_shape[1]);
+            if groups == 0 || c % groups != 0 {
+                return None;
+            }
+            let j2 = sole_reader(steps, s1.out, i + 1)?;
+            let Kind::Eval(Op::InstanceNorm { eps, act: None }) = steps[j2].kind else {
+                return None;
+            };
+            let (Some(Some(Arg::Const(gs))), Some(Some(Arg::Const(gb)))) =
+                (steps[j2].args.get(1), steps[j2].args.get(2))
+            else {
+                return None;
+            };
+            let (gs, gb) = (gs.as_f32().ok()?, gb.as_f32().ok()?);
+            if gs.len() != groups || gb.len() != groups || slot_arg(&steps[j2], 0)? != s1.out {
+                return None;
+            }
+            let j3 = sole_reader(steps, steps[j2].out, j2 + 1)?;
+            if !matches!(steps[j3].kind, Kind::Eval(Op::Reshape { .. }))
+                || steps[j3].out_shape != xs
+                || slot_arg(&steps[j3], 0)? != steps[j2].out
+            {
+                return None;
+            }
+            let j4 = sole_reader(steps, steps[j3].out, j3 + 1)?;
+            let gamma = bin_const(&steps[j4], BinOp::Mul, steps[j3].out)?;
+            let j5 = sole_reader(steps, steps[j4].out, j4 + 1)?;
+            let beta = bin_const(&steps[j5], BinOp::Add, steps[j4].out)?;
+            let (gamma, beta) = (
+                channel_values(&gamma, c, xs.len())?,
+                channel_values(&beta, c, xs.len())?,
+            );
+            if steps[j4].out_shape != xs || steps[j5].out_shape != xs {
+                return None;
+            }
+            // γ_c·(s_g·x̂ + b_g) + β_c = (γ_c·s_g)·x̂ + (γ_c·b_g + β_c).
+            let per = c / groups;
+            let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * gs[ch / per]).collect();
+            let bias: Vec<f32> = (0..c)
+                .map(|ch| gamma[ch] * gb[ch / per] + beta[ch])
+                .collect();
+            // An activation reading only the Add's output goes with it.
+            let mut last = j5;
+            let mut act = None;
+            if let Some(j6) = sole_reader(steps, steps[j5].out, j5 + 1) {
+                if let Kind::Eval(Op::Unary(
+                    u @ (Unary::Relu | Unary::LeakyRelu(_) | Unary::Sigmoid),
+                )) = steps[j6].kind
+                {
+                    if slot_arg(&steps[j6], 0) == Some(steps[j5].out) && steps[j6].args.len() == 1 {
+                        act = Some(u);
+                        last = j6;
+                    }
+                }
+            }
+            let cshape = vec![c];
+            Some((
+                [i, j2, j3, j4, j5, last],
+                Step {
+                    // Named after the InstanceNormalization node in errors and profiles.
+                    node: steps[j2].node,
+                    kind: Kind::Eval(Op::GroupNorm {
+                        eps,
+                        groups,
+                        per_group_affine: false,
+                        act,
+                    }),
+                    args: vec![
+                        Some(Arg::Slot(x)),
+                        Some(Arg::Const(Arc::new(Tensor::f32(cshape.clone(), scale)))),
+                        Some(Arg::Const(Arc::new(Tensor::f32(cshape, bias)))),
+                    ],
+                    out: steps[last].out,
+                    out_shape: xs,
+                    free: Vec::new(),
+                },
+            ))
+        })();
+        if let Some((idx, step)) = fused {
+            // The fused step runs where the last one did (every input of the chain is
+            // ready by then, and later readers see its output in the same slot).
+            let at = idx[5];
+            let mut gone: Vec<usize> = idx.to_vec();
+            gone.sort_unstable();
+            gone.dedup();
+            steps[at] = step;
+            for &k in gone.iter().rev().filter(|&&k| k != at) {
+                steps.remove(k);
+            }
+            // Later indices shifted; rescan from the first removed position.
+            i = idx[0];
+            continue;
+        }
+        i += 1;
     }
 }
 
