@@ -37,10 +37,12 @@
 //!     reach it, interleaved into the output ([`crate::subpixel`]).
 //! * [`conv_transpose3d_reference`]: the definition, scattered in f64, the oracle.
 //!
-//! Results are bit-identical across thread counts: the convolution is, the staging and the
-//! patch scatter are sequential, on the calling thread, in slab order, and the col2im
-//! scatter of a slab is split over threads by whole output channels, each channel's
-//! additions in the order one thread makes them.
+//! Results are bit-identical across thread counts: the convolution is, the staging is
+//! sequential, the patch scatter (each output value written once) is split by output
+//! channel, and the col2im
+//! scatter of a slab (run in lockstep with the GEMM, each using every thread in turn) is
+//! split over threads by (output channel, range of output planes), each value's additions
+//! in the order one thread makes them.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -878,10 +880,19 @@ impl ConvTranspose3dPlan {
         }
         match &self.inner {
             Inner::Patch { conv, .. } => {
-                conv.run_slabs(input, self.packed()?, None, threads, cancel, &mut |slab| {
-                    self.scatter_patches(&slab, output);
-                    ControlFlow::Continue(())
-                })?;
+                // In lockstep, the scatter split over output channels: GEMM and scatter
+                // each use every thread in turn.
+                conv.run_slabs_lockstep(
+                    input,
+                    self.packed()?,
+                    None,
+                    threads,
+                    cancel,
+                    &mut |slab| {
+                        self.scatter_patches(&slab, output, threads);
+                        ControlFlow::Continue(())
+                    },
+                )?;
                 self.fill_output_padding(output);
                 Ok(())
             }
@@ -891,19 +902,29 @@ impl ConvTranspose3dPlan {
                 let n_b = self.shape.batch();
                 let mut zeroed = vec![0usize; n_b];
                 let mut finished = vec![0usize; n_b];
-                conv.run_slabs(input, self.packed()?, None, threads, cancel, &mut |slab| {
-                    let n = slab.batch;
-                    let (reach, done) = self.col2im_planes(&slab.depth);
-                    // Planes between the taps (stride > dilated kernel) are reached by no
-                    // slab: zero them too before they are finished.
-                    let reach = reach.max(done);
-                    let zero = zeroed[n]..reach.max(zeroed[n]);
-                    let finish = finished[n]..done.max(finished[n]);
-                    self.col2im_deliver(&slab, spans, output, zero, finish, threads);
-                    zeroed[n] = zeroed[n].max(reach);
-                    finished[n] = finished[n].max(done);
-                    ControlFlow::Continue(())
-                })?;
+                // In lockstep: the GEMM of a slab and its scatter each get every thread in
+                // turn (overlapped, they oversubscribed the cores: 2 threads were slower
+                // than 1 on the MONAI UNet up-convolutions).
+                conv.run_slabs_lockstep(
+                    input,
+                    self.packed()?,
+                    None,
+                    threads,
+                    cancel,
+                    &mut |slab| {
+                        let n = slab.batch;
+                        let (reach, done) = self.col2im_planes(&slab.depth);
+                        // Planes between the taps (stride > dilated kernel) are reached by no
+                        // slab: zero them too before they are finished.
+                        let reach = reach.max(done);
+                        let zero = zeroed[n]..reach.max(zeroed[n]);
+                        let finish = finished[n]..done.max(finished[n]);
+                        self.col2im_deliver(&slab, spans, output, zero, finish, threads);
+                        zeroed[n] = zeroed[n].max(reach);
+                        finished[n] = finished[n].max(done);
+                        ControlFlow::Continue(())
+                    },
+                )?;
                 // Nothing is left in practice (the last slab of an item finishes it all),
                 // but make sure.
                 let od = self.shape.out_dims()[0];
@@ -993,16 +1014,17 @@ impl ConvTranspose3dPlan {
     /// Scatters one slab of the pointwise convolution (`[C_out·k³, planes, H, W]` of input
     /// depth planes `slab.depth`) into its output blocks, adding the bias and applying the
     /// activation.
-    fn scatter_patches(&self, slab: &crate::Slab<'_>, output: &mut [f32]) {
+    fn scatter_patches(&self, slab: &crate::Slab<'_>, output: &mut [f32], threads: usize) {
         let [_, c_out, od, oh, ow] = self.shape.output;
         let [_, h, w] = self.shape.in_dims();
         let [kd, kh, kw] = self.shape.kernel_dims();
         let planes = slab.depth.len();
         let chan = planes * h * w;
-        let out_n = &mut output[slab.batch * c_out * od * oh * ow..][..c_out * od * oh * ow];
+        let vox = od * oh * ow;
+        let out_n = &mut output[slab.batch * c_out * vox..][..c_out * vox];
         let row_len = w * kw;
-        for co in 0..c_out {
-            let out_c = &mut out_n[co * od * oh * ow..][..od * oh * ow];
+        // One output channel: its own part of the output, written by its own taps only.
+        let channel = |co: usize, out_c: &mut [f32]| {
             let bias = self.bias[co];
             for a in 0..kd {
                 for b in 0..kh {
@@ -1028,7 +1050,33 @@ impl ConvTranspose3dPlan {
                     }
                 }
             }
+        };
+        // Values written per extra thread: at least COL2IM_MIN_ADDS_PER_THREAD.
+        let blocks = threads
+            .min(c_out)
+            .min(slab.data.len() / COL2IM_MIN_ADDS_PER_THREAD)
+            .max(1);
+        let per = c_out.div_ceil(blocks);
+        let run = |first: usize, out: &mut [f32]| {
+            for (j, out_c) in out.chunks_mut(vox).enumerate() {
+                channel(first + j, out_c);
+            }
+        };
+        if blocks <= 1 {
+            run(0, out_n);
+            return;
         }
+        std::thread::scope(|scope| {
+            let mut chunks = out_n.chunks_mut(per * vox).enumerate();
+            let first = chunks.next();
+            for (b, chunk) in chunks {
+                let run = &run;
+                scope.spawn(move || run(b * per, chunk));
+            }
+            if let Some((_, chunk)) = first {
+                run(0, chunk);
+            }
+        });
     }
 
     /// For a slab of input depth planes `depth`: the output planes it can reach end before
@@ -1082,10 +1130,11 @@ impl ConvTranspose3dPlan {
     }
 
     /// One slab of the col2im strategy: per output channel, zeroes the planes `zero`,
-    /// scatter-adds the slab, then applies bias and activation to the planes `finish`. The
-    /// channels are independent (each writes only its own output), so with `threads > 1`
-    /// and enough work they are split into contiguous blocks run on scoped threads, each
-    /// channel's additions in the same order as on one thread: the same bits.
+    /// scatter-adds the slab, then applies bias and activation to the planes `finish`. Work
+    /// items (a channel and a range of its output planes) write disjoint parts of the output,
+    /// so with `threads > 1` and enough work they are split into contiguous groups run on
+    /// scoped threads; each output value gets its additions in the same order as on one
+    /// thread: the same bits.
     fn col2im_deliver(
         &self,
         slab: &crate::Slab<'_>,
@@ -1096,50 +1145,77 @@ impl ConvTranspose3dPlan {
         threads: usize,
     ) {
         let [_, c_out, od, oh, ow] = self.shape.output;
-        let vox = od * oh * ow;
+        let plane = oh * ow;
+        let vox = od * plane;
         let out_n = &mut output[slab.batch * c_out * vox..][..c_out * vox];
         // Adds per channel: taps × the slab's input voxels.
         let work = self.shape.kernel_taps()
             * slab.depth.len()
             * self.shape.in_dims()[1..].iter().product::<usize>();
-        let blocks = threads
-            .min(c_out)
+        let threads = threads
             .min((c_out * work) / COL2IM_MIN_ADDS_PER_THREAD)
             .max(1);
-        let run = |chans: std::ops::Range<usize>, out: &mut [f32]| {
-            let plane = oh * ow;
-            for (j, co) in chans.clone().enumerate() {
-                let out_c = &mut out[j * vox..][..vox];
-                out_c[zero.start * plane..zero.end * plane].fill(0.0);
-                self.col2im_channel(slab, spans, out_c, co);
-                if self.has_bias || self.activation != Activation::None {
-                    self.activation.bias_apply(
-                        &mut out_c[finish.start * plane..finish.end * plane],
-                        self.bias[co],
-                    );
+        // Work items: (channel, range of output planes), so that few channels still split
+        // evenly (3 output channels on 2 threads: 6 items, not 2 + 1 channels).
+        let ranges = if threads > 1 {
+            (2 * threads).div_ceil(c_out).min(od).max(1)
+        } else {
+            1
+        };
+        let per_range = od.div_ceil(ranges);
+        let mut items: Vec<(usize, std::ops::Range<usize>, &mut [f32])> = Vec::new();
+        for (co, mut out_c) in out_n.chunks_mut(vox).enumerate() {
+            let mut z = 0;
+            while z < od {
+                let z1 = (z + per_range).min(od);
+                let (head, tail) = std::mem::take(&mut out_c).split_at_mut((z1 - z) * plane);
+                items.push((co, z..z1, head));
+                out_c = tail;
+                z = z1;
+            }
+        }
+        let clip = |r: &std::ops::Range<usize>, p: &std::ops::Range<usize>| {
+            let (a, b) = (r.start.max(p.start), r.end.min(p.end));
+            (a < b).then(|| (a - p.start) * plane..(b - p.start) * plane)
+        };
+        let run = |(co, planes, out): (usize, std::ops::Range<usize>, &mut [f32])| {
+            if let Some(r) = clip(&zero, &planes) {
+                out[r].fill(0.0);
+            }
+            self.col2im_channel(slab, spans, out, co, &planes);
+            if self.has_bias || self.activation != Activation::None {
+                if let Some(r) = clip(&finish, &planes) {
+                    self.activation.bias_apply(&mut out[r], self.bias[co]);
                 }
             }
         };
+        let blocks = threads.min(items.len()).max(1);
         if blocks <= 1 {
-            run(0..c_out, out_n);
+            items.into_iter().for_each(run);
             return;
         }
-        let per = c_out.div_ceil(blocks);
+        let per = items.len().div_ceil(blocks);
+        let mut groups: Vec<Vec<_>> = Vec::new();
+        let mut it = items.into_iter().peekable();
+        while it.peek().is_some() {
+            groups.push(it.by_ref().take(per).collect());
+        }
         std::thread::scope(|scope| {
-            let mut chunks = out_n.chunks_mut(per * vox).enumerate();
-            let first = chunks.next();
-            for (b, chunk) in chunks {
+            let mut groups = groups.into_iter();
+            let first = groups.next();
+            for g in groups {
                 let run = &run;
-                scope.spawn(move || run(b * per..((b + 1) * per).min(c_out), chunk));
+                scope.spawn(move || g.into_iter().for_each(run));
             }
-            if let Some((_, chunk)) = first {
-                run(0..per.min(c_out), chunk);
+            if let Some(g) = first {
+                g.into_iter().for_each(&run);
             }
         });
     }
 
     /// Adds one slab of the pointwise convolution (`[C_out·k³, planes, H, W]` of input depth
-    /// planes `slab.depth`) into output channel `co` (`out_c`, `[oD, oH, oW]`): for taps `(a, b)`, each
+    /// planes `slab.depth`) into the output planes `planes` of channel `co` (`out_c`, those
+    /// planes of `[oD, oH, oW]`; additions to other planes are skipped): for taps `(a, b)`, each
     /// input row `(d, h)` adds, for every tap `c`, its span of `W` values into output row
     /// `(d·sD − padD + a·dilD, h·sH − padH + b·dilH)`, `sW` apart from
     /// `spans[2][c].first`. The order of the additions depends only on the shape.
@@ -1149,6 +1225,7 @@ impl ConvTranspose3dPlan {
         spans: &TapSpans,
         out_c: &mut [f32],
         co: usize,
+        planes: &std::ops::Range<usize>,
     ) {
         let [_, _, _, oh, ow] = self.shape.output;
         let [_, h, w] = self.shape.in_dims();
@@ -1173,7 +1250,10 @@ impl ConvTranspose3dPlan {
                 let taps = &slab.data[row0 * chan..][..kw * chan];
                 for (iz, z) in (z0..z1).enumerate() {
                     let oz = oz0 + iz * sd;
-                    let out_p = &mut out_c[oz * plane_out..][..plane_out];
+                    if !planes.contains(&oz) {
+                        continue;
+                    }
+                    let out_p = &mut out_c[(oz - planes.start) * plane_out..][..plane_out];
                     let in_off = (z - depth.start) * plane_in;
                     for (iy, y) in ty.inputs.clone().enumerate() {
                         let oy = ty.first + iy * sh;

@@ -334,6 +334,8 @@ fn bit_identical_across_thread_counts() {
         ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, patch, None),
         ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, patch, Some(4)),
         ([2, 3, 11, 12, 13], [3, 4, 2, 2, 2], unet, col2im, Some(3)),
+        // A patch slab large enough that its scatter splits output channels over threads.
+        ([1, 4, 16, 16, 16], [4, 8, 2, 2, 2], unet, patch, None),
         // k = 3, s = 2, pad 1, output padding 1 (the MONAI UNet case), in one slab per item
         // and in slabs of 2 planes; general staged.
         ([2, 3, 7, 8, 9], [3, 2, 3, 3, 3], monai, col2im, None),

@@ -116,9 +116,46 @@ impl Conv3dPlan {
         cancel: Option<&AtomicBool>,
         on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
     ) -> Result<(), KernelError> {
-        let filters = filters.into();
+        self.run_slabs_ring(
+            input,
+            filters.into(),
+            bias,
+            threads,
+            cancel,
+            ring_slabs(threads),
+            on_slab,
+        )
+    }
+
+    /// Like [`run_slabs`](Self::run_slabs), but in lockstep: the workers compute slab `k + 1`
+    /// only once slab `k` has been handed over, so the computing and the consuming never
+    /// share the cores. For a consumer that itself uses every thread (the col2im scatter of
+    /// a transposed convolution): each side gets all of them in turn. One slab buffer.
+    pub fn run_slabs_lockstep<'f>(
+        &self,
+        input: &[f32],
+        filters: impl Into<Filters<'f>>,
+        bias: Option<&[f32]>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
+    ) -> Result<(), KernelError> {
+        self.run_slabs_ring(input, filters.into(), bias, threads, cancel, 1, on_slab)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_slabs_ring(
+        &self,
+        input: &[f32],
+        filters: Filters<'_>,
+        bias: Option<&[f32]>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        ring: usize,
+        on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
+    ) -> Result<(), KernelError> {
         self.check(input, filters, bias, threads)?;
-        let ring = ring_slabs(threads);
+        let ring = ring.max(1);
         let slab_len = self.slab_bytes() / 4;
         let mut buffers = vec![0f32; ring * slab_len];
         let base = SendPtr(buffers.as_mut_ptr());
