@@ -103,6 +103,12 @@ const SLAB_BYTES: usize = 8 * 1024 * 1024;
 /// Winograd is the default when input and output channels reach this (below, the
 /// transforms cost more than the multiplies they save) ...
 const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// ... and, where the direct strategy runs, at least this many output channels: below, the
+/// direct kernel is faster (AMD Zen 4, 2026-12-06, 3×3×3 pad 1, direct / Winograd ms at 1
+/// and 2 threads: 16→16 at 48³ 15.4 / 19.3 and 9.5 / 12.1; 32→16 at 48³ 35.4 / 35.9 and
+/// 16.9 / 20.2; 16→16 at 96³ 130 / 131 and 70 / 71; but 16→32 at 48³ 33.5 / 31.2 and
+/// 15.8 / 13.6, 32→32 at 24³ 9.8 / 7.0 and 5.4 / 3.9).
+const WINOGRAD_OVER_DIRECT_MIN_COUT: usize = 32;
 /// ... and at least this share of its lanes compute real outputs (`winograd::lane_use`;
 /// measured on unet-deep, 8³ outputs at 0.25: 2.7× slower than im2col + GEMM).
 const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
@@ -259,6 +265,7 @@ impl Conv3dPlan {
             && shape.c_in() >= WINOGRAD_MIN_CHANNELS
             && shape.c_out() >= WINOGRAD_MIN_CHANNELS
             && winograd::lane_use(shape) >= WINOGRAD_MIN_LANE_USE
+            && !(self.supports(Strategy::Direct) && shape.c_out() < WINOGRAD_OVER_DIRECT_MIN_COUT)
         {
             Strategy::Winograd
         } else if self.supports(Strategy::Direct)
