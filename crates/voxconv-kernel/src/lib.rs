@@ -15,6 +15,7 @@ pub mod buffer;
 pub mod im2col;
 pub mod maxpool;
 pub mod ops;
+pub mod par;
 pub mod plan;
 pub mod reference;
 pub mod shape;

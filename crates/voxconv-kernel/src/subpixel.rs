@@ -283,26 +283,8 @@ fn interleave(
         }
     };
     let phase_vals = axes.iter().map(|a| a.count).product::<usize>() * chans;
-    let blocks = threads
-        .min(chans)
-        .min(phase_vals / COPY_MIN_PER_THREAD)
-        .max(1);
-    if blocks <= 1 {
-        work(0, output);
-        return;
-    }
-    let per = chans.div_ceil(blocks);
-    std::thread::scope(|s| {
-        let mut chunks = output.chunks_mut(per * vox).enumerate();
-        let first = chunks.next();
-        for (b, chunk) in chunks {
-            let work = &work;
-            s.spawn(move || work(b * per, chunk));
-        }
-        if let Some((_, chunk)) = first {
-            work(0, chunk);
-        }
-    });
+    let groups = threads.min(phase_vals / COPY_MIN_PER_THREAD).max(1);
+    crate::par::par_blocks(output, vox, groups, work);
 }
 
 #[cfg(test)]

@@ -1052,29 +1052,12 @@ impl ConvTranspose3dPlan {
             }
         };
         // Values written per extra thread: at least COL2IM_MIN_ADDS_PER_THREAD.
-        let blocks = threads
-            .min(c_out)
+        let groups = threads
             .min(slab.data.len() / COL2IM_MIN_ADDS_PER_THREAD)
             .max(1);
-        let per = c_out.div_ceil(blocks);
-        let run = |first: usize, out: &mut [f32]| {
+        crate::par::par_blocks(out_n, vox, groups, |first, out| {
             for (j, out_c) in out.chunks_mut(vox).enumerate() {
                 channel(first + j, out_c);
-            }
-        };
-        if blocks <= 1 {
-            run(0, out_n);
-            return;
-        }
-        std::thread::scope(|scope| {
-            let mut chunks = out_n.chunks_mut(per * vox).enumerate();
-            let first = chunks.next();
-            for (b, chunk) in chunks {
-                let run = &run;
-                scope.spawn(move || run(b * per, chunk));
-            }
-            if let Some((_, chunk)) = first {
-                run(0, chunk);
             }
         });
     }

@@ -329,25 +329,8 @@ const PAR_MIN_VALUES: usize = 1 << 18;
 /// `threads` scoped threads where `v` is large (elementwise work: the same bits on any
 /// thread count).
 pub fn par_rows(v: &mut [f32], row: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let row = row.max(1);
-    let rows = v.len() / row;
-    let threads = threads.min(rows).min(v.len() / PAR_MIN_VALUES).max(1);
-    if threads <= 1 {
-        f(0, v);
-        return;
-    }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|sc| {
-        let mut blocks = v.chunks_mut(per * row).enumerate();
-        let first = blocks.next();
-        for (b, block) in blocks {
-            let f = &f;
-            sc.spawn(move || f(b * per, block));
-        }
-        if let Some((_, block)) = first {
-            f(0, block);
-        }
-    });
+    let threads = threads.min(v.len() / PAR_MIN_VALUES).max(1);
+    crate::kernel::par::par_blocks(v, row, threads, f);
 }
 
 pub fn binary(op: BinOp, a: Tensor, b: &Tensor) -> OpResult<Tensor> {
