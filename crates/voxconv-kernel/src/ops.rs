@@ -816,28 +816,11 @@ pub fn maxpool3d_padded_threads(
             }
         }
     };
-    let n_planes = shape[0] * shape[1];
-    // At least ~1 MiB of input per extra thread.
-    let threads = threads
-        .min(n_planes)
-        .min((x.len() / (1 << 18)).max(1))
-        .max(1);
-    if threads <= 1 || out_plane == 0 {
-        planes(x, &mut out);
-    } else {
-        let per = n_planes.div_ceil(threads);
-        std::thread::scope(|sc| {
-            let mut chunks = x
-                .chunks(per * in_plane)
-                .zip(out.chunks_mut(per * out_plane));
-            let first = chunks.next();
-            for (src, dst) in chunks {
-                let planes = &planes;
-                sc.spawn(move || planes(src, dst));
-            }
-            if let Some((src, dst)) = first {
-                planes(src, dst);
-            }
+    // At least ~1 MiB of input per extra thread; whole (n, c) planes each.
+    let threads = threads.min((x.len() / (1 << 18)).max(1));
+    if out_plane > 0 {
+        crate::par::par_blocks(&mut out, out_plane, threads, |first, dst| {
+            planes(&x[first * in_plane..], dst);
         });
     }
     Ok(out)

@@ -39,6 +39,44 @@ fn take(ins: &mut [In<'_>], i: usize) -> OpResult<Tensor> {
         .ok_or_else(|| format!("input {i} is missing"))
 }
 
+/// Calls `work(k, block)` on every `block`-value block of `v` (block `k`: a channel, a
+/// group), the blocks split over up to `threads` scoped threads in contiguous runs; the
+/// first error, or a thread's panic, is returned as an error. Blocks are independent, so
+/// the bits do not depend on `threads`.
+fn par_blocks_try(
+    v: &mut [f32],
+    block: usize,
+    threads: usize,
+    work: impl Fn(usize, &mut [f32]) -> OpResult<()> + Sync,
+) -> OpResult<()> {
+    let block = block.max(1);
+    let run = |first: usize, part: &mut [f32]| -> OpResult<()> {
+        part.chunks_mut(block)
+            .enumerate()
+            .try_for_each(|(j, b)| work(first + j, b))
+    };
+    let blocks = v.len().div_ceil(block);
+    let threads = threads.min(blocks).max(1);
+    if threads <= 1 {
+        return run(0, v);
+    }
+    let per = blocks.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = v
+            .chunks_mut(per * block)
+            .enumerate()
+            .map(|(i, part)| {
+                let run = &run;
+                s.spawn(move || run(i * per, part))
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| "a worker thread panicked".to_string())?
+        })
+    })
+}
+
 fn five(shape: &[usize]) -> OpResult<[usize; 5]> {
     shape
         .try_into()
@@ -325,35 +363,14 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             // at any thread count), the fused activation applied while a channel is hot.
             let (sc, bi): (Vec<f32>, Vec<f32>) =
                 (0..n * c).map(|k| (scale[k % c], b[k % c])).unzip();
-            let per = (n * c).div_ceil(threads.max(1)).max(1);
-            let work = |chunk: &mut [f32], first: usize| -> OpResult<()> {
-                for (j, ch) in chunk.chunks_mut(sp.max(1)).enumerate() {
-                    let k = first + j;
-                    ops::instance_norm(ch, 1, 1, sp, &sc[k..=k], &bi[k..=k], *eps)
-                        .map_err(|e| e.to_string())?;
-                    if let Some(u) = act {
-                        apply_unary(*u, ch);
-                    }
+            par_blocks_try(&mut v, sp, threads, |k, ch| {
+                ops::instance_norm(ch, 1, 1, sp, &sc[k..=k], &bi[k..=k], *eps)
+                    .map_err(|e| e.to_string())?;
+                if let Some(u) = act {
+                    apply_unary(*u, ch);
                 }
                 Ok(())
-            };
-            if threads <= 1 || n * c < 2 {
-                work(&mut v, 0)?;
-            } else {
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = v
-                        .chunks_mut(per * sp.max(1))
-                        .enumerate()
-                        .map(|(i, chunk)| {
-                            let work = &work;
-                            s.spawn(move || work(chunk, i * per))
-                        })
-                        .collect();
-                    handles.into_iter().try_for_each(|h| {
-                        h.join().map_err(|_| "a norm thread panicked".to_string())?
-                    })
-                })?;
-            }
+            })?;
             Tensor::f32(shape, v)
         }
         Op::GroupNorm {
@@ -363,7 +380,7 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             act,
         } => {
             let x = take(&mut ins, 0)?;
-            let (n, c, sp) = ncs(&x.shape)?;
+            let (_, c, sp) = ncs(&x.shape)?;
             if *groups == 0 || c % groups != 0 {
                 return Err(format!("num_groups {groups} must divide the {c} channels"));
             }
@@ -382,62 +399,23 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             // Groups are independent: split over threads in whole (item, group) blocks (the
             // same bits at any thread count), the fused activation applied while hot.
             let per = c / groups;
-            let block = (per * sp).max(1);
-            let blocks = n * groups;
-            let work = |chunk: &mut [f32], first: usize| -> OpResult<()> {
-                for (j, grp) in chunk.chunks_mut(block).enumerate() {
-                    let ch0 = ((first + j) % groups) * per;
-                    ops::group_norm(
-                        grp,
-                        1,
-                        per,
-                        sp,
-                        1,
-                        &scale[ch0..ch0 + per],
-                        &b[ch0..ch0 + per],
-                        *eps,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    if let Some(u) = act {
-                        apply_unary(*u, grp);
-                    }
+            par_blocks_try(&mut v, per * sp, threads, |k, grp| {
+                let ch0 = (k % groups) * per;
+                let (sc, bi) = (&scale[ch0..ch0 + per], &b[ch0..ch0 + per]);
+                ops::group_norm(grp, 1, per, sp, 1, sc, bi, *eps).map_err(|e| e.to_string())?;
+                if let Some(u) = act {
+                    apply_unary(*u, grp);
                 }
                 Ok(())
-            };
-            if threads <= 1 || blocks < 2 {
-                work(&mut v, 0)?;
-            } else {
-                let per_thread = blocks.div_ceil(threads);
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = v
-                        .chunks_mut(per_thread * block)
-                        .enumerate()
-                        .map(|(i, chunk)| {
-                            let work = &work;
-                            s.spawn(move || work(chunk, i * per_thread))
-                        })
-                        .collect();
-                    handles.into_iter().try_for_each(|h| {
-                        h.join().map_err(|_| "a norm thread panicked".to_string())?
-                    })
-                })?;
-            }
+            })?;
             Tensor::f32(shape, v)
         }
         Op::Unary(u) => {
             let x = take(&mut ins, 0)?;
             let shape = x.shape.clone();
             let mut v = x.into_f32()?;
-            if threads <= 1 || v.len() < 1 << 16 {
-                apply_unary(*u, &mut v);
-            } else {
-                let per = v.len().div_ceil(threads);
-                std::thread::scope(|s| {
-                    for chunk in v.chunks_mut(per) {
-                        s.spawn(move || apply_unary(*u, chunk));
-                    }
-                });
-            }
+            let threads = if v.len() < 1 << 16 { 1 } else { threads };
+            crate::kernel::par::par_blocks(&mut v, 1, threads, |_, part| apply_unary(*u, part));
             Tensor::f32(shape, v)
         }
         Op::Binary(b) => {

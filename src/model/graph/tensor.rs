@@ -319,9 +319,6 @@ impl BinOp {
     }
 }
 
-/// `a op b` with numpy broadcasting. Float if either side is float. When `a` already has
-/// the output shape (the common case: an activation plus a per-channel constant), the
-/// result is computed in `a`'s buffer.
 /// Below this many values per extra thread, an elementwise op stays on one thread.
 const PAR_MIN_VALUES: usize = 1 << 18;
 
@@ -333,6 +330,9 @@ pub fn par_rows(v: &mut [f32], row: usize, threads: usize, f: impl Fn(usize, &mu
     crate::kernel::par::par_blocks(v, row, threads, f);
 }
 
+/// `a op b` with numpy broadcasting. Float if either side is float. When `a` already has
+/// the output shape (the common case: an activation plus a per-channel constant), the
+/// result is computed in `a`'s buffer.
 pub fn binary(op: BinOp, a: Tensor, b: &Tensor) -> OpResult<Tensor> {
     binary_threads(op, a, b, 1)
 }
