@@ -431,6 +431,21 @@ impl ModelPlan {
         self.run_into_sink(model, input, threads, cancel, Sink::Into(output))
     }
 
+    /// Like [`run_to`](Self::run_to), but the whole output (`[N, C_out, oD, oH, oW]`) is
+    /// handed over: an ONNX graph's own output buffer, with no buffer of the caller's and
+    /// no copy (sliding windows: one window's prediction).
+    pub fn run_whole(
+        &self,
+        model: &Model,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Vec<f32>, Vec<LayerTiming>), KernelError> {
+        let mut out = Vec::new();
+        let t = self.run_into_sink(model, input, threads, cancel, Sink::Whole(&mut out))?;
+        Ok((out, t))
+    }
+
     /// Bytes of the buffers [`run_owned`](Self::run_owned) hands over (one slab of the last
     /// layer, or one batch item of a final pooling).
     pub fn owned_slab_bytes(&self) -> usize {
@@ -455,6 +470,10 @@ impl ModelPlan {
         mut sink: Sink<'_>,
     ) -> Result<Vec<LayerTiming>, KernelError> {
         if let Some(w) = &self.window {
+            if let Sink::Whole(v) = &mut sink {
+                v.clear();
+                v.resize(self.output_len(), 0.0);
+            }
             return self.run_window(w, model, input, threads, cancel, sink);
         }
         let mut timings = Vec::with_capacity(self.plans.len());
@@ -476,6 +495,11 @@ impl ModelPlan {
                             Sink::Into(out) => {
                                 p.run_into(&cur, &c.weights, bias, out, threads, cancel)?
                             }
+                            Sink::Whole(out) => {
+                                out.clear();
+                                out.resize(p.shape().output_len(), 0.0);
+                                p.run_into(&cur, &c.weights, bias, out, threads, cancel)?
+                            }
                         }
                     } else {
                         let mut out = vec![0f32; p.shape().output_len()];
@@ -487,7 +511,7 @@ impl ModelPlan {
                     let (out, times) = g.run(std::mem::take(&mut cur), threads, cancel)?;
                     cur = out;
                     if i == last {
-                        self.emit_whole(&cur, &mut sink)?;
+                        self.emit_whole(&mut cur, &mut sink)?;
                     }
                     timings.extend(times.into_iter().map(|(strategy, ms)| LayerTiming {
                         strategy,
@@ -506,7 +530,7 @@ impl ModelPlan {
                     }
                     cur = out;
                     if i == last {
-                        self.emit_whole(&cur, &mut sink)?;
+                        self.emit_whole(&mut cur, &mut sink)?;
                     }
                 }
                 _ => unreachable!("plans are built from the model's layers, in order"),
@@ -536,6 +560,15 @@ impl ModelPlan {
         let progress = self.progress.as_ref().map(|p| &*p.0);
         let [_, k, d, h, wd] = self.output;
         let plane = h * wd;
+        // A slab's rows into the whole output.
+        let place = |out: &mut [f32], batch: usize, depth: std::ops::Range<usize>, data: &[f32]| {
+            let rows = depth.len() * plane;
+            for ch in 0..k {
+                let at = ((batch * k + ch) * d + depth.start) * plane;
+                out[at..at + rows].copy_from_slice(&data[ch * rows..(ch + 1) * rows]);
+            }
+            ControlFlow::Continue(())
+        };
         let source = match &self.feed {
             Some(feed) => sliding::Source::Fed(feed),
             None => sliding::Source::Whole(&input),
@@ -558,24 +591,26 @@ impl ModelPlan {
                         data: buf,
                     })
                 }
-                Sink::Into(out) => {
-                    let rows = depth.len() * plane;
-                    for ch in 0..k {
-                        let at = ((batch * k + ch) * d + depth.start) * plane;
-                        out[at..at + rows].copy_from_slice(&data[ch * rows..(ch + 1) * rows]);
-                    }
-                    ControlFlow::Continue(())
-                }
+                Sink::Into(out) => place(out, batch, depth, data),
+                Sink::Whole(out) => place(out, batch, depth, data),
             },
         )
     }
 
-    /// Hands a whole computed output to the sink: copied into the caller's buffer, or one
-    /// slab per batch item (`[C, oD, oH, oW]` is contiguous there).
-    fn emit_whole(&self, cur: &[f32], sink: &mut Sink<'_>) -> Result<(), KernelError> {
-        if let Sink::Into(out) = sink {
-            out.copy_from_slice(cur);
-            return Ok(());
+    /// Hands a whole computed output to the sink: moved out of `cur` for a whole-output
+    /// sink, copied into the caller's buffer, or one slab per batch item (`[C, oD, oH, oW]`
+    /// is contiguous there).
+    fn emit_whole(&self, cur: &mut Vec<f32>, sink: &mut Sink<'_>) -> Result<(), KernelError> {
+        match sink {
+            Sink::Into(out) => {
+                out.copy_from_slice(cur);
+                return Ok(());
+            }
+            Sink::Whole(out) => {
+                **out = std::mem::take(cur);
+                return Ok(());
+            }
+            Sink::Lent(_) | Sink::Owned { .. } => {}
         }
         let [n, c, od, oh, ow] = self.output;
         for (b, item) in cur.chunks_exact(c * od * oh * ow).enumerate().take(n) {
@@ -585,7 +620,7 @@ impl ModelPlan {
                     depth: 0..od,
                     data: item,
                 }),
-                Sink::Into(_) => ControlFlow::Continue(()),
+                Sink::Into(_) | Sink::Whole(_) => ControlFlow::Continue(()),
                 Sink::Owned { fresh, on_slab } => {
                     let mut data = fresh(item.len());
                     data.resize(item.len(), 0.0);
@@ -610,6 +645,8 @@ impl ModelPlan {
 enum Sink<'s> {
     Lent(&'s mut dyn FnMut(Slab<'_>) -> ControlFlow<()>),
     Into(&'s mut [f32]),
+    /// The whole output in a buffer handed over (a graph's own output buffer, not a copy).
+    Whole(&'s mut Vec<f32>),
     Owned {
         fresh: &'s mut dyn FnMut(usize) -> Vec<f32>,
         on_slab: &'s mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,

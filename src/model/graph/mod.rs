@@ -1117,7 +1117,9 @@ const ARENA_MIN_VALUES: usize = 1 << 16;
 impl Arena {
     /// A buffer of `len` values, contents unspecified (every caller overwrites all of it):
     /// the smallest free one that holds `len` without wasting more than `len` (so a small
-    /// output never pins a large buffer a later step needs), else a new one.
+    /// output never pins a large buffer a later step needs), else a new one, and the free
+    /// buffers too small for `len` are released (MONAI UNet at 96³: peak heap 126 -> 108 MB,
+    /// the same as without an arena, at the same speed).
     fn take(&mut self, len: usize) -> Vec<f32> {
         let best = self
             .free
@@ -1132,7 +1134,12 @@ impl Arena {
                 v.resize(len, 0.0);
                 v
             }
-            None => vec![0f32; len],
+            None => {
+                // None of the smaller free buffers can serve this request; kept, they would
+                // add to the run's peak (the allocator's free lists still have them).
+                self.free.retain(|v| v.capacity() >= len);
+                vec![0f32; len]
+            }
         }
     }
 
