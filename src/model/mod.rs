@@ -433,16 +433,19 @@ impl ModelPlan {
 
     /// Like [`run_to`](Self::run_to), but the whole output (`[N, C_out, oD, oH, oW]`) is
     /// handed over: an ONNX graph's own output buffer, with no buffer of the caller's and
-    /// no copy (sliding windows: one window's prediction).
+    /// no copy (sliding windows: one window's prediction). A graph's buffers come from
+    /// `arena` and go back to it, so a caller running window after window reuses them.
     pub fn run_whole(
         &self,
         model: &Model,
         input: Vec<f32>,
         threads: usize,
         cancel: Option<&AtomicBool>,
+        arena: &mut graph::Arena,
     ) -> Result<(Vec<f32>, Vec<LayerTiming>), KernelError> {
         let mut out = Vec::new();
-        let t = self.run_into_sink(model, input, threads, cancel, Sink::Whole(&mut out))?;
+        let sink = Sink::Whole(&mut out, arena);
+        let t = self.run_into_sink(model, input, threads, cancel, sink)?;
         Ok((out, t))
     }
 
@@ -470,7 +473,7 @@ impl ModelPlan {
         mut sink: Sink<'_>,
     ) -> Result<Vec<LayerTiming>, KernelError> {
         if let Some(w) = &self.window {
-            if let Sink::Whole(v) = &mut sink {
+            if let Sink::Whole(v, _) = &mut sink {
                 v.clear();
                 v.resize(self.output_len(), 0.0);
             }
@@ -495,7 +498,7 @@ impl ModelPlan {
                             Sink::Into(out) => {
                                 p.run_into(&cur, &c.weights, bias, out, threads, cancel)?
                             }
-                            Sink::Whole(out) => {
+                            Sink::Whole(out, _) => {
                                 out.clear();
                                 out.resize(p.shape().output_len(), 0.0);
                                 p.run_into(&cur, &c.weights, bias, out, threads, cancel)?
@@ -508,7 +511,11 @@ impl ModelPlan {
                     }
                 }
                 (LayerPlan::Graph(g), Layer::Graph(_)) => {
-                    let (out, times) = g.run(std::mem::take(&mut cur), threads, cancel)?;
+                    let x = std::mem::take(&mut cur);
+                    let (out, times) = match &mut sink {
+                        Sink::Whole(_, arena) => g.run_in(x, threads, cancel, arena)?,
+                        _ => g.run(x, threads, cancel)?,
+                    };
                     cur = out;
                     if i == last {
                         self.emit_whole(&mut cur, &mut sink)?;
@@ -592,7 +599,7 @@ impl ModelPlan {
                     })
                 }
                 Sink::Into(out) => place(out, batch, depth, data),
-                Sink::Whole(out) => place(out, batch, depth, data),
+                Sink::Whole(out, _) => place(out, batch, depth, data),
             },
         )
     }
@@ -606,7 +613,7 @@ impl ModelPlan {
                 out.copy_from_slice(cur);
                 return Ok(());
             }
-            Sink::Whole(out) => {
+            Sink::Whole(out, _) => {
                 **out = std::mem::take(cur);
                 return Ok(());
             }
@@ -620,7 +627,7 @@ impl ModelPlan {
                     depth: 0..od,
                     data: item,
                 }),
-                Sink::Into(_) | Sink::Whole(_) => ControlFlow::Continue(()),
+                Sink::Into(_) | Sink::Whole(..) => ControlFlow::Continue(()),
                 Sink::Owned { fresh, on_slab } => {
                     let mut data = fresh(item.len());
                     data.resize(item.len(), 0.0);
@@ -645,8 +652,9 @@ impl ModelPlan {
 enum Sink<'s> {
     Lent(&'s mut dyn FnMut(Slab<'_>) -> ControlFlow<()>),
     Into(&'s mut [f32]),
-    /// The whole output in a buffer handed over (a graph's own output buffer, not a copy).
-    Whole(&'s mut Vec<f32>),
+    /// The whole output in a buffer handed over (a graph's own output buffer, not a copy);
+    /// a graph takes its buffers from the arena and gives them back.
+    Whole(&'s mut Vec<f32>, &'s mut graph::Arena),
     Owned {
         fresh: &'s mut dyn FnMut(usize) -> Vec<f32>,
         on_slab: &'s mut dyn FnMut(OwnedSlab) -> ControlFlow<()>,

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::graph::Arena;
 use super::{LayerTiming, Model, ModelPlan};
 use crate::kernel::KernelError;
 
@@ -529,6 +530,10 @@ impl SlidingPlan {
         let per_lane = (threads / lanes).max(1);
         let wave = batch * lanes;
         let item_len = c * d * h * w;
+        // Each lane's buffers, kept from window to window: its windows' inputs, the
+        // network's activations, its predictions (the allocator would map and zero them
+        // afresh every window).
+        let mut arenas: Vec<Arena> = (0..lanes).map(|_| Arena::default()).collect();
         for item in 0..n {
             let mut sent = 0usize;
             for (g, windows) in self.windows.chunks(wave).enumerate() {
@@ -539,20 +544,29 @@ impl SlidingPlan {
                 // The windows' inputs: from the scan, or from the rows fed so far (then
                 // the rows no later window reads are released for the next ones).
                 let t0 = Instant::now();
-                let xs: Vec<Vec<f32>> = match input {
+                let mut xs: Vec<Vec<f32>> = groups
+                    .iter()
+                    .zip(&mut arenas)
+                    .map(|(grp, arena)| {
+                        let mut x = arena.take(grp.len() * c * rd * rh * rw);
+                        x.fill(0.0);
+                        x
+                    })
+                    .collect();
+                match input {
                     Source::Whole(scan) => {
                         let scan = &scan[item * item_len..(item + 1) * item_len];
                         let plane = |ch: usize, z: usize| &scan[(ch * d + z) * h * w..][..h * w];
-                        groups.iter().map(|grp| self.gather(plane, grp)).collect()
+                        for (grp, x) in groups.iter().zip(&mut xs) {
+                            for (win, dst) in grp.iter().zip(x.chunks_exact_mut(c * rd * rh * rw)) {
+                                self.gather_one(plane, win, dst);
+                            }
+                        }
                     }
                     Source::Fed(feed) => {
                         // Window by window: the rows above a window's start are released
                         // before the next one is waited for, so the feed holds one
                         // window's depth even when a wave spans two rows of windows.
-                        let mut xs: Vec<Vec<f32>> = groups
-                            .iter()
-                            .map(|grp| vec![0f32; grp.len() * c * rd * rh * rw])
-                            .collect();
                         let mut index = g * wave;
                         for (grp, x) in groups.iter().zip(&mut xs) {
                             for (win, dst) in grp.iter().zip(x.chunks_exact_mut(c * rd * rh * rw)) {
@@ -567,24 +581,29 @@ impl SlidingPlan {
                                 feed.release(state, item * d + next);
                             }
                         }
-                        xs
                     }
-                };
+                }
                 blend_time += t0.elapsed();
                 let mut xs = xs.into_iter();
                 let first_x = xs.next().unwrap_or_default();
+                let (first_arena, other_arenas) =
+                    arenas.split_first_mut().expect("at least one lane");
                 let preds = if groups.len() == 1 {
-                    vec![self.predict(model, first_x, groups[0], per_lane, cancel)]
+                    vec![self.predict(model, first_x, groups[0], per_lane, cancel, first_arena)]
                 } else {
                     std::thread::scope(|sc| {
                         let handles: Vec<_> = groups[1..]
                             .iter()
                             .zip(xs)
-                            .map(|(grp, x)| {
-                                sc.spawn(move || self.predict(model, x, grp, per_lane, cancel))
+                            .zip(other_arenas.iter_mut())
+                            .map(|((grp, x), arena)| {
+                                sc.spawn(move || {
+                                    self.predict(model, x, grp, per_lane, cancel, arena)
+                                })
                             })
                             .collect();
-                        let first = self.predict(model, first_x, groups[0], per_lane, cancel);
+                        let first =
+                            self.predict(model, first_x, groups[0], per_lane, cancel, first_arena);
                         std::iter::once(first)
                             .chain(handles.into_iter().map(|hd| {
                                 hd.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
@@ -593,7 +612,7 @@ impl SlidingPlan {
                     })
                 };
                 let t0 = Instant::now();
-                for (group, pred) in groups.iter().zip(preds) {
+                for ((group, pred), arena) in groups.iter().zip(preds).zip(&mut arenas) {
                     let (pred, t) = pred?;
                     merge_timings(&mut timings, t);
                     // Weighted into the ring, after the rows above the window's start are
@@ -623,6 +642,7 @@ impl SlidingPlan {
                             }
                         }
                     }
+                    arena.give_vec(pred);
                 }
                 done += windows.len() as u64;
                 // Rows no later window of this item touches are final.
@@ -663,6 +683,7 @@ impl SlidingPlan {
         group: &[[usize; 3]],
         threads: usize,
         cancel: Option<&AtomicBool>,
+        arena: &mut Arena,
     ) -> Result<(Vec<f32>, Vec<LayerTiming>), KernelError> {
         let [_, c, ..] = self.scan;
         let [rd, rh, rw] = self.opts.roi;
@@ -680,13 +701,17 @@ impl SlidingPlan {
         for (s, &axes) in subsets.iter().enumerate() {
             let x = own.as_ref().expect("kept until the last run");
             let xin = if axes != 0 {
-                flip(x, [b * c, rd, rh, rw], axes)
+                let mut v = arena.take(x.len());
+                flip_into(x, [b * c, rd, rh, rw], axes, &mut v);
+                v
             } else if subsets.len() > 1 {
-                x.clone()
+                let mut v = arena.take(x.len());
+                v.copy_from_slice(x);
+                v
             } else {
                 own.take().expect("the only run")
             };
-            let (y, t) = plan.run_whole(model, xin, threads, cancel)?;
+            let (y, t) = plan.run_whole(model, xin, threads, cancel, arena)?;
             if y.len() != b * k * rd * rh * rw {
                 return Err(KernelError::BufferLength {
                     what: "window prediction",
@@ -698,11 +723,17 @@ impl SlidingPlan {
             if s == 0 {
                 pred = y;
             } else {
-                let y = flip(&y, [b * k, rd, rh, rw], axes);
-                for (p, v) in pred.iter_mut().zip(&y) {
+                let mut back = arena.take(y.len());
+                flip_into(&y, [b * k, rd, rh, rw], axes, &mut back);
+                for (p, v) in pred.iter_mut().zip(&back) {
                     *p += v;
                 }
+                arena.give_vec(back);
+                arena.give_vec(y);
             }
+        }
+        if let Some(x) = own {
+            arena.give_vec(x);
         }
         if subsets.len() > 1 {
             let runs = subsets.len() as f32;
@@ -711,21 +742,6 @@ impl SlidingPlan {
             }
         }
         Ok((pred, timings))
-    }
-
-    /// Window inputs `[b, C, rd, rh, rw]` from one batch item of the scan (zero outside it).
-    fn gather<'s>(
-        &self,
-        plane: impl Fn(usize, usize) -> &'s [f32],
-        group: &[[usize; 3]],
-    ) -> Vec<f32> {
-        let c = self.scan[1];
-        let [rd, rh, rw] = self.opts.roi;
-        let mut x = vec![0f32; group.len() * c * rd * rh * rw];
-        for (win, dst) in group.iter().zip(x.chunks_exact_mut(c * rd * rh * rw)) {
-            self.gather_one(&plane, win, dst);
-        }
-        x
     }
 
     /// One window's input `[C, rd, rh, rw]` into `x` (zero outside the scan; `x` zeroed).
@@ -1076,9 +1092,9 @@ fn mirror_subsets(axes: &[usize]) -> Vec<u8> {
     out
 }
 
-/// `x` (`[m, d, h, w]`) flipped along the spatial axes in `mask` (bit 0 = d, 1 = h, 2 = w).
-fn flip(x: &[f32], [m, d, h, w]: [usize; 4], mask: u8) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+/// `x` (`[m, d, h, w]`) flipped along the spatial axes in `mask` (bit 0 = d, 1 = h, 2 = w)
+/// into `out` (of `x`'s length, every element overwritten).
+fn flip_into(x: &[f32], [m, d, h, w]: [usize; 4], mask: u8, out: &mut [f32]) {
     for i in 0..m {
         for z in 0..d {
             let sz = if mask & 1 != 0 { d - 1 - z } else { z };
@@ -1096,7 +1112,6 @@ fn flip(x: &[f32], [m, d, h, w]: [usize; 4], mask: u8) -> Vec<f32> {
             }
         }
     }
-    out
 }
 
 /// Adds one network run's per-layer times to the call's (same plan, same layers).
@@ -1160,6 +1175,12 @@ mod tests {
         assert_eq!(mirror_subsets(&[]), vec![0]);
         assert_eq!(mirror_subsets(&[2]), vec![0, 4]);
         assert_eq!(mirror_subsets(&[0, 1, 2]), vec![0, 1, 2, 4, 3, 5, 6, 7]);
+    }
+
+    fn flip(x: &[f32], dims: [usize; 4], mask: u8) -> Vec<f32> {
+        let mut out = vec![f32::NAN; x.len()];
+        flip_into(x, dims, mask, &mut out);
+        out
     }
 
     #[test]

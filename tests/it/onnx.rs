@@ -111,6 +111,43 @@ fn decomposed_group_norms_are_fused() {
     }
 }
 
+/// A caller running the same plan again with one arena (sliding windows: window after
+/// window) gets the same bits as a fresh run, and the arena settles: it holds at most one
+/// input and one output more than after the first run, so nothing piles up window after
+/// window.
+#[test]
+fn runs_sharing_an_arena_reuse_it() {
+    // Activations large enough for the arena (it leaves small ones to the allocator).
+    let name = "monai_basicunet_dynamic";
+    let dir = fixtures().join(name);
+    let m = load_model(&dir, name).unwrap();
+    let shape = [1, 1, 48, 48, 32];
+    let x = voxconv::kernel::seeded(shape.iter().product(), 7);
+    let plan = m.plan(shape).unwrap();
+    let mut want = vec![f32::NAN; plan.output_len()];
+    plan.run_to(&m, x.clone(), 2, None, &mut want).unwrap();
+    let mut arena = voxconv::model::graph::Arena::default();
+    let mut held = Vec::new();
+    for threads in [1, 2, 1, 3, 2] {
+        let (got, _) = plan
+            .run_whole(&m, x.clone(), threads, None, &mut arena)
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        arena.give_vec(got);
+        held.push(arena.held_bytes());
+    }
+    // At most one run's input and one output more than the first run kept (the last
+    // output is given back after the run), and steady from then on.
+    let io = (x.len() + want.len()) * 4;
+    assert!(held[0] > 0, "{held:?}");
+    assert!(held.iter().all(|&h| h <= held[0] + io), "{held:?}");
+    assert!(held[2..].windows(2).all(|w| w[0] == w[1]), "{held:?}");
+}
+
 fn kserve_request(model: &str, input: &str, shape: &[usize], x: &[f32]) -> kv::ModelInferRequest {
     kv::ModelInferRequest {
         model_name: model.into(),

@@ -1106,38 +1106,59 @@ pub struct StepTime {
 /// produces the sizes its encoder freed, so most outputs land in memory the run has already
 /// touched: a fresh allocation of that size is mapped page by page on first write, and those
 /// faults (the kernel zeroing every page) took 15-20 % of a network's CPU time.
+///
+/// An arena may serve run after run of the same plan ([`GraphPlan::run_in`]). Of equal
+/// free buffers the last given is taken first, and at the end of each run the free buffers
+/// no step of that run gave back (a run's input handed in from outside and never reused, a
+/// buffer no request fitted) are released: the arena holds what one run needs, not what
+/// many runs left behind.
 #[derive(Default)]
-struct Arena {
-    free: Vec<Vec<f32>>,
+pub struct Arena {
+    /// Free buffers, each with the run in which it was last given.
+    free: Vec<(Vec<f32>, u64)>,
+    /// Runs ended so far.
+    epoch: u64,
 }
 
 /// Buffers below this many values go back to the allocator (its own free lists serve them).
 const ARENA_MIN_VALUES: usize = 1 << 16;
 
 impl Arena {
+    /// Bytes of the free buffers held.
+    pub fn held_bytes(&self) -> usize {
+        self.free.iter().map(|(v, _)| v.capacity() * 4).sum()
+    }
+
+    /// A run ended: the free buffers it did not give back are released.
+    fn end_run(&mut self) {
+        let epoch = self.epoch;
+        self.free.retain(|(_, e)| *e >= epoch);
+        self.epoch += 1;
+    }
+
     /// A buffer of `len` values, contents unspecified (every caller overwrites all of it):
     /// the smallest free one that holds `len` without wasting more than `len` (so a small
     /// output never pins a large buffer a later step needs), else a new one, and the free
     /// buffers too small for `len` are released (MONAI UNet at 96³: peak heap 126 -> 108 MB,
     /// the same as without an arena, at the same speed).
-    fn take(&mut self, len: usize) -> Vec<f32> {
+    pub fn take(&mut self, len: usize) -> Vec<f32> {
         let best = self
             .free
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.capacity() >= len && v.capacity() / 2 <= len)
-            .min_by_key(|(_, v)| v.capacity())
+            .filter(|(_, (v, _))| v.capacity() >= len && v.capacity() / 2 <= len)
+            .min_by_key(|(i, (v, _))| (v.capacity(), std::cmp::Reverse(*i)))
             .map(|(i, _)| i);
         match best {
             Some(i) => {
-                let mut v = self.free.swap_remove(i);
+                let (mut v, _) = self.free.remove(i);
                 v.resize(len, 0.0);
                 v
             }
             None => {
                 // None of the smaller free buffers can serve this request; kept, they would
                 // add to the run's peak (the allocator's free lists still have them).
-                self.free.retain(|v| v.capacity() >= len);
+                self.free.retain(|(v, _)| v.capacity() >= len);
                 vec![0f32; len]
             }
         }
@@ -1146,9 +1167,14 @@ impl Arena {
     /// Keeps a float tensor's buffer for a later step.
     fn give(&mut self, t: Tensor) {
         if let tensor::Data::F32(v) = t.data {
-            if v.capacity() >= ARENA_MIN_VALUES {
-                self.free.push(v);
-            }
+            self.give_vec(v);
+        }
+    }
+
+    /// Keeps a buffer for a later step (or run).
+    pub fn give_vec(&mut self, v: Vec<f32>) {
+        if v.capacity() >= ARENA_MIN_VALUES {
+            self.free.push((v, self.epoch));
         }
     }
 }
@@ -1317,7 +1343,26 @@ impl GraphPlan {
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<(Vec<f32>, StrategyTimes), KernelError> {
-        self.run_with(input, threads, cancel, &mut |_, _| {})
+        self.run_with(
+            input,
+            threads,
+            cancel,
+            &mut Arena::default(),
+            &mut |_, _| {},
+        )
+    }
+
+    /// Like [`run`](Self::run), with buffers from `arena` and returned to it (a caller
+    /// running the same plan again, e.g. window after window, then reuses the same memory
+    /// instead of having the allocator map and zero it again).
+    pub fn run_in(
+        &self,
+        input: Vec<f32>,
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        arena: &mut Arena,
+    ) -> Result<(Vec<f32>, StrategyTimes), KernelError> {
+        self.run_with(input, threads, cancel, arena, &mut |_, _| {})
     }
 
     /// Like [`run`](Self::run), and returns every step's time too (node name, op type,
@@ -1329,22 +1374,23 @@ impl GraphPlan {
         threads: usize,
     ) -> Result<(Vec<f32>, Vec<StepTime>), KernelError> {
         let mut steps = Vec::with_capacity(self.steps.len());
-        let (out, _) = self.run_with(input, threads, None, &mut |i, ms| {
-            let s = &self.steps[i];
-            let (name, op) = &self.names[s.node];
-            let strategy = match &s.kind {
-                Kind::Conv { plan, .. } => plan.strategy().name(),
-                Kind::ConvTranspose(p) => p.strategy().name(),
-                Kind::Eval(op) => op.name(),
-            };
-            steps.push(StepTime {
-                node: name.clone(),
-                op,
-                strategy,
-                shape: s.out_shape.clone(),
-                ms,
-            });
-        })?;
+        let (out, _) =
+            self.run_with(input, threads, None, &mut Arena::default(), &mut |i, ms| {
+                let s = &self.steps[i];
+                let (name, op) = &self.names[s.node];
+                let strategy = match &s.kind {
+                    Kind::Conv { plan, .. } => plan.strategy().name(),
+                    Kind::ConvTranspose(p) => p.strategy().name(),
+                    Kind::Eval(op) => op.name(),
+                };
+                steps.push(StepTime {
+                    node: name.clone(),
+                    op,
+                    strategy,
+                    shape: s.out_shape.clone(),
+                    ms,
+                });
+            })?;
         Ok((out, steps))
     }
 
@@ -1353,6 +1399,7 @@ impl GraphPlan {
         input: Vec<f32>,
         threads: usize,
         cancel: Option<&AtomicBool>,
+        arena: &mut Arena,
         on_step: &mut dyn FnMut(usize, f64),
     ) -> Result<(Vec<f32>, StrategyTimes), KernelError> {
         let want: usize = self.input.iter().product();
@@ -1366,13 +1413,12 @@ impl GraphPlan {
         let mut slots: Vec<Option<Tensor>> = (0..self.slots).map(|_| None).collect();
         slots[0] = Some(Tensor::f32(self.input.to_vec(), input));
         let mut times: Vec<(&'static str, f64)> = Vec::new();
-        let mut arena = Arena::default();
         for (i, s) in self.steps.iter().enumerate() {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(KernelError::Cancelled);
             }
             let t0 = Instant::now();
-            let (y, strat) = self.run_step(s, &mut slots, &mut arena, threads, cancel)?;
+            let (y, strat) = self.run_step(s, &mut slots, arena, threads, cancel)?;
             slots[s.out] = Some(y);
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             on_step(i, ms);
@@ -1388,6 +1434,11 @@ impl GraphPlan {
             })?,
             Arg::Const(c) => (**c).clone(),
         };
+        // Whatever is left (nothing, for a graph whose every slot is read) back to the arena.
+        for t in slots.into_iter().flatten() {
+            arena.give(t);
+        }
+        arena.end_run();
         let out = out.into_f32().map_err(|e| KernelError::Invalid {
             what: "graph output".into(),
             reason: e,
