@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use super::graph::Arena;
 use super::{LayerTiming, Model, ModelPlan};
+use crate::kernel::par::par_blocks;
 use crate::kernel::KernelError;
 
 /// How a window's prediction is weighted.
@@ -619,28 +620,43 @@ impl SlidingPlan {
                     // sent: no later window (depth order) touches them.
                     for (j, &[z0, y0, x0]) in group.iter().enumerate() {
                         if z0 > sent {
-                            let f = self.finish_rows(item, sent..z0, &mut ring, &mut buf, emit);
+                            let f = self.finish_rows(
+                                item,
+                                sent..z0,
+                                &mut ring,
+                                &mut buf,
+                                threads,
+                                emit,
+                            );
                             sent = z0;
                             if f.is_break() {
                                 return Err(KernelError::Cancelled);
                             }
                         }
-                        for z in 0..rd {
-                            let row = (z0 + z) % depth;
-                            for y in 0..rh {
-                                let wm = &self.importance[(z * rh + y) * rw..][..rw];
-                                let at = row * plane + (y0 + y) * pw + x0;
-                                for ch in 0..k {
+                        // Ring rows (class, row) split over the threads: each voxel's sum
+                        // still grows window by window, the same bits on any thread count.
+                        let pred = &pred;
+                        par_blocks(&mut ring, plane, threads, |b0, part| {
+                            for (i, ring_row) in part.chunks_mut(plane).enumerate() {
+                                let (ch, row) = ((b0 + i) / depth, (b0 + i) % depth);
+                                // The window's depth z landing on this ring row.
+                                let z = (row + depth - z0 % depth) % depth;
+                                if z >= rd {
+                                    continue;
+                                }
+                                for y in 0..rh {
+                                    let wm = &self.importance[(z * rh + y) * rw..][..rw];
+                                    let at = (y0 + y) * pw + x0;
                                     let p =
                                         &pred[((j * k + ch) * rd + z) * rh * rw + y * rw..][..rw];
-                                    let at = ch * depth * plane + at;
-                                    for ((acc, v), m) in ring[at..at + rw].iter_mut().zip(p).zip(wm)
+                                    for ((acc, v), m) in
+                                        ring_row[at..at + rw].iter_mut().zip(p).zip(wm)
                                     {
                                         *acc += v * m;
                                     }
                                 }
                             }
-                        }
+                        });
                     }
                     arena.give_vec(pred);
                 }
@@ -651,7 +667,7 @@ impl SlidingPlan {
                     .get((g + 1) * wave)
                     .map_or(self.padded[0], |s| s[0]);
                 let flow = if next > sent {
-                    let f = self.finish_rows(item, sent..next, &mut ring, &mut buf, emit);
+                    let f = self.finish_rows(item, sent..next, &mut ring, &mut buf, threads, emit);
                     sent = next;
                     f
                 } else {
@@ -809,6 +825,7 @@ impl SlidingPlan {
         rows: Range<usize>,
         ring: &mut [f32],
         buf: &mut FinishBuffers,
+        threads: usize,
         emit: &mut EmitSlab<'_>,
     ) -> ControlFlow<()> {
         let [_, k_out, d, h, w] = self.output;
@@ -826,7 +843,35 @@ impl SlidingPlan {
             buf.slab.clear();
             buf.slab.resize(k_out * n_rows * h * w, 0.0);
             buf.values.resize(k, 0.0);
-            for (r, prow) in (start..end).enumerate() {
+            if self.opts.output == WindowOutput::Labels {
+                // Rows split over the threads, each with its own weight plane: every label
+                // is computed from its voxel alone, the same bits on any thread count.
+                let ring = &*ring;
+                par_blocks(&mut buf.slab, h * w, threads, |r0, part| {
+                    let (mut weight, mut values) = (Vec::new(), vec![0f32; k]);
+                    for (i, out) in part.chunks_mut(h * w).enumerate() {
+                        let prow = start + r0 + i;
+                        self.weight_plane(prow, &mut weight);
+                        let row = prow % depth;
+                        for y in 0..h {
+                            let at = row * plane + (y + ph0) * pw + pw0;
+                            let wsum = &weight[(y + ph0) * pw + pw0..][..w];
+                            for x in 0..w {
+                                for (ch, val) in values.iter_mut().enumerate() {
+                                    *val = ring[ch * depth * plane + at + x] / wsum[x];
+                                }
+                                out[y * w + x] = argmax(&values) as f32;
+                            }
+                        }
+                    }
+                });
+            }
+            let rows_here = if self.opts.output == WindowOutput::Labels {
+                0..0
+            } else {
+                start..end
+            };
+            for (r, prow) in rows_here.enumerate() {
                 self.weight_plane(prow, &mut buf.weight);
                 let row = prow % depth;
                 for y in 0..h {
