@@ -1371,7 +1371,13 @@ mod tests {
         #[test]
         fn a_fed_scan_equals_the_whole_scan() {
             let m = model(1, 3, 5);
-            for (scan, lanes, batch) in [([2, 1, 37, 9, 11], 2, 1), ([1, 1, 5, 30, 7], 1, 3)] {
+            for (scan, lanes, batch) in [
+                ([2, 1, 37, 9, 11], 2, 1),
+                ([1, 1, 5, 30, 7], 1, 3),
+                // Calls of 2 windows on 2 lanes, rows of 9 windows: calls and waves both
+                // span two rows of windows.
+                ([1, 1, 23, 10, 7], 2, 2),
+            ] {
                 let q = WindowRequest {
                     roi: Some([6, 5, 4]),
                     batch: Some(batch),
