@@ -620,14 +620,7 @@ impl SlidingPlan {
                     // sent: no later window (depth order) touches them.
                     for (j, &[z0, y0, x0]) in group.iter().enumerate() {
                         if z0 > sent {
-                            let f = self.finish_rows(
-                                item,
-                                sent..z0,
-                                &mut ring,
-                                &mut buf,
-                                threads,
-                                emit,
-                            );
+                            let f = self.finish_rows(item, sent..z0, &mut ring, &mut buf, emit);
                             sent = z0;
                             if f.is_break() {
                                 return Err(KernelError::Cancelled);
@@ -667,7 +660,7 @@ impl SlidingPlan {
                     .get((g + 1) * wave)
                     .map_or(self.padded[0], |s| s[0]);
                 let flow = if next > sent {
-                    let f = self.finish_rows(item, sent..next, &mut ring, &mut buf, threads, emit);
+                    let f = self.finish_rows(item, sent..next, &mut ring, &mut buf, emit);
                     sent = next;
                     f
                 } else {
@@ -825,7 +818,6 @@ impl SlidingPlan {
         rows: Range<usize>,
         ring: &mut [f32],
         buf: &mut FinishBuffers,
-        threads: usize,
         emit: &mut EmitSlab<'_>,
     ) -> ControlFlow<()> {
         let [_, k_out, d, h, w] = self.output;
@@ -843,35 +835,7 @@ impl SlidingPlan {
             buf.slab.clear();
             buf.slab.resize(k_out * n_rows * h * w, 0.0);
             buf.values.resize(k, 0.0);
-            if self.opts.output == WindowOutput::Labels {
-                // Rows split over the threads, each with its own weight plane: every label
-                // is computed from its voxel alone, the same bits on any thread count.
-                let ring = &*ring;
-                par_blocks(&mut buf.slab, h * w, threads, |r0, part| {
-                    let (mut weight, mut values) = (Vec::new(), vec![0f32; k]);
-                    for (i, out) in part.chunks_mut(h * w).enumerate() {
-                        let prow = start + r0 + i;
-                        self.weight_plane(prow, &mut weight);
-                        let row = prow % depth;
-                        for y in 0..h {
-                            let at = row * plane + (y + ph0) * pw + pw0;
-                            let wsum = &weight[(y + ph0) * pw + pw0..][..w];
-                            for x in 0..w {
-                                for (ch, val) in values.iter_mut().enumerate() {
-                                    *val = ring[ch * depth * plane + at + x] / wsum[x];
-                                }
-                                out[y * w + x] = argmax(&values) as f32;
-                            }
-                        }
-                    }
-                });
-            }
-            let rows_here = if self.opts.output == WindowOutput::Labels {
-                0..0
-            } else {
-                start..end
-            };
-            for (r, prow) in rows_here.enumerate() {
+            for (r, prow) in (start..end).enumerate() {
                 self.weight_plane(prow, &mut buf.weight);
                 let row = prow % depth;
                 for y in 0..h {
