@@ -554,33 +554,31 @@ impl SlidingPlan {
                         x
                     })
                     .collect();
-                match input {
-                    Source::Whole(scan) => {
-                        let scan = &scan[item * item_len..(item + 1) * item_len];
-                        let plane = |ch: usize, z: usize| &scan[(ch * d + z) * h * w..][..h * w];
-                        for (grp, x) in groups.iter().zip(&mut xs) {
-                            for (win, dst) in grp.iter().zip(x.chunks_exact_mut(c * rd * rh * rw)) {
-                                self.gather_one(plane, win, dst);
-                            }
+                // Window by window, in order. A fed scan releases the rows above the next
+                // window before the one after is waited for, so the feed holds one window's
+                // depth even when a wave spans two rows of windows.
+                let dsts = xs
+                    .iter_mut()
+                    .flat_map(|x| x.chunks_exact_mut(c * rd * rh * rw));
+                for (index, (win, dst)) in (g * wave + 1..).zip(windows.iter().zip(dsts)) {
+                    match input {
+                        Source::Whole(scan) => {
+                            let scan = &scan[item * item_len..(item + 1) * item_len];
+                            self.gather_one(
+                                |ch, z| &scan[(ch * d + z) * h * w..][..h * w],
+                                win,
+                                dst,
+                            );
                         }
-                    }
-                    Source::Fed(feed) => {
-                        // Window by window: the rows above a window's start are released
-                        // before the next one is waited for, so the feed holds one
-                        // window's depth even when a wave spans two rows of windows.
-                        let mut index = g * wave;
-                        for (grp, x) in groups.iter().zip(&mut xs) {
-                            for (win, dst) in grp.iter().zip(x.chunks_exact_mut(c * rd * rh * rw)) {
-                                let rows = self.scan_rows(std::slice::from_ref(win));
-                                let state = feed.wait_rows(item * d + rows.end, cancel)?;
-                                self.gather_one(|_, z| state.row(item * d + z), win, dst);
-                                index += 1;
-                                let next = self
-                                    .windows
-                                    .get(index)
-                                    .map_or(d, |s| self.scan_rows(std::slice::from_ref(s)).start);
-                                feed.release(state, item * d + next);
-                            }
+                        Source::Fed(feed) => {
+                            let end = self.scan_rows(win).end;
+                            let state = feed.wait_rows(item * d + end, cancel)?;
+                            self.gather_one(|_, z| state.row(item * d + z), win, dst);
+                            let next = self
+                                .windows
+                                .get(index)
+                                .map_or(d, |s| self.scan_rows(s).start);
+                            feed.release(state, item * d + next);
                         }
                     }
                 }
@@ -785,13 +783,11 @@ impl SlidingPlan {
         }
     }
 
-    /// Scan depth rows `[lo, hi)` the windows `group` read (padding aside).
-    fn scan_rows(&self, group: &[[usize; 3]]) -> Range<usize> {
+    /// Scan depth rows `[lo, hi)` the window starting at `z0` reads (padding aside).
+    fn scan_rows(&self, &[z0, ..]: &[usize; 3]) -> Range<usize> {
         let (pd, d, rd) = (self.pad_before[0], self.scan[2], self.opts.roi[0]);
-        let z0 = group.iter().map(|s| s[0]).min().unwrap_or(0);
-        let z1 = group.iter().map(|s| s[0] + rd).max().unwrap_or(0);
         let lo = z0.saturating_sub(pd).min(d);
-        lo..z1.saturating_sub(pd).min(d).max(lo)
+        lo..(z0 + rd).saturating_sub(pd).min(d).max(lo)
     }
 
     /// Rows an [`InputFeed`] for this plan holds at once: one window's depth span (single-
