@@ -148,6 +148,42 @@ fn runs_sharing_an_arena_reuse_it() {
     assert!(held[2..].windows(2).all(|w| w[0] == w[1]), "{held:?}");
 }
 
+/// Plain runs keep the graph's arena for the next run (of any of its plans): run after run,
+/// at any thread count and with another input shape in between, the same bits as the first
+/// run, and the idle arena holds no more than one run's working memory plus its input.
+#[test]
+fn repeated_runs_reuse_the_graph_arena() {
+    let name = "monai_basicunet_dynamic";
+    let dir = fixtures().join(name);
+    let m = load_model(&dir, name).unwrap();
+    let g = m.graph().unwrap();
+    assert_eq!(g.idle_arena_bytes(), 0);
+    let (a, b) = ([1, 1, 48, 48, 32], [1, 1, 32, 32, 32]);
+    let (xa, xb) = (
+        voxconv::kernel::seeded(a.iter().product(), 3),
+        voxconv::kernel::seeded(b.iter().product(), 4),
+    );
+    let (pa, pb) = (m.plan(a).unwrap(), m.plan(b).unwrap());
+    let run = |p: &voxconv::model::ModelPlan, x: &[f32], threads| {
+        // NaN-prefilled: every output value must be written.
+        let mut out = vec![f32::NAN; p.output_len()];
+        p.run_to(&m, x.to_vec(), threads, None, &mut out).unwrap();
+        out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    let (want_a, want_b) = (run(&pa, &xa, 1), run(&pb, &xb, 1));
+    assert!(g.idle_arena_bytes() > 0);
+    let bound = pa.working_bytes(3) + xa.len() * 4;
+    for threads in [2, 3, 1, 2] {
+        assert_eq!(run(&pa, &xa, threads), want_a, "{threads} threads");
+        assert!(
+            g.idle_arena_bytes() <= bound,
+            "{} > {bound}",
+            g.idle_arena_bytes()
+        );
+        assert_eq!(run(&pb, &xb, threads), want_b, "{threads} threads");
+    }
+}
+
 fn kserve_request(model: &str, input: &str, shape: &[usize], x: &[f32]) -> kv::ModelInferRequest {
     kv::ModelInferRequest {
         model_name: model.into(),

@@ -102,30 +102,41 @@ fn sum_f64(v: &[f32]) -> f64 {
     s
 }
 
-/// Sum of squared deviations from `mean`, in f64.
-fn sum_sq_dev_f64(v: &[f32], mean: f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = v.chunks_exact(8);
-    let tail = chunks.remainder();
-    for ch in chunks {
-        for (a, &x) in acc.iter_mut().zip(ch) {
-            let d = f64::from(x) - mean;
-            *a += d * d;
-        }
-    }
-    let mut s: f64 = acc.iter().sum();
-    for &x in tail {
-        let d = f64::from(x) - mean;
-        s += d * d;
-    }
-    s
-}
+/// Lanes of the f32 accumulators (vectorised by the compiler) and values per block, after
+/// which a block's lane sums are added into f64.
+const NORM_LANES: usize = 16;
+const NORM_BLOCK: usize = 1024;
 
-/// Mean and biased variance of `v` (non-empty), two passes in f64.
+/// Mean and biased variance of `v` (non-empty) in one pass: the sums of `x − k` and
+/// `(x − k)²`, with `k` the first value (so a channel whose values are far from zero but
+/// close together loses nothing to cancellation), accumulated in f32 lanes within blocks of
+/// 1024 values and in f64 across blocks. A constant `v` gives exactly its value and 0.
 fn mean_var(v: &[f32]) -> (f64, f64) {
-    let len = v.len() as f64;
-    let mean = sum_f64(v) / len;
-    (mean, sum_sq_dev_f64(v, mean) / len)
+    let k = v[0];
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for block in v.chunks(NORM_BLOCK) {
+        let mut a1 = [0f32; NORM_LANES];
+        let mut a2 = [0f32; NORM_LANES];
+        let lanes = block.chunks_exact(NORM_LANES);
+        let tail = lanes.remainder();
+        for c in lanes {
+            for i in 0..NORM_LANES {
+                let d = c[i] - k;
+                a1[i] += d;
+                a2[i] += d * d;
+            }
+        }
+        for &x in tail {
+            let d = f64::from(x - k);
+            s1 += d;
+            s2 += d * d;
+        }
+        s1 += a1.iter().map(|&x| f64::from(x)).sum::<f64>();
+        s2 += a2.iter().map(|&x| f64::from(x)).sum::<f64>();
+    }
+    let n = v.len() as f64;
+    let m = s1 / n;
+    (f64::from(k) + m, (s2 / n - m * m).max(0.0))
 }
 
 fn check_eps(eps: f32, op: &str) -> Result<f64, KernelError> {
@@ -139,12 +150,13 @@ fn check_eps(eps: f32, op: &str) -> Result<f64, KernelError> {
     }
 }
 
-/// `v ← scale · (v − mean) / sqrt(var + eps) + bias`, in f64.
+/// `v ← (v − mean) · a + bias` with `a = scale / sqrt(var + eps)` (computed in f64), in f32:
+/// a constant channel (whose mean is its value) gives exactly `bias`.
 fn normalize(v: &mut [f32], mean: f64, var: f64, eps: f64, scale: f32, bias: f32) {
-    let a = f64::from(scale) / (var + eps).sqrt();
-    let b = f64::from(bias);
+    let a = (f64::from(scale) / (var + eps).sqrt()) as f32;
+    let m = mean as f32;
     for x in v {
-        *x = ((f64::from(*x) - mean) * a + b) as f32;
+        *x = (*x - m) * a + bias;
     }
 }
 
@@ -153,8 +165,9 @@ fn normalize(v: &mut [f32], mean: f64, var: f64, eps: f64, scale: f32, bias: f32
 
 /// InstanceNormalization (ONNX / PyTorch): for every `(n, c)`,
 /// `y = scale[c] · (x − mean) / sqrt(var + eps) + bias[c]` with the mean and the biased variance
-/// of the `spatial` values of that channel; in place. Statistics are accumulated in f64 (two
-/// passes), and the normalization is applied in f64.
+/// of the `spatial` values of that channel; in place. Statistics take one pass (f32 lanes
+/// within blocks of 1024 values, f64 across blocks, shifted by the channel's first value),
+/// the normalization a second, in f32.
 ///
 /// `x` is `[N, C, spatial]` (any rank: `spatial` is the product of the dimensions after the first
 /// two), `scale` and `bias` have `c` values, `eps` is finite and non-negative.
@@ -180,7 +193,7 @@ pub fn instance_norm(
 
 /// GroupNormalization (PyTorch `group_norm`, ONNX opset 21): the `c` channels are split into
 /// `groups` contiguous groups of `c / groups` channels; mean and biased variance are taken per
-/// `(n, group)` over `c / groups · spatial` values (f64, two passes), then every channel gets its
+/// `(n, group)` over `c / groups · spatial` values (as [`instance_norm`] does), then every channel gets its
 /// own `scale[c]` and `bias[c]`; in place. `groups` must divide `c`.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(
@@ -397,8 +410,40 @@ pub fn resize3d(
     mode: ResizeMode,
     coord: CoordMode,
 ) -> Result<Vec<f32>, KernelError> {
-    check_shape5(shape, x.len())?;
+    let out_len = resize3d_len(shape, x.len(), out_dhw)?;
+    let mut out = try_filled(out_len, 0.0, "Resize output")?;
+    resize3d_into(x, shape, out_dhw, scales, mode, coord, &mut out, 1)?;
+    Ok(out)
+}
+
+/// The number of values [`resize3d`] of `shape` (holding `len` values) to `out_dhw` gives.
+pub fn resize3d_len(
+    shape: [usize; 5],
+    len: usize,
+    out_dhw: [usize; 3],
+) -> Result<usize, KernelError> {
+    check_shape5(shape, len)?;
     check_nonzero("output", &out_dhw, &DIMS5[2..])?;
+    let out_plane = product(&out_dhw, "Resize output")?;
+    product(&[shape[0], shape[1], out_plane], "Resize output")
+}
+
+/// [`resize3d`] into `out` (of [`resize3d_len`] values, every one overwritten), the
+/// `N·C` planes split over up to `threads` threads (planes are independent: the same bits
+/// on any thread count).
+#[allow(clippy::too_many_arguments)]
+pub fn resize3d_into(
+    x: &[f32],
+    shape: [usize; 5],
+    out_dhw: [usize; 3],
+    scales: [f32; 3],
+    mode: ResizeMode,
+    coord: CoordMode,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), KernelError> {
+    let out_len = resize3d_len(shape, x.len(), out_dhw)?;
+    check_len("Resize output", out_len, out.len())?;
     for a in 0..3 {
         if !(scales[a].is_finite() && scales[a] > 0.0) {
             return Err(KernelError::Unsupported {
@@ -407,13 +452,14 @@ pub fn resize3d(
             });
         }
     }
-    let [n, c, d, h, w] = shape;
+    let [_, _, d, h, w] = shape;
     let [_, oh, ow] = out_dhw;
     let in_plane = d * h * w;
+    // Non-zero: checked by resize3d_len.
     let out_plane = product(&out_dhw, "Resize output")?;
-    let out_len = product(&[n, c, out_plane], "Resize output")?;
-    let mut out = try_filled(out_len, 0.0, "Resize output")?;
     let ins = [d, h, w];
+    // Small outputs are not worth a thread.
+    let threads = if out_len < 1 << 16 { 1 } else { threads };
 
     match mode {
         ResizeMode::Nearest(nm) => {
@@ -425,23 +471,24 @@ pub fn resize3d(
                     nearest_index(xs, nm, ins[a])
                 }));
             }
-            for (src, dst) in x
-                .chunks_exact(in_plane)
-                .zip(out.chunks_exact_mut(out_plane))
-            {
-                let mut rows = dst.chunks_exact_mut(ow);
-                for &iz in &index[0] {
-                    for &iy in &index[1] {
-                        let srow = &src[(iz * h + iy) * w..][..w];
-                        // One output row per (z, y); `rows` has exactly od · oh of them.
-                        if let Some(drow) = rows.next() {
-                            for (o, &ix) in drow.iter_mut().zip(&index[2]) {
-                                *o = srow[ix];
+            let index = &index;
+            crate::par::par_blocks(out, out_plane, threads, |first, part| {
+                for (k, dst) in part.chunks_exact_mut(out_plane).enumerate() {
+                    let src = &x[(first + k) * in_plane..][..in_plane];
+                    let mut rows = dst.chunks_exact_mut(ow);
+                    for &iz in &index[0] {
+                        for &iy in &index[1] {
+                            let srow = &src[(iz * h + iy) * w..][..w];
+                            // One output row per (z, y); `rows` has exactly od · oh of them.
+                            if let Some(drow) = rows.next() {
+                                for (o, &ix) in drow.iter_mut().zip(&index[2]) {
+                                    *o = srow[ix];
+                                }
                             }
                         }
                     }
                 }
-            }
+            });
         }
         ResizeMode::Linear => {
             let mut taps: [Vec<Taps>; 3] = Default::default();
@@ -460,7 +507,7 @@ pub fn resize3d(
                         .enumerate()
                         .all(|(o, t)| t.i0 == o && t.w1 == 0.0);
             }
-            // Intermediate planes: [D, H, oW] after W, [D, oH, oW] after H.
+            // Intermediate planes: [D, H, oW] after W, [D, oH, oW] after H (per thread).
             let len1 = if identity[2] {
                 0
             } else {
@@ -471,33 +518,49 @@ pub fn resize3d(
             } else {
                 product(&[d, oh, ow], "Resize intermediate")?
             };
-            let mut buf1 = try_filled(len1, 0.0, "Resize intermediate")?;
-            let mut buf2 = try_filled(len2, 0.0, "Resize intermediate")?;
-            for (src, dst) in x
-                .chunks_exact(in_plane)
-                .zip(out.chunks_exact_mut(out_plane))
-            {
-                let s1: &[f32] = if identity[2] {
-                    src
-                } else {
-                    lerp_inner(src, &mut buf1, w, &taps[2]);
-                    &buf1
-                };
-                let s2: &[f32] = if identity[1] {
-                    s1
-                } else {
-                    lerp_outer(s1, &mut buf2, h, ow, &taps[1]);
-                    &buf2
-                };
-                if identity[0] {
-                    dst.copy_from_slice(s2);
-                } else {
-                    lerp_outer(s2, dst, d, oh * ow, &taps[0]);
-                }
+            let groups = threads.clamp(1, (out_len / out_plane).max(1));
+            let mut scratch = Vec::new();
+            for _ in 0..groups {
+                scratch.push((
+                    try_filled(len1, 0.0, "Resize intermediate")?,
+                    try_filled(len2, 0.0, "Resize intermediate")?,
+                ));
             }
+            let scratch: Vec<std::sync::Mutex<(Vec<f32>, Vec<f32>)>> =
+                scratch.into_iter().map(std::sync::Mutex::new).collect();
+            let (taps, scratch) = (&taps, &scratch);
+            let planes = out_len / out_plane;
+            let per = planes.div_ceil(groups);
+            crate::par::par_blocks(out, out_plane, groups, |first, part| {
+                // Each part is one group's run of planes: its own scratch, never contended.
+                let mut guard = scratch[first / per.max(1)]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let (buf1, buf2) = &mut *guard;
+                for (k, dst) in part.chunks_exact_mut(out_plane).enumerate() {
+                    let src = &x[(first + k) * in_plane..][..in_plane];
+                    let s1: &[f32] = if identity[2] {
+                        src
+                    } else {
+                        lerp_inner(src, buf1, w, &taps[2]);
+                        buf1
+                    };
+                    let s2: &[f32] = if identity[1] {
+                        s1
+                    } else {
+                        lerp_outer(s1, buf2, h, ow, &taps[1]);
+                        buf2
+                    };
+                    if identity[0] {
+                        dst.copy_from_slice(s2);
+                    } else {
+                        lerp_outer(s2, dst, d, oh * ow, &taps[0]);
+                    }
+                }
+            });
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

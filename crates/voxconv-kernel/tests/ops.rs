@@ -692,6 +692,44 @@ fn softmax_and_norm_edge_values() {
     assert_eq!(a, g);
 }
 
+/// The threaded Resize writes every value (NaN-prefilled output) with the same bits as the
+/// one-thread one, for both modes, odd plane counts and sizes.
+#[test]
+fn resize_into_threads_same_bits() {
+    let shape = [2, 3, 5, 7, 9];
+    let x: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i * 29 % 17) as f32).sin())
+        .collect();
+    for mode in [
+        ResizeMode::Linear,
+        ResizeMode::Nearest(voxconv_kernel::ops::NearestMode::RoundPreferFloor),
+    ] {
+        for out in [[10, 14, 18], [5, 13, 4], [64, 32, 48]] {
+            let scales = [0, 1, 2].map(|a| out[a] as f32 / shape[a + 2] as f32);
+            let want = resize3d(&x, shape, out, scales, mode, CoordMode::HalfPixel).unwrap();
+            for threads in [1, 2, 3, 8] {
+                let mut got = vec![f32::NAN; want.len()];
+                voxconv_kernel::ops::resize3d_into(
+                    &x,
+                    shape,
+                    out,
+                    scales,
+                    mode,
+                    CoordMode::HalfPixel,
+                    &mut got,
+                    threads,
+                )
+                .unwrap();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{mode:?} {out:?} {threads} threads");
+            }
+        }
+    }
+}
+
 #[test]
 fn resize_identity_and_nearest_upsample() {
     let x: Vec<f32> = (0..2 * 3 * 4 * 5).map(|i| i as f32 * 0.25).collect();

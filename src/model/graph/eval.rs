@@ -164,6 +164,26 @@ fn nonempty(t: Option<&Tensor>) -> Option<&Tensor> {
     t.filter(|t| !t.is_empty())
 }
 
+/// Resize (`op` must be [`Op::Resize`]) of `x` with the node's `scales`/`sizes` inputs into
+/// `out` (sized for the planned output), on up to `threads` threads: the run-time path,
+/// which writes into a buffer the caller reuses.
+pub fn resize_into(
+    op: &Op,
+    x: &Tensor,
+    scales: Option<&Tensor>,
+    sizes: Option<&Tensor>,
+    out: &mut [f32],
+    threads: usize,
+) -> OpResult<()> {
+    let Op::Resize { mode, coord } = op else {
+        return Err(format!("{} is not a Resize", op.name()));
+    };
+    let s = five(&x.shape)?;
+    let (dims, sc) = resize_dims(&x.shape, scales, sizes)?;
+    ops::resize3d_into(x.as_f32()?, s, dims, sc, *mode, *coord, out, threads)
+        .map_err(|e| e.to_string())
+}
+
 /// Output spatial size and coordinate scales of a Resize over D, H, W.
 fn resize_dims(
     shape: &[usize],
