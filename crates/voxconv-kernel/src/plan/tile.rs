@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use crate::buffer::{scratch_give, scratch_take};
 use crate::im2col::{im2col_tile, Run};
 use crate::{avx512, winograd, Activation};
 
@@ -42,6 +43,20 @@ pub(super) struct Scratch {
     lane_groups: Vec<winograd::LaneGroup>,
 }
 
+impl Drop for Scratch {
+    /// The large buffers go back to the kernel's pool for the next call.
+    fn drop(&mut self) {
+        for v in [
+            &mut self.col,
+            &mut self.acc,
+            &mut self.wino_v,
+            &mut self.wino_m,
+        ] {
+            scratch_give(std::mem::take(v));
+        }
+    }
+}
+
 /// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
 /// channel `c` starts `c·row_stride` values later.
 #[derive(Clone, Copy)]
@@ -68,12 +83,12 @@ impl Conv3dPlan {
 
     pub(super) fn scratch(&self) -> Scratch {
         Scratch {
-            col: vec![0f32; self.col_len()],
-            acc: vec![0f32; self.acc_len()],
+            col: scratch_take(self.col_len()),
+            acc: scratch_take(self.acc_len()),
             segments: Vec::new(),
             runs: Vec::new(),
-            wino_v: vec![0f32; self.wino_v_len()],
-            wino_m: vec![0f32; self.wino_m_len()],
+            wino_v: scratch_take(self.wino_v_len()),
+            wino_m: scratch_take(self.wino_m_len()),
             lane_groups: Vec::new(),
         }
     }
