@@ -519,6 +519,9 @@ impl ModelPlan {
                     cur = out;
                     if i == last {
                         self.emit_whole(&mut cur, &mut sink)?;
+                        // Copied out (not handed over): the buffer goes back to the model's
+                        // idle arena for the next run's output.
+                        g.recycle(std::mem::take(&mut cur));
                     }
                     timings.extend(times.into_iter().map(|(strategy, ms)| LayerTiming {
                         strategy,

@@ -111,6 +111,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     on_ready: impl FnOnce(ServerState),
 ) -> std::io::Result<()> {
+    // Idle model arenas (buffers kept between requests) are capped like calls in flight.
+    crate::model::graph::set_idle_arena_limit(
+        usize::try_from(config.memory_budget).unwrap_or(usize::MAX),
+    );
     let pool = Arc::new(Pool::new(
         config.workers,
         config.queue_len,

@@ -1035,13 +1035,25 @@ impl ConvTranspose3dPlan {
                             let oz = z * kd + a;
                             let oy = y * kh + b;
                             let dst = &mut out_c[(oz * oh + oy) * ow..][..row_len];
-                            for c in 0..kw {
-                                let src = &slab.data[(base + c) * chan + (pz * h + y) * w..][..w];
-                                if kw == 1 {
-                                    dst.copy_from_slice(src);
-                                } else {
-                                    for (x, &v) in src.iter().enumerate() {
-                                        dst[x * kw + c] = v;
+                            let src =
+                                |c: usize| &slab.data[(base + c) * chan + (pz * h + y) * w..][..w];
+                            match kw {
+                                1 => dst.copy_from_slice(src(0)),
+                                // The U-Net case: both taps interleaved in one pass over the
+                                // row (two strided passes took as long as the GEMM).
+                                2 => {
+                                    for ((d, &u), &v) in
+                                        dst.chunks_exact_mut(2).zip(src(0)).zip(src(1))
+                                    {
+                                        d[0] = u;
+                                        d[1] = v;
+                                    }
+                                }
+                                _ => {
+                                    for (x, d) in dst.chunks_exact_mut(kw).enumerate() {
+                                        for (c, v) in d.iter_mut().enumerate() {
+                                            *v = src(c)[x];
+                                        }
                                     }
                                 }
                             }

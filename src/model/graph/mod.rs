@@ -15,7 +15,7 @@ pub mod tensor;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -277,7 +277,7 @@ pub struct Graph {
     pub constants: HashMap<String, Const>,
     cache: Mutex<Vec<([usize; 5], Arc<GraphPlan>)>>,
     /// The idle arena of the last run of any of its plans ([`GraphPlan::run`]).
-    spare: Arc<Mutex<Option<Arena>>>,
+    spare: Arc<IdleArena>,
 }
 
 /// Where a step reads a value.
@@ -326,7 +326,7 @@ pub struct GraphPlan {
     names: Vec<(String, &'static str)>,
     /// The graph's idle arena (shared by all its plans: one per model at most), kept from
     /// the last run for the next.
-    spare: Arc<Mutex<Option<Arena>>>,
+    spare: Arc<IdleArena>,
 }
 
 /// A planned value: a constant known now, or a buffer computed at run time.
@@ -369,7 +369,7 @@ impl Graph {
     /// Bytes held by the graph's idle arena (kept from the last run of any of its plans for
     /// the next; at most what one run needed).
     pub fn idle_arena_bytes(&self) -> usize {
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let spare = self.spare.0.lock().unwrap_or_else(|e| e.into_inner());
         spare.as_ref().map_or(0, Arena::held_bytes)
     }
 
@@ -1116,6 +1116,91 @@ pub struct StepTime {
     pub ms: f64,
 }
 
+/// Bytes held by the idle arenas of all graphs, and the most they may hold.
+static IDLE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static IDLE_LIMIT: AtomicUsize = AtomicUsize::new(1 << 30);
+
+/// Caps the bytes the idle arenas of all models hold together (default 1 GiB; the server
+/// sets `--memory-budget`): an arena that would pass the cap is released after its run
+/// instead of kept, so memory between requests stays bounded however many models serve.
+pub fn set_idle_arena_limit(bytes: usize) {
+    IDLE_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// Bytes the idle arenas of all models hold now.
+pub fn idle_arena_total() -> usize {
+    IDLE_BYTES.load(Ordering::Relaxed)
+}
+
+/// The idle total after `old` idle bytes are replaced by `new`, if within `limit`.
+fn idle_after(total: usize, old: usize, new: usize, limit: usize) -> Option<usize> {
+    let t = total.saturating_sub(old).checked_add(new)?;
+    (t <= limit).then_some(t)
+}
+
+/// Replaces `old` idle bytes by `new` in the process-wide count if the cap allows.
+fn idle_admit(old: usize, new: usize) -> bool {
+    let limit = IDLE_LIMIT.load(Ordering::Relaxed);
+    IDLE_BYTES
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+            idle_after(total, old, new, limit)
+        })
+        .is_ok()
+}
+
+/// A graph's idle arena, counted in [`idle_arena_total`] while it is idle.
+#[derive(Debug, Default)]
+struct IdleArena(Mutex<Option<Arena>>);
+
+impl IdleArena {
+    /// The idle arena, if any (no longer counted as idle).
+    fn take(&self) -> Option<Arena> {
+        let a = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        IDLE_BYTES.fetch_sub(a.held_bytes(), Ordering::Relaxed);
+        Some(a)
+    }
+
+    /// Keeps `arena` for the next run if there is none or it holds more than the one kept
+    /// (a concurrent run's), and the cap allows; else it is released.
+    fn offer(&self, arena: Arena) {
+        let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let old = spare.as_ref().map_or(0, Arena::held_bytes);
+        let new = arena.held_bytes();
+        if spare.is_some() && new <= old {
+            return;
+        }
+        if idle_admit(old, new) {
+            *spare = Some(arena);
+        }
+    }
+}
+
+impl IdleArena {
+    /// Adds a buffer to the idle arena, if there is one and the cap allows.
+    fn give_vec(&self, v: Vec<f32>) {
+        let bytes = v.capacity() * 4;
+        if v.capacity() < ARENA_MIN_VALUES {
+            return;
+        }
+        let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(arena) = spare.as_mut() else {
+            return;
+        };
+        if idle_admit(0, bytes) {
+            arena.give_vec(v);
+        }
+    }
+}
+
+impl Drop for IdleArena {
+    fn drop(&mut self) {
+        let a = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(a) = a {
+            IDLE_BYTES.fetch_sub(a.held_bytes(), Ordering::Relaxed);
+        }
+    }
+}
+
 /// Float buffers freed by earlier steps of a run, reused by later ones. A U-Net's decoder
 /// produces the sizes its encoder freed, so most outputs land in memory the run has already
 /// touched: a fresh allocation of that size is mapped page by page on first write, and those
@@ -1384,6 +1469,12 @@ impl GraphPlan {
         self.with_spare(|arena| self.run_with(input, threads, cancel, arena, &mut |_, _| {}))
     }
 
+    /// Gives a run's output back, once the caller has copied it out, to the graph's idle
+    /// arena (if one is kept and the cap allows), so the next run's output maps no new memory.
+    pub fn recycle(&self, output: Vec<f32>) {
+        self.spare.give_vec(output);
+    }
+
     /// Calls `f` with the graph's idle arena (or a new one) and keeps the arena for the next
     /// run if `f` succeeds: run after run then reuses the same memory, which the allocator
     /// would otherwise map and the kernel zero again page by page (MONAI UNet at 96³, one
@@ -1393,17 +1484,10 @@ impl GraphPlan {
         &self,
         f: impl FnOnce(&mut Arena) -> Result<T, KernelError>,
     ) -> Result<T, KernelError> {
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut arena = spare.unwrap_or_else(Arena::retaining);
+        let mut arena = self.spare.take().unwrap_or_else(Arena::retaining);
         let r = f(&mut arena);
         if r.is_ok() {
-            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-            if spare
-                .as_ref()
-                .is_none_or(|s| s.held_bytes() < arena.held_bytes())
-            {
-                *spare = Some(arena);
-            }
+            self.spare.offer(arena);
         }
         r
     }
@@ -1702,4 +1786,21 @@ fn self_shape5(h: &Option<Held<'_>>) -> Result<[usize; 5], String> {
         .as_slice()
         .try_into()
         .map_err(|_| format!("expected a 5-D tensor, got {:?}", t.shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idle_after;
+
+    #[test]
+    fn idle_arenas_stay_within_their_cap() {
+        // A first arena fits, one past the cap does not, a replacement counts only the
+        // difference, and no sum overflows.
+        assert_eq!(idle_after(0, 0, 100, 100), Some(100));
+        assert_eq!(idle_after(100, 0, 1, 100), None);
+        assert_eq!(idle_after(100, 60, 50, 100), Some(90));
+        assert_eq!(idle_after(100, 60, 61, 100), None);
+        assert_eq!(idle_after(usize::MAX, 0, 1, usize::MAX), None);
+        assert_eq!(idle_after(0, 0, 1, 0), None);
+    }
 }
