@@ -186,6 +186,34 @@ fn repeated_runs_reuse_the_graph_arena() {
     assert!(voxconv::model::graph::idle_arena_total() >= g.idle_arena_bytes());
 }
 
+/// What a plain run's arena comes to hold (every buffer allocated in the run, the caller's
+/// input and the recycled output) stays within the working memory the plan reports (plus
+/// the input), for every network fixture: the memory budget counts what a run really holds.
+#[test]
+fn the_reported_working_memory_covers_the_kept_arena() {
+    for name in [
+        "monai_basicunet",
+        "monai_segresnet",
+        "monai_unet",
+        "nnunet_plainconv",
+    ] {
+        let m = load_model(&fixtures().join(name), name).unwrap();
+        let g = m.graph().unwrap();
+        let shape = g.declared_input().unwrap();
+        let p = m.plan(shape).unwrap();
+        let x = voxconv::kernel::seeded(shape.iter().product(), 5);
+        let mut out = vec![f32::NAN; p.output_len()];
+        for _ in 0..2 {
+            p.run_to(&m, x.clone(), 1, None, &mut out).unwrap();
+        }
+        let (held, working) = (g.idle_arena_bytes(), p.working_bytes(1));
+        assert!(
+            held <= working + x.len() * 4,
+            "{name}: {held} > {working} + input"
+        );
+    }
+}
+
 fn kserve_request(model: &str, input: &str, shape: &[usize], x: &[f32]) -> kv::ModelInferRequest {
     kv::ModelInferRequest {
         model_name: model.into(),

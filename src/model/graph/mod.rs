@@ -1415,14 +1415,91 @@ impl GraphPlan {
         self.steps.is_empty()
     }
 
-    /// Peak bytes of a run besides the caller's input: the largest set of live buffers
-    /// plus the step's workspace, over all steps.
+    /// Bytes of float buffers a plain run's arena comes to hold (values, summed), which
+    /// keeps every buffer given back ([`Arena::retaining`]): the run simulated buffer by
+    /// buffer. Each output is taken best-fit from the buffers freed so far, as
+    /// [`Arena::take`] does, or allocated; an op computing in place on an input it reads
+    /// last allocates nothing; an op the arena does not serve allocates. None is released
+    /// during a run, so the sum of what was allocated is the run's peak. The caller's input,
+    /// once read, joins the free buffers without being counted (it is the caller's).
+    fn retained_values(&self) -> usize {
+        let numel = |shape: &[usize]| shape.iter().fold(1usize, |a, &d| a.saturating_mul(d));
+        let mut cap = vec![0usize; self.slots];
+        cap[0] = self.input.iter().product();
+        let mut free: Vec<usize> = Vec::new();
+        let mut total = 0usize;
+        for s in &self.steps {
+            let len = numel(&s.out_shape);
+            let first = match s.args.first() {
+                Some(Some(Arg::Slot(x))) => Some(*x),
+                _ => None,
+            };
+            let read_last = |x: usize| {
+                s.free.contains(&x)
+                    && s.args
+                        .iter()
+                        .filter(|b| matches!(b, Some(Arg::Slot(y)) if *y == x))
+                        .count()
+                        == 1
+            };
+            let mut consumed = None;
+            let take = match &s.kind {
+                Kind::Conv { .. }
+                | Kind::ConvTranspose(_)
+                | Kind::Eval(Op::Concat { .. })
+                | Kind::Eval(Op::Resize { .. }) => true,
+                Kind::Eval(op) if op.updates_first_input() => match first {
+                    Some(x) if read_last(x) && cap[x] >= len => {
+                        consumed = Some(x);
+                        false
+                    }
+                    // Lent: copied into a buffer from the arena.
+                    Some(_) => true,
+                    None => false,
+                },
+                Kind::Eval(_) => false,
+            };
+            cap[s.out] = match consumed {
+                Some(x) => cap[x],
+                None if take => {
+                    let best = free
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &c)| c >= len && c / 2 <= len)
+                        .min_by_key(|(_, &c)| c)
+                        .map(|(i, _)| i);
+                    match best {
+                        Some(i) => free.swap_remove(i),
+                        None => {
+                            total = total.saturating_add(len);
+                            len
+                        }
+                    }
+                }
+                None => {
+                    total = total.saturating_add(len);
+                    len
+                }
+            };
+            for &f in &s.free {
+                if Some(f) != consumed && cap[f] >= ARENA_MIN_VALUES {
+                    free.push(cap[f]);
+                }
+            }
+        }
+        total
+    }
+
+    /// Peak bytes of a run besides the caller's input: the larger of the largest set of
+    /// live buffers and what a plain run's arena comes to hold
+    /// ([`retained_values`](Self::retained_values)), plus the step's workspace.
     pub fn working_bytes(&self, threads: usize) -> usize {
         // Saturating: a graph may plan sizes no machine holds; admission then refuses them.
         let mut size = vec![0usize; self.slots];
         for s in &self.steps {
             size[s.out] = s.out_shape.iter().fold(4usize, |a, &d| a.saturating_mul(d));
         }
+        let retained = self.retained_values().saturating_mul(4);
         let mut live = 0usize;
         let mut peak = 0usize;
         for s in &self.steps {
@@ -1433,7 +1510,8 @@ impl GraphPlan {
                 Kind::ConvTranspose(p) => p.workspace_bytes(threads),
                 Kind::Eval(_) => 0,
             };
-            peak = peak.max(live.saturating_add(size[s.out]).saturating_add(ws));
+            let held = live.saturating_add(size[s.out]).max(retained);
+            peak = peak.max(held.saturating_add(ws));
             live = live.saturating_add(size[s.out]);
             for f in &s.free {
                 live = live.saturating_sub(size[*f]);
