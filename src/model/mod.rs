@@ -358,6 +358,17 @@ impl ModelPlan {
         if let Some(w) = &self.window {
             return w.working_bytes(threads);
         }
+        self.layers_working_bytes(threads, true)
+    }
+
+    /// [`working_bytes`](Self::working_bytes) of a run in a caller's arena that releases
+    /// free buffers too small for a request ([`run_whole`](Self::run_whole): a
+    /// sliding-window lane), where a graph holds its largest live set, not more.
+    pub fn lane_working_bytes(&self, threads: usize) -> usize {
+        self.layers_working_bytes(threads, false)
+    }
+
+    fn layers_working_bytes(&self, threads: usize, kept_arena: bool) -> usize {
         let n = self.plans.len();
         let mut peak = 0usize;
         for (i, p) in self.plans.iter().enumerate() {
@@ -370,7 +381,8 @@ impl ModelPlan {
                 (LayerPlan::Conv(c), true) => c.streaming_workspace_bytes(threads),
                 (LayerPlan::Conv(c), false) => p.output_len() * 4 + c.workspace_bytes(threads),
                 (LayerPlan::MaxPool { .. }, _) => p.output_len() * 4,
-                (LayerPlan::Graph(g), _) => g.working_bytes(threads),
+                (LayerPlan::Graph(g), _) if kept_arena => g.working_bytes(threads),
+                (LayerPlan::Graph(g), _) => g.live_working_bytes(threads),
             };
             peak = peak.max(prev + here);
         }

@@ -495,7 +495,9 @@ impl SlidingPlan {
         let pred = b * self.classes * win * 4 * (1 + mirrored);
         let lanes = self.lanes.min(threads.max(1));
         let per_lane = (threads / lanes).max(1);
-        let lane = input + pred + self.full.working_bytes(per_lane);
+        // A lane's arena releases free buffers too small for a request: the network holds
+        // its largest live set.
+        let lane = input + pred + self.full.lane_working_bytes(per_lane);
         ring + lanes * lane + self.slab_bytes()
     }
 

@@ -1494,12 +1494,27 @@ impl GraphPlan {
     /// live buffers and what a plain run's arena comes to hold
     /// ([`retained_values`](Self::retained_values)), plus the step's workspace.
     pub fn working_bytes(&self, threads: usize) -> usize {
+        self.peak_bytes(threads, true)
+    }
+
+    /// Peak bytes of a run in an arena that releases free buffers too small for a request
+    /// (a sliding-window lane's, [`run_in`](Self::run_in)): the largest set of live buffers
+    /// plus the step's workspace.
+    pub fn live_working_bytes(&self, threads: usize) -> usize {
+        self.peak_bytes(threads, false)
+    }
+
+    fn peak_bytes(&self, threads: usize, kept_arena: bool) -> usize {
         // Saturating: a graph may plan sizes no machine holds; admission then refuses them.
         let mut size = vec![0usize; self.slots];
         for s in &self.steps {
             size[s.out] = s.out_shape.iter().fold(4usize, |a, &d| a.saturating_mul(d));
         }
-        let retained = self.retained_values().saturating_mul(4);
+        let retained = if kept_arena {
+            self.retained_values().saturating_mul(4)
+        } else {
+            0
+        };
         let mut live = 0usize;
         let mut peak = 0usize;
         for s in &self.steps {
