@@ -1173,9 +1173,7 @@ impl IdleArena {
             *spare = Some(arena);
         }
     }
-}
 
-impl IdleArena {
     /// Adds a buffer to the idle arena, if there is one and the cap allows.
     fn give_vec(&self, v: Vec<f32>) {
         let bytes = v.capacity() * 4;
