@@ -12,6 +12,11 @@ faster); then the geometric means.
 
     python scripts/bench_vs_peers.py --threads 1 2 --repeat 5 --rounds 3 [--json out.json]
 
+With `--activation elu:1.0` (or relu, leaky_relu:A, sigmoid, prelu:S[,S...]) every engine
+computes the convolution followed by that activation: voxconv fused into its epilogue,
+PyTorch as `F.conv3d` then the functional activation, onnxruntime as a two-node graph
+(`Conv` then the activation node, which its optimizer may fuse).
+
 Needs numpy and torch; onnxruntime and onnx (skip with --no-ort). Build first:
 `cargo build --release`.
 """
@@ -55,10 +60,60 @@ def time_median(fn, repeat):
     return statistics.median(ts)
 
 
+ACTIVATION = "none"
+
+
+def parse_activation(spec):
+    """(kind, parameter list) of an activation spec in voxconv's syntax."""
+    kind, _, rest = spec.partition(":")
+    params = [float(v) for v in rest.split(",")] if rest else []
+    if kind not in ("none", "relu", "leaky_relu", "sigmoid", "elu", "prelu"):
+        raise SystemExit(f"unknown activation {spec!r}")
+    if kind == "prelu" and not params:
+        raise SystemExit("prelu needs its slopes: prelu:S[,S...]")
+    return kind, params
+
+
+def torch_activation(y, spec):
+    import torch
+    import torch.nn.functional as F
+    kind, p = parse_activation(spec)
+    if kind == "relu":
+        return F.relu(y)
+    if kind == "leaky_relu":
+        return F.leaky_relu(y, p[0] if p else 0.01)
+    if kind == "sigmoid":
+        return torch.sigmoid(y)
+    if kind == "elu":
+        return F.elu(y, p[0] if p else 1.0)
+    if kind == "prelu":
+        return F.prelu(y, torch.tensor(p))
+    return y
+
+
+def ort_activation_node(spec, c_out):
+    """(nodes, initializers) computing the activation from "y0" into "y"."""
+    from onnx import helper, numpy_helper
+    kind, p = parse_activation(spec)
+    if kind == "none":
+        return [helper.make_node("Identity", ["y0"], ["y"])], []
+    if kind == "relu":
+        return [helper.make_node("Relu", ["y0"], ["y"])], []
+    if kind == "leaky_relu":
+        return [helper.make_node("LeakyRelu", ["y0"], ["y"], alpha=p[0] if p else 0.01)], []
+    if kind == "sigmoid":
+        return [helper.make_node("Sigmoid", ["y0"], ["y"])], []
+    if kind == "elu":
+        return [helper.make_node("Elu", ["y0"], ["y"], alpha=p[0] if p else 1.0)], []
+    slope = np.array(p, dtype=np.float32).reshape((len(p), 1, 1, 1) if len(p) > 1 else (1,))
+    return ([helper.make_node("PRelu", ["y0", "slope"], ["y"])],
+            [numpy_helper.from_array(slope, "slope")])
+
+
 def bench_voxconv(exe, workloads_path, name, threads, repeat):
     out = subprocess.run(
         [exe, "kernel-bench", "--workloads", workloads_path, "--threads", str(threads),
-         "--repeat", str(repeat), "--json", "--only", name],
+         "--repeat", str(repeat), "--json", "--only", name, "--activation", ACTIVATION],
         check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["median_ms"]
@@ -76,7 +131,10 @@ def bench_torch(w, threads, repeat):
     kwargs = dict(stride=w.get("stride", 1), padding=w.get("padding", 0),
                   dilation=w.get("dilation", 1))
     with torch.inference_mode():
-        return time_median(lambda: F.conv3d(x, k, b, **kwargs), repeat)
+        if ACTIVATION == "none":
+            return time_median(lambda: F.conv3d(x, k, b, **kwargs), repeat)
+        return time_median(
+            lambda: torch_activation(F.conv3d(x, k, b, **kwargs), ACTIVATION), repeat)
 
 
 def bench_ort(w, threads, repeat):
@@ -91,15 +149,18 @@ def bench_ort(w, threads, repeat):
     k = rng.uniform(-1, 1, w["filters"]).astype(np.float32)
     b = rng.uniform(-1, 1, w["filters"][0]).astype(np.float32)
     p = w.get("padding", [0, 0, 0])
+    fused = ACTIVATION != "none"
     node = helper.make_node(
-        "Conv", ["x", "k", "b"], ["y"], kernel_shape=w["filters"][2:],
+        "Conv", ["x", "k", "b"], ["y0" if fused else "y"], kernel_shape=w["filters"][2:],
         strides=w.get("stride", [1, 1, 1]), pads=p + p, dilations=w.get("dilation", [1, 1, 1]),
     )
+    act_nodes, act_inits = ort_activation_node(ACTIVATION, w["filters"][0]) if fused else ([], [])
     graph = helper.make_graph(
-        [node], "conv3d",
+        [node] + act_nodes, "conv3d",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, w["input"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(k, "k"), numpy_helper.from_array(b, "b")],
+        initializer=[numpy_helper.from_array(k, "k"), numpy_helper.from_array(b, "b")]
+        + act_inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = ort.SessionOptions()
@@ -128,11 +189,17 @@ def main():
                     help="repeat the whole comparison; the median of the rounds is reported")
     ap.add_argument("--only", nargs="+", help="only these workloads")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
+    ap.add_argument("--activation", default="none",
+                    help="fused activation after the convolution, voxconv's syntax: relu, "
+                         "leaky_relu:A, sigmoid, elu:A, prelu:S[,S...]")
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless voxconv >= the better peer on every workload and "
                          ">= 1.5x it as a geometric mean (issue 16)")
     args = ap.parse_args()
+    global ACTIVATION
+    parse_activation(args.activation)
+    ACTIVATION = args.activation
 
     with open(args.workloads, "rb") as f:
         workloads = tomllib.load(f)["workload"]
@@ -145,7 +212,8 @@ def main():
         print(f", onnxruntime {onnxruntime.__version__}", end="")
     except ImportError:
         pass
-    print(f"; {os.cpu_count()} CPUs; {args.rounds} round(s) of {args.repeat} runs, medians")
+    print(f"; {os.cpu_count()} CPUs; {args.rounds} round(s) of {args.repeat} runs, medians; "
+          f"activation {ACTIVATION}")
 
     engines = {
         "voxconv": lambda w, t: bench_voxconv(args.voxconv, args.workloads, w["name"], t,

@@ -24,6 +24,9 @@ CASES = [
      "sigmoid"),
     ("dilated_strided_none", [1, 1, 11, 10, 12], [2, 1, 3, 3, 2], [3, 2, 2], [2, 1, 0],
      [2, 3, 2], "none"),
+    ("elu_strided", [1, 3, 9, 7, 11], [5, 3, 3, 3, 2], [1, 2, 2], [1, 1, 0], [1, 1, 1], "elu:0.7"),
+    ("prelu_per_channel", [2, 4, 6, 5, 18], [3, 4, 3, 1, 3], [1, 1, 1], [1, 0, 1], [1, 1, 2],
+     "prelu:0.25,-0.1,0.9"),
 ]
 
 
@@ -34,6 +37,11 @@ def act(y, name):
         return F.leaky_relu(y, float(name.split(":")[1]))
     if name == "sigmoid":
         return torch.sigmoid(y)
+    if name.startswith("elu:"):
+        return F.elu(y, float(name.split(":")[1]))
+    if name.startswith("prelu:"):
+        slopes = [float(s) for s in name.split(":")[1].split(",")]
+        return F.prelu(y, torch.tensor(slopes, dtype=y.dtype))
     return y
 
 

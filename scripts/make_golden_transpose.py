@@ -44,6 +44,11 @@ CASES = [
     # Patch strategy with output padding (k = s, pad 0): the tail holds activation(bias).
     ("patch_op_relu", [2, 2, 2, 3, 2], [2, 3, 2, 1, 3], [2, 1, 3], [0, 0, 0], [0, 0, 0],
      [1, 0, 2], [1, 1, 1], "relu"),
+    # The fused epilogues of issue 16: ELU, and PReLU with one slope per output channel.
+    ("unet_k2s2_prelu", [1, 4, 3, 2, 5], [4, 3, 2, 2, 2], [2, 2, 2], [0, 0, 0], [0, 0, 0],
+     [0, 0, 0], [1, 1, 1], "prelu:0.2,-0.3,0.7"),
+    ("k3s2_pad1_op1_elu", [2, 3, 3, 3, 2], [3, 2, 3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1],
+     [1, 1, 1], [1, 1, 1], "elu:0.9"),
 ]
 
 
@@ -54,6 +59,11 @@ def act(y, name):
         return F.leaky_relu(y, float(name.split(":")[1]))
     if name == "sigmoid":
         return torch.sigmoid(y)
+    if name.startswith("elu:"):
+        return F.elu(y, float(name.split(":")[1]))
+    if name.startswith("prelu:"):
+        slopes = [float(s) for s in name.split(":")[1].split(",")]
+        return F.prelu(y, torch.tensor(slopes, dtype=y.dtype))
     return y
 
 

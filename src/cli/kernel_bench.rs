@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::kernel::{seeded, WorkloadFile};
 
-use crate::kernel::{Activation, Conv3dPlan, GemmImpl, Strategy, Tiling};
+use crate::kernel::{Conv3dPlan, GemmImpl, Strategy, Tiling};
 
 #[derive(Debug, Args)]
 pub struct KernelBenchArgs {
@@ -27,6 +27,10 @@ pub struct KernelBenchArgs {
     /// Only the named workloads (repeatable).
     #[arg(long = "only")]
     pub only: Vec<String>,
+    /// The fused activation: none, relu, leaky_relu[:A], sigmoid, elu[:A], prelu:S[,S...]
+    /// (one slope, or one per output channel).
+    #[arg(long, default_value = "none")]
+    pub activation: crate::kernel::Activation,
     /// Override tile width in output voxels (tuning).
     #[arg(long, hide = true)]
     pub tile_cols: Option<usize>,
@@ -96,7 +100,7 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let shape = w.shape().map_err(|e| format!("workload {}: {e}", w.name))?;
-        let mut plan = Conv3dPlan::new(shape, Activation::None);
+        let mut plan = Conv3dPlan::new(shape, a.activation.clone());
         if a.tile_cols.is_some() || a.k_chunk.is_some() || a.chan_block.is_some() {
             let t = plan.tiling();
             plan = plan.with_tiling(Tiling {

@@ -205,7 +205,7 @@ impl Model {
             let plan = match layer {
                 Layer::Conv(c) => LayerPlan::Conv(Conv3dPlan::new(
                     Conv3dShape::new(shape, c.filter_shape, c.params)?,
-                    c.activation,
+                    c.activation.clone(),
                 )),
                 Layer::MaxPool(m) => LayerPlan::MaxPool {
                     input: shape,
@@ -542,13 +542,17 @@ impl ModelPlan {
                     }));
                     continue;
                 }
-                (LayerPlan::MaxPool { input, .. }, Layer::MaxPool(m)) => {
+                (LayerPlan::MaxPool { input, output }, Layer::MaxPool(m)) => {
                     if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                         return Err(KernelError::Cancelled);
                     }
                     let mut out = maxpool3d(&cur, *input, m.kernel, m.stride)?;
-                    if m.activation != Activation::None {
-                        m.activation.bias_apply(&mut out, 0.0);
+                    if !m.activation.is_none() {
+                        // Per channel plane (PReLU's slope is the channel's).
+                        let [_, c, d, h, w] = *output;
+                        for (i, plane) in out.chunks_mut((d * h * w).max(1)).enumerate() {
+                            m.activation.channel(i % c.max(1)).bias_apply(plane, 0.0);
+                        }
                     }
                     cur = out;
                     if i == last {

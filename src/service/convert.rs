@@ -88,13 +88,8 @@ pub(crate) fn input_chunk(
     }
 }
 
-fn activation_name(a: crate::kernel::Activation) -> String {
-    match a {
-        crate::kernel::Activation::None => "none".into(),
-        crate::kernel::Activation::Relu => "relu".into(),
-        crate::kernel::Activation::LeakyRelu(a) => format!("leaky_relu:{a}"),
-        crate::kernel::Activation::Sigmoid => "sigmoid".into(),
-    }
+fn activation_name(a: &crate::kernel::Activation) -> String {
+    a.name()
 }
 
 /// A model's description for ListModels / GetModel.
@@ -119,14 +114,14 @@ pub fn model_info(m: &Model) -> pb::ModelInfo {
                         padding: u(&c.params.padding),
                         dilation: u(&c.params.dilation),
                         bias: c.bias.is_some(),
-                        activation: activation_name(c.activation),
+                        activation: activation_name(&c.activation),
                     },
                     Layer::Graph(_) => return None,
                     Layer::MaxPool(p) => pb::LayerInfo {
                         op: "maxpool3d".into(),
                         kernel: u(&p.kernel),
                         stride: u(&p.stride),
-                        activation: activation_name(p.activation),
+                        activation: activation_name(&p.activation),
                         ..Default::default()
                     },
                 })

@@ -610,3 +610,222 @@ fn a_broken_onnx_model_does_not_stop_the_others() {
     assert!(report.failed[0].1.contains("bad"), "{:?}", report.failed);
     assert!(reg.snapshot().get("good").is_some());
 }
+
+// ---- fused activations ----
+
+fn ints(name: &str, v: &[i64]) -> ox::AttributeProto {
+    ox::AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(7),
+        ..Default::default()
+    }
+}
+
+fn seeded_init(name: &str, dims: &[i64], seed: u64) -> ox::TensorProto {
+    let n = dims.iter().product::<i64>() as usize;
+    ox::TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        float_data: voxconv::kernel::seeded(n, seed),
+        ..Default::default()
+    }
+}
+
+/// `Conv → PRelu (one slope per channel) → InstanceNormalization → Elu → Conv → PRelu (one
+/// shared slope)`: each activation is fused into the step before it (no PRelu or Elu step
+/// is left), and the output equals the kernel's f64 reference of the same chain computed
+/// layer by layer, at 1 and 2 threads with the same bits. (The MONAI UNet fixture's PRelu
+/// after every InstanceNormalization is fused the same way; `unets_match_onnxruntime`
+/// checks it against onnxruntime.)
+#[test]
+fn prelu_and_elu_are_fused_into_convs_and_norms() {
+    use voxconv::kernel::{conv3d_reference, Activation, Conv3dParams, Conv3dShape};
+    let (c0, c1, c2) = (2usize, 3usize, 2usize);
+    let dims = [5usize, 6, 7];
+    let x_shape = [1, c0, dims[0], dims[1], dims[2]];
+    let pads = ints("pads", &[1, 1, 1, 1, 1, 1]);
+    let mut conv1 = node("conv1", "Conv", &["x", "w1", "b1"], &["h1"]);
+    conv1.attribute.push(pads.clone());
+    let mut conv2 = node("conv2", "Conv", &["h4", "w2", "b2"], &["h5"]);
+    conv2.attribute.push(pads);
+    let mut elu = node("elu", "Elu", &["h3"], &["h4"]);
+    elu.attribute.push(ox::AttributeProto {
+        name: Some("alpha".into()),
+        f: Some(0.6),
+        r#type: Some(1),
+        ..Default::default()
+    });
+    let slopes1 = [0.25f32, -0.5, 0.75];
+    let inits = vec![
+        seeded_init("w1", &[c1 as i64, c0 as i64, 3, 3, 3], 11),
+        seeded_init("b1", &[c1 as i64], 12),
+        ox::TensorProto {
+            name: Some("s1".into()),
+            dims: vec![c1 as i64, 1, 1, 1],
+            data_type: Some(1),
+            float_data: slopes1.to_vec(),
+            ..Default::default()
+        },
+        seeded_init("gamma", &[c1 as i64], 13),
+        seeded_init("beta", &[c1 as i64], 14),
+        seeded_init("w2", &[c2 as i64, c1 as i64, 3, 3, 3], 15),
+        seeded_init("b2", &[c2 as i64], 16),
+        ox::TensorProto {
+            name: Some("s2".into()),
+            dims: vec![1],
+            data_type: Some(1),
+            float_data: vec![0.1],
+            ..Default::default()
+        },
+    ];
+    let y_shape = [1, c2, dims[0], dims[1], dims[2]];
+    let i64s = |v: &[usize]| v.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let bytes = ox::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![ox::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(ox::GraphProto {
+            node: vec![
+                conv1,
+                node("prelu1", "PRelu", &["h1", "s1"], &["h2"]),
+                node(
+                    "norm",
+                    "InstanceNormalization",
+                    &["h2", "gamma", "beta"],
+                    &["h3"],
+                ),
+                elu,
+                conv2,
+                node("prelu2", "PRelu", &["h5", "s2"], &["y"]),
+            ],
+            initializer: inits.clone(),
+            input: vec![vi("x", &i64s(&x_shape))],
+            output: vec![vi("y", &i64s(&y_shape))],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let d = model_dir(&bytes);
+    let m = load_model(d.path(), "fused").unwrap();
+    let g = m.graph().expect("an ONNX graph");
+    let plan = g.plan(x_shape).unwrap();
+    let steps = plan.strategies();
+    assert_eq!(steps.len(), 3, "conv, norm, conv: {steps:?}");
+    assert!(
+        steps.iter().all(|(_, s)| !["PRelu", "Elu"].contains(s)),
+        "{steps:?}"
+    );
+
+    // The same chain by the reference, layer by layer.
+    let init = |name: &str| {
+        inits
+            .iter()
+            .find(|t| t.name.as_deref() == Some(name))
+            .unwrap()
+            .float_data
+            .clone()
+    };
+    let x = voxconv::kernel::seeded(x_shape.iter().product(), 17);
+    let pad1 = Conv3dParams {
+        padding: [1, 1, 1],
+        ..Conv3dParams::default()
+    };
+    let s1 = Conv3dShape::new(x_shape, [c1, c0, 3, 3, 3], pad1).unwrap();
+    let h2 = conv3d_reference(
+        &s1,
+        &x,
+        &init("w1"),
+        Some(&init("b1")),
+        Activation::PRelu(slopes1.to_vec().into()),
+    )
+    .unwrap();
+    let sp: usize = dims.iter().product();
+    let (gamma, beta) = (init("gamma"), init("beta"));
+    let mut h4 = h2.clone();
+    for (c, ch) in h4.chunks_mut(sp).enumerate() {
+        let n = sp as f64;
+        let mean = ch.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = ch
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        for v in ch.iter_mut() {
+            let t = (f64::from(*v) - mean) / (var + 1e-5).sqrt() * f64::from(gamma[c])
+                + f64::from(beta[c]);
+            *v = (if t > 0.0 { t } else { 0.6 * t.exp_m1() }) as f32;
+        }
+    }
+    let s2 = Conv3dShape::new(s1.output, [c2, c1, 3, 3, 3], pad1).unwrap();
+    let want = conv3d_reference(
+        &s2,
+        &h4,
+        &init("w2"),
+        Some(&init("b2")),
+        Activation::PRelu(vec![0.1].into()),
+    )
+    .unwrap();
+
+    let mut outs = Vec::new();
+    for threads in [1, 2] {
+        let mut got = vec![f32::NAN; want.len()];
+        let mp = m.plan(x_shape).unwrap();
+        mp.run_to(&m, x.clone(), threads, None, &mut got).unwrap();
+        let (err, scale) = err_and_scale(&got, &want);
+        assert!(
+            err <= 1e-4 * scale,
+            "{threads} threads: max error {err} vs {scale}"
+        );
+        outs.push(got);
+    }
+    assert!(outs[0]
+        .iter()
+        .zip(&outs[1])
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // A slope that is not per channel (varies along W) is not fused, and still right.
+    let mut bad = inits.clone();
+    bad.retain(|t| t.name.as_deref() != Some("s2"));
+    bad.push(ox::TensorProto {
+        name: Some("s2".into()),
+        dims: vec![dims[2] as i64],
+        data_type: Some(1),
+        float_data: (0..dims[2]).map(|i| i as f32 * 0.1).collect(),
+        ..Default::default()
+    });
+    let mut proto = ox::ModelProto::decode(&bytes[..]).unwrap();
+    proto.graph.as_mut().unwrap().initializer = bad;
+    let d = model_dir(&proto.encode_to_vec());
+    let m = load_model(d.path(), "unfused").unwrap();
+    let steps = m.graph().unwrap().plan(x_shape).unwrap().strategies();
+    assert!(steps.iter().any(|(_, s)| *s == "PRelu"), "{steps:?}");
+    let mut got = vec![f32::NAN; want.len()];
+    m.plan(x_shape)
+        .unwrap()
+        .run_to(&m, x.clone(), 2, None, &mut got)
+        .unwrap();
+    let pre = conv3d_reference(&s2, &h4, &init("w2"), Some(&init("b2")), Activation::None).unwrap();
+    for (i, (&g, &p)) in got.iter().zip(&pre).enumerate() {
+        let slope = (i % dims[2]) as f32 * 0.1;
+        let w = if p >= 0.0 { p } else { p * slope };
+        assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{i}: {g} vs {w}");
+    }
+}
+
+/// MONAI UNet's PRelu (after each InstanceNormalization) leaves no step of its own.
+#[test]
+fn monai_unet_prelus_are_fused() {
+    let name = "monai_unet";
+    let dir = fixtures().join(name);
+    let m = load_model(&dir, name).unwrap();
+    let g = m.graph().expect("an ONNX graph");
+    assert!(g.nodes.iter().any(|n| n.op.name() == "PRelu"));
+    let (shape, _) = npy(&dir.join("input.npy"));
+    let steps = g.plan(shape.try_into().unwrap()).unwrap().strategies();
+    assert!(steps.iter().all(|(_, s)| *s != "PRelu"), "{steps:?}");
+}

@@ -9,6 +9,7 @@
 //! * [`plan`]: [`Conv3dPlan`], validated once, names its [`Strategy`], runs tile by tile on a
 //!   caller-chosen number of threads and hands finished output slabs over in order.
 
+mod activation;
 pub mod avx2;
 pub mod avx512;
 pub mod buffer;
@@ -30,8 +31,6 @@ pub use plan::{
 pub use reference::conv3d_reference;
 pub use shape::{Conv3dParams, Conv3dShape};
 pub use workloads::{default_threads, seeded, Workload, WorkloadFile};
-
-use std::str::FromStr;
 
 /// Every way a Conv3D request can be wrong, as data (never a panic).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -78,90 +77,7 @@ pub enum KernelError {
     Cancelled,
 }
 
-/// The activation fused after bias.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Activation {
-    #[default]
-    None,
-    Relu,
-    /// `x` for `x >= 0`, else `alpha·x` (PyTorch's LeakyReLU).
-    LeakyRelu(f32),
-    Sigmoid,
-}
-
-impl Activation {
-    #[inline]
-    pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::None => x,
-            Activation::Relu => x.max(0.0),
-            Activation::LeakyRelu(a) => {
-                if x >= 0.0 {
-                    x
-                } else {
-                    a * x
-                }
-            }
-            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-        }
-    }
-
-    /// The same function in f64, for the reference.
-    pub fn apply_f64(self, x: f64) -> f64 {
-        match self {
-            Activation::None => x,
-            Activation::Relu => x.max(0.0),
-            Activation::LeakyRelu(a) => {
-                if x >= 0.0 {
-                    x
-                } else {
-                    f64::from(a) * x
-                }
-            }
-            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-        }
-    }
-
-    /// Adds `bias` to every value of `row`, then applies the activation, in one pass.
-    #[inline]
-    pub fn bias_apply(self, row: &mut [f32], bias: f32) {
-        match self {
-            Activation::None => row.iter_mut().for_each(|v| *v += bias),
-            Activation::Relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
-            Activation::LeakyRelu(a) => row.iter_mut().for_each(|v| {
-                let x = *v + bias;
-                *v = if x >= 0.0 { x } else { a * x };
-            }),
-            Activation::Sigmoid => row
-                .iter_mut()
-                .for_each(|v| *v = 1.0 / (1.0 + (-(*v + bias)).exp())),
-        }
-    }
-}
-
-impl FromStr for Activation {
-    type Err = String;
-    /// `none`, `relu`, `sigmoid`, `leaky_relu` (alpha 0.01) or `leaky_relu:ALPHA`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Activation::None),
-            "relu" => Ok(Activation::Relu),
-            "sigmoid" => Ok(Activation::Sigmoid),
-            "leaky_relu" => Ok(Activation::LeakyRelu(0.01)),
-            _ => match s.strip_prefix("leaky_relu:") {
-                Some(a) => a
-                    .parse::<f32>()
-                    .ok()
-                    .filter(|a| a.is_finite())
-                    .map(Activation::LeakyRelu)
-                    .ok_or_else(|| format!("leaky_relu alpha must be a finite number, got {a:?}")),
-                None => Err(format!(
-                    "expected none, relu, leaky_relu[:ALPHA] or sigmoid, got {s:?}"
-                )),
-            },
-        }
-    }
-}
+pub use activation::{Activation, ChannelAct};
 
 /// `BufferLength` unless a buffer `what` holds exactly `expected` values.
 pub fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {

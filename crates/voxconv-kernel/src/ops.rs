@@ -12,7 +12,7 @@
 //! function's documentation says which one it follows.
 
 use super::shape::AXES;
-use super::KernelError;
+use super::{ChannelAct, KernelError};
 use crate::check_len;
 
 /// Names of the five dimensions of an `[N, C, D, H, W]` tensor, as errors report them.
@@ -152,12 +152,12 @@ fn check_eps(eps: f32, op: &str) -> Result<f64, KernelError> {
 
 /// `v ← (v − mean) · a + bias` with `a = scale / sqrt(var + eps)` (computed in f64), in f32:
 /// a constant channel (whose mean is its value) gives exactly `bias`.
-fn normalize(v: &mut [f32], mean: f64, var: f64, eps: f64, scale: f32, bias: f32) {
+/// Then `act`, in the same pass.
+#[allow(clippy::too_many_arguments)]
+fn normalize(v: &mut [f32], mean: f64, var: f64, eps: f64, scale: f32, bias: f32, act: ChannelAct) {
     let a = (f64::from(scale) / (var + eps).sqrt()) as f32;
     let m = mean as f32;
-    for x in v {
-        *x = (*x - m) * a + bias;
-    }
+    act.map_apply(v, |x| (x - m) * a + bias);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,13 +180,29 @@ pub fn instance_norm(
     bias: &[f32],
     eps: f32,
 ) -> Result<(), KernelError> {
+    instance_norm_act(x, n, c, spatial, scale, bias, eps, |_| ChannelAct::None)
+}
+
+/// [`instance_norm`], then channel `c`'s activation `act(c)` in the normalizing pass (an
+/// activation after the norm costs no pass of its own).
+#[allow(clippy::too_many_arguments)]
+pub fn instance_norm_act(
+    x: &mut [f32],
+    n: usize,
+    c: usize,
+    spatial: usize,
+    scale: &[f32],
+    bias: &[f32],
+    eps: f32,
+    act: impl Fn(usize) -> ChannelAct,
+) -> Result<(), KernelError> {
     check_ncs(x.len(), n, c, spatial)?;
     check_len("scale", c, scale.len())?;
     check_len("bias", c, bias.len())?;
     let eps = check_eps(eps, "InstanceNormalization")?;
     for (i, chan) in x.chunks_exact_mut(spatial).enumerate() {
         let (mean, var) = mean_var(chan);
-        normalize(chan, mean, var, eps, scale[i % c], bias[i % c]);
+        normalize(chan, mean, var, eps, scale[i % c], bias[i % c], act(i % c));
     }
     Ok(())
 }
@@ -206,6 +222,24 @@ pub fn group_norm(
     bias: &[f32],
     eps: f32,
 ) -> Result<(), KernelError> {
+    group_norm_act(x, n, c, spatial, groups, scale, bias, eps, |_| {
+        ChannelAct::None
+    })
+}
+
+/// [`group_norm`], then channel `c`'s activation `act(c)` in the normalizing pass.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_act(
+    x: &mut [f32],
+    n: usize,
+    c: usize,
+    spatial: usize,
+    groups: usize,
+    scale: &[f32],
+    bias: &[f32],
+    eps: f32,
+    act: impl Fn(usize) -> ChannelAct,
+) -> Result<(), KernelError> {
     check_ncs(x.len(), n, c, spatial)?;
     if groups == 0 || !c.is_multiple_of(groups) {
         return Err(KernelError::Unsupported {
@@ -222,7 +256,8 @@ pub fn group_norm(
         let (mean, var) = mean_var(group);
         let first = (g % groups) * per_group;
         for (j, chan) in group.chunks_exact_mut(spatial).enumerate() {
-            normalize(chan, mean, var, eps, scale[first + j], bias[first + j]);
+            let ch = first + j;
+            normalize(chan, mean, var, eps, scale[ch], bias[ch], act(ch));
         }
     }
     Ok(())

@@ -65,7 +65,7 @@ pub fn conv3d_reference_with_magnitude(
                             acc += f64::from(b[co]);
                             abs += f64::from(b[co]).abs();
                         }
-                        out.push(activation.apply_f64(acc) as f32);
+                        out.push(activation.channel(co).apply_f64(acc) as f32);
                         mag.push(abs);
                     }
                 }

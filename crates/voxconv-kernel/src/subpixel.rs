@@ -150,7 +150,7 @@ impl SubPixel {
                                 }
                             }
                         }
-                        let conv = Conv3dPlan::new(conv_shape, activation);
+                        let conv = Conv3dPlan::new(conv_shape, activation.clone());
                         let packed = conv.pack_filters(&g)?;
                         Some((conv, packed))
                     } else {
@@ -212,12 +212,16 @@ impl SubPixel {
         output: &mut [f32],
         bias: Option<&[f32]>,
         bias_values: &[f32],
-        activation: Activation,
+        activation: &Activation,
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<(), KernelError> {
         let mut scratch = vec![0f32; self.scratch_len()];
-        let constant: Vec<f32> = bias_values.iter().map(|&b| activation.apply(b)).collect();
+        let constant: Vec<f32> = bias_values
+            .iter()
+            .enumerate()
+            .map(|(co, &b)| activation.channel(co).apply(b))
+            .collect();
         for ph in &self.phases {
             match &ph.conv {
                 Some((conv, packed)) => {

@@ -490,8 +490,9 @@ impl ConvTranspose3dPlan {
         if let Some(b) = bias {
             check_len("bias", shape.c_out(), b.len())?;
         }
+        activation.check(shape.c_out())?;
         let strategy = TransposeStrategy::for_shape(&shape);
-        let inner = Self::plan_inner(&shape, filters, activation, strategy)?;
+        let inner = Self::plan_inner(&shape, filters, &activation, strategy)?;
         let packed = Self::pack(&inner)?;
         Ok(Self {
             shape,
@@ -520,7 +521,7 @@ impl ConvTranspose3dPlan {
             return Ok(self);
         }
         let filters = self.original_filters();
-        let inner = Self::plan_inner(&self.shape, &filters, self.activation, strategy)?;
+        let inner = Self::plan_inner(&self.shape, &filters, &self.activation, strategy)?;
         let packed = Self::pack(&inner)?;
         let mut plan = Self {
             inner,
@@ -557,7 +558,7 @@ impl ConvTranspose3dPlan {
     fn plan_inner(
         shape: &ConvTranspose3dShape,
         filters: &[f32],
-        activation: Activation,
+        activation: &Activation,
         strategy: TransposeStrategy,
     ) -> Result<Inner, KernelError> {
         Ok(match strategy {
@@ -574,9 +575,9 @@ impl ConvTranspose3dPlan {
                     spans,
                 }
             }
-            TransposeStrategy::General => Self::plan_general(shape, filters, activation)?,
+            TransposeStrategy::General => Self::plan_general(shape, filters, activation.clone())?,
             TransposeStrategy::SubPixel => Inner::Phases {
-                sub: crate::subpixel::SubPixel::new(shape, filters, activation)?,
+                sub: crate::subpixel::SubPixel::new(shape, filters, activation.clone())?,
                 filters: filters.to_vec(),
             },
         })
@@ -798,8 +799,8 @@ impl ConvTranspose3dPlan {
         }
     }
 
-    pub fn activation(&self) -> Activation {
-        self.activation
+    pub fn activation(&self) -> &Activation {
+        &self.activation
     }
 
     /// The convolution that does the multiplies (its strategy, GEMM and stage times); for
@@ -987,7 +988,7 @@ impl ConvTranspose3dPlan {
                 output,
                 self.bias(),
                 &self.bias,
-                self.activation,
+                &self.activation,
                 threads,
                 cancel,
             ),
@@ -1046,6 +1047,7 @@ impl ConvTranspose3dPlan {
         // One output channel: its own part of the output, written by its own taps only.
         let channel = |co: usize, out_c: &mut [f32]| {
             let bias = self.bias[co];
+            let act = self.activation.channel(co);
             for a in 0..kd {
                 for b in 0..kh {
                     // Channels (co, a, b, c) for c in 0..kW, consecutive.
@@ -1077,7 +1079,7 @@ impl ConvTranspose3dPlan {
                                     }
                                 }
                             }
-                            self.activation.bias_apply(dst, bias);
+                            act.bias_apply(dst, bias);
                         }
                     }
                 }
@@ -1136,11 +1138,11 @@ impl ConvTranspose3dPlan {
 
     /// Bias and activation on finished output planes of the col2im strategy.
     fn finish_planes(&self, output: &mut [f32], n: usize, planes: std::ops::Range<usize>) {
-        if !self.has_bias && self.activation == Activation::None {
+        if !self.has_bias && self.activation.is_none() {
             return;
         }
         self.for_planes(output, n, planes, |rows, co| {
-            self.activation.bias_apply(rows, self.bias[co]);
+            self.activation.channel(co).bias_apply(rows, self.bias[co]);
         });
     }
 
@@ -1198,9 +1200,11 @@ impl ConvTranspose3dPlan {
                 out[r].fill(0.0);
             }
             self.col2im_channel(slab, spans, out, co, &planes);
-            if self.has_bias || self.activation != Activation::None {
+            if self.has_bias || !self.activation.is_none() {
                 if let Some(r) = clip(&finish, &planes) {
-                    self.activation.bias_apply(&mut out[r], self.bias[co]);
+                    self.activation
+                        .channel(co)
+                        .bias_apply(&mut out[r], self.bias[co]);
                 }
             }
         };
@@ -1297,7 +1301,7 @@ impl ConvTranspose3dPlan {
         }
         for n in 0..n_b {
             for co in 0..c_out {
-                let value = self.activation.apply(self.bias[co]);
+                let value = self.activation.channel(co).apply(self.bias[co]);
                 let out_c = &mut output[(n * c_out + co) * od * oh * ow..][..od * oh * ow];
                 for z in 0..od {
                     for y in 0..oh {
@@ -1386,7 +1390,7 @@ pub fn conv_transpose3d_reference(
         .map(|(i, &v)| {
             let co = (i / vox) % c_out;
             let b = bias.map_or(0.0, |b| f64::from(b[co]));
-            activation.apply_f64(v + b) as f32
+            activation.channel(co).apply_f64(v + b) as f32
         })
         .collect()
 }

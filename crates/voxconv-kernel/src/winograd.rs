@@ -356,7 +356,7 @@ pub unsafe fn output_transform(
     groups: &[LaneGroup],
     chans: std::ops::Range<usize>,
     bias: Option<&[f32]>,
-    activation: super::Activation,
+    activation: &super::Activation,
     dst: *mut f32,
     rs: usize,
     tile_z0: usize,
@@ -367,7 +367,7 @@ pub unsafe fn output_transform(
         &'a [LaneGroup],
         std::ops::Range<usize>,
         Option<&'a [f32]>,
-        super::Activation,
+        &'a super::Activation,
     );
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn avx512(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
@@ -399,7 +399,7 @@ unsafe fn output_transform_body(
     groups: &[LaneGroup],
     chans: std::ops::Range<usize>,
     bias: Option<&[f32]>,
-    activation: super::Activation,
+    activation: &super::Activation,
     dst: *mut f32,
     rs: usize,
     tile_z0: usize,
@@ -463,7 +463,7 @@ unsafe fn output_transform_body(
                             continue;
                         }
                         let row = &mut rows[dz][dy][2 * run.lane..2 * run.lane + n];
-                        activation.bias_apply(row, b);
+                        activation.channel(co).bias_apply(row, b);
                         let off = co * rs + (z - tile_z0) * oh * ow + y * ow + x0;
                         // SAFETY: n values of row y of plane z, inside the tile (caller's
                         // contract); `row` is a local array, so the ranges cannot overlap.

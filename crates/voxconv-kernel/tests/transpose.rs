@@ -44,6 +44,9 @@ fn activation_strategy() -> impl proptest::strategy::Strategy<Value = Activation
         Just(Activation::Relu),
         (0.0f32..0.5).prop_map(Activation::LeakyRelu),
         Just(Activation::Sigmoid),
+        (0.05f32..1.0).prop_map(Activation::Elu),
+        // One shared slope (per-channel slopes: the golden cases from PyTorch).
+        (-1.0f32..1.0).prop_map(|s| Activation::PRelu(vec![s].into())),
     ]
 }
 
@@ -143,9 +146,9 @@ fn check_against_reference(
     let w = data(shape.filters_len(), seed + 1);
     let b = data(shape.c_out(), seed + 2);
     let b = with_bias.then_some(&b[..]);
-    let plan = plan_for(shape, &w, b, act, how);
+    let plan = plan_for(shape, &w, b, act.clone(), how);
     let got = run(&plan, &x, threads);
-    let want = conv_transpose3d_reference(&shape, &x, &w, b, act);
+    let want = conv_transpose3d_reference(&shape, &x, &w, b, act.clone());
     assert!(got.iter().all(|v| v.is_finite()), "{shape:?}: NaN left");
     assert_close(
         &got,
@@ -262,12 +265,12 @@ proptest! {
             shape,
             &w,
             Some(&b),
-            act,
+            act.clone(),
             Planning { strategy: Some(TransposeStrategy::Col2im), slab_depth },
         );
         let want = run(&col2im, &x, threads);
         for strategy in TransposeStrategy::ALL {
-            let planned = ConvTranspose3dPlan::new(shape, &w, Some(&b), act)
+            let planned = ConvTranspose3dPlan::new(shape, &w, Some(&b), act.clone())
                 .unwrap()
                 .with_strategy(strategy);
             if !strategy.supports(&shape) {
@@ -278,7 +281,7 @@ proptest! {
                 continue;
             }
             let how = Planning { strategy: Some(strategy), slab_depth };
-            let got = run(&plan_for(shape, &w, Some(&b), act, how), &x, threads);
+            let got = run(&plan_for(shape, &w, Some(&b), act.clone(), how), &x, threads);
             assert_close(&got, &want, &format!("{} vs col2im {shape:?} {how:?}", strategy.name()));
         }
         if all_patch {
@@ -367,7 +370,7 @@ fn bit_identical_across_thread_counts() {
             strategy: Some(strategy),
             slab_depth,
         };
-        let plan = plan_for(shape, &w, Some(&b), act, how);
+        let plan = plan_for(shape, &w, Some(&b), act.clone(), how);
         let one = run(&plan, &x, 1);
         let three = run(&plan, &x, 3);
         assert!(
@@ -927,7 +930,7 @@ fn golden_values_from_pytorch() {
             c.name
         );
         let act: Activation = c.activation.parse().unwrap();
-        let plan = ConvTranspose3dPlan::new(shape, &w.data, Some(&b.data), act)
+        let plan = ConvTranspose3dPlan::new(shape, &w.data, Some(&b.data), act.clone())
             .unwrap()
             .with_min_flops_per_thread(0.0);
         seen.insert(plan.strategy());

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use super::tensor::{self, axis, numel, BinOp, Data, Elem, OpResult, Tensor};
 use super::{Op, Unary};
-use crate::kernel::ops;
+use crate::kernel::{ops, ChannelAct};
 
 /// What planning knows of an input: its shape and type, and its value if constant.
 #[derive(Clone, Copy, Debug)]
@@ -383,13 +383,10 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             // at any thread count), the fused activation applied while a channel is hot.
             let (sc, bi): (Vec<f32>, Vec<f32>) =
                 (0..n * c).map(|k| (scale[k % c], b[k % c])).unzip();
+            let act = |k: usize| act.as_ref().map_or(ChannelAct::None, |a| a.channel(k % c));
             par_blocks_try(&mut v, sp, threads, |k, ch| {
-                ops::instance_norm(ch, 1, 1, sp, &sc[k..=k], &bi[k..=k], *eps)
-                    .map_err(|e| e.to_string())?;
-                if let Some(u) = act {
-                    apply_unary(*u, ch);
-                }
-                Ok(())
+                ops::instance_norm_act(ch, 1, 1, sp, &sc[k..=k], &bi[k..=k], *eps, |_| act(k))
+                    .map_err(|e| e.to_string())
             })?;
             Tensor::f32(shape, v)
         }
@@ -422,11 +419,12 @@ pub fn eval(op: &Op, mut ins: Vec<In<'_>>, threads: usize) -> OpResult<Vec<Tenso
             par_blocks_try(&mut v, per * sp, threads, |k, grp| {
                 let ch0 = (k % groups) * per;
                 let (sc, bi) = (&scale[ch0..ch0 + per], &b[ch0..ch0 + per]);
-                ops::group_norm(grp, 1, per, sp, 1, sc, bi, *eps).map_err(|e| e.to_string())?;
-                if let Some(u) = act {
-                    apply_unary(*u, grp);
-                }
-                Ok(())
+                let act = |j: usize| {
+                    act.as_ref()
+                        .map_or(ChannelAct::None, |a| a.channel(ch0 + j))
+                };
+                ops::group_norm_act(grp, 1, per, sp, 1, sc, bi, *eps, act)
+                    .map_err(|e| e.to_string())
             })?;
             Tensor::f32(shape, v)
         }

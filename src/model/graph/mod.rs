@@ -79,7 +79,7 @@ pub enum Op {
     /// `act`: an activation fused after the normalisation (its only reader).
     InstanceNorm {
         eps: f32,
-        act: Option<Unary>,
+        act: Option<Activation>,
     },
     /// `per_group_affine`: opset 18's scale/bias per group (opset 21: per channel).
     /// `act`: an activation fused after it (planning only: the decomposed GroupNorm that
@@ -88,7 +88,7 @@ pub enum Op {
         eps: f32,
         groups: usize,
         per_group_affine: bool,
-        act: Option<Unary>,
+        act: Option<Activation>,
     },
     Unary(Unary),
     Binary(BinOp),
@@ -522,34 +522,24 @@ impl Graph {
                 vals.insert(node.outputs[0].clone(), Val::Const(Arc::new(t)));
                 continue;
             }
-            // A fused activation: the conv's output has this node as its only reader.
-            if let (
-                Op::Unary(u),
-                Some(Some(Val::Slot {
-                    fuse_into: Some(si),
-                    slot,
-                    shape,
-                    elem,
-                })),
-            ) = (&node.op, ins.first())
+            // A fused activation: the conv's (or norm's) output has this node as its only
+            // reader.
+            if let Some(Some(Val::Slot {
+                fuse_into: Some(si),
+                slot,
+                shape,
+                elem,
+            })) = ins.first()
             {
-                let act = match u {
-                    Unary::Relu => Some(Activation::Relu),
-                    Unary::LeakyRelu(a) => Some(Activation::LeakyRelu(*a)),
-                    Unary::Sigmoid => Some(Activation::Sigmoid),
-                    _ => None,
-                };
+                let act = fusable_activation(&node.op, &ins, shape);
                 let single = readers.get(node.inputs[0].as_str()) == Some(&1);
-                let fused = match (&mut steps[*si].kind, single) {
-                    (Kind::Conv { plan, .. }, true) => match act {
-                        Some(act) if plan.activation() == Activation::None => {
-                            **plan = Conv3dPlan::new(*plan.shape(), act);
-                            true
-                        }
-                        _ => false,
-                    },
-                    (Kind::Eval(Op::InstanceNorm { act: a @ None, .. }), true) => {
-                        *a = Some(*u);
+                let fused = match (&mut steps[*si].kind, single, act) {
+                    (Kind::Conv { plan, .. }, true, Some(act)) if plan.activation().is_none() => {
+                        **plan = Conv3dPlan::new(*plan.shape(), act);
+                        true
+                    }
+                    (Kind::Eval(Op::InstanceNorm { act: a @ None, .. }), true, Some(act)) => {
+                        *a = Some(act);
                         true
                     }
                     _ => false,
@@ -707,6 +697,35 @@ impl Graph {
 
 /// The per-channel values of a constant that broadcasts along the channel axis of a
 /// `[N, C, …]` value of rank `rank` (shape `[C, 1, …]`, `[1, C, 1, …]` or a scalar).
+/// The kernel activation `op` computes from its first input (of shape `shape`, channels on
+/// axis 1), if one can be fused into the step producing that input: Relu, LeakyRelu,
+/// Sigmoid, Elu, and PRelu whose slope is a constant per channel (or a scalar).
+fn fusable_activation(op: &Op, ins: &[Option<Val>], shape: &[usize]) -> Option<Activation> {
+    match op {
+        Op::Unary(u) => unary_activation(*u),
+        Op::Binary(BinOp::PRelu) => {
+            let Some(Some(Val::Const(slope))) = ins.get(1) else {
+                return None;
+            };
+            let c = *shape.get(1)?;
+            let slopes = channel_values(slope, c, shape.len())?;
+            Some(Activation::PRelu(slopes.into()))
+        }
+        _ => None,
+    }
+}
+
+/// The kernel activation of an elementwise op, where there is one.
+fn unary_activation(u: Unary) -> Option<Activation> {
+    match u {
+        Unary::Relu => Some(Activation::Relu),
+        Unary::LeakyRelu(a) => Some(Activation::LeakyRelu(a)),
+        Unary::Sigmoid => Some(Activation::Sigmoid),
+        Unary::Elu(a) => Some(Activation::Elu(a)),
+        _ => None,
+    }
+}
+
 fn channel_values(c: &Const, channels: usize, rank: usize) -> Option<Vec<f32>> {
     let v = c.as_f32().ok()?;
     if v.len() == 1 {
@@ -833,13 +852,12 @@ fn fuse_group_norms(steps: &mut Vec<Step>, input: [usize; 5], out_slot: Option<u
             let mut last = j5;
             let mut act = None;
             if let Some(j6) = sole_reader(steps, steps[j5].out, j5 + 1) {
-                if let Kind::Eval(Op::Unary(
-                    u @ (Unary::Relu | Unary::LeakyRelu(_) | Unary::Sigmoid),
-                )) = steps[j6].kind
-                {
+                if let Kind::Eval(Op::Unary(u)) = steps[j6].kind {
                     if slot_arg(&steps[j6], 0) == Some(steps[j5].out) && steps[j6].args.len() == 1 {
-                        act = Some(u);
-                        last = j6;
+                        act = unary_activation(u);
+                        if act.is_some() {
+                            last = j6;
+                        }
                     }
                 }
             }

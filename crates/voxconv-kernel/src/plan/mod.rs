@@ -171,8 +171,8 @@ impl Conv3dPlan {
         self.tiling
     }
 
-    pub fn activation(&self) -> Activation {
-        self.activation
+    pub fn activation(&self) -> &Activation {
+        &self.activation
     }
 
     /// Bytes of the per-thread scratch buffers for `threads` threads.

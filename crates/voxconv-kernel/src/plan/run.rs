@@ -61,7 +61,7 @@ impl Conv3dPlan {
         if let Some(b) = bias {
             check_len("bias", self.shape.c_out(), b.len())?;
         }
-        Ok(())
+        self.activation.check(self.shape.c_out())
     }
 
     /// Runs the convolution into `output` (`[N, C_out, oD, oH, oW]`, fully overwritten) on

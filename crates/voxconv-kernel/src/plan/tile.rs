@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::buffer::{scratch_give, scratch_take};
 use crate::im2col::{im2col_tile, Run};
-use crate::{avx512, winograd, Activation};
+use crate::{avx512, winograd};
 
 use super::schedule::SlabInfo;
 use super::{Conv3dPlan, Filters, GemmImpl, Strategy};
@@ -247,12 +247,14 @@ impl Conv3dPlan {
             GemmImpl::Avx512 | GemmImpl::Avx2 => None,
             GemmImpl::Portable => ops.bias,
         };
-        if bias.is_some() || self.activation != Activation::None {
+        if bias.is_some() || !self.activation.is_none() {
             for co in chans {
                 // SAFETY: row `co` of the tile: `cols` values at dst + co·row_stride, inside
                 // the destination and owned by this tile (caller's contract).
                 let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
-                self.activation.bias_apply(row, bias.map_or(0.0, |b| b[co]));
+                self.activation
+                    .channel(co)
+                    .bias_apply(row, bias.map_or(0.0, |b| b[co]));
             }
         }
         lap(&clock.epilogue, &mut since);
@@ -261,13 +263,13 @@ impl Conv3dPlan {
     /// Applies the activation to the channels `chans` of a finished tile (bias already
     /// added).
     fn activation_pass(&self, dst: *mut f32, rs: usize, cols: usize, chans: Range<usize>) {
-        if self.activation == Activation::None {
+        if self.activation.is_none() {
             return;
         }
         for co in chans {
             // SAFETY: row `co` of a tile this thread owns (see `compute_tile`).
             let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
-            self.activation.bias_apply(row, 0.0);
+            self.activation.channel(co).bias_apply(row, 0.0);
         }
     }
 
@@ -431,7 +433,7 @@ impl Conv3dPlan {
                         block,
                         chans.clone(),
                         ops.bias,
-                        self.activation,
+                        &self.activation,
                         dst,
                         rs,
                         z_start,
