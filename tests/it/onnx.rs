@@ -829,3 +829,45 @@ fn monai_unet_prelus_are_fused() {
     let steps = g.plan(shape.try_into().unwrap()).unwrap().strategies();
     assert!(steps.iter().all(|(_, s)| *s != "PRelu"), "{steps:?}");
 }
+
+/// An InstanceNormalization reading only a convolution's output is fused into it (the
+/// convolution gathers the statistics per tile; the norm and its activation are one more
+/// pass): BasicUNet's and nnU-Net's Conv → InstanceNormalization → LeakyRelu leave one
+/// step each, and MONAI UNet's Conv → InstanceNormalization → PRelu too, except after its
+/// transposed convolutions (whose norms stay steps of their own). The outputs still match
+/// onnxruntime (`unets_match_onnxruntime`).
+#[test]
+fn instance_norms_after_convolutions_are_fused() {
+    for name in ["monai_basicunet", "nnunet_plainconv", "monai_unet"] {
+        let dir = fixtures().join(name);
+        let m = load_model(&dir, name).unwrap();
+        let g = m.graph().expect("an ONNX graph");
+        let norms = g
+            .nodes
+            .iter()
+            .filter(|n| n.op.name() == "InstanceNormalization")
+            .count();
+        let transposed = g
+            .nodes
+            .iter()
+            .filter(|n| n.op.name() == "ConvTranspose")
+            .count();
+        assert!(norms > 0, "{name}");
+        let (shape, _) = npy(&dir.join("input.npy"));
+        let steps = g.plan(shape.try_into().unwrap()).unwrap().strategies();
+        let left = steps
+            .iter()
+            .filter(|(_, s)| *s == "InstanceNormalization")
+            .count();
+        assert!(
+            left <= transposed,
+            "{name}: {left} of {norms} norms left: {steps:?}"
+        );
+        for op in ["LeakyRelu", "PRelu"] {
+            assert!(
+                steps.iter().all(|(_, s)| *s != op),
+                "{name}: {op} left: {steps:?}"
+            );
+        }
+    }
+}

@@ -111,7 +111,7 @@ const NORM_BLOCK: usize = 1024;
 /// `(x − k)²`, with `k` the first value (so a channel whose values are far from zero but
 /// close together loses nothing to cancellation), accumulated in f32 lanes within blocks of
 /// 1024 values and in f64 across blocks. A constant `v` gives exactly its value and 0.
-fn mean_var(v: &[f32]) -> (f64, f64) {
+pub(crate) fn mean_var(v: &[f32]) -> (f64, f64) {
     let k = v[0];
     let (mut s1, mut s2) = (0f64, 0f64);
     for block in v.chunks(NORM_BLOCK) {
@@ -202,6 +202,32 @@ pub fn instance_norm_act(
     let eps = check_eps(eps, "InstanceNormalization")?;
     for (i, chan) in x.chunks_exact_mut(spatial).enumerate() {
         let (mean, var) = mean_var(chan);
+        normalize(chan, mean, var, eps, scale[i % c], bias[i % c], act(i % c));
+    }
+    Ok(())
+}
+
+/// [`instance_norm_act`] with every `(item, channel)`'s mean and biased variance already
+/// known (`stats`, `n·c` pairs, item-major: what `Conv3dPlan::run_into_with_stats`
+/// returns): the normalizing pass only.
+#[allow(clippy::too_many_arguments)]
+pub fn instance_norm_with_stats(
+    x: &mut [f32],
+    n: usize,
+    c: usize,
+    spatial: usize,
+    stats: &[(f64, f64)],
+    scale: &[f32],
+    bias: &[f32],
+    eps: f32,
+    act: impl Fn(usize) -> ChannelAct,
+) -> Result<(), KernelError> {
+    check_ncs(x.len(), n, c, spatial)?;
+    check_len("scale", c, scale.len())?;
+    check_len("bias", c, bias.len())?;
+    check_len("stats", n * c, stats.len())?;
+    let eps = check_eps(eps, "InstanceNormalization")?;
+    for ((i, chan), &(mean, var)) in x.chunks_exact_mut(spatial.max(1)).enumerate().zip(stats) {
         normalize(chan, mean, var, eps, scale[i % c], bias[i % c], act(i % c));
     }
     Ok(())

@@ -1,8 +1,12 @@
-//! Splitting elementwise work over scoped threads.
+//! Splitting work over threads: [`run_parts`] on a pool of parked workers, and
+//! [`par_blocks`] (elementwise work in whole blocks) on top of it.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 /// Calls `f(first_block, part)` on `groups` parts of `v`, each a run of whole `block`-value
 /// blocks (the last part takes the rest), the first part on the calling thread and the others
-/// on scoped threads. For work where each value's result does not depend on the split (a
+/// on the pool ([`run_parts`]). For work where each value's result does not depend on the split (a
 /// copy, an elementwise op, independent channels): the same bits with any `groups`.
 pub fn par_blocks<F>(v: &mut [f32], block: usize, groups: usize, f: F)
 where
@@ -16,17 +20,183 @@ where
         return;
     }
     let per = blocks.div_ceil(groups);
-    std::thread::scope(|scope| {
-        let mut parts = v.chunks_mut(per * block).enumerate();
-        let first = parts.next();
-        for (g, part) in parts {
-            let f = &f;
-            scope.spawn(move || f(g * per, part));
-        }
-        if let Some((_, part)) = first {
-            f(0, part);
+    // Each part a disjoint run of whole blocks, handed to its part index.
+    let parts: Vec<std::sync::Mutex<Option<&mut [f32]>>> = v
+        .chunks_mut(per * block)
+        .map(|p| std::sync::Mutex::new(Some(p)))
+        .collect();
+    run_parts(parts.len(), &|g| {
+        let part = parts[g].lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(part) = part {
+            f(g * per, part);
         }
     });
+}
+/// Runs `f(i)` once for every `i < parts`: part 0 on the calling thread, the others offered
+/// to a process-wide pool of parked worker threads (started on first use, grown to the
+/// largest count asked for), so a call costs a wake-up, not a thread spawn (tens of
+/// microseconds each, which small convolutions cannot repay). Parts no worker has started
+/// by the time the caller finishes its own are taken back and run by the caller, so a call
+/// never waits for other calls' work: only for its own parts already running. Nested calls
+/// (a part that calls `run_parts`) are fine for the same reason.
+///
+/// A panicking part is re-raised on the calling thread after every part has finished.
+pub fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    if parts <= 1 {
+        if parts == 1 {
+            f(0);
+        }
+        return;
+    }
+    let pool = pool::get(parts - 1);
+    let batch = Arc::new(pool::Batch::default());
+    // SAFETY: the `'static` lifetime is a lie the pool never acts on: a worker calls `job`
+    // only for an entry it took from the queue, and takes one only under the queue's lock,
+    // counting itself in `batch.running` before releasing it. Before this function returns
+    // (also when a part panics: every part runs under `catch_unwind`), the caller removes
+    // every entry of this batch still queued (under the same lock) and then waits until
+    // `batch.running` is back to 0. So no call of `job` starts or is in progress after
+    // `f`'s borrow ends.
+    let job: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+    pool.offer(job, parts, &batch);
+    let mut panic = std::panic::catch_unwind(AssertUnwindSafe(|| f(0))).err();
+    for i in pool.take_back(&batch) {
+        if let Err(p) = std::panic::catch_unwind(AssertUnwindSafe(|| f(i))) {
+            panic.get_or_insert(p);
+        }
+    }
+    if let Some(p) = batch.wait().or(panic) {
+        std::panic::resume_unwind(p);
+    }
+}
+
+mod pool {
+    use std::any::Any;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+
+    /// Most worker threads the pool starts (callers asking for more share them).
+    const MAX_WORKERS: usize = 256;
+
+    type Job = &'static (dyn Fn(usize) + Sync);
+
+    /// One `run_parts` call: how many of its parts are running on workers, and the first
+    /// panic among them.
+    #[derive(Default)]
+    pub(super) struct Batch {
+        state: Mutex<(usize, Option<Box<dyn Any + Send>>)>,
+        idle: Condvar,
+    }
+
+    impl Batch {
+        /// Waits until no part of this batch runs on a worker; the first worker panic.
+        pub(super) fn wait(&self) -> Option<Box<dyn Any + Send>> {
+            let mut s = lock(&self.state);
+            while s.0 > 0 {
+                s = self.idle.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.1.take()
+        }
+    }
+
+    struct Entry {
+        job: Job,
+        index: usize,
+        batch: Arc<Batch>,
+    }
+
+    pub(super) struct Pool {
+        queue: Mutex<VecDeque<Entry>>,
+        ready: Condvar,
+        workers: Mutex<usize>,
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool, with at least `workers` threads started (up to [`MAX_WORKERS`]).
+    pub(super) fn get(workers: usize) -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        let pool = POOL.get_or_init(|| Pool {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            workers: Mutex::new(0),
+        });
+        let want = workers.min(MAX_WORKERS);
+        let mut have = lock(&pool.workers);
+        while *have < want {
+            let started = std::thread::Builder::new()
+                .name(format!("voxconv-kernel-{have}"))
+                .spawn(move || pool.work());
+            if started.is_err() {
+                // No more threads: the callers run the parts themselves.
+                break;
+            }
+            *have += 1;
+        }
+        pool
+    }
+
+    impl Pool {
+        /// Queues parts `1..parts` of `job`.
+        pub(super) fn offer(&self, job: Job, parts: usize, batch: &Arc<Batch>) {
+            let mut q = lock(&self.queue);
+            for index in 1..parts {
+                q.push_back(Entry {
+                    job,
+                    index,
+                    batch: Arc::clone(batch),
+                });
+            }
+            drop(q);
+            for _ in 1..parts {
+                self.ready.notify_one();
+            }
+        }
+
+        /// Removes this batch's parts no worker has started; their indices.
+        pub(super) fn take_back(&self, batch: &Arc<Batch>) -> Vec<usize> {
+            let mut q = lock(&self.queue);
+            let mut mine = Vec::new();
+            q.retain(|e| {
+                let own = Arc::ptr_eq(&e.batch, batch);
+                if own {
+                    mine.push(e.index);
+                }
+                !own
+            });
+            mine
+        }
+
+        fn work(&self) {
+            loop {
+                let entry = {
+                    let mut q = lock(&self.queue);
+                    loop {
+                        if let Some(e) = q.pop_front() {
+                            // Counted as running before the queue's lock is released (see
+                            // `run_parts`).
+                            lock(&e.batch.state).0 += 1;
+                            break e;
+                        }
+                        q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    (entry.job)(entry.index)
+                }));
+                let mut s = lock(&entry.batch.state);
+                if let Err(p) = result {
+                    s.1.get_or_insert(p);
+                }
+                s.0 -= 1;
+                if s.0 == 0 {
+                    entry.batch.idle.notify_all();
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -45,5 +215,54 @@ mod tests {
             let want: Vec<f32> = (0..len).map(|i| i as f32).collect();
             assert_eq!(v, want, "{len} {block} {groups}");
         }
+    }
+
+    #[test]
+    fn run_parts_runs_every_part_once_also_nested_and_concurrent() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for parts in [0, 1, 2, 3, 7, 40] {
+            let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+            run_parts(parts, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "{parts}"
+            );
+        }
+        // Several callers at once, each part calling run_parts again: every inner part
+        // runs once, and nobody waits forever on work queued behind the others.
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        run_parts(3, &|_| {
+                            run_parts(4, &|_| {
+                                total.fetch_add(1, Ordering::Relaxed);
+                            })
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 3 * 4);
+    }
+
+    #[test]
+    fn a_panicking_part_reaches_the_caller_and_the_pool_goes_on() {
+        for bad in [0, 1, 2] {
+            let r = std::panic::catch_unwind(|| {
+                run_parts(3, &|i| {
+                    if i == bad {
+                        panic!("part {i}");
+                    }
+                })
+            });
+            assert!(r.is_err(), "part {bad}'s panic was lost");
+        }
+        let mut v = vec![0f32; 64];
+        par_blocks(&mut v, 8, 4, |first, part| part.fill(first as f32));
+        assert_eq!(v[63], 6.0);
     }
 }

@@ -967,15 +967,16 @@ fn every_error_is_typed() {
 #[test]
 fn tiny_problems_use_fewer_threads_with_identical_results() {
     let shape =
-        Conv3dShape::new([1, 2, 8, 40, 40], [4, 2, 3, 3, 3], Conv3dParams::default()).unwrap();
+        Conv3dShape::new([1, 2, 6, 20, 20], [4, 2, 3, 3, 3], Conv3dParams::default()).unwrap();
     let plan = Conv3dPlan::new(shape, Activation::None);
     assert_eq!(plan.useful_threads(), 1, "{} FLOPs", shape.flops());
-    assert!(plan.clone().with_min_flops_per_thread(0.0).useful_threads() > 1);
+    let all = plan.clone().with_min_flops_per_thread(0.0);
+    assert!(all.useful_threads() > 1);
     let x = data(shape.input_len(), 1);
     let w = data(shape.filters_len(), 2);
     let mut capped = vec![f32::NAN; shape.output_len()];
     plan.run_into(&x, &w, None, &mut capped, 8, None).unwrap();
-    let forced = run_plan(&plan, &x, &w, None, 8);
+    let forced = run_plan(&all, &x, &w, None, 8);
     assert!(capped
         .iter()
         .zip(&forced)
@@ -1312,5 +1313,103 @@ fn winograd_lane_groups_hold_every_output_block_once() {
         assert!(seen
             .iter()
             .all(|&(z0, ty, _)| pairs.contains(&(z0 / 2)) && z0 % 2 == 0 && ty < oh.div_ceil(2)));
+    }
+}
+
+// ---- statistics gathered in the epilogue ----
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// `run_into_with_stats` writes the same output as `run_into` and returns each (item,
+    /// channel)'s mean and biased variance of it (checked against an f64 pass over the
+    /// output), for every strategy, random tilings with channel blocks, and 1–3 threads with
+    /// the same bits.
+    #[test]
+    fn statistics_from_the_epilogue_match_the_output(
+        (shape, act, with_bias) in problem(),
+        tile_cols in 1usize..300,
+        chan_block in 1usize..20,
+        seed in 0u64..1000,
+    ) {
+        let x = data(shape.input_len(), seed);
+        let w = data(shape.filters_len(), seed + 1);
+        let b = data(shape.c_out(), seed + 2);
+        let bias = with_bias.then_some(b.as_slice());
+        let [n, c, od, oh, ow] = shape.output;
+        let sp = od * oh * ow;
+        for plan in variants(shape, act.clone()) {
+            let t = plan.tiling();
+            for plan in [plan.clone(), plan.with_tiling(Tiling { tile_cols, chan_block, ..t })] {
+                let plan = plan.with_min_flops_per_thread(0.0);
+                // The first thread count's output and statistics.
+                type Outcome = (Vec<f32>, Vec<(f64, f64)>);
+                let mut first: Option<Outcome> = None;
+                for threads in 1..=3 {
+                    let mut out = vec![f32::NAN; shape.output_len()];
+                    let stats = plan
+                        .run_into_with_stats(&x, &w, bias, &mut out, threads, None)
+                        .unwrap();
+                    prop_assert_eq!(stats.len(), n * c);
+                    let plain = run_plan(&plan, &x, &w, bias, threads);
+                    prop_assert!(out.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits()));
+                    for (k, ch) in out.chunks(sp).enumerate() {
+                        let m = ch.iter().map(|&v| f64::from(v)).sum::<f64>() / sp as f64;
+                        let var = ch.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>()
+                            / sp as f64;
+                        let scale = ch.iter().fold(0f64, |a, &v| a.max(f64::from(v).abs()));
+                        let (gm, gv) = stats[k];
+                        prop_assert!((gm - m).abs() <= 1e-6 * scale + 1e-12,
+                            "{} mean {} vs {}", plan.strategy().name(), gm, m);
+                        prop_assert!((gv - var).abs() <= 1e-5 * scale * scale + 1e-12,
+                            "{} var {} vs {}", plan.strategy().name(), gv, var);
+                    }
+                    match &first {
+                        None => first = Some((out, stats)),
+                        Some((o, s)) => {
+                            prop_assert!(o.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
+                            prop_assert!(s.iter().zip(&stats).all(|(a, b)| {
+                                a.0.to_bits() == b.0.to_bits() && a.1.to_bits() == b.1.to_bits()
+                            }), "{} threads: statistics differ", threads);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A channel whose values sit far from zero (a CT-like offset of 1000 with unit spread):
+/// the per-tile shifted moments keep the variance exact where E[x²] − E[x]² would cancel.
+#[test]
+fn epilogue_statistics_survive_a_large_offset() {
+    let shape =
+        Conv3dShape::new([1, 1, 20, 24, 40], [2, 1, 1, 1, 1], Conv3dParams::default()).unwrap();
+    let x: Vec<f32> = data(shape.input_len(), 5)
+        .iter()
+        .map(|v| 1000.0 + v)
+        .collect();
+    let w = vec![1.0f32, -1.0];
+    let plan = Conv3dPlan::new(shape, Activation::None).with_tiling(Tiling {
+        tile_cols: 100,
+        ..Conv3dPlan::new(shape, Activation::None).tiling()
+    });
+    let mut out = vec![0f32; shape.output_len()];
+    let stats = plan
+        .run_into_with_stats(&x, &w, None, &mut out, 2, None)
+        .unwrap();
+    for (k, ch) in out.chunks(shape.output_len() / 2).enumerate() {
+        let n = ch.len() as f64;
+        let m = ch.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = ch.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / n;
+        assert!(
+            (stats[k].0 - m).abs() < 1e-9 * m.abs(),
+            "{k}: {:?} vs {m}",
+            stats[k]
+        );
+        assert!(
+            (stats[k].1 - var).abs() < 1e-4 * var,
+            "{k}: {} vs {var}",
+            stats[k].1
+        );
     }
 }

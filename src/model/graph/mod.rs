@@ -298,9 +298,22 @@ enum Kind {
         bias: Option<Const>,
         /// Explicit zero padding before the convolution (asymmetric or SAME pads).
         prepad: Option<([usize; 3], [usize; 3])>,
+        /// An InstanceNormalization fused after it (its only reader, constant scale and
+        /// bias): the convolution gathers each channel's statistics while its tiles are
+        /// hot, and the normalization (and its fused activation) is one more pass.
+        norm: Option<FusedNorm>,
     },
     ConvTranspose(Box<ConvTranspose3dPlan>),
     Eval(Op),
+}
+
+/// An InstanceNormalization fused into the convolution before it.
+#[derive(Debug)]
+struct FusedNorm {
+    eps: f32,
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+    act: Option<Activation>,
 }
 
 /// One node of the plan.
@@ -534,8 +547,25 @@ impl Graph {
                 let act = fusable_activation(&node.op, &ins, shape);
                 let single = readers.get(node.inputs[0].as_str()) == Some(&1);
                 let fused = match (&mut steps[*si].kind, single, act) {
-                    (Kind::Conv { plan, .. }, true, Some(act)) if plan.activation().is_none() => {
+                    (
+                        Kind::Conv {
+                            plan, norm: None, ..
+                        },
+                        true,
+                        Some(act),
+                    ) if plan.activation().is_none() => {
                         **plan = Conv3dPlan::new(*plan.shape(), act);
+                        true
+                    }
+                    (
+                        Kind::Conv {
+                            norm: Some(FusedNorm { act: a @ None, .. }),
+                            ..
+                        },
+                        true,
+                        Some(act),
+                    ) => {
+                        *a = Some(act);
                         true
                     }
                     (Kind::Eval(Op::InstanceNorm { act: a @ None, .. }), true, Some(act)) => {
@@ -556,6 +586,57 @@ impl Graph {
                             },
                         );
                         continue;
+                    }
+                }
+            }
+            // An InstanceNormalization reading only a convolution's output, with constant
+            // per-channel scale and bias: fused into the convolution.
+            if let (
+                Op::InstanceNorm { eps, act: None },
+                Some(Some(Val::Slot {
+                    fuse_into: Some(si),
+                    slot,
+                    shape,
+                    elem,
+                })),
+            ) = (&node.op, ins.first())
+            {
+                let per_channel = |v: Option<&Option<Val>>| match v {
+                    Some(Some(Val::Const(t))) => t
+                        .as_f32()
+                        .ok()
+                        .filter(|v| shape.len() == 5 && v.len() == shape[1])
+                        .map(<[f32]>::to_vec),
+                    _ => None,
+                };
+                let single = readers.get(node.inputs[0].as_str()) == Some(&1);
+                if let (Some(scale), Some(bias), true) =
+                    (per_channel(ins.get(1)), per_channel(ins.get(2)), single)
+                {
+                    if let Kind::Conv {
+                        plan,
+                        norm: n @ None,
+                        ..
+                    } = &mut steps[*si].kind
+                    {
+                        if plan.activation().is_none() {
+                            *n = Some(FusedNorm {
+                                eps: *eps,
+                                scale,
+                                bias,
+                                act: None,
+                            });
+                            vals.insert(
+                                node.outputs[0].clone(),
+                                Val::Slot {
+                                    slot: *slot,
+                                    shape: shape.clone(),
+                                    elem: *elem,
+                                    fuse_into: Some(*si),
+                                },
+                            );
+                            continue;
+                        }
                     }
                 }
             }
@@ -993,6 +1074,7 @@ fn plan_node(node: &Node, ins: &[Option<Val>]) -> Result<(Kind, Vec<usize>, Elem
                     packed: None,
                     bias,
                     prepad,
+                    norm: None,
                 },
                 out,
                 Elem::F32,
@@ -1747,6 +1829,7 @@ impl GraphPlan {
                 packed,
                 bias,
                 prepad,
+                norm,
             } => {
                 let x = x_ref(&held[0])?;
                 let padded;
@@ -1764,14 +1847,45 @@ impl GraphPlan {
                     Some(p) => Filters::Packed(p),
                     None => Filters::Raw(weights.as_f32().map_err(bug)?),
                 };
-                plan.run_into(
-                    x,
-                    filters,
-                    bias.as_ref().map(|b| b.as_f32()).transpose().map_err(bug)?,
-                    &mut out,
-                    threads,
-                    cancel,
-                )?;
+                let bias = bias.as_ref().map(|b| b.as_f32()).transpose().map_err(bug)?;
+                match norm {
+                    None => plan.run_into(x, filters, bias, &mut out, threads, cancel)?,
+                    Some(nm) => {
+                        let stats =
+                            plan.run_into_with_stats(x, filters, bias, &mut out, threads, cancel)?;
+                        let [_, c, d, h, w] = plan.shape().output;
+                        let sp = d * h * w;
+                        let act = |k: usize| {
+                            nm.act
+                                .as_ref()
+                                .map_or(crate::kernel::ChannelAct::None, |a| a.channel(k % c))
+                        };
+                        // Channels split over threads (the same bits at any count).
+                        let mut failed = None;
+                        let failed_at = std::sync::Mutex::new(&mut failed);
+                        crate::kernel::par::par_blocks(&mut out, sp, threads, |first, part| {
+                            for (i, ch) in part.chunks_exact_mut(sp).enumerate() {
+                                let k = first + i;
+                                if let Err(e) = crate::kernel::ops::instance_norm_with_stats(
+                                    ch,
+                                    1,
+                                    1,
+                                    sp,
+                                    &stats[k..=k],
+                                    &nm.scale[k % c..=k % c],
+                                    &nm.bias[k % c..=k % c],
+                                    nm.eps,
+                                    |_| act(k),
+                                ) {
+                                    **failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                }
+                            }
+                        });
+                        if let Some(e) = failed {
+                            return Err(e);
+                        }
+                    }
+                }
                 (
                     Tensor::f32(s.out_shape.clone(), out),
                     plan.strategy().name(),

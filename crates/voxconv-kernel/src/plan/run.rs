@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use crate::{check_len, KernelError};
 
 use super::schedule::{ring_slabs, Output, SlabInfo};
-use super::tile::Dest;
+use super::tile::{Dest, TileStats};
 use super::{Conv3dPlan, Filters};
 
 /// A finished slab of output: depth planes `depth` of batch item `batch`, all channels,
@@ -75,15 +75,23 @@ impl Conv3dPlan {
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<(), KernelError> {
-        let filters = filters.into();
+        self.run_in_place(input, filters.into(), bias, output, threads, cancel, None)
+    }
+
+    /// `run_into`, each tile's moments left in `stats` if given.
+    #[allow(clippy::too_many_arguments)]
+    fn run_in_place(
+        &self,
+        input: &[f32],
+        filters: Filters<'_>,
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+        stats: Option<&TileStats>,
+    ) -> Result<(), KernelError> {
         self.check(input, filters, bias, threads)?;
-        if output.len() != self.shape.output_len() {
-            return Err(KernelError::BufferLength {
-                what: "output",
-                expected: self.shape.output_len(),
-                got: output.len(),
-            });
-        }
+        check_len("output", self.shape.output_len(), output.len())?;
         let out_vox = self.shape.out_voxels();
         let item = self.shape.c_out() * out_vox;
         let base = SendPtr(output.as_mut_ptr());
@@ -101,6 +109,7 @@ impl Conv3dPlan {
             Output::InPlace,
             &dest_of,
             &mut |_| ControlFlow::Continue(()),
+            stats,
         )
     }
 
@@ -184,6 +193,7 @@ impl Conv3dPlan {
                     data,
                 })
             },
+            None,
         );
         drop(buffers);
         result
@@ -252,6 +262,57 @@ impl Conv3dPlan {
                     data,
                 })
             },
+            None,
         )
+    }
+
+    /// [`run_into`](Self::run_into), also returning each `(item, output channel)`'s mean
+    /// and biased variance of the output (`N·C_out` pairs, item-major), gathered per tile
+    /// while the tile is in cache: an InstanceNormalization after the convolution then
+    /// needs one pass over the output instead of two. Per tile, the moments are taken as
+    /// `ops::instance_norm` takes a channel's (f32 lanes in blocks, f64 across, shifted by
+    /// the first value); tiles are merged in tile order with Chan et al.'s pairwise update,
+    /// so the statistics are the same at any thread count.
+    pub fn run_into_with_stats<'f>(
+        &self,
+        input: &[f32],
+        filters: impl Into<Filters<'f>>,
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        threads: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<(f64, f64)>, KernelError> {
+        let c_out = self.shape.c_out();
+        let blocks = self.tiling.chan_blocks(c_out);
+        let slabs = self.slabs();
+        let voxel_tiles = slabs.iter().map(|s| s.tiles / blocks).sum();
+        let stats = TileStats::new(voxel_tiles, c_out);
+        let filters = filters.into();
+        self.run_in_place(input, filters, bias, output, threads, cancel, Some(&stats))?;
+        // (count, mean, M2) per (item, channel), merged tile by tile in output order.
+        let mut acc = vec![(0f64, 0f64, 0f64); self.shape.batch() * c_out];
+        for s in &slabs {
+            let first = s.first_tile / blocks;
+            for t in 0..s.tiles / blocks {
+                let cols = self
+                    .tiling
+                    .tile_cols
+                    .min(s.voxels - t * self.tiling.tile_cols);
+                let nb = cols as f64;
+                for co in 0..c_out {
+                    let (mb, m2b) = stats.get(first + t, co);
+                    let (na, ma, m2a) = &mut acc[s.batch * c_out + co];
+                    let n = *na + nb;
+                    let delta = mb - *ma;
+                    *ma += delta * nb / n;
+                    *m2a += m2b + delta * delta * *na * nb / n;
+                    *na = n;
+                }
+            }
+        }
+        Ok(acc
+            .into_iter()
+            .map(|(n, mean, m2)| (mean, (m2 / n.max(1.0)).max(0.0)))
+            .collect())
     }
 }

@@ -8,11 +8,15 @@ use std::time::Duration;
 
 use crate::KernelError;
 
-use super::tile::Dest;
+use super::tile::{Dest, TileStats};
 use super::{Conv3dPlan, Filters};
 
-/// Work (FLOPs) below which another thread costs more to start than it saves.
-pub(super) const MIN_FLOPS_PER_THREAD: f64 = 16e6;
+/// Work (FLOPs) below which another thread costs more to start than it saves. With the
+/// kernel's parked pool (`par::run_parts`) a thread costs a wake-up, not a spawn: 16 MFLOP
+/// when every call spawned; at 2 MFLOP, small-batch-odd (3.3 MFLOP) at 2 threads went
+/// 0.15 -> 0.10-0.13 ms and tiny (6.4 MFLOP) 0.09 -> 0.07 ms (AMD Zen 4, 300 runs,
+/// medians, 2026-12-06).
+pub(super) const MIN_FLOPS_PER_THREAD: f64 = 2e6;
 /// Slab buffers in flight in streaming mode (one being delivered, the rest being computed).
 const RING_SLABS: usize = 3;
 
@@ -109,9 +113,11 @@ impl Conv3dPlan {
         output: Output,
         dest_of: &(dyn Fn(&SlabInfo) -> Dest + Sync),
         deliver: &mut dyn FnMut(&SlabInfo) -> ControlFlow<()>,
+        stats: Option<&TileStats>,
     ) -> Result<(), KernelError> {
         let slabs = self.slabs();
-        let ops = self.operands(input, filters, bias);
+        let mut ops = self.operands(input, filters, bias);
+        ops.stats = stats;
         let ops = &ops;
         let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
         // `threads` is an upper bound: spawning costs tens of microseconds, so tiny problems
@@ -224,21 +230,20 @@ impl Conv3dPlan {
                 }
             }
         };
-        // Writing straight into the output (no ring), the calling thread computes too and
-        // delivers afterwards; streaming, it only delivers, so a slow consumer never holds
-        // up a tile.
+        // Writing straight into the output (no ring), the calling thread computes too (with
+        // the kernel's parked pool threads: no spawn per call) and delivers afterwards;
+        // streaming, it only delivers, so a slow consumer never holds up a tile, and the
+        // workers are threads of this call's own (a ring's tiles wait for deliveries, which
+        // must not hold up pool threads other calls share).
         let calling_thread_works = output == Output::InPlace;
+        if calling_thread_works {
+            crate::par::run_parts(threads, &|_| work());
+        }
         std::thread::scope(|scope| {
-            let helpers = if calling_thread_works {
-                threads - 1
-            } else {
-                threads
-            };
-            for _ in 0..helpers {
-                scope.spawn(work);
-            }
-            if calling_thread_works {
-                work();
+            if !calling_thread_works {
+                for _ in 0..threads {
+                    scope.spawn(work);
+                }
             }
             for (si, s) in slabs.iter().enumerate() {
                 wait_until(&|| done[si].load(Ordering::SeqCst) == s.tiles);

@@ -112,12 +112,16 @@ const WINOGRAD_OVER_DIRECT_MIN_COUT: usize = 32;
 /// ... and at least this share of its lanes compute real outputs (`winograd::lane_use`;
 /// measured on unet-deep, 8³ outputs at 0.25: 2.7× slower than im2col + GEMM).
 const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
-/// The direct strategy is the default from this reduction length on ...
-const DIRECT_MIN_K: usize = 64;
-/// ... or for output rows shorter than this.
-const DIRECT_SHORT_ROW: usize = 48;
-/// ... and at least this share of its 16-lane row segments compute real outputs (unet-deep,
-/// 8-voxel rows at 0.5: direct 65 ms, im2col + GEMM 29 ms at one thread).
+/// The direct strategy is the default wherever it runs (and Winograd does not), whatever the
+/// reduction length, if at least this share of its 16-lane row segments compute real
+/// outputs (unet-deep, 8-voxel rows at 0.5: direct 65 ms, im2col + GEMM 29 ms at one
+/// thread). Short reductions over long rows used to go to im2col + GEMM (K < 64); measured
+/// again with today's direct kernel (AMD Zen 4, 2026-12-06, direct / im2col ms at 1 and 2
+/// threads): 1→32 at 128³ 58.6 / 65.5 and 29.8 / 33.5; 1→32 at 64³ 6.9 / 8.8 and 3.6 / 4.4;
+/// 2→32 at 96³ 38.6 / 43.1 and 21.3 / 23.0; 1→8 at 128³ 14.1 / 17.7 and 9.1 / 9.2; 2→16 at
+/// 96³ 19.4 / 23.3 and 11.3 / 11.7; 4→16 1×3×3 over 32×128² 8.5 / 10.8 and 5.2 / 5.1; 1×1×1
+/// stride 2 16→32 1.5 / 2.2 and 1.0 / 1.0; 1→32 dilation 2 23.6 / 26.7 and 13.4 / 13.6;
+/// the one loss, 1→16 at 128³, 30.1 / 28.4 and 15.1 / 14.5.
 const DIRECT_MIN_LANE_USE: f64 = 0.75;
 /// ... unless the output has fewer channels than this: im2col's cost per output grows as
 /// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
@@ -271,11 +275,7 @@ impl Conv3dPlan {
         } else if self.supports(Strategy::Direct)
             && (direct_lane_use(shape) >= DIRECT_MIN_LANE_USE
                 || shape.c_out() < DIRECT_IDLE_LANES_MAX_COUT)
-            && (shape.reduction_len() >= DIRECT_MIN_K || shape.out_dims()[2] < DIRECT_SHORT_ROW)
         {
-            // Measured (docs/kernel-performance.md): direct wins where im2col is a large
-            // share (short rows, small C_out) and ties on long reductions; for very short
-            // reductions over long rows (single-channel first layers) im2col+GEMM is faster.
             Strategy::Direct
         } else {
             Strategy::Im2colGemm

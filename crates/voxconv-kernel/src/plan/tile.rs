@@ -27,6 +27,43 @@ pub(super) struct Operands<'a> {
     filters: &'a [f32],
     packed: Cow<'a, [f32]>,
     bias: Option<&'a [f32]>,
+    /// Where each finished tile leaves its channels' moments, when the caller wants them.
+    pub(super) stats: Option<&'a TileStats>,
+}
+
+/// Per voxel tile and output channel, the moments `(mean, M2)` of the tile's finished
+/// values (`M2`: the sum of squared deviations from the mean), written once by the thread
+/// that computed the tile; combined in tile order after the run, so the statistics do not
+/// depend on the thread count.
+pub(super) struct TileStats {
+    c_out: usize,
+    /// `[voxel tile][channel] → (mean, M2)` as f64 bits.
+    slots: Vec<[AtomicU64; 2]>,
+}
+
+impl TileStats {
+    pub(super) fn new(voxel_tiles: usize, c_out: usize) -> Self {
+        Self {
+            c_out,
+            slots: (0..voxel_tiles * c_out)
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
+        }
+    }
+
+    fn put(&self, tile: usize, co: usize, mean: f64, m2: f64) {
+        let s = &self.slots[tile * self.c_out + co];
+        s[0].store(mean.to_bits(), Ordering::Relaxed);
+        s[1].store(m2.to_bits(), Ordering::Relaxed);
+    }
+
+    pub(super) fn get(&self, tile: usize, co: usize) -> (f64, f64) {
+        let s = &self.slots[tile * self.c_out + co];
+        (
+            f64::from_bits(s[0].load(Ordering::Relaxed)),
+            f64::from_bits(s[1].load(Ordering::Relaxed)),
+        )
+    }
 }
 
 /// One thread's reusable buffers: the im2col tile and, when the reduction is split into
@@ -78,6 +115,7 @@ impl Conv3dPlan {
             filters,
             packed,
             bias,
+            stats: None,
         }
     }
 
@@ -121,6 +159,39 @@ impl Conv3dPlan {
     /// # Safety
     /// As [`compute_tile`](Self::compute_tile), for the tiles of `chans`.
     pub(super) unsafe fn compute_voxel_tile(
+        &self,
+        ops: &Operands<'_>,
+        slab: &SlabInfo,
+        t: usize,
+        chans: Range<usize>,
+        dest: Dest,
+        scratch: &mut Scratch,
+    ) {
+        let (base, rs) = (dest.base, dest.row_stride);
+        // SAFETY: forwarded caller's contract.
+        unsafe { self.compute_voxel_tile_values(ops, slab, t, chans.clone(), dest, scratch) };
+        let Some(stats) = ops.stats else {
+            return;
+        };
+        // The tile's channels' moments while its rows are still in cache (an InstanceNorm
+        // after the convolution then needs one pass, not two).
+        let off = t * self.tiling.tile_cols;
+        let cols = self.tiling.tile_cols.min(slab.voxels - off);
+        let vtile = slab.first_tile / self.tiling.chan_blocks(self.shape.c_out()) + t;
+        for co in chans {
+            // SAFETY: row `co` of the tile just computed: `cols` values at
+            // base + off + co·rs, inside the destination and owned by this thread.
+            let row = unsafe { std::slice::from_raw_parts(base.add(off + co * rs), cols) };
+            let (mean, var) = crate::ops::mean_var(row);
+            stats.put(vtile, co, mean, var * cols as f64);
+        }
+    }
+
+    /// The values of [`compute_voxel_tile`](Self::compute_voxel_tile).
+    ///
+    /// # Safety
+    /// As [`compute_tile`](Self::compute_tile), for the tiles of `chans`.
+    unsafe fn compute_voxel_tile_values(
         &self,
         ops: &Operands<'_>,
         slab: &SlabInfo,
