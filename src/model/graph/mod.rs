@@ -609,7 +609,10 @@ impl Graph {
                         .map(<[f32]>::to_vec),
                     _ => None,
                 };
-                let single = readers.get(node.inputs[0].as_str()) == Some(&1);
+                // A bad epsilon stays an InstanceNormalization step (its error names it).
+                let single = readers.get(node.inputs[0].as_str()) == Some(&1)
+                    && eps.is_finite()
+                    && *eps >= 0.0;
                 if let (Some(scale), Some(bias), true) =
                     (per_channel(ins.get(1)), per_channel(ins.get(2)), single)
                 {
