@@ -196,12 +196,30 @@ pub fn instance_norm_act(
     eps: f32,
     act: impl Fn(usize) -> ChannelAct,
 ) -> Result<(), KernelError> {
+    let moments = |_: usize, chan: &[f32]| mean_var(chan);
+    instance_norm_by(x, n, c, spatial, scale, bias, eps, act, moments)
+}
+
+/// The InstanceNormalization pass shared by [`instance_norm_act`] and
+/// [`instance_norm_with_stats`]: `moments(i, chan)` gives plane `i`'s mean and variance.
+#[allow(clippy::too_many_arguments)]
+fn instance_norm_by(
+    x: &mut [f32],
+    n: usize,
+    c: usize,
+    spatial: usize,
+    scale: &[f32],
+    bias: &[f32],
+    eps: f32,
+    act: impl Fn(usize) -> ChannelAct,
+    moments: impl Fn(usize, &[f32]) -> (f64, f64),
+) -> Result<(), KernelError> {
     check_ncs(x.len(), n, c, spatial)?;
     check_len("scale", c, scale.len())?;
     check_len("bias", c, bias.len())?;
     let eps = check_eps(eps, "InstanceNormalization")?;
     for (i, chan) in x.chunks_exact_mut(spatial).enumerate() {
-        let (mean, var) = mean_var(chan);
+        let (mean, var) = moments(i, chan);
         normalize(chan, mean, var, eps, scale[i % c], bias[i % c], act(i % c));
     }
     Ok(())
@@ -222,15 +240,10 @@ pub fn instance_norm_with_stats(
     eps: f32,
     act: impl Fn(usize) -> ChannelAct,
 ) -> Result<(), KernelError> {
-    check_ncs(x.len(), n, c, spatial)?;
-    check_len("scale", c, scale.len())?;
-    check_len("bias", c, bias.len())?;
-    check_len("stats", n * c, stats.len())?;
-    let eps = check_eps(eps, "InstanceNormalization")?;
-    for ((i, chan), &(mean, var)) in x.chunks_exact_mut(spatial.max(1)).enumerate().zip(stats) {
-        normalize(chan, mean, var, eps, scale[i % c], bias[i % c], act(i % c));
-    }
-    Ok(())
+    // n·c fits: check_ncs (in instance_norm_by) bounds n·c·spatial, but the lengths are
+    // compared first, so saturate.
+    check_len("stats", n.saturating_mul(c), stats.len())?;
+    instance_norm_by(x, n, c, spatial, scale, bias, eps, act, |i, _| stats[i])
 }
 
 /// GroupNormalization (PyTorch `group_norm`, ONNX opset 21): the `c` channels are split into

@@ -43,7 +43,7 @@ fn take(ins: &mut [In<'_>], i: usize) -> OpResult<Tensor> {
 /// group), the blocks split over up to `threads` scoped threads in contiguous runs; the
 /// first error, or a thread's panic, is returned as an error. Blocks are independent, so
 /// the bits do not depend on `threads`.
-fn par_blocks_try(
+pub(super) fn par_blocks_try(
     v: &mut [f32],
     block: usize,
     threads: usize,

@@ -1863,30 +1863,24 @@ impl GraphPlan {
                                 .as_ref()
                                 .map_or(crate::kernel::ChannelAct::None, |a| a.channel(k % c))
                         };
-                        // Channels split over threads (the same bits at any count).
-                        let mut failed = None;
-                        let failed_at = std::sync::Mutex::new(&mut failed);
-                        crate::kernel::par::par_blocks(&mut out, sp, threads, |first, part| {
-                            for (i, ch) in part.chunks_exact_mut(sp).enumerate() {
-                                let k = first + i;
-                                if let Err(e) = crate::kernel::ops::instance_norm_with_stats(
-                                    ch,
-                                    1,
-                                    1,
-                                    sp,
-                                    &stats[k..=k],
-                                    &nm.scale[k % c..=k % c],
-                                    &nm.bias[k % c..=k % c],
-                                    nm.eps,
-                                    |_| act(k),
-                                ) {
-                                    **failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                                }
-                            }
-                        });
-                        if let Some(e) = failed {
-                            return Err(e);
-                        }
+                        // Channels split over threads (the same bits at any count), as the
+                        // unfused InstanceNorm step splits them; planning checked epsilon, so
+                        // an error here is ours.
+                        eval::par_blocks_try(&mut out, sp, threads, |k, ch| {
+                            crate::kernel::ops::instance_norm_with_stats(
+                                ch,
+                                1,
+                                1,
+                                sp,
+                                &stats[k..=k],
+                                &nm.scale[k % c..=k % c],
+                                &nm.bias[k % c..=k % c],
+                                nm.eps,
+                                |_| act(k),
+                            )
+                            .map_err(|e| e.to_string())
+                        })
+                        .map_err(bug)?;
                     }
                 }
                 (
