@@ -124,18 +124,93 @@ pub unsafe fn block_48x8(
 
 /// Maximum kernel width of the direct path (one mask per tap column is kept per segment).
 pub const DIRECT_MAX_KW: usize = 8;
-/// Segments (row pieces of at most 16 voxels) per direct block.
+/// Vectors (16 consecutive tile columns each) per direct block.
 pub const DIRECT_SEGS: usize = 3;
+/// Most output rows one vector of the direct kernel reads from.
+pub const DIRECT_MAX_PIECES: usize = 2;
 
-/// A piece of one output row: at most 16 voxels `ow0 .. ow0 + len` of row `(oz, oy)`, stored
-/// at column `col` of the tile.
+/// A piece of one output row inside a vector: voxels `ow0 .. ow0 + len` of row `(oz, oy)`,
+/// in lanes `lane .. lane + len`.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Segment {
+pub struct Piece {
     pub oz: usize,
     pub oy: usize,
     pub ow0: usize,
     pub len: usize,
+    pub lane: usize,
+}
+
+/// Up to 16 consecutive output voxels of a tile (stored at tile columns `col .. col + len`),
+/// read as `n` row pieces: on short rows one vector covers two rows, so its lanes are not
+/// left idle at each row's end.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Segment {
     pub col: usize,
+    pub len: usize,
+    pub n: usize,
+    pub pieces: [Piece; DIRECT_MAX_PIECES],
+}
+
+/// Share of the lanes of one-row vectors that compute outputs, for rows of `ow` voxels.
+pub fn direct_row_lane_use(ow: usize) -> f64 {
+    ow as f64 / ow.max(1).next_multiple_of(16) as f64
+}
+
+/// Relative cost of a two-row vector against a one-row vector (its second piece's masks,
+/// row checks and loads): AMD Zen 4, 2026-12-06, direct ms at one thread with one / two
+/// pieces per vector: 16→32 over 20³ rows 3.45 / 2.67; 32→32 over 9³ 1.36 / 1.23;
+/// 8→16 stride 2, 7-voxel rows 0.61 / 0.44; but 3→8 over 14-voxel rows 0.09 / 0.11 (three
+/// and four pieces were slower than two on all of them).
+pub const TWO_ROW_COST: f64 = 1.35;
+
+/// Share of the lanes of two-row vectors that compute outputs (a vector loses lanes where
+/// a row's tail and the next row's head are both short, and at tile ends).
+const TWO_ROW_LANE_USE: f64 = 0.95;
+
+/// Pieces per vector the direct kernel uses for output rows of `ow` voxels: two where
+/// one-row vectors would leave enough lanes idle to pay for the second piece.
+pub fn direct_pieces(ow: usize) -> usize {
+    if direct_row_lane_use(ow) * TWO_ROW_COST < TWO_ROW_LANE_USE {
+        2
+    } else {
+        1
+    }
+}
+
+/// Splits tile columns `v0 .. v0 + cols` (flat output voxels of one item, rows of `ow`,
+/// planes of `oh` rows) into vectors of at most 16 voxels and `pieces` row pieces each.
+pub fn direct_segments(
+    v0: usize,
+    cols: usize,
+    oh: usize,
+    ow: usize,
+    pieces: usize,
+    out: &mut Vec<Segment>,
+) {
+    out.clear();
+    let end = v0 + cols;
+    let mut v = v0;
+    while v < end {
+        let mut seg = Segment {
+            col: v - v0,
+            ..Segment::default()
+        };
+        while seg.len < 16 && v < end && seg.n < pieces.clamp(1, DIRECT_MAX_PIECES) {
+            let (ow0, row) = (v % ow, v / ow);
+            let len = (ow - ow0).min(end - v).min(16 - seg.len);
+            seg.pieces[seg.n] = Piece {
+                oz: row / oh,
+                oy: row % oh,
+                ow0,
+                len,
+                lane: seg.len,
+            };
+            seg.n += 1;
+            seg.len += len;
+            v += len;
+        }
+        out.push(seg);
+    }
 }
 
 /// Geometry the direct kernel needs (stride along width 1 or 2).
@@ -178,12 +253,15 @@ pub unsafe fn block_direct(
     nch: usize,
     bias: *const f32,
 ) {
-    // SAFETY: forwarded contract; the width stride selects the instantiation.
+    let pieces = segs.iter().map(|s| s.n).max().unwrap_or(1);
+    // SAFETY: forwarded contract; the width stride and the pieces per vector select the
+    // instantiation.
     unsafe {
-        if geom.stride[2] == 2 {
-            block_direct_sw::<2>(geom, input_n, segs, b, dst, ldd, nch, bias)
-        } else {
-            block_direct_sw::<1>(geom, input_n, segs, b, dst, ldd, nch, bias)
+        match (geom.stride[2] == 2, pieces) {
+            (false, 0 | 1) => block_direct_sw::<1, 1>(geom, input_n, segs, b, dst, ldd, nch, bias),
+            (false, _) => block_direct_sw::<1, 2>(geom, input_n, segs, b, dst, ldd, nch, bias),
+            (true, 0 | 1) => block_direct_sw::<2, 1>(geom, input_n, segs, b, dst, ldd, nch, bias),
+            (true, _) => block_direct_sw::<2, 2>(geom, input_n, segs, b, dst, ldd, nch, bias),
         }
     }
 }
@@ -203,7 +281,7 @@ fn bits(lo: isize, hi: isize) -> u16 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_direct_sw<const SW: usize>(
+unsafe fn block_direct_sw<const SW: usize, const P: usize>(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
@@ -218,21 +296,34 @@ unsafe fn block_direct_sw<const SW: usize>(
     let [pd, ph, pw] = geom.padding;
     let [dd, dh, dw] = geom.dilation;
     let plane = d * h * w;
-    // Per (tap column, segment): the first input column and load masks. Lane j of a segment
-    // reads input column first + SW·j; with SW = 2, two loads cover elements q = 0..32 of
-    // the span and the even ones are kept.
-    let mut masks = [[[0 as __mmask16; 2]; DIRECT_SEGS]; DIRECT_MAX_KW];
+    // Per (tap column, vector, piece): the input column lane 0 would read and load masks.
+    // Lane j of a piece reads input column first + SW·j; with SW = 2, two loads cover
+    // elements q = 0..32 of the span and the even ones are kept.
+    let mut masks = [[[[0 as __mmask16; 2]; P]; DIRECT_SEGS]; DIRECT_MAX_KW];
     let mut store = [0 as __mmask16; DIRECT_SEGS];
-    let mut xoff = [[0isize; DIRECT_SEGS]; DIRECT_MAX_KW];
+    let mut xoff = [[[0isize; P]; DIRECT_SEGS]; DIRECT_MAX_KW];
+    let mut npieces = [0usize; DIRECT_SEGS];
     for (s, seg) in segs.iter().enumerate() {
         store[s] = bits(0, seg.len as isize);
-        for c in 0..kw {
-            let first = (seg.ow0 * SW + c * dw) as isize - pw as isize;
-            // Span elements q with 0 <= first + q < w and q <= SW·(len − 1).
-            let q_lo = -first;
-            let q_hi = (w as isize - first).min((SW * (seg.len - 1) + 1) as isize);
-            masks[c][s] = [bits(q_lo, q_hi), bits(q_lo - 16, q_hi - 16)];
-            xoff[c][s] = first;
+        npieces[s] = seg.n.min(P);
+        for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
+            for c in 0..kw {
+                let first = (pc.ow0 * SW + c * dw) as isize - pw as isize - (SW * pc.lane) as isize;
+                // Span elements q of this piece's lanes with 0 <= first + q < w.
+                let q_lo = (-first).max((SW * pc.lane) as isize);
+                let q_hi = (w as isize - first).min((SW * (pc.lane + pc.len - 1) + 1) as isize);
+                masks[c][s][k] = [bits(q_lo, q_hi), bits(q_lo - 16, q_hi - 16)];
+                xoff[c][s][k] = first;
+            }
+        }
+    }
+    // Ask for the destination lines now (for writing), so their fills overlap the taps
+    // instead of stalling the stores at the end.
+    for j in 0..nch {
+        for seg in segs {
+            let p = dst.wrapping_add(j * ldd + seg.col) as *const i8;
+            _mm_prefetch::<_MM_HINT_ET0>(p);
+            _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(4 * seg.len - 4));
         }
     }
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -241,35 +332,46 @@ unsafe fn block_direct_sw<const SW: usize>(
     for ci in 0..geom.c_in {
         for a in 0..kd {
             for bb in 0..kh {
-                // Row of each segment for taps (a, bb), or none in the padding.
-                let mut row = [0isize; DIRECT_SEGS];
-                let mut row_ok = [false; DIRECT_SEGS];
+                // Row of each piece for taps (a, bb), or none in the padding.
+                let mut row = [[0isize; P]; DIRECT_SEGS];
+                let mut row_ok = [[false; P]; DIRECT_SEGS];
                 for (s, seg) in segs.iter().enumerate() {
-                    let iz = (seg.oz * geom.stride[0] + a * dd) as isize - pd as isize;
-                    let iy = (seg.oy * geom.stride[1] + bb * dh) as isize - ph as isize;
-                    if iz >= 0 && iy >= 0 && (iz as usize) < d && (iy as usize) < h {
-                        row[s] = (ci * plane + (iz as usize * h + iy as usize) * w) as isize;
-                        row_ok[s] = true;
+                    for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
+                        let iz = (pc.oz * geom.stride[0] + a * dd) as isize - pd as isize;
+                        let iy = (pc.oy * geom.stride[1] + bb * dh) as isize - ph as isize;
+                        if iz >= 0 && iy >= 0 && (iz as usize) < d && (iy as usize) < h {
+                            row[s][k] = (ci * plane + (iz as usize * h + iy as usize) * w) as isize;
+                            row_ok[s][k] = true;
+                        }
                     }
                 }
                 for c in 0..kw {
                     let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
                     for s in 0..DIRECT_SEGS {
-                        if row_ok[s] {
-                            let p = input_n.wrapping_offset(row[s] + xoff[c][s]);
-                            // SAFETY: lanes enabled by the masks read input columns inside
-                            // [0, w) of an existing row; masked-off lanes are not accessed.
-                            x[s] = unsafe {
-                                if SW == 1 {
-                                    _mm512_maskz_loadu_ps(masks[c][s][0], p)
-                                } else {
-                                    let lo = _mm512_maskz_loadu_ps(masks[c][s][0], p);
-                                    let hi =
-                                        _mm512_maskz_loadu_ps(masks[c][s][1], p.wrapping_add(16));
-                                    _mm512_permutex2var_ps(lo, even, hi)
+                        let mut lo = _mm512_setzero_ps();
+                        let mut hi = _mm512_setzero_ps();
+                        for k in 0..P {
+                            if row_ok[s][k] {
+                                let p = input_n.wrapping_offset(row[s][k] + xoff[c][s][k]);
+                                let m = masks[c][s][k];
+                                // SAFETY: lanes enabled by the masks read input columns
+                                // inside [0, w) of an existing row; masked-off lanes are not
+                                // accessed.
+                                unsafe {
+                                    if P == 1 || m[0] != 0 {
+                                        lo = _mm512_mask_loadu_ps(lo, m[0], p);
+                                    }
+                                    if SW == 2 && (P == 1 || m[1] != 0) {
+                                        hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
+                                    }
                                 }
-                            };
+                            }
                         }
+                        x[s] = if SW == 1 {
+                            lo
+                        } else {
+                            _mm512_permutex2var_ps(lo, even, hi)
+                        };
                     }
                     for (j, accj) in acc.iter_mut().enumerate() {
                         // SAFETY: b holds NC weights for this tap (caller's contract).

@@ -73,29 +73,68 @@ pub fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
 mod pool {
     use std::any::Any;
     use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+    use std::time::{Duration, Instant};
 
     /// Most worker threads the pool starts (callers asking for more share them).
     const MAX_WORKERS: usize = 256;
+    /// How long an idle worker, and a caller waiting for its parts, spin before sleeping:
+    /// back-to-back calls (a network's layers, a benchmark) then start and end without a
+    /// futex wake-up each, which costs tens of microseconds on a VM (small-batch-odd, a
+    /// 0.15 ms convolution, at 2 threads). OpenMP runtimes spin far longer (200 ms).
+    const SPIN: Duration = Duration::from_micros(50);
 
     type Job = &'static (dyn Fn(usize) + Sync);
+
+    /// Spins until `done()` or [`SPIN`] has passed; whether `done()` held.
+    fn spin_until(done: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        loop {
+            for _ in 0..64 {
+                if done() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= SPIN {
+                return done();
+            }
+        }
+    }
 
     /// One `run_parts` call: how many of its parts are running on workers, and the first
     /// panic among them.
     #[derive(Default)]
     pub(super) struct Batch {
-        state: Mutex<(usize, Option<Box<dyn Any + Send>>)>,
+        running: AtomicUsize,
+        panic: Mutex<Option<Box<dyn Any + Send>>>,
+        sleep: Mutex<()>,
         idle: Condvar,
     }
 
     impl Batch {
         /// Waits until no part of this batch runs on a worker; the first worker panic.
         pub(super) fn wait(&self) -> Option<Box<dyn Any + Send>> {
-            let mut s = lock(&self.state);
-            while s.0 > 0 {
-                s = self.idle.wait(s).unwrap_or_else(|e| e.into_inner());
+            if !spin_until(|| self.running.load(Ordering::Acquire) == 0) {
+                let mut g = lock(&self.sleep);
+                // A worker decrements `running` before taking `sleep` to notify, so the
+                // check and the wait under `sleep` cannot miss its notification.
+                while self.running.load(Ordering::Acquire) > 0 {
+                    g = self.idle.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
             }
-            s.1.take()
+            lock(&self.panic).take()
+        }
+
+        fn finished(&self, result: Result<(), Box<dyn Any + Send>>) {
+            if let Err(p) = result {
+                lock(&self.panic).get_or_insert(p);
+            }
+            if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let _g = lock(&self.sleep);
+                self.idle.notify_all();
+            }
         }
     }
 
@@ -107,6 +146,10 @@ mod pool {
 
     pub(super) struct Pool {
         queue: Mutex<VecDeque<Entry>>,
+        /// Entries in `queue` (read without its lock by spinning workers).
+        queued: AtomicUsize,
+        /// Workers asleep on `ready` (changed under the queue's lock).
+        sleepers: AtomicUsize,
         ready: Condvar,
         workers: Mutex<usize>,
     }
@@ -120,6 +163,8 @@ mod pool {
         static POOL: OnceLock<Pool> = OnceLock::new();
         let pool = POOL.get_or_init(|| Pool {
             queue: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             ready: Condvar::new(),
             workers: Mutex::new(0),
         });
@@ -149,8 +194,11 @@ mod pool {
                     batch: Arc::clone(batch),
                 });
             }
+            self.queued.fetch_add(parts - 1, Ordering::Release);
+            let asleep = self.sleepers.load(Ordering::Relaxed);
             drop(q);
-            for _ in 1..parts {
+            // Spinning workers find the entries themselves.
+            for _ in 0..asleep.min(parts - 1) {
                 self.ready.notify_one();
             }
         }
@@ -166,34 +214,32 @@ mod pool {
                 }
                 !own
             });
+            self.queued.fetch_sub(mine.len(), Ordering::Release);
             mine
         }
 
         fn work(&self) {
             loop {
+                spin_until(|| self.queued.load(Ordering::Acquire) > 0);
                 let entry = {
                     let mut q = lock(&self.queue);
                     loop {
                         if let Some(e) = q.pop_front() {
+                            self.queued.fetch_sub(1, Ordering::Release);
                             // Counted as running before the queue's lock is released (see
                             // `run_parts`).
-                            lock(&e.batch.state).0 += 1;
+                            e.batch.running.fetch_add(1, Ordering::AcqRel);
                             break e;
                         }
+                        self.sleepers.fetch_add(1, Ordering::Relaxed);
                         q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                        self.sleepers.fetch_sub(1, Ordering::Relaxed);
                     }
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     (entry.job)(entry.index)
                 }));
-                let mut s = lock(&entry.batch.state);
-                if let Err(p) = result {
-                    s.1.get_or_insert(p);
-                }
-                s.0 -= 1;
-                if s.0 == 0 {
-                    entry.batch.idle.notify_all();
-                }
+                entry.batch.finished(result);
             }
         }
     }

@@ -774,6 +774,60 @@ fn regression_direct_stride2_full_segments() {
     }
 }
 
+/// The direct path's two-row vectors (output rows short enough that one vector reads the
+/// tail of one row and the head of the next): 7-voxel rows at width stride 2 (the shape of
+/// small-batch-odd), 9- and 20-voxel rows with padding on every side, tile widths that end
+/// vectors mid-row, against the reference.
+#[test]
+fn direct_vectors_spanning_two_rows_match_the_reference() {
+    for (input, filters, stride, padding) in [
+        ([4, 3, 19, 21, 15], [5, 3, 3, 2, 3], [2, 1, 2], [1, 1, 0]),
+        ([1, 2, 5, 6, 9], [9, 2, 3, 3, 3], [1, 1, 1], [1, 1, 1]),
+        ([1, 2, 4, 5, 20], [3, 2, 3, 3, 3], [1, 2, 1], [1, 0, 1]),
+        ([2, 1, 3, 4, 17], [8, 1, 1, 3, 2], [1, 1, 2], [0, 1, 1]),
+    ] {
+        let shape = Conv3dShape::new(
+            input,
+            filters,
+            Conv3dParams {
+                stride,
+                padding,
+                dilation: [1, 1, 1],
+            },
+        )
+        .unwrap();
+        let ow = shape.out_dims()[2];
+        assert_eq!(voxconv_kernel::avx512::direct_pieces(ow), 2, "{shape:?}");
+        let plan =
+            match Conv3dPlan::new(shape, Activation::None).with_strategy(KernelStrategy::Direct) {
+                Ok(p) => p,
+                Err(e) => {
+                    assert!(!voxconv_kernel::avx512::available(), "{e}");
+                    return;
+                }
+            };
+        let x = data(shape.input_len(), 21);
+        let w = data(shape.filters_len(), 22);
+        let b = data(shape.c_out(), 23);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), Activation::None).unwrap();
+        let t = plan.tiling();
+        for tile_cols in [t.tile_cols, 1, 5, 23, 33] {
+            let tiled = plan.clone().with_tiling(Tiling { tile_cols, ..t });
+            for threads in [1, 2] {
+                let what = format!("{shape:?} tile_cols {tile_cols} threads {threads}");
+                assert_close(
+                    &shape,
+                    &run_plan(&tiled, &x, &w, Some(&b), threads),
+                    &want,
+                    &mag,
+                    &what,
+                );
+            }
+        }
+    }
+}
+
 // ---- cancellation -----------------------------------------------------------------------
 
 #[test]

@@ -252,11 +252,16 @@ fn chan_block_for(c_out: usize, voxel_tiles: usize, min_block: usize) -> usize {
         .min(c_out)
 }
 
-/// Share of the direct kernel's lanes that compute real outputs: it covers each output row
-/// with 16-lane segments.
+/// Share of the direct kernel's lanes that compute real outputs, discounted by the extra
+/// cost of vectors that span two rows where it uses them (`avx512::direct_pieces`).
 fn direct_lane_use(shape: &Conv3dShape) -> f64 {
     let ow = shape.out_dims()[2];
-    ow as f64 / ow.next_multiple_of(16) as f64
+    let one_row = avx512::direct_row_lane_use(ow);
+    if avx512::direct_pieces(ow) > 1 {
+        one_row.max(0.95 / avx512::TWO_ROW_COST)
+    } else {
+        one_row
+    }
 }
 
 impl Conv3dPlan {

@@ -364,24 +364,11 @@ impl Conv3dPlan {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            use avx512::{DirectGeom, Segment, DIRECT_SEGS, NC};
+            use avx512::{DirectGeom, DIRECT_SEGS, NC};
             let shape = &self.shape;
             let [_, oh, ow] = shape.out_dims();
             let p = shape.params;
-            segments.clear();
-            let mut v = v0;
-            while v < v0 + cols {
-                let (ow0, row) = (v % ow, v / ow);
-                let len = (ow - ow0).min(v0 + cols - v).min(16);
-                segments.push(Segment {
-                    oz: row / oh,
-                    oy: row % oh,
-                    ow0,
-                    len,
-                    col: v - v0,
-                });
-                v += len;
-            }
+            avx512::direct_segments(v0, cols, oh, ow, avx512::direct_pieces(ow), segments);
             let geom = DirectGeom {
                 c_in: shape.c_in(),
                 dims: shape.in_dims(),
