@@ -376,6 +376,7 @@ impl Conv3dPlan {
                 stride: p.stride,
                 padding: p.padding,
                 dilation: p.dilation,
+                prefetch: shape.output_len().saturating_mul(4) > avx512::DIRECT_PREFETCH_MIN_BYTES,
             };
             let k = shape.reduction_len();
             for g in chans.start / NC..chans.end.div_ceil(NC) {
