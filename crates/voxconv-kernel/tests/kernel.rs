@@ -323,6 +323,58 @@ fn one_two_and_three_threads_are_bit_identical() {
     }
 }
 
+/// Winograd on a small volume with many channel blocks: threads take groups of a voxel
+/// tile's channel blocks (all of them, some, or one each, as the thread count asks), and
+/// every grouping gives the bits of one thread; default tiling (the volume split into voxel
+/// tiles) and one voxel tile.
+#[test]
+fn winograd_channel_block_groups_are_bit_identical() {
+    let shape = Conv3dShape::new(
+        [1, 8, 8, 8, 8],
+        [44, 8, 3, 3, 3],
+        Conv3dParams {
+            padding: [1, 1, 1],
+            ..Conv3dParams::default()
+        },
+    )
+    .unwrap();
+    let Ok(wino) = Conv3dPlan::new(shape, Activation::Relu)
+        .with_min_flops_per_thread(0.0)
+        .with_strategy(KernelStrategy::Winograd)
+    else {
+        return; // no microkernel on this CPU
+    };
+    let x = data(shape.input_len(), 31);
+    let w = data(shape.filters_len(), 32);
+    let b = data(44, 33);
+    let t = wino.tiling();
+    assert!(t.tile_cols < 512, "8³ outputs in two voxel tiles: {t:?}");
+    let one_tile = Tiling {
+        slab_depth: 8,
+        tile_cols: usize::MAX,
+        ..t
+    };
+    for tiling in [t, one_tile] {
+        let plan = wino.clone().with_tiling(Tiling {
+            chan_block: 8,
+            ..tiling
+        });
+        let one = run_plan(&plan, &x, &w, Some(&b), 1);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), Activation::Relu).unwrap();
+        let mag: Vec<f64> = mag.iter().map(|m| m * WINOGRAD_TOLERANCE).collect();
+        assert_close(&shape, &one, &want, &mag, "winograd, one thread");
+        for threads in [2, 3, 4, 6, 11] {
+            let many = run_plan(&plan, &x, &w, Some(&b), threads);
+            assert!(
+                bit_identical(&one, &many),
+                "{threads} threads differ from 1 thread ({:?})",
+                plan.tiling()
+            );
+        }
+    }
+}
+
 /// Every strategy with small slabs and tiles, at 1, 2 and 3 threads (for slab tests).
 fn slab_plans(shape: Conv3dShape) -> impl Iterator<Item = (Conv3dPlan, usize)> {
     variants(shape, Activation::None)

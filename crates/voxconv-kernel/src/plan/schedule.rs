@@ -160,7 +160,32 @@ impl Conv3dPlan {
             return Ok(());
         }
 
-        let total_tiles: usize = slabs.iter().map(|s| s.tiles).sum();
+        // Work units: a voxel tile's channel blocks, in groups. Winograd's channel blocks
+        // let threads share a voxel tile, each block repeating its input transform; where
+        // there are voxel tiles enough for the threads, a unit takes several blocks (the
+        // transform done once for them; each output computed the same way).
+        let c_out = self.shape.c_out();
+        let blocks = self.tiling.chan_blocks(c_out);
+        let vtiles: usize = slabs.iter().map(|s| s.tiles / blocks).sum();
+        let per_unit = if self.strategy == super::Strategy::Winograd && blocks > 1 {
+            blocks.div_ceil(threads.div_ceil(vtiles.max(1)).clamp(1, blocks))
+        } else {
+            1
+        };
+        let units_per_vtile = blocks.div_ceil(per_unit);
+        let units: Vec<usize> = slabs
+            .iter()
+            .map(|s| s.tiles / blocks * units_per_vtile)
+            .collect();
+        let first_unit: Vec<usize> = units
+            .iter()
+            .scan(0, |acc, &u| {
+                let first = *acc;
+                *acc += u;
+                Some(first)
+            })
+            .collect();
+        let total_tiles: usize = units.iter().sum();
         let next_tile = AtomicUsize::new(0);
         let done: Vec<AtomicUsize> = slabs.iter().map(|_| AtomicUsize::new(0)).collect();
         let delivered = AtomicUsize::new(0);
@@ -213,19 +238,25 @@ impl Conv3dPlan {
                 if g >= total_tiles {
                     break;
                 }
-                let si = slabs.partition_point(|s| s.first_tile <= g) - 1;
+                let si = first_unit.partition_point(|&f| f <= g) - 1;
                 let s = &slabs[si];
+                let local = g - first_unit[si];
+                let (vt, part) = (local / units_per_vtile, local % units_per_vtile);
+                let cb = self.tiling.chan_block;
+                let chans =
+                    (part * per_unit * cb).min(c_out)..((part + 1) * per_unit * cb).min(c_out);
                 if let Output::Ring(ring) = output {
                     wait_until(&|| si < delivered.load(Ordering::SeqCst) + ring);
                     if abort.load(Ordering::SeqCst) {
                         break;
                     }
                 }
-                // SAFETY: tile g is taken by this thread alone (atomic counter); its
-                // slab's ring slot is free (waited above) and stays reserved until
-                // the slab is delivered, which needs this tile to finish.
-                unsafe { self.compute_tile(ops, s, g - s.first_tile, dest_of(s), &mut scratch) };
-                if done[si].fetch_add(1, Ordering::SeqCst) + 1 == s.tiles {
+                // SAFETY: unit g (these channel blocks of voxel tile vt) is taken by this
+                // thread alone (atomic counter); its slab's ring slot is free (waited
+                // above) and stays reserved until the slab is delivered, which needs this
+                // unit to finish.
+                unsafe { self.compute_voxel_tile(ops, s, vt, chans, dest_of(s), &mut scratch) };
+                if done[si].fetch_add(1, Ordering::SeqCst) + 1 == units[si] {
                     notify();
                 }
             }
@@ -246,7 +277,7 @@ impl Conv3dPlan {
                 }
             }
             for (si, s) in slabs.iter().enumerate() {
-                wait_until(&|| done[si].load(Ordering::SeqCst) == s.tiles);
+                wait_until(&|| done[si].load(Ordering::SeqCst) == units[si]);
                 if abort.load(Ordering::SeqCst) {
                     outcome = Err(KernelError::Cancelled);
                     break;

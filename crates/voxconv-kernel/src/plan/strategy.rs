@@ -127,6 +127,9 @@ const DIRECT_MIN_LANE_USE: f64 = 0.75;
 /// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
 /// direct 0.33 ms, im2col + GEMM 1.2 ms).
 const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
+/// A small volume's Winograd tile is split in voxels while the parts keep at least this
+/// share of the whole tile's lane use (`winograd_tiling`).
+const WINOGRAD_SPLIT_LANE_USE: f64 = 0.9;
 /// Winograd's channel blocks, where a shape has few voxel tiles, hold at least this many
 /// channels: each block repeats the tile's input transform.
 const WINOGRAD_MIN_CHAN_BLOCK: usize = 128;
@@ -393,7 +396,28 @@ fn winograd_tiling(shape: &Conv3dShape, t: Tiling) -> Tiling {
     let plane = oh * ow;
     // Blocks fill lane groups across block rows and plane pairs.
     let blocks_per_pair = oh.div_ceil(2) * ow.div_ceil(2);
-    let pairs = (24 * winograd::LANES).div_ceil(blocks_per_pair).max(1);
+    let mut pairs = (24 * winograd::LANES).div_ceil(blocks_per_pair).max(1);
+    // Small volumes (deep stages) in more than one voxel tile, so threads can share them by
+    // voxels (each doing its own tiles' input transforms) rather than only by channel
+    // blocks (each repeating the transform of the whole tile): n balanced tiles of at least
+    // two lane groups, while their lanes stay as full (unet-deep, 8³ outputs: one 64-block
+    // tile → two of 32).
+    let item_pairs = od.div_ceil(2);
+    let lane_use = |p: usize| {
+        let blocks = p * blocks_per_pair;
+        blocks as f64 / blocks.next_multiple_of(winograd::LANES) as f64
+    };
+    let whole = pairs.min(item_pairs);
+    let min_pairs = (2 * winograd::LANES).div_ceil(blocks_per_pair).max(1);
+    let mut n = 2;
+    while shape.batch() * item_pairs.div_ceil(pairs) < MIN_TILES && n <= item_pairs {
+        let cand = item_pairs.div_ceil(n);
+        if cand < min_pairs || lane_use(cand) < WINOGRAD_SPLIT_LANE_USE * lane_use(whole) {
+            break;
+        }
+        pairs = pairs.min(cand);
+        n += 1;
+    }
     let slab_depth = t
         .slab_depth
         .next_multiple_of(2)
