@@ -239,27 +239,32 @@ pub fn direct_supports_width_stride(s: usize) -> bool {
     s == 1 || s == 2
 }
 
-/// Direct convolution of up to three row segments × 8 output channels, reading the input rows
-/// in place (no im2col): for every tap `(ci, a, b, c)`, in filter order, one masked load per
-/// segment (two and a permute for width stride 2; lanes outside the input are zero: the
-/// padding) and eight broadcast FMAs.
+/// Direct convolution of up to three vectors × the channel groups `groups` (8 channels
+/// each; the last stops at channel `c_end`), reading the input rows in place (no im2col):
+/// for every tap `(ci, a, b, c)`, in filter order, one masked load per vector piece (two and
+/// a permute for width stride 2; lanes outside the input are zero: the padding) and eight
+/// broadcast FMAs per vector. The masks and each `(ci, a, b)`'s input rows are worked out
+/// once per block (`rows` is scratch for them) and shared by its groups.
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `input_n` must hold one batch item (`c_in·D·H·W` values);
-/// `b` the packed weights of one channel group (`c_in·kD·kH·kW·NC` values); `dst` must be
-/// writable for `nch` rows at stride `ldd`, each covering every segment's columns; `bias`
-/// (if not null) must hold `nch` values; `segs.len() <= DIRECT_SEGS`, each `len <= 16`;
-/// `geom.kernel[2] <= DIRECT_MAX_KW`; `geom.stride[2]` is 1 or 2.
+/// `packed` the packed weights of all groups (`k·NC` values per group, `k =
+/// c_in·kD·kH·kW`); `dst` must be writable for rows `groups.start·NC .. c_end` at stride
+/// `ldd`, each covering every vector's columns; `bias` (if not null) must hold `c_end`
+/// values; `segs.len() <= DIRECT_SEGS`, each `len <= 16`; `geom.kernel[2] <=
+/// DIRECT_MAX_KW`; `geom.stride[2]` is 1 or 2; `c_end <= groups.end·NC`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block_direct(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
-    b: *const f32,
+    rows: &mut Vec<isize>,
+    packed: *const f32,
+    groups: std::ops::Range<usize>,
+    c_end: usize,
     dst: *mut f32,
     ldd: usize,
-    nch: usize,
     bias: *const f32,
 ) {
     let pieces = segs.iter().map(|s| s.n).max().unwrap_or(1);
@@ -267,10 +272,18 @@ pub unsafe fn block_direct(
     // instantiation.
     unsafe {
         match (geom.stride[2] == 2, pieces) {
-            (false, 0 | 1) => block_direct_sw::<1, 1>(geom, input_n, segs, b, dst, ldd, nch, bias),
-            (false, _) => block_direct_sw::<1, 2>(geom, input_n, segs, b, dst, ldd, nch, bias),
-            (true, 0 | 1) => block_direct_sw::<2, 1>(geom, input_n, segs, b, dst, ldd, nch, bias),
-            (true, _) => block_direct_sw::<2, 2>(geom, input_n, segs, b, dst, ldd, nch, bias),
+            (false, 0 | 1) => block_direct_sw::<1, 1>(
+                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
+            ),
+            (false, _) => block_direct_sw::<1, 2>(
+                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
+            ),
+            (true, 0 | 1) => block_direct_sw::<2, 1>(
+                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
+            ),
+            (true, _) => block_direct_sw::<2, 2>(
+                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
+            ),
         }
     }
 }
@@ -287,6 +300,9 @@ fn bits(lo: isize, hi: isize) -> u16 {
     }
 }
 
+/// A row in the padding (no loads).
+const NO_ROW: isize = isize::MIN;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -294,10 +310,12 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
-    b: *const f32,
+    rows: &mut Vec<isize>,
+    packed: *const f32,
+    groups: std::ops::Range<usize>,
+    c_end: usize,
     dst: *mut f32,
     ldd: usize,
-    nch: usize,
     bias: *const f32,
 ) {
     let [d, h, w] = geom.dims;
@@ -305,6 +323,7 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
     let [pd, ph, pw] = geom.padding;
     let [dd, dh, dw] = geom.dilation;
     let plane = d * h * w;
+    let k = geom.c_in * kd * kh * kw;
     // Per (tap column, vector, piece): the input column lane 0 would read and load masks.
     // Lane j of a piece reads input column first + SW·j; with SW = 2, two loads cover
     // elements q = 0..32 of the span and the even ones are kept.
@@ -326,94 +345,105 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
             }
         }
     }
-    // Ask for the destination lines now (for writing), so their fills overlap the taps
-    // instead of stalling the stores at the end.
-    for j in 0..if geom.prefetch { nch } else { 0 } {
-        for seg in segs {
-            let p = dst.wrapping_add(j * ldd + seg.col) as *const i8;
-            _mm_prefetch::<_MM_HINT_ET0>(p);
-            _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(4 * seg.len - 4));
-        }
-    }
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let mut acc = [[_mm512_setzero_ps(); DIRECT_SEGS]; NC];
-    let mut b = b;
+    // Each (ci, a, b)'s input row per vector piece, or NO_ROW in the padding.
+    let per = DIRECT_SEGS * P;
+    rows.clear();
+    rows.resize(geom.c_in * kd * kh * per, NO_ROW);
+    let mut i = 0;
     for ci in 0..geom.c_in {
         for a in 0..kd {
             for bb in 0..kh {
-                // Row of each piece for taps (a, bb), or none in the padding.
-                let mut row = [[0isize; P]; DIRECT_SEGS];
-                let mut row_ok = [[false; P]; DIRECT_SEGS];
                 for (s, seg) in segs.iter().enumerate() {
                     for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
                         let iz = (pc.oz * geom.stride[0] + a * dd) as isize - pd as isize;
                         let iy = (pc.oy * geom.stride[1] + bb * dh) as isize - ph as isize;
                         if iz >= 0 && iy >= 0 && (iz as usize) < d && (iy as usize) < h {
-                            row[s][k] = (ci * plane + (iz as usize * h + iy as usize) * w) as isize;
-                            row_ok[s][k] = true;
+                            rows[i + s * P + k] =
+                                (ci * plane + (iz as usize * h + iy as usize) * w) as isize;
                         }
                     }
                 }
-                for c in 0..kw {
-                    let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
-                    for s in 0..DIRECT_SEGS {
-                        let mut lo = _mm512_setzero_ps();
-                        let mut hi = _mm512_setzero_ps();
-                        for k in 0..P {
-                            if row_ok[s][k] {
-                                let p = input_n.wrapping_offset(row[s][k] + xoff[c][s][k]);
-                                let m = masks[c][s][k];
-                                // SAFETY: lanes enabled by the masks read input columns
-                                // inside [0, w) of an existing row; masked-off lanes are not
-                                // accessed.
-                                unsafe {
-                                    if P == 1 {
-                                        lo = _mm512_maskz_loadu_ps(m[0], p);
-                                        if SW == 2 {
-                                            hi = _mm512_maskz_loadu_ps(m[1], p.wrapping_add(16));
-                                        }
-                                    } else {
-                                        if m[0] != 0 {
-                                            lo = _mm512_mask_loadu_ps(lo, m[0], p);
-                                        }
-                                        if SW == 2 && m[1] != 0 {
-                                            hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
-                                        }
+                i += per;
+            }
+        }
+    }
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for g in groups {
+        let nch = NC.min(c_end - g * NC);
+        // SAFETY: rows g·NC .. g·NC + nch of the destination (caller's contract).
+        let dst = unsafe { dst.add(g * NC * ldd) };
+        // Ask for the destination lines now (for writing), so their fills overlap the taps
+        // instead of stalling the stores at the end.
+        for j in 0..if geom.prefetch { nch } else { 0 } {
+            for seg in segs {
+                let p = dst.wrapping_add(j * ldd + seg.col) as *const i8;
+                _mm_prefetch::<_MM_HINT_ET0>(p);
+                _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(4 * seg.len - 4));
+            }
+        }
+        let mut acc = [[_mm512_setzero_ps(); DIRECT_SEGS]; NC];
+        // SAFETY: group g's packed weights (caller's contract).
+        let mut b = unsafe { packed.add(g * k * NC) };
+        for row in rows.chunks_exact(per) {
+            for c in 0..kw {
+                let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
+                for s in 0..DIRECT_SEGS {
+                    let mut lo = _mm512_setzero_ps();
+                    let mut hi = _mm512_setzero_ps();
+                    for k in 0..P {
+                        let r = row[s * P + k];
+                        if r != NO_ROW {
+                            let p = input_n.wrapping_offset(r + xoff[c][s][k]);
+                            let m = masks[c][s][k];
+                            // SAFETY: lanes enabled by the masks read input columns inside
+                            // [0, w) of an existing row; masked-off lanes are not accessed.
+                            unsafe {
+                                if P == 1 {
+                                    lo = _mm512_maskz_loadu_ps(m[0], p);
+                                    if SW == 2 {
+                                        hi = _mm512_maskz_loadu_ps(m[1], p.wrapping_add(16));
+                                    }
+                                } else {
+                                    if m[0] != 0 {
+                                        lo = _mm512_mask_loadu_ps(lo, m[0], p);
+                                    }
+                                    if SW == 2 && m[1] != 0 {
+                                        hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
                                     }
                                 }
                             }
                         }
-                        x[s] = if SW == 1 {
-                            lo
-                        } else {
-                            _mm512_permutex2var_ps(lo, even, hi)
-                        };
                     }
-                    for (j, accj) in acc.iter_mut().enumerate() {
-                        // SAFETY: b holds NC weights for this tap (caller's contract).
-                        let bj = _mm512_set1_ps(unsafe { *b.add(j) });
-                        for s in 0..DIRECT_SEGS {
-                            accj[s] = _mm512_fmadd_ps(x[s], bj, accj[s]);
-                        }
-                    }
-                    // SAFETY: advancing within the packed group (one tap = NC values).
-                    b = unsafe { b.add(NC) };
+                    x[s] = if SW == 1 {
+                        lo
+                    } else {
+                        _mm512_permutex2var_ps(lo, even, hi)
+                    };
                 }
+                for (j, accj) in acc.iter_mut().enumerate() {
+                    // SAFETY: b holds NC weights for this tap (caller's contract).
+                    let bj = _mm512_set1_ps(unsafe { *b.add(j) });
+                    for s in 0..DIRECT_SEGS {
+                        accj[s] = _mm512_fmadd_ps(x[s], bj, accj[s]);
+                    }
+                }
+                // SAFETY: advancing within the packed group (one tap = NC values).
+                b = unsafe { b.add(NC) };
             }
         }
-    }
-    for (j, accj) in acc.iter_mut().enumerate() {
-        if j < nch {
-            let bj = if bias.is_null() {
-                _mm512_setzero_ps()
-            } else {
-                // SAFETY: bias holds nch values.
-                _mm512_set1_ps(unsafe { *bias.add(j) })
-            };
-            for (s, seg) in segs.iter().enumerate() {
-                let v = _mm512_add_ps(accj[s], bj);
-                // SAFETY: row j, columns seg.col .. seg.col + seg.len of the destination.
-                unsafe { _mm512_mask_storeu_ps(dst.add(j * ldd + seg.col), store[s], v) };
+        for (j, accj) in acc.iter_mut().enumerate() {
+            if j < nch {
+                let bj = if bias.is_null() {
+                    _mm512_setzero_ps()
+                } else {
+                    // SAFETY: bias holds c_end values.
+                    _mm512_set1_ps(unsafe { *bias.add(g * NC + j) })
+                };
+                for (s, seg) in segs.iter().enumerate() {
+                    let v = _mm512_add_ps(accj[s], bj);
+                    // SAFETY: row j, columns seg.col .. seg.col + seg.len of the destination.
+                    unsafe { _mm512_mask_storeu_ps(dst.add(j * ldd + seg.col), store[s], v) };
+                }
             }
         }
     }

@@ -72,6 +72,8 @@ pub(super) struct Scratch {
     col: Vec<f32>,
     acc: Vec<f32>,
     segments: Vec<avx512::Segment>,
+    /// Direct: one block's input rows per `(ci, a, b)` and vector piece.
+    direct_rows: Vec<isize>,
     /// im2col: the tile's output-row runs.
     runs: Vec<Run>,
     /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
@@ -124,6 +126,7 @@ impl Conv3dPlan {
             col: scratch_take(self.col_len()),
             acc: scratch_take(self.acc_len()),
             segments: Vec::new(),
+            direct_rows: Vec::new(),
             runs: Vec::new(),
             wino_v: scratch_take(self.wino_v_len()),
             wino_m: scratch_take(self.wino_m_len()),
@@ -225,6 +228,7 @@ impl Conv3dPlan {
                     dst,
                     rs,
                     &mut scratch.segments,
+                    &mut scratch.direct_rows,
                 )
             };
             lap(&clock.gemm, &mut since);
@@ -361,6 +365,7 @@ impl Conv3dPlan {
         dst: *mut f32,
         rs: usize,
         segments: &mut Vec<avx512::Segment>,
+        rows: &mut Vec<isize>,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -378,33 +383,31 @@ impl Conv3dPlan {
                 dilation: p.dilation,
                 prefetch: shape.output_len().saturating_mul(4) > avx512::DIRECT_PREFETCH_MIN_BYTES,
             };
-            let k = shape.reduction_len();
-            for g in chans.start / NC..chans.end.div_ceil(NC) {
-                let nch = NC.min(chans.end - g * NC);
-                let b = ops.packed[g * k * NC..].as_ptr();
-                let bias = ops.bias.map_or(std::ptr::null(), |b| b[g * NC..].as_ptr());
-                for segs in segments.chunks(DIRECT_SEGS) {
-                    // SAFETY: packed group g holds k·NC weights; rows g·NC.. g·NC+nch of the
-                    // tile at stride rs cover every segment's columns (caller's contract);
-                    // AVX-512F and the shape limits were checked by `supports(Direct)`.
-                    unsafe {
-                        avx512::block_direct(
-                            &geom,
-                            input_n.as_ptr(),
-                            segs,
-                            b,
-                            dst.add(g * NC * rs),
-                            rs,
-                            nch,
-                            bias,
-                        )
-                    };
-                }
+            let groups = chans.start / NC..chans.end.div_ceil(NC);
+            let bias = ops.bias.map_or(std::ptr::null(), |b| b.as_ptr());
+            for segs in segments.chunks(DIRECT_SEGS) {
+                // SAFETY: `packed` holds every group's k·NC weights; rows chans of the tile
+                // at stride rs cover every vector's columns (caller's contract); AVX-512F
+                // and the shape limits were checked by `supports(Direct)`.
+                unsafe {
+                    avx512::block_direct(
+                        &geom,
+                        input_n.as_ptr(),
+                        segs,
+                        rows,
+                        ops.packed.as_ptr(),
+                        groups.clone(),
+                        chans.end,
+                        dst,
+                        rs,
+                        bias,
+                    )
+                };
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments);
+            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments, rows);
             unreachable!("Strategy::Direct is only chosen on x86_64");
         }
     }
