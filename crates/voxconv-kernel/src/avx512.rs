@@ -122,6 +122,76 @@ pub unsafe fn block_48x8(
     }
 }
 
+/// Voxels per block of [`block_96x4`].
+pub const MV_NARROW: usize = 96;
+
+/// [`block_48x8`] for a channel group of at most 4 channels, over twice the voxels: six
+/// vectors × 4 channels (24 accumulators, every FMA computing an output), for 1×1×1 heads
+/// into a few classes, whose input streams from memory once. `dst[j·ldd + i] = Σ_r
+/// a[r·lda + i]·b[r·NC + j] (+ bias[j])` for voxels `i < nvox <= 96` and channels `j < nch
+/// <= 4`; the same order of operations per output as `block_48x8` (the same bits).
+///
+/// # Safety
+/// As [`block_48x8`] with `src` null, `nvox <= 96` and `nch <= 4`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block_96x4(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    dst: *mut f32,
+    ldd: usize,
+    nch: usize,
+    nvox: usize,
+    bias: *const f32,
+) {
+    const V: usize = MV_NARROW / 16;
+    let mut m = [0 as __mmask16; V];
+    for (i, mi) in m.iter_mut().enumerate() {
+        let n = nvox.saturating_sub(16 * i).min(16);
+        *mi = if n == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        };
+    }
+    let mut acc = [[_mm512_setzero_ps(); V]; 4];
+    let mut a = a;
+    let mut b = b;
+    for _ in 0..kc {
+        // SAFETY: rows of `a` and `b` within the caller's bounds (kc rows).
+        unsafe {
+            let mut x = [_mm512_setzero_ps(); V];
+            for (i, xi) in x.iter_mut().enumerate() {
+                *xi = _mm512_maskz_loadu_ps(m[i], a.add(16 * i));
+            }
+            for (j, row) in acc.iter_mut().enumerate() {
+                let bj = _mm512_set1_ps(*b.add(j));
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(x[i], bj, *v);
+                }
+            }
+            a = a.add(lda);
+            b = b.add(NC);
+        }
+    }
+    for (j, row) in acc.iter_mut().enumerate().take(nch) {
+        if !bias.is_null() {
+            // SAFETY: bias has nch values (caller's contract).
+            let bj = _mm512_set1_ps(unsafe { *bias.add(j) });
+            for v in row.iter_mut() {
+                *v = _mm512_add_ps(*v, bj);
+            }
+        }
+        for (i, v) in row.iter().enumerate() {
+            // SAFETY: masked store of row j, lanes < nvox (caller's contract).
+            unsafe { _mm512_mask_storeu_ps(dst.add(j * ldd + 16 * i), m[i], *v) };
+        }
+    }
+}
+
 /// Maximum kernel width of the direct path (one mask per tap column is kept per segment).
 pub const DIRECT_MAX_KW: usize = 8;
 /// Vectors (16 consecutive tile columns each) per direct block.

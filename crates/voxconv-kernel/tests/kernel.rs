@@ -880,6 +880,54 @@ fn direct_vectors_spanning_two_rows_match_the_reference() {
     }
 }
 
+/// 1×1×1 heads into at most 4 channels take the pointwise path's 96-voxel × 4-channel
+/// blocks: against the reference (odd voxel counts, bias, an activation, tiles that end
+/// mid-block, 1–2 threads) and bit for bit against im2col + GEMM's 48 × 8 blocks, which
+/// sum each output in the same order.
+#[test]
+fn narrow_pointwise_heads_match_the_reference_and_the_wide_blocks() {
+    for (c_in, c_out, dims) in [
+        (16, 4, [9, 11, 13]),
+        (3, 1, [5, 7, 33]),
+        (32, 3, [2, 3, 97]),
+    ] {
+        let shape = Conv3dShape::new(
+            [2, c_in, dims[0], dims[1], dims[2]],
+            [c_out, c_in, 1, 1, 1],
+            Conv3dParams::default(),
+        )
+        .unwrap();
+        let act = Activation::LeakyRelu(0.1);
+        let plan = Conv3dPlan::new(shape, act.clone());
+        assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
+        let x = data(shape.input_len(), 41);
+        let w = data(shape.filters_len(), 42);
+        let b = data(c_out, 43);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), act.clone()).unwrap();
+        let t = plan.tiling();
+        let wide = plan
+            .clone()
+            .with_strategy(KernelStrategy::Im2colGemm)
+            .unwrap();
+        let wide_out = run_plan(&wide, &x, &w, Some(&b), 1);
+        for tile_cols in [t.tile_cols, 95, 97, 200] {
+            let tiled = plan.clone().with_tiling(Tiling { tile_cols, ..t });
+            for threads in [1, 2] {
+                let got = run_plan(&tiled, &x, &w, Some(&b), threads);
+                let what = format!("{shape:?} tile_cols {tile_cols} threads {threads}");
+                assert_close(&shape, &got, &want, &mag, &what);
+                if wide.gemm_impl() == GemmImpl::Avx512 && tiled.gemm_impl() == GemmImpl::Avx512 {
+                    assert!(
+                        bit_identical(&got, &wide_out),
+                        "{what}: not the wide blocks' bits"
+                    );
+                }
+            }
+        }
+    }
+}
+
 // ---- cancellation -----------------------------------------------------------------------
 
 #[test]

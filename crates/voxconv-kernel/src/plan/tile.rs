@@ -540,6 +540,41 @@ impl Conv3dPlan {
             let last = rows.end == k;
             let accs = self.col_stride();
             let acc = acc.as_mut_ptr();
+            // A 1×1×1 head into at most 4 channels (one narrow group, the whole reduction
+            // in one chunk): blocks of 96 voxels × 4 channels, every FMA an output's.
+            if self.gemm == GemmImpl::Avx512
+                && self.strategy == super::Strategy::Pointwise
+                && chans.len() <= 4
+                && first
+                && last
+            {
+                let b = ops.packed[chans.start / NC * k * NC + chans.start % NC..].as_ptr();
+                let bias = ops
+                    .bias
+                    .map_or(std::ptr::null(), |bias| bias[chans.start..].as_ptr());
+                for p in 0..cols.div_ceil(avx512::MV_NARROW) {
+                    let o = p * avx512::MV_NARROW;
+                    let nvox = avx512::MV_NARROW.min(cols - o);
+                    // SAFETY: columns o..o + nvox of the tile, rows `chans` of the
+                    // destination (caller's contract); `b` is the group's packed weights from
+                    // channel chans.start (kc = k rows of NC values); AVX-512F checked by the
+                    // plan's GEMM.
+                    unsafe {
+                        avx512::block_96x4(
+                            rows.len(),
+                            a.add(o),
+                            lda,
+                            b,
+                            dst.add(chans.start * rs + o),
+                            rs,
+                            chans.len(),
+                            nvox,
+                            bias,
+                        )
+                    };
+                }
+                return;
+            }
             // Voxel blocks outside, channel groups inside: one block's columns (kc rows of
             // 48 values) stay in L1 while every group's weights stream past them.
             for p in 0..cols.div_ceil(MV) {
