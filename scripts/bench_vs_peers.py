@@ -4,7 +4,10 @@ one run, as ratios against the better of the two peers.
 
 For every workload and thread count, the three engines are timed back to back (voxconv via
 `voxconv kernel-bench --json`, PyTorch's `F.conv3d`, onnxruntime's one-node `Conv` with
-ORT_ENABLE_ALL), each with one warm-up and R timed runs (median kept), and that is repeated
+ORT_ENABLE_ALL), each with one warm-up and R timed runs (median kept; where R runs add up to
+less than --min-ms, 50 by default, the sample is taken again with enough runs to make it up,
+at most 400, for every engine alike: the median of three 0.1 ms runs is mostly noise), and
+that is repeated
 for --rounds rounds, rotating which engine goes first, so the engines share the machine's
 background load. Reported per workload: each engine's median over the rounds with its
 range, voxconv's GFLOP/s, and voxconv's speed-up over the better peer (> 1: voxconv is
@@ -185,6 +188,10 @@ def main():
     ap.add_argument("--voxconv", default=os.path.join(root, "target", "release", "voxconv"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--min-ms", type=float, default=50.0,
+                    help="a sample whose runs add up to less than this is taken again with "
+                         "more runs (up to 400), for every engine alike: a median of 3 runs "
+                         "of a 0.1 ms problem is mostly noise")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the whole comparison; the median of the rounds is reported")
     ap.add_argument("--only", nargs="+", help="only these workloads")
@@ -216,12 +223,19 @@ def main():
           f"activation {ACTIVATION}")
 
     engines = {
-        "voxconv": lambda w, t: bench_voxconv(args.voxconv, args.workloads, w["name"], t,
-                                              args.repeat),
-        "torch": lambda w, t: bench_torch(w, t, args.repeat),
+        "voxconv": lambda w, t, n: bench_voxconv(args.voxconv, args.workloads, w["name"], t, n),
+        "torch": lambda w, t, n: bench_torch(w, t, n),
     }
     if not args.no_ort:
-        engines["ort"] = lambda w, t: bench_ort(w, t, args.repeat)
+        engines["ort"] = lambda w, t, n: bench_ort(w, t, n)
+
+    def sample(engine, w, t):
+        # The median of `--repeat` runs; where those add up to less than `--min-ms`, again
+        # with as many runs as make that up (the same rule for every engine).
+        v = engine(w, t, args.repeat)
+        if v is not None and v * args.repeat < args.min_ms:
+            v = engine(w, t, min(400, math.ceil(args.min_ms / max(v, 1e-3))))
+        return v
     order = list(engines)
     rows = []
     print(f"{'workload':<24} {'thr':>3}  {'voxconv ms (range)':>24} {'GFLOP/s':>7}  "
@@ -231,7 +245,7 @@ def main():
             samples = {k: [] for k in engines}
             for r in range(args.rounds):
                 for k in order[r % len(order):] + order[:r % len(order)]:
-                    v = engines[k](w, threads)
+                    v = sample(engines[k], w, threads)
                     if v is not None:
                         samples[k].append(v)
             med = {k: (statistics.median(v) if v else None) for k, v in samples.items()}
