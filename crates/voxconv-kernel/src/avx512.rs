@@ -235,7 +235,7 @@ pub const TWO_ROW_COST: f64 = 1.35;
 
 /// Share of the lanes of two-row vectors that compute outputs (a vector loses lanes where
 /// a row's tail and the next row's head are both short, and at tile ends).
-const TWO_ROW_LANE_USE: f64 = 0.95;
+pub const TWO_ROW_LANE_USE: f64 = 0.95;
 
 /// Pieces per vector the direct kernel uses for output rows of `ow` voxels: two where
 /// one-row vectors would leave enough lanes idle to pay for the second piece.

@@ -123,35 +123,17 @@ impl Conv3dPlan {
         // `threads` is an upper bound: spawning costs tens of microseconds, so tiny problems
         // stay on fewer threads. Tiling does not depend on it, so neither do the results.
         let threads = threads.min(self.useful_threads());
+        let units = Units::new(self, &slabs, threads);
         if threads == 1 {
             let mut scratch = self.scratch();
-            // Winograd's channel blocks are there to share a voxel tile between threads; on
-            // one thread a voxel tile's blocks run as one, its input transform done once
-            // (each output is computed the same way: the results do not change).
-            let c_out = self.shape.c_out();
-            let blocks = self.tiling.chan_blocks(c_out);
-            let merge = self.strategy == super::Strategy::Winograd && blocks > 1;
-            let step = if merge { blocks } else { 1 };
-            for s in &slabs {
-                for t in (0..s.tiles).step_by(step) {
+            for (si, s) in slabs.iter().enumerate() {
+                for u in 0..units.count[si] {
                     if cancelled() {
                         return Err(KernelError::Cancelled);
                     }
+                    let (vt, chans) = units.unit(u);
                     // SAFETY: one thread; dest_of gives the slab's own rows.
-                    unsafe {
-                        if merge {
-                            self.compute_voxel_tile(
-                                ops,
-                                s,
-                                t / blocks,
-                                0..c_out,
-                                dest_of(s),
-                                &mut scratch,
-                            )
-                        } else {
-                            self.compute_tile(ops, s, t, dest_of(s), &mut scratch)
-                        }
-                    };
+                    unsafe { self.compute_voxel_tile(ops, s, vt, chans, dest_of(s), &mut scratch) };
                 }
                 if deliver(s).is_break() {
                     return Err(KernelError::Cancelled);
@@ -160,32 +142,7 @@ impl Conv3dPlan {
             return Ok(());
         }
 
-        // Work units: a voxel tile's channel blocks, in groups. Winograd's channel blocks
-        // let threads share a voxel tile, each block repeating its input transform; where
-        // there are voxel tiles enough for the threads, a unit takes several blocks (the
-        // transform done once for them; each output computed the same way).
-        let c_out = self.shape.c_out();
-        let blocks = self.tiling.chan_blocks(c_out);
-        let vtiles: usize = slabs.iter().map(|s| s.tiles / blocks).sum();
-        let per_unit = if self.strategy == super::Strategy::Winograd && blocks > 1 {
-            blocks.div_ceil(threads.div_ceil(vtiles.max(1)).clamp(1, blocks))
-        } else {
-            1
-        };
-        let units_per_vtile = blocks.div_ceil(per_unit);
-        let units: Vec<usize> = slabs
-            .iter()
-            .map(|s| s.tiles / blocks * units_per_vtile)
-            .collect();
-        let first_unit: Vec<usize> = units
-            .iter()
-            .scan(0, |acc, &u| {
-                let first = *acc;
-                *acc += u;
-                Some(first)
-            })
-            .collect();
-        let total_tiles: usize = units.iter().sum();
+        let total_tiles: usize = units.count.iter().sum();
         let next_tile = AtomicUsize::new(0);
         let done: Vec<AtomicUsize> = slabs.iter().map(|_| AtomicUsize::new(0)).collect();
         let delivered = AtomicUsize::new(0);
@@ -238,13 +195,9 @@ impl Conv3dPlan {
                 if g >= total_tiles {
                     break;
                 }
-                let si = first_unit.partition_point(|&f| f <= g) - 1;
+                let si = units.first.partition_point(|&f| f <= g) - 1;
                 let s = &slabs[si];
-                let local = g - first_unit[si];
-                let (vt, part) = (local / units_per_vtile, local % units_per_vtile);
-                let cb = self.tiling.chan_block;
-                let chans =
-                    (part * per_unit * cb).min(c_out)..((part + 1) * per_unit * cb).min(c_out);
+                let (vt, chans) = units.unit(g - units.first[si]);
                 if let Output::Ring(ring) = output {
                     wait_until(&|| si < delivered.load(Ordering::SeqCst) + ring);
                     if abort.load(Ordering::SeqCst) {
@@ -256,7 +209,7 @@ impl Conv3dPlan {
                 // above) and stays reserved until the slab is delivered, which needs this
                 // unit to finish.
                 unsafe { self.compute_voxel_tile(ops, s, vt, chans, dest_of(s), &mut scratch) };
-                if done[si].fetch_add(1, Ordering::SeqCst) + 1 == units[si] {
+                if done[si].fetch_add(1, Ordering::SeqCst) + 1 == units.count[si] {
                     notify();
                 }
             }
@@ -277,7 +230,7 @@ impl Conv3dPlan {
                 }
             }
             for (si, s) in slabs.iter().enumerate() {
-                wait_until(&|| done[si].load(Ordering::SeqCst) == units[si]);
+                wait_until(&|| done[si].load(Ordering::SeqCst) == units.count[si]);
                 if abort.load(Ordering::SeqCst) {
                     outcome = Err(KernelError::Cancelled);
                     break;
@@ -293,5 +246,62 @@ impl Conv3dPlan {
             }
         });
         outcome
+    }
+}
+
+/// The work units of a run: a voxel tile's channel blocks, in groups. Winograd's channel
+/// blocks let threads share a voxel tile, each block repeating the tile's input transform;
+/// where there are voxel tiles enough for the threads (always on one), a unit takes several
+/// blocks, the transform done once for them. Each output is computed the same way whatever
+/// the grouping, so the results do not depend on it.
+struct Units {
+    /// Channel blocks per unit, and units per voxel tile.
+    per_unit: usize,
+    per_vtile: usize,
+    chan_block: usize,
+    c_out: usize,
+    /// Per slab: its units and the index of its first one.
+    count: Vec<usize>,
+    first: Vec<usize>,
+}
+
+impl Units {
+    fn new(plan: &Conv3dPlan, slabs: &[SlabInfo], threads: usize) -> Self {
+        let c_out = plan.shape.c_out();
+        let blocks = plan.tiling.chan_blocks(c_out);
+        let vtiles: usize = slabs.iter().map(|s| s.tiles / blocks).sum();
+        let per_unit = if plan.strategy == super::Strategy::Winograd && blocks > 1 {
+            blocks.div_ceil(threads.div_ceil(vtiles.max(1)).clamp(1, blocks))
+        } else {
+            1
+        };
+        let per_vtile = blocks.div_ceil(per_unit);
+        let count: Vec<usize> = slabs.iter().map(|s| s.tiles / blocks * per_vtile).collect();
+        let first = count
+            .iter()
+            .scan(0, |acc, &u| {
+                let first = *acc;
+                *acc += u;
+                Some(first)
+            })
+            .collect();
+        Self {
+            per_unit,
+            per_vtile,
+            chan_block: plan.tiling.chan_block,
+            c_out,
+            count,
+            first,
+        }
+    }
+
+    /// Unit `u` of a slab: its voxel tile and channels.
+    fn unit(&self, u: usize) -> (usize, Range<usize>) {
+        let (vt, part) = (u / self.per_vtile, u % self.per_vtile);
+        let span = self.per_unit * self.chan_block;
+        (
+            vt,
+            (part * span).min(self.c_out)..((part + 1) * span).min(self.c_out),
+        )
     }
 }

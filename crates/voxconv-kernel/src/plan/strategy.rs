@@ -261,7 +261,7 @@ fn direct_lane_use(shape: &Conv3dShape) -> f64 {
     let ow = shape.out_dims()[2];
     let one_row = avx512::direct_row_lane_use(ow);
     if avx512::direct_pieces(ow) > 1 {
-        one_row.max(0.95 / avx512::TWO_ROW_COST)
+        one_row.max(avx512::TWO_ROW_LANE_USE / avx512::TWO_ROW_COST)
     } else {
         one_row
     }

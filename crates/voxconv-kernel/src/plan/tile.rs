@@ -134,33 +134,14 @@ impl Conv3dPlan {
         }
     }
 
-    /// Computes tile `t` of `slab` into `dest`, using `scratch` as workspace.
-    ///
-    /// # Safety
-    /// `dest` must be valid for writes of `C_out` rows of `slab.voxels` values at stride
-    /// `dest.row_stride`, and no other thread may access the columns of tile `t` meanwhile.
-    pub(super) unsafe fn compute_tile(
-        &self,
-        ops: &Operands<'_>,
-        slab: &SlabInfo,
-        t: usize,
-        dest: Dest,
-        scratch: &mut Scratch,
-    ) {
-        let c_out = self.shape.c_out();
-        let blocks = self.tiling.chan_blocks(c_out);
-        let (t, cb) = (t / blocks, t % blocks);
-        let chans = cb * self.tiling.chan_block..((cb + 1) * self.tiling.chan_block).min(c_out);
-        // SAFETY: forwarded caller's contract.
-        unsafe { self.compute_voxel_tile(ops, slab, t, chans, dest, scratch) }
-    }
-
     /// Computes the channels `chans` (whole channel blocks) of voxel tile `t` of `slab`: a
     /// tile, or on one thread several tiles of one voxel tile at once (Winograd: one input
     /// transform for them all). Each output's arithmetic is the same either way.
     ///
     /// # Safety
-    /// As [`compute_tile`](Self::compute_tile), for the tiles of `chans`.
+    /// `dest` must be valid for writes of `C_out` rows of `slab.voxels` values at stride
+    /// `dest.row_stride`, and no other thread may access the columns of voxel tile `t` in
+    /// the rows `chans` meanwhile.
     pub(super) unsafe fn compute_voxel_tile(
         &self,
         ops: &Operands<'_>,
@@ -193,7 +174,7 @@ impl Conv3dPlan {
     /// The values of [`compute_voxel_tile`](Self::compute_voxel_tile).
     ///
     /// # Safety
-    /// As [`compute_tile`](Self::compute_tile), for the tiles of `chans`.
+    /// As [`compute_voxel_tile`](Self::compute_voxel_tile).
     unsafe fn compute_voxel_tile_values(
         &self,
         ops: &Operands<'_>,
@@ -342,7 +323,7 @@ impl Conv3dPlan {
             return;
         }
         for co in chans {
-            // SAFETY: row `co` of a tile this thread owns (see `compute_tile`).
+            // SAFETY: row `co` of a tile this thread owns (see `compute_voxel_tile`).
             let row = unsafe { std::slice::from_raw_parts_mut(dst.add(co * rs), cols) };
             self.activation.channel(co).bias_apply(row, 0.0);
         }
@@ -353,7 +334,7 @@ impl Conv3dPlan {
     /// 8 but the last).
     ///
     /// # Safety
-    /// As `compute_tile`.
+    /// As `compute_voxel_tile`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn direct_tile(
         &self,
@@ -417,7 +398,7 @@ impl Conv3dPlan {
     /// input transform, 64 microkernel GEMMs, output transform.
     ///
     /// # Safety
-    /// As `compute_tile`.
+    /// As `compute_voxel_tile`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn winograd_tile(
         &self,
@@ -517,7 +498,7 @@ impl Conv3dPlan {
     /// and the last one adds bias and writes `dst`.
     ///
     /// # Safety
-    /// As `compute_tile`; `a` holds the chunk's rows (`cols` values each) at stride `lda`;
+    /// As `compute_voxel_tile`; `a` holds the chunk's rows (`cols` values each) at stride `lda`;
     /// `acc` holds `c_out · col_stride()` values when the tile is chunked.
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro_chunk(
