@@ -329,9 +329,9 @@ impl Conv3dPlan {
         }
     }
 
-    /// A tile by the direct strategy: split into row segments of at most 16 voxels, three
-    /// segments × 8 channels per microkernel call, for the channels `chans` (whole groups of
-    /// 8 but the last).
+    /// A tile by the direct strategy: split into vectors of at most 16 voxels (one or two
+    /// row pieces each), three vectors × every 8-channel group of `chans` per microkernel
+    /// call (whole groups of 8 but the last).
     ///
     /// # Safety
     /// As `compute_voxel_tile`.
