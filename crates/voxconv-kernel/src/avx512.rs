@@ -293,8 +293,8 @@ pub struct DirectGeom {
     pub stride: [usize; 3],
     pub padding: [usize; 3],
     pub dilation: [usize; 3],
-    /// Prefetch each block's destination lines for writing at its start: where the output
-    /// is far larger than the caches, the line fills then overlap the taps (AMD Zen 4,
+    /// Prefetch the next block's destination lines for writing at a block's start: where
+    /// the output is far larger than the caches, the line fills then overlap the taps (AMD Zen 4,
     /// 2026-12-06, one thread: unet-stem 61 → 54 ms, mri-t1-first-layer 32 → 28.6 ms); where
     /// it stays in cache they only cost instructions (1→32 at 32³: 0.77 → 0.82 ms).
     pub prefetch: bool,
@@ -358,16 +358,12 @@ pub unsafe fn block_direct(
     }
 }
 
-/// Mask of bits `lo..hi` (clamped to 16).
+/// Mask of bits `lo..hi` (clamped to 16; empty when `hi <= lo`), without branches.
 #[inline(always)]
 fn bits(lo: isize, hi: isize) -> u16 {
     let lo = lo.clamp(0, 16) as u32;
     let hi = hi.clamp(0, 16) as u32;
-    if hi > lo {
-        (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16
-    } else {
-        0
-    }
+    ((0xFFFFu32 >> (16 - hi)) & (0xFFFFu32 << lo)) as u16
 }
 
 /// A row in the padding (no loads).
@@ -410,30 +406,47 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
                 // Span elements q of this piece's lanes with 0 <= first + q < w.
                 let q_lo = (-first).max((SW * pc.lane) as isize);
                 let q_hi = (w as isize - first).min((SW * (pc.lane + pc.len - 1) + 1) as isize);
-                masks[c][s][k] = [bits(q_lo, q_hi), bits(q_lo - 16, q_hi - 16)];
+                masks[c][s][k] = [
+                    bits(q_lo, q_hi),
+                    if SW == 2 {
+                        bits(q_lo - 16, q_hi - 16)
+                    } else {
+                        0
+                    },
+                ];
                 xoff[c][s][k] = first;
             }
         }
     }
-    // Each (ci, a, b)'s input row per vector piece, or NO_ROW in the padding.
+    // Each (a, b)'s input row per vector piece (offset in channel 0's plane), or NO_ROW in
+    // the padding: the rows of channel ci are these plus ci·plane.
     let per = DIRECT_SEGS * P;
     rows.clear();
-    rows.resize(geom.c_in * kd * kh * per, NO_ROW);
-    let mut i = 0;
-    for ci in 0..geom.c_in {
-        for a in 0..kd {
-            for bb in 0..kh {
-                for (s, seg) in segs.iter().enumerate() {
-                    for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
-                        let iz = (pc.oz * geom.stride[0] + a * dd) as isize - pd as isize;
-                        let iy = (pc.oy * geom.stride[1] + bb * dh) as isize - ph as isize;
-                        if iz >= 0 && iy >= 0 && (iz as usize) < d && (iy as usize) < h {
-                            rows[i + s * P + k] =
-                                (ci * plane + (iz as usize * h + iy as usize) * w) as isize;
-                        }
-                    }
+    rows.resize(kd * kh * per, NO_ROW);
+    // Per piece: its first input plane and row (before the tap's offsets).
+    let mut z0 = [[isize::MIN / 4; P]; DIRECT_SEGS];
+    let mut y0 = [[0isize; P]; DIRECT_SEGS];
+    for (s, seg) in segs.iter().enumerate() {
+        for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
+            z0[s][k] = (pc.oz * geom.stride[0]) as isize - pd as isize;
+            y0[s][k] = (pc.oy * geom.stride[1]) as isize - ph as isize;
+        }
+    }
+    let mut chunks = rows.chunks_exact_mut(per);
+    for a in 0..kd {
+        for bb in 0..kh {
+            let Some(chunk) = chunks.next() else { break };
+            for s in 0..DIRECT_SEGS {
+                for k in 0..P {
+                    let iz = z0[s][k] + (a * dd) as isize;
+                    let iy = y0[s][k] + (bb * dh) as isize;
+                    chunk[s * P + k] =
+                        if iz >= 0 && (iz as usize) < d && iy >= 0 && (iy as usize) < h {
+                            (iz * h as isize + iy) * w as isize
+                        } else {
+                            NO_ROW
+                        };
                 }
-                i += per;
             }
         }
     }
@@ -442,11 +455,13 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
         let nch = NC.min(c_end - g * NC);
         // SAFETY: rows g·NC .. g·NC + nch of the destination (caller's contract).
         let dst = unsafe { dst.add(g * NC * ldd) };
-        // Ask for the destination lines now (for writing), so their fills overlap the taps
-        // instead of stalling the stores at the end.
+        // Ask for the next block's destination lines now (for writing), so their fills
+        // overlap this block's taps instead of stalling its stores (one block ahead beat
+        // this block's own lines: unet-stem 48.7 → 45.0 ms at one thread, 2026-12-07).
+        // Past the tile's end they are the next tile's lines; prefetches never fault.
         for j in 0..if geom.prefetch { nch } else { 0 } {
             for seg in segs {
-                let p = dst.wrapping_add(j * ldd + seg.col) as *const i8;
+                let p = dst.wrapping_add(j * ldd + seg.col + DIRECT_SEGS * 16) as *const i8;
                 _mm_prefetch::<_MM_HINT_ET0>(p);
                 _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(4 * seg.len - 4));
             }
@@ -454,51 +469,68 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
         let mut acc = [[_mm512_setzero_ps(); DIRECT_SEGS]; NC];
         // SAFETY: group g's packed weights (caller's contract).
         let mut b = unsafe { packed.add(g * k * NC) };
-        for row in rows.chunks_exact(per) {
-            for c in 0..kw {
-                let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
-                for s in 0..DIRECT_SEGS {
-                    let mut lo = _mm512_setzero_ps();
-                    let mut hi = _mm512_setzero_ps();
-                    for k in 0..P {
-                        let r = row[s * P + k];
-                        if r != NO_ROW {
-                            let p = input_n.wrapping_offset(r + xoff[c][s][k]);
-                            let m = masks[c][s][k];
-                            // SAFETY: lanes enabled by the masks read input columns inside
-                            // [0, w) of an existing row; masked-off lanes are not accessed.
-                            unsafe {
-                                if P == 1 {
-                                    lo = _mm512_maskz_loadu_ps(m[0], p);
-                                    if SW == 2 {
-                                        hi = _mm512_maskz_loadu_ps(m[1], p.wrapping_add(16));
-                                    }
-                                } else {
-                                    if m[0] != 0 {
-                                        lo = _mm512_mask_loadu_ps(lo, m[0], p);
-                                    }
-                                    if SW == 2 && m[1] != 0 {
-                                        hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
+        for ci in 0..geom.c_in {
+            // Channel ci of the item (wrapping: only in-bounds lanes are ever loaded).
+            let input_c = input_n.wrapping_add(ci * plane);
+            for row in rows.chunks_exact(per) {
+                for c in 0..kw {
+                    let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
+                    for s in 0..DIRECT_SEGS {
+                        let mut lo = _mm512_setzero_ps();
+                        let mut hi = _mm512_setzero_ps();
+                        for k in 0..P {
+                            let r = row[s * P + k];
+                            if r != NO_ROW {
+                                let p = input_c.wrapping_offset(r + xoff[c][s][k]);
+                                let m = masks[c][s][k];
+                                // SAFETY: lanes enabled by the masks read input columns inside
+                                // [0, w) of an existing row; masked-off lanes are not accessed.
+                                unsafe {
+                                    // Full vectors load unmasked: a mask read from memory
+                                    // costs a vector-pipe slot on AMD Zen 4, and these are
+                                    // most loads (1→32 at 32³, one block in cache: 976 →
+                                    // 795 cycles per 8-channel group, 2026-12-07).
+                                    if P == 1 {
+                                        lo = if m[0] == u16::MAX {
+                                            _mm512_loadu_ps(p)
+                                        } else {
+                                            _mm512_maskz_loadu_ps(m[0], p)
+                                        };
+                                        if SW == 2 {
+                                            let p = p.wrapping_add(16);
+                                            hi = if m[1] == u16::MAX {
+                                                _mm512_loadu_ps(p)
+                                            } else {
+                                                _mm512_maskz_loadu_ps(m[1], p)
+                                            };
+                                        }
+                                    } else {
+                                        if m[0] != 0 {
+                                            lo = _mm512_mask_loadu_ps(lo, m[0], p);
+                                        }
+                                        if SW == 2 && m[1] != 0 {
+                                            hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
+                                        }
                                     }
                                 }
                             }
                         }
+                        x[s] = if SW == 1 {
+                            lo
+                        } else {
+                            _mm512_permutex2var_ps(lo, even, hi)
+                        };
                     }
-                    x[s] = if SW == 1 {
-                        lo
-                    } else {
-                        _mm512_permutex2var_ps(lo, even, hi)
-                    };
-                }
-                for (j, accj) in acc.iter_mut().enumerate() {
-                    // SAFETY: b holds NC weights for this tap (caller's contract).
-                    let bj = _mm512_set1_ps(unsafe { *b.add(j) });
-                    for s in 0..DIRECT_SEGS {
-                        accj[s] = _mm512_fmadd_ps(x[s], bj, accj[s]);
+                    for (j, accj) in acc.iter_mut().enumerate() {
+                        // SAFETY: b holds NC weights for this tap (caller's contract).
+                        let bj = _mm512_set1_ps(unsafe { *b.add(j) });
+                        for s in 0..DIRECT_SEGS {
+                            accj[s] = _mm512_fmadd_ps(x[s], bj, accj[s]);
+                        }
                     }
+                    // SAFETY: advancing within the packed group (one tap = NC values).
+                    b = unsafe { b.add(NC) };
                 }
-                // SAFETY: advancing within the packed group (one tap = NC values).
-                b = unsafe { b.add(NC) };
             }
         }
         for (j, accj) in acc.iter_mut().enumerate() {
