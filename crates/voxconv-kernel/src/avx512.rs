@@ -313,8 +313,8 @@ pub fn direct_supports_width_stride(s: usize) -> bool {
 /// each; the last stops at channel `c_end`), reading the input rows in place (no im2col):
 /// for every tap `(ci, a, b, c)`, in filter order, one masked load per vector piece (two and
 /// a permute for width stride 2; lanes outside the input are zero: the padding) and eight
-/// broadcast FMAs per vector. The masks and each `(ci, a, b)`'s input rows are worked out
-/// once per block (`rows` is scratch for them) and shared by its groups.
+/// broadcast FMAs per vector. The masks are worked out once per block and shared by its
+/// groups; each tap row's input rows are worked out in the tap loop.
 ///
 /// # Safety
 /// The CPU must support AVX-512F. `input_n` must hold one batch item (`c_in·D·H·W` values);
@@ -329,7 +329,6 @@ pub unsafe fn block_direct(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
-    rows: &mut Vec<isize>,
     packed: *const f32,
     groups: std::ops::Range<usize>,
     c_end: usize,
@@ -342,18 +341,18 @@ pub unsafe fn block_direct(
     // instantiation.
     unsafe {
         match (geom.stride[2] == 2, pieces) {
-            (false, 0 | 1) => block_direct_sw::<1, 1>(
-                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
-            ),
-            (false, _) => block_direct_sw::<1, 2>(
-                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
-            ),
-            (true, 0 | 1) => block_direct_sw::<2, 1>(
-                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
-            ),
-            (true, _) => block_direct_sw::<2, 2>(
-                geom, input_n, segs, rows, packed, groups, c_end, dst, ldd, bias,
-            ),
+            (false, 0 | 1) => {
+                block_direct_sw::<1, 1>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
+            }
+            (false, _) => {
+                block_direct_sw::<1, 2>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
+            }
+            (true, 0 | 1) => {
+                block_direct_sw::<2, 1>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
+            }
+            (true, _) => {
+                block_direct_sw::<2, 2>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
+            }
         }
     }
 }
@@ -376,7 +375,6 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
-    rows: &mut Vec<isize>,
     packed: *const f32,
     groups: std::ops::Range<usize>,
     c_end: usize,
@@ -418,11 +416,6 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
             }
         }
     }
-    // Each (a, b)'s input row per vector piece (offset in channel 0's plane), or NO_ROW in
-    // the padding: the rows of channel ci are these plus ci·plane.
-    let per = DIRECT_SEGS * P;
-    rows.clear();
-    rows.resize(kd * kh * per, NO_ROW);
     // Per piece: its first input plane and row (before the tap's offsets).
     let mut z0 = [[isize::MIN / 4; P]; DIRECT_SEGS];
     let mut y0 = [[0isize; P]; DIRECT_SEGS];
@@ -430,24 +423,6 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
         for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
             z0[s][k] = (pc.oz * geom.stride[0]) as isize - pd as isize;
             y0[s][k] = (pc.oy * geom.stride[1]) as isize - ph as isize;
-        }
-    }
-    let mut chunks = rows.chunks_exact_mut(per);
-    for a in 0..kd {
-        for bb in 0..kh {
-            let Some(chunk) = chunks.next() else { break };
-            for s in 0..DIRECT_SEGS {
-                for k in 0..P {
-                    let iz = z0[s][k] + (a * dd) as isize;
-                    let iy = y0[s][k] + (bb * dh) as isize;
-                    chunk[s * P + k] =
-                        if iz >= 0 && (iz as usize) < d && iy >= 0 && (iy as usize) < h {
-                            (iz * h as isize + iy) * w as isize
-                        } else {
-                            NO_ROW
-                        };
-                }
-            }
         }
     }
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -472,14 +447,28 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
         for ci in 0..geom.c_in {
             // Channel ci of the item (wrapping: only in-bounds lanes are ever loaded).
             let input_c = input_n.wrapping_add(ci * plane);
-            for row in rows.chunks_exact(per) {
+            for ab in 0..kd * kh {
+                // Each piece's input row of tap row (a, b) (offset in channel ci's plane), or
+                // NO_ROW in the padding: a few integer operations per tap row, which run
+                // beside the FMAs (a table per block cost 1→16 at 32³ 7 % more).
+                let (a, bb) = (ab / kh, ab % kh);
+                let mut row = [[NO_ROW; P]; DIRECT_SEGS];
+                for s in 0..DIRECT_SEGS {
+                    for k in 0..P {
+                        let iz = z0[s][k] + (a * dd) as isize;
+                        let iy = y0[s][k] + (bb * dh) as isize;
+                        if iz >= 0 && (iz as usize) < d && iy >= 0 && (iy as usize) < h {
+                            row[s][k] = (iz * h as isize + iy) * w as isize;
+                        }
+                    }
+                }
                 for c in 0..kw {
                     let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
                     for s in 0..DIRECT_SEGS {
                         let mut lo = _mm512_setzero_ps();
                         let mut hi = _mm512_setzero_ps();
                         for k in 0..P {
-                            let r = row[s * P + k];
+                            let r = row[s][k];
                             if r != NO_ROW {
                                 let p = input_c.wrapping_offset(r + xoff[c][s][k]);
                                 let m = masks[c][s][k];

@@ -72,8 +72,6 @@ pub(super) struct Scratch {
     col: Vec<f32>,
     acc: Vec<f32>,
     segments: Vec<avx512::Segment>,
-    /// Direct: one block's input rows per `(ci, a, b)` and vector piece.
-    direct_rows: Vec<isize>,
     /// im2col: the tile's output-row runs.
     runs: Vec<Run>,
     /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
@@ -126,7 +124,6 @@ impl Conv3dPlan {
             col: scratch_take(self.col_len()),
             acc: scratch_take(self.acc_len()),
             segments: Vec::new(),
-            direct_rows: Vec::new(),
             runs: Vec::new(),
             wino_v: scratch_take(self.wino_v_len()),
             wino_m: scratch_take(self.wino_m_len()),
@@ -209,7 +206,6 @@ impl Conv3dPlan {
                     dst,
                     rs,
                     &mut scratch.segments,
-                    &mut scratch.direct_rows,
                 )
             };
             lap(&clock.gemm, &mut since);
@@ -346,7 +342,6 @@ impl Conv3dPlan {
         dst: *mut f32,
         rs: usize,
         segments: &mut Vec<avx512::Segment>,
-        rows: &mut Vec<isize>,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -375,7 +370,6 @@ impl Conv3dPlan {
                         &geom,
                         input_n.as_ptr(),
                         segs,
-                        rows,
                         ops.packed.as_ptr(),
                         groups.clone(),
                         chans.end,
@@ -388,7 +382,7 @@ impl Conv3dPlan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments, rows);
+            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments);
             unreachable!("Strategy::Direct is only chosen on x86_64");
         }
     }
