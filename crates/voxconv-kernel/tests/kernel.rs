@@ -1567,3 +1567,73 @@ fn epilogue_statistics_survive_a_large_offset() {
         );
     }
 }
+
+/// The GEMM microkernel computes only the vectors that hold voxels (1, 2 or 3 of 16): every
+/// width 1..=48, with and without running sums and bias, every channel count, against a
+/// scalar sum in the same order (so bit for bit), and nothing written past the block's
+/// voxels or channels.
+#[test]
+fn gemm_blocks_of_every_width_match_a_scalar_sum_and_stay_in_bounds() {
+    if !voxconv_kernel::avx512::available() {
+        return;
+    }
+    use voxconv_kernel::avx512::{block_48x8, NC};
+    let (kc, lda, ld) = (19, 50, 56);
+    let a = data(kc * lda, 11);
+    let b = data(kc * NC, 12);
+    let src = data(NC * ld, 13);
+    let bias = data(NC, 14);
+    for nvox in 1..=48 {
+        for nch in [1, 5, 8] {
+            for (with_src, with_bias) in [(false, false), (true, true), (false, true)] {
+                let mut dst = vec![f32::NAN; NC * ld];
+                // SAFETY: a holds kc rows of lda >= nvox values, b kc·NC, src and dst NC rows
+                // of ld >= nvox values, bias NC values; AVX-512F checked above.
+                unsafe {
+                    block_48x8(
+                        kc,
+                        a.as_ptr(),
+                        lda,
+                        b.as_ptr(),
+                        if with_src {
+                            src.as_ptr()
+                        } else {
+                            std::ptr::null()
+                        },
+                        ld,
+                        dst.as_mut_ptr(),
+                        ld,
+                        nch,
+                        nvox,
+                        if with_bias {
+                            bias.as_ptr()
+                        } else {
+                            std::ptr::null()
+                        },
+                    )
+                };
+                for j in 0..NC {
+                    for i in 0..ld {
+                        let got = dst[j * ld + i];
+                        if j >= nch || i >= nvox {
+                            assert!(got.is_nan(), "nvox {nvox} nch {nch}: wrote ({j}, {i})");
+                            continue;
+                        }
+                        let mut want = if with_src { src[j * ld + i] } else { 0.0 };
+                        for r in 0..kc {
+                            want = a[r * lda + i].mul_add(b[r * NC + j], want);
+                        }
+                        if with_bias {
+                            want += bias[j];
+                        }
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "nvox {nvox} nch {nch} ({j}, {i})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
