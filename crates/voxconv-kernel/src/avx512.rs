@@ -339,7 +339,8 @@ pub fn direct_supports_width_stride(s: usize) -> bool {
     s == 1 || s == 2
 }
 
-/// Direct convolution of up to three vectors × the channel groups `groups` (8 channels
+/// Direct convolution of up to three vectors (only those given are computed: a tile's last
+/// block of one vector costs a third of a full one) × the channel groups `groups` (8 channels
 /// each; the last stops at channel `c_end`), reading the input rows in place (no im2col):
 /// for every tap `(ci, a, b, c)`, in filter order, one masked load per vector piece (two and
 /// a permute for width stride 2; lanes outside the input are zero: the padding) and eight
@@ -370,19 +371,26 @@ pub unsafe fn block_direct(
     // SAFETY: forwarded contract; the width stride and the pieces per vector select the
     // instantiation.
     unsafe {
+        macro_rules! go {
+            ($sw:literal, $p:literal) => {
+                match segs.len() {
+                    0 | 1 => block_direct_sw::<$sw, $p, 1>(
+                        geom, input_n, segs, packed, groups, c_end, dst, ldd, bias,
+                    ),
+                    2 => block_direct_sw::<$sw, $p, 2>(
+                        geom, input_n, segs, packed, groups, c_end, dst, ldd, bias,
+                    ),
+                    _ => block_direct_sw::<$sw, $p, 3>(
+                        geom, input_n, segs, packed, groups, c_end, dst, ldd, bias,
+                    ),
+                }
+            };
+        }
         match (geom.stride[2] == 2, pieces) {
-            (false, 0 | 1) => {
-                block_direct_sw::<1, 1>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
-            }
-            (false, _) => {
-                block_direct_sw::<1, 2>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
-            }
-            (true, 0 | 1) => {
-                block_direct_sw::<2, 1>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
-            }
-            (true, _) => {
-                block_direct_sw::<2, 2>(geom, input_n, segs, packed, groups, c_end, dst, ldd, bias)
-            }
+            (false, 0 | 1) => go!(1, 1),
+            (false, _) => go!(1, 2),
+            (true, 0 | 1) => go!(2, 1),
+            (true, _) => go!(2, 2),
         }
     }
 }
@@ -401,7 +409,7 @@ const NO_ROW: isize = isize::MIN;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_direct_sw<const SW: usize, const P: usize>(
+unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
     geom: &DirectGeom,
     input_n: *const f32,
     segs: &[Segment],
@@ -471,7 +479,7 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
                 _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(4 * seg.len - 4));
             }
         }
-        let mut acc = [[_mm512_setzero_ps(); DIRECT_SEGS]; NC];
+        let mut acc = [[_mm512_setzero_ps(); V]; NC];
         // SAFETY: group g's packed weights (caller's contract).
         let mut b = unsafe { packed.add(g * k * NC) };
         for ci in 0..geom.c_in {
@@ -482,8 +490,8 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
                 // NO_ROW in the padding: a few integer operations per tap row, which run
                 // beside the FMAs (a table per block cost 1→16 at 32³ 7 % more).
                 let (a, bb) = (ab / kh, ab % kh);
-                let mut row = [[NO_ROW; P]; DIRECT_SEGS];
-                for s in 0..DIRECT_SEGS {
+                let mut row = [[NO_ROW; P]; V];
+                for s in 0..V {
                     for k in 0..P {
                         let iz = z0[s][k] + (a * dd) as isize;
                         let iy = y0[s][k] + (bb * dh) as isize;
@@ -493,8 +501,8 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
                     }
                 }
                 for c in 0..kw {
-                    let mut x = [_mm512_setzero_ps(); DIRECT_SEGS];
-                    for s in 0..DIRECT_SEGS {
+                    let mut x = [_mm512_setzero_ps(); V];
+                    for s in 0..V {
                         let mut lo = _mm512_setzero_ps();
                         let mut hi = _mm512_setzero_ps();
                         for k in 0..P {
@@ -543,7 +551,7 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize>(
                     for (j, accj) in acc.iter_mut().enumerate() {
                         // SAFETY: b holds NC weights for this tap (caller's contract).
                         let bj = _mm512_set1_ps(unsafe { *b.add(j) });
-                        for s in 0..DIRECT_SEGS {
+                        for s in 0..V {
                             accj[s] = _mm512_fmadd_ps(x[s], bj, accj[s]);
                         }
                     }
