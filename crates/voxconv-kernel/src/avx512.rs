@@ -72,18 +72,19 @@ pub unsafe fn block_48x8(
     // 6,211 cycles for 32 voxels and 6,328 for 16 when they ran as 48).
     unsafe {
         match nvox.div_ceil(16) {
-            0 | 1 => block_vx8::<1>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
-            2 => block_vx8::<2>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
-            _ => block_vx8::<3>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
+            0 | 1 => block_vc::<1, NC>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
+            2 => block_vc::<2, NC>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
+            _ => block_vc::<3, NC>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
         }
     }
 }
 
-/// [`block_48x8`] over `V` vectors of 16 voxels (`nvox <= 16·V`).
+/// [`block_48x8`] over `V` vectors of 16 voxels (`nvox <= 16·V`) × `C` channels (`nch <=
+/// C <= NC`; `b` keeps its `NC` values per reduction row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_vx8<const V: usize>(
+unsafe fn block_vc<const V: usize, const C: usize>(
     kc: usize,
     a: *const f32,
     lda: usize,
@@ -105,7 +106,7 @@ unsafe fn block_vx8<const V: usize>(
         }
     };
     let m: [__mmask16; V] = std::array::from_fn(lanes);
-    let mut acc = [[_mm512_setzero_ps(); V]; NC];
+    let mut acc = [[_mm512_setzero_ps(); V]; C];
     if !src.is_null() {
         for (j, row) in acc.iter_mut().enumerate() {
             if j < nch {
@@ -164,7 +165,6 @@ pub const MV_NARROW: usize = 96;
 /// # Safety
 /// As [`block_48x8`] with `src` null, `nvox <= 96` and `nch <= 4`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block_96x4(
     kc: usize,
@@ -177,48 +177,21 @@ pub unsafe fn block_96x4(
     nvox: usize,
     bias: *const f32,
 ) {
-    const V: usize = MV_NARROW / 16;
-    let mut m = [0 as __mmask16; V];
-    for (i, mi) in m.iter_mut().enumerate() {
-        let n = nvox.saturating_sub(16 * i).min(16);
-        *mi = if n == 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        };
-    }
-    let mut acc = [[_mm512_setzero_ps(); V]; 4];
-    let mut a = a;
-    let mut b = b;
-    for _ in 0..kc {
-        // SAFETY: rows of `a` and `b` within the caller's bounds (kc rows).
-        unsafe {
-            let mut x = [_mm512_setzero_ps(); V];
-            for (i, xi) in x.iter_mut().enumerate() {
-                *xi = _mm512_maskz_loadu_ps(m[i], a.add(16 * i));
-            }
-            for (j, row) in acc.iter_mut().enumerate() {
-                let bj = _mm512_set1_ps(*b.add(j));
-                for (i, v) in row.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(x[i], bj, *v);
-                }
-            }
-            a = a.add(lda);
-            b = b.add(NC);
-        }
-    }
-    for (j, row) in acc.iter_mut().enumerate().take(nch) {
-        if !bias.is_null() {
-            // SAFETY: bias has nch values (caller's contract).
-            let bj = _mm512_set1_ps(unsafe { *bias.add(j) });
-            for v in row.iter_mut() {
-                *v = _mm512_add_ps(*v, bj);
-            }
-        }
-        for (i, v) in row.iter().enumerate() {
-            // SAFETY: masked store of row j, lanes < nvox (caller's contract).
-            unsafe { _mm512_mask_storeu_ps(dst.add(j * ldd + 16 * i), m[i], *v) };
-        }
+    // SAFETY: forwarded contract (no running sums).
+    unsafe {
+        block_vc::<{ MV_NARROW / 16 }, 4>(
+            kc,
+            a,
+            lda,
+            b,
+            std::ptr::null(),
+            0,
+            dst,
+            ldd,
+            nch,
+            nvox,
+            bias,
+        )
     }
 }
 
