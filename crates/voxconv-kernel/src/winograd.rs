@@ -231,11 +231,11 @@ pub unsafe fn input_transform(
 ) {
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn avx512(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
-        input_transform_body(shape, input_n, groups, v)
+        input_transform_body::<true>(shape, input_n, groups, v)
     }
     #[target_feature(enable = "avx2,fma")]
     fn avx2(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
-        input_transform_body(shape, input_n, groups, v)
+        input_transform_body::<false>(shape, input_n, groups, v)
     }
     // SAFETY: the CPU supports `isa` (caller's contract).
     unsafe {
@@ -297,12 +297,136 @@ fn gather<const MASKED: bool>(
     }
 }
 
+/// `AVX512`: the gathers use AVX-512 loads and permutes (set only where the CPU has it).
+/// The input transform of one lane group and input channel by AVX-512 (the same values
+/// and operations as [`gather`] + `bt` in [`input_transform_body`], so the same bits):
+/// masked loads and one permute per 16 lanes gather each patch row, `Bᵀ` runs along x,
+/// y and z on whole vectors, and the 64 positions go to `v` at `at + ξ·COLS`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `v` must hold `at + 63·COLS + 16` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn group_transform_avx512(
+    grp: &LaneGroup,
+    input_n: &[f32],
+    ci: usize,
+    [d, h, w]: [usize; 3],
+    [pd, ph, pw]: [usize; 3],
+    v: &mut [f32],
+    at: usize,
+) {
+    use std::arch::x86_64::*;
+    let bt = |x: [__m512; 4]| {
+        [
+            _mm512_sub_ps(x[0], x[2]),
+            _mm512_add_ps(x[1], x[2]),
+            _mm512_sub_ps(x[2], x[1]),
+            _mm512_sub_ps(x[1], x[3]),
+        ]
+    };
+    let bits32 = |lo: isize, hi: isize| -> u32 {
+        let (lo, hi) = (lo.clamp(0, 32) as u32, hi.clamp(0, 32) as u32);
+        if hi > lo {
+            ((1u64 << hi) - (1u64 << lo)) as u32
+        } else {
+            0
+        }
+    };
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    // Patch [i][j][l] after Bᵀ along x; rows outside the input stay zero.
+    let mut p = [[[_mm512_setzero_ps(); 4]; 4]; 4];
+    for run in grp.runs() {
+        // Span element e (0..32) of tap column l is input column base + l + e; lane k keeps
+        // element 2k. Elements load only inside the run's lanes and the row.
+        let base = (2 * run.tx0) as isize - pw as isize - (2 * run.lane) as isize;
+        let (run_lo, run_hi) = ((2 * run.lane) as isize, (2 * (run.lane + run.len)) as isize);
+        let masks: [[__mmask16; 2]; 4] = std::array::from_fn(|l| {
+            let m = bits32(
+                (-(base + l as isize)).max(run_lo),
+                (w as isize - (base + l as isize)).min(run_hi),
+            );
+            [m as u16, (m >> 16) as u16]
+        });
+        let lanes = bits32(run.lane as isize, (run.lane + run.len) as isize) as __mmask16;
+        for (i, pi) in p.iter_mut().enumerate() {
+            let iz = (run.z0 + i) as isize - pd as isize;
+            if iz < 0 || iz >= d as isize {
+                continue;
+            }
+            for (j, pij) in pi.iter_mut().enumerate() {
+                let iy = (2 * run.ty + j) as isize - ph as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let row = input_n[((ci * d + iz as usize) * h + iy as usize) * w..].as_ptr();
+                let r: [__m512; 4] = std::array::from_fn(|l| {
+                    let q = row.wrapping_offset(base + l as isize);
+                    // SAFETY: the masks enable only columns inside [0, w) of this row.
+                    let (lo, hi) = unsafe {
+                        (
+                            _mm512_maskz_loadu_ps(masks[l][0], q),
+                            _mm512_maskz_loadu_ps(masks[l][1], q.wrapping_add(16)),
+                        )
+                    };
+                    _mm512_permutex2var_ps(lo, even, hi)
+                });
+                let t = bt(r);
+                for l in 0..4 {
+                    pij[l] = _mm512_mask_mov_ps(pij[l], lanes, t[l]);
+                }
+            }
+        }
+    }
+    // Bᵀ along y, then z.
+    for pi in p.iter_mut() {
+        for l in 0..4 {
+            let t = bt([pi[0][l], pi[1][l], pi[2][l], pi[3][l]]);
+            for j in 0..4 {
+                pi[j][l] = t[j];
+            }
+        }
+    }
+    let out = &mut v[at..at + 63 * COLS + LANES];
+    for j in 0..4 {
+        for l in 0..4 {
+            let t = bt([p[0][j][l], p[1][j][l], p[2][j][l], p[3][j][l]]);
+            for i in 0..4 {
+                let xi = (i * 4 + j) * 4 + l;
+                // SAFETY: 16 values at xi·COLS <= 63·COLS inside `out`.
+                unsafe { _mm512_storeu_ps(out[xi * COLS..].as_mut_ptr(), t[i]) };
+            }
+        }
+    }
+}
+
 #[inline(always)]
-fn input_transform_body(shape: &Conv3dShape, input_n: &[f32], groups: &[LaneGroup], v: &mut [f32]) {
+fn input_transform_body<const AVX512: bool>(
+    shape: &Conv3dShape,
+    input_n: &[f32],
+    groups: &[LaneGroup],
+    v: &mut [f32],
+) {
     let [_, c_in, d, h, w] = shape.input;
     let [pd, ph, pw] = shape.params.padding;
     for ci in 0..c_in {
         for (gi, grp) in groups.iter().enumerate() {
+            if AVX512 {
+                // SAFETY: AVX512 is only set in the AVX-512 instantiation; v holds every
+                // channel's 64 positions × COLS columns.
+                unsafe {
+                    group_transform_avx512(
+                        grp,
+                        input_n,
+                        ci,
+                        [d, h, w],
+                        [pd, ph, pw],
+                        v,
+                        ci * V_CH_STRIDE + gi * LANES,
+                    )
+                };
+                continue;
+            }
             // Patch [i][j][l][lane]; lanes past the group's blocks stay zero.
             let mut p = [[[[0f32; LANES]; 4]; 4]; 4];
             // One run from lane 0 needs no mask: the lanes after it are never output.
