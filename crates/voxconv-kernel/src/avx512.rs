@@ -195,6 +195,38 @@ pub unsafe fn block_96x4(
     }
 }
 
+/// `dst[j] = src[2j]` for every `j < dst.len()`: two masked loads and one permute per 16
+/// values (im2col of width stride 2, where the scalar strided copy cost 2 ns a value).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn copy_stride2(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    if n == 0 {
+        return;
+    }
+    assert!(2 * (n - 1) < src.len(), "copy_stride2: source too short");
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let mut j = 0;
+    while j < n {
+        let k = (n - j).min(16);
+        // Source elements 0 .. 2k − 1 of this chunk (the last needed is 2(k − 1)).
+        let e = (2 * k - 1) as isize;
+        let p = src[2 * j..].as_ptr();
+        // SAFETY: the masks enable source elements 2j .. 2j + e − 1 <= 2(n − 1) (checked
+        // above) and destination elements j .. j + k − 1 < n.
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(bits(0, e), p);
+            let hi = _mm512_maskz_loadu_ps(bits(0, e - 16), p.wrapping_add(16));
+            let r = _mm512_permutex2var_ps(lo, even, hi);
+            _mm512_mask_storeu_ps(dst[j..].as_mut_ptr(), bits(0, k as isize), r);
+        }
+        j += 16;
+    }
+}
+
 /// Maximum kernel width of the direct path (one mask per tap column is kept per segment).
 pub const DIRECT_MAX_KW: usize = 8;
 /// Vectors (16 consecutive tile columns each) per direct block.

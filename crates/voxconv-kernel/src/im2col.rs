@@ -74,6 +74,12 @@ fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize)
         let base = (first + (j_lo * stride) as isize) as usize;
         if stride == 1 {
             copy_run(&mut dst[j_lo..j_hi], &src[base..base + (j_hi - j_lo)]);
+        } else if stride == 2 && crate::avx512::available() {
+            // SAFETY: AVX-512F detected.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                crate::avx512::copy_stride2(&mut dst[j_lo..j_hi], &src[base..])
+            };
         } else {
             for (d, &v) in dst[j_lo..j_hi]
                 .iter_mut()

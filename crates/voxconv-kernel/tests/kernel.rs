@@ -1637,3 +1637,31 @@ fn gemm_blocks_of_every_width_match_a_scalar_sum_and_stay_in_bounds() {
         }
     }
 }
+
+/// Width stride 2 im2col's AVX-512 gather: every length 0..=40 from every start, the even
+/// source values and nothing past the destination.
+#[test]
+fn stride2_gather_takes_every_other_value() {
+    if !voxconv_kernel::avx512::available() {
+        return;
+    }
+    let src = data(100, 21);
+    for n in 0..=40 {
+        for start in [0, 1, 3] {
+            let mut dst = vec![f32::NAN; n + 5];
+            // SAFETY: AVX-512F checked above.
+            unsafe { voxconv_kernel::avx512::copy_stride2(&mut dst[..n], &src[start..]) };
+            for (j, &v) in dst.iter().enumerate() {
+                if j < n {
+                    assert_eq!(
+                        v.to_bits(),
+                        src[start + 2 * j].to_bits(),
+                        "n {n} start {start} j {j}"
+                    );
+                } else {
+                    assert!(v.is_nan(), "n {n}: wrote past the end at {j}");
+                }
+            }
+        }
+    }
+}

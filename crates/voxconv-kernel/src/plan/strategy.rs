@@ -123,6 +123,12 @@ const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
 /// stride 2 16→32 1.5 / 2.2 and 1.0 / 1.0; 1→32 dilation 2 23.6 / 26.7 and 13.4 / 13.6;
 /// the one loss, 1→16 at 128³, 30.1 / 28.4 and 15.1 / 14.5.
 const DIRECT_MIN_LANE_USE: f64 = 0.75;
+/// A strided 1×1×1 kernel into at least this many channels goes to im2col + GEMM (its im2col
+/// is one strided gather, done once) rather than the direct kernel (which gathers the strided
+/// input again for every 8-channel group): AMD Zen 4, 2026-12-07, 1×1×1 stride 2, direct /
+/// im2col ms at 1 and 2 threads: 32→64 over 64³ 4.5–4.7 / 3.8–3.9 and 2.1–2.2 / 1.7–2.0;
+/// 16→32 over 2 × 40³ 0.48–0.50 / 0.58–0.71 and 0.24–0.26 / 0.17–0.20.
+const STRIDED_POINTWISE_IM2COL_MIN_COUT: usize = 64;
 /// ... unless the output has fewer channels than this: im2col's cost per output grows as
 /// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
 /// direct 0.33 ms, im2col + GEMM 1.2 ms).
@@ -280,6 +286,11 @@ impl Conv3dPlan {
             && !(self.supports(Strategy::Direct) && shape.c_out() < WINOGRAD_OVER_DIRECT_MIN_COUT)
         {
             Strategy::Winograd
+        } else if shape.kernel_dims() == [1, 1, 1]
+            && shape.params.stride != [1; 3]
+            && shape.c_out() >= STRIDED_POINTWISE_IM2COL_MIN_COUT
+        {
+            Strategy::Im2colGemm
         } else if self.supports(Strategy::Direct)
             && (direct_lane_use(shape) >= DIRECT_MIN_LANE_USE
                 || shape.c_out() < DIRECT_IDLE_LANES_MAX_COUT)
