@@ -249,6 +249,37 @@ pub unsafe fn input_transform(
 /// An input patch: `[i][j][l][lane]`.
 type Patch = [[[Lanes; 4]; 4]; 4];
 
+/// Calls `f(p[i][j], row)` for every row `(i, j)` of `run`'s 4×4 patch rows that lies inside
+/// the input: `row` is channel `ci`'s input row `(z0 + i − pd, 2·ty + j − ph)` (`w` values).
+/// Rows in the padding are skipped (their entries of `p` are left as they are).
+#[inline(always)]
+fn patch_rows<P>(
+    p: &mut [[P; 4]; 4],
+    run: &BlockRun,
+    input_n: &[f32],
+    ci: usize,
+    [d, h, w]: [usize; 3],
+    [pd, ph]: [usize; 2],
+    mut f: impl FnMut(&mut P, &[f32]),
+) {
+    for (i, pi) in p.iter_mut().enumerate() {
+        let iz = (run.z0 + i) as isize - pd as isize;
+        if iz < 0 || iz >= d as isize {
+            continue;
+        }
+        for (j, pij) in pi.iter_mut().enumerate() {
+            let iy = (2 * run.ty + j) as isize - ph as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            f(
+                pij,
+                &input_n[((ci * d + iz as usize) * h + iy as usize) * w..][..w],
+            );
+        }
+    }
+}
+
 /// Gathers the input of `run`'s blocks (channel `ci`) into its lanes of `p` (zero outside
 /// the input). `MASKED`: leave the other lanes as they are; else the lanes after the run
 /// get whatever its columns hold there.
@@ -265,36 +296,25 @@ fn gather<const MASKED: bool>(
     let span = 2 * run.len + 2;
     let keep: [bool; LANES] =
         std::array::from_fn(|k| !MASKED || k.wrapping_sub(run.lane) < run.len);
-    for (i, pi) in p.iter_mut().enumerate() {
-        let iz = (run.z0 + i) as isize - pd as isize;
-        if iz < 0 || iz >= d as isize {
-            continue;
+    patch_rows(p, run, input_n, ci, [d, h, w], [pd, ph], |pij, row| {
+        // The run's input columns, placed so that lane k reads `seg[2k + l]` (they end by
+        // 2·(lane + len) + 2 <= 2·LANES + 2).
+        let mut seg = [0f32; 2 * LANES + 2];
+        let lo = (-x_start).clamp(0, span as isize) as usize;
+        let hi = (w as isize - x_start).clamp(lo as isize, span as isize) as usize;
+        if hi > lo {
+            let s0 = (x_start + lo as isize) as usize;
+            let at = 2 * run.lane;
+            super::im2col::copy_run(&mut seg[at + lo..at + hi], &row[s0..s0 + (hi - lo)]);
         }
-        for (j, pij) in pi.iter_mut().enumerate() {
-            let iy = (2 * run.ty + j) as isize - ph as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            let row = &input_n[((ci * d + iz as usize) * h + iy as usize) * w..][..w];
-            // The run's input columns, placed so that lane k reads `seg[2k + l]` (they end
-            // by 2·(lane + len) + 2 <= 2·LANES + 2).
-            let mut seg = [0f32; 2 * LANES + 2];
-            let lo = (-x_start).clamp(0, span as isize) as usize;
-            let hi = (w as isize - x_start).clamp(lo as isize, span as isize) as usize;
-            if hi > lo {
-                let s0 = (x_start + lo as isize) as usize;
-                let at = 2 * run.lane;
-                super::im2col::copy_run(&mut seg[at + lo..at + hi], &row[s0..s0 + (hi - lo)]);
-            }
-            // All 16 lanes at once (vectorized), kept in the run's lanes only.
-            for (l, pijl) in pij.iter_mut().enumerate() {
-                for (k, x) in pijl.iter_mut().enumerate() {
-                    let v = seg[2 * k + l];
-                    *x = if keep[k] { v } else { *x };
-                }
+        // All 16 lanes at once (vectorized), kept in the run's lanes only.
+        for (l, pijl) in pij.iter_mut().enumerate() {
+            for (k, x) in pijl.iter_mut().enumerate() {
+                let v = seg[2 * k + l];
+                *x = if keep[k] { v } else { *x };
             }
         }
-    }
+    });
 }
 
 /// `AVX512`: the gathers use AVX-512 loads and permutes (set only where the CPU has it).
@@ -349,34 +369,24 @@ unsafe fn group_transform_avx512(
             [m as u16, (m >> 16) as u16]
         });
         let lanes = bits32(run.lane as isize, (run.lane + run.len) as isize) as __mmask16;
-        for (i, pi) in p.iter_mut().enumerate() {
-            let iz = (run.z0 + i) as isize - pd as isize;
-            if iz < 0 || iz >= d as isize {
-                continue;
+        patch_rows(&mut p, run, input_n, ci, [d, h, w], [pd, ph], |pij, row| {
+            let row = row.as_ptr();
+            let r: [__m512; 4] = std::array::from_fn(|l| {
+                let q = row.wrapping_offset(base + l as isize);
+                // SAFETY: the masks enable only columns inside [0, w) of this row.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm512_maskz_loadu_ps(masks[l][0], q),
+                        _mm512_maskz_loadu_ps(masks[l][1], q.wrapping_add(16)),
+                    )
+                };
+                _mm512_permutex2var_ps(lo, even, hi)
+            });
+            let t = bt(r);
+            for l in 0..4 {
+                pij[l] = _mm512_mask_mov_ps(pij[l], lanes, t[l]);
             }
-            for (j, pij) in pi.iter_mut().enumerate() {
-                let iy = (2 * run.ty + j) as isize - ph as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let row = input_n[((ci * d + iz as usize) * h + iy as usize) * w..].as_ptr();
-                let r: [__m512; 4] = std::array::from_fn(|l| {
-                    let q = row.wrapping_offset(base + l as isize);
-                    // SAFETY: the masks enable only columns inside [0, w) of this row.
-                    let (lo, hi) = unsafe {
-                        (
-                            _mm512_maskz_loadu_ps(masks[l][0], q),
-                            _mm512_maskz_loadu_ps(masks[l][1], q.wrapping_add(16)),
-                        )
-                    };
-                    _mm512_permutex2var_ps(lo, even, hi)
-                });
-                let t = bt(r);
-                for l in 0..4 {
-                    pij[l] = _mm512_mask_mov_ps(pij[l], lanes, t[l]);
-                }
-            }
-        }
+        });
     }
     // Bᵀ along y, then z.
     for pi in p.iter_mut() {
