@@ -400,9 +400,16 @@ pub unsafe fn block_direct(
     }
 }
 
+/// The two 16-lane masks of span elements `lo..hi` of a 32-element span (two loads of 16),
+/// clamped to the span: the width-stride-2 direct kernel's and Winograd's gathers.
+#[inline(always)]
+pub(crate) fn span_bits(lo: isize, hi: isize) -> [u16; 2] {
+    [bits(lo, hi), bits(lo - 16, hi - 16)]
+}
+
 /// Mask of bits `lo..hi` (clamped to 16; empty when `hi <= lo`), without branches.
 #[inline(always)]
-fn bits(lo: isize, hi: isize) -> u16 {
+pub(crate) fn bits(lo: isize, hi: isize) -> u16 {
     let lo = lo.clamp(0, 16) as u32;
     let hi = hi.clamp(0, 16) as u32;
     ((0xFFFFu32 >> (16 - hi)) & (0xFFFFu32 << lo)) as u16
@@ -447,14 +454,11 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
                 // Span elements q of this piece's lanes with 0 <= first + q < w.
                 let q_lo = (-first).max((SW * pc.lane) as isize);
                 let q_hi = (w as isize - first).min((SW * (pc.lane + pc.len - 1) + 1) as isize);
-                masks[c][s][k] = [
-                    bits(q_lo, q_hi),
-                    if SW == 2 {
-                        bits(q_lo - 16, q_hi - 16)
-                    } else {
-                        0
-                    },
-                ];
+                masks[c][s][k] = if SW == 2 {
+                    span_bits(q_lo, q_hi)
+                } else {
+                    [bits(q_lo, q_hi), 0]
+                };
                 xoff[c][s][k] = first;
             }
         }

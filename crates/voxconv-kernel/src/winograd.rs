@@ -345,14 +345,7 @@ unsafe fn group_transform_avx512(
             _mm512_sub_ps(x[1], x[3]),
         ]
     };
-    let bits32 = |lo: isize, hi: isize| -> u32 {
-        let (lo, hi) = (lo.clamp(0, 32) as u32, hi.clamp(0, 32) as u32);
-        if hi > lo {
-            ((1u64 << hi) - (1u64 << lo)) as u32
-        } else {
-            0
-        }
-    };
+    use super::avx512::{bits, span_bits};
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     // Patch [i][j][l] after Bᵀ along x; rows outside the input stay zero.
     let mut p = [[[_mm512_setzero_ps(); 4]; 4]; 4];
@@ -362,13 +355,12 @@ unsafe fn group_transform_avx512(
         let base = (2 * run.tx0) as isize - pw as isize - (2 * run.lane) as isize;
         let (run_lo, run_hi) = ((2 * run.lane) as isize, (2 * (run.lane + run.len)) as isize);
         let masks: [[__mmask16; 2]; 4] = std::array::from_fn(|l| {
-            let m = bits32(
+            span_bits(
                 (-(base + l as isize)).max(run_lo),
                 (w as isize - (base + l as isize)).min(run_hi),
-            );
-            [m as u16, (m >> 16) as u16]
+            )
         });
-        let lanes = bits32(run.lane as isize, (run.lane + run.len) as isize) as __mmask16;
+        let lanes = bits(run.lane as isize, (run.lane + run.len) as isize);
         patch_rows(&mut p, run, input_n, ci, [d, h, w], [pd, ph], |pij, row| {
             let row = row.as_ptr();
             let r: [__m512; 4] = std::array::from_fn(|l| {
