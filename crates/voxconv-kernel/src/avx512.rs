@@ -163,7 +163,7 @@ pub const MV_NARROW: usize = 96;
 /// <= 4`; the same order of operations per output as `block_48x8` (the same bits).
 ///
 /// # Safety
-/// As [`block_48x8`] with `src` null, `nvox <= 96` and `nch <= 4`.
+/// As [`block_48x8`] with `nvox <= 96` and `nch <= 4`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block_96x4(
@@ -171,28 +171,16 @@ pub unsafe fn block_96x4(
     a: *const f32,
     lda: usize,
     b: *const f32,
+    src: *const f32,
+    lds: usize,
     dst: *mut f32,
     ldd: usize,
     nch: usize,
     nvox: usize,
     bias: *const f32,
 ) {
-    // SAFETY: forwarded contract (no running sums).
-    unsafe {
-        block_vc::<{ MV_NARROW / 16 }, 4>(
-            kc,
-            a,
-            lda,
-            b,
-            std::ptr::null(),
-            0,
-            dst,
-            ldd,
-            nch,
-            nvox,
-            bias,
-        )
-    }
+    // SAFETY: forwarded contract.
+    unsafe { block_vc::<{ MV_NARROW / 16 }, 4>(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias) }
 }
 
 /// `dst[j] = src[2j]` for every `j < dst.len()`: two masked loads and one permute per 16

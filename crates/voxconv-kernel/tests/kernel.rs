@@ -928,6 +928,54 @@ fn narrow_pointwise_heads_match_the_reference_and_the_wide_blocks() {
     }
 }
 
+/// A 1×1×1 kernel over many input channels runs its reduction in passes of a few input
+/// planes (partial sums through the output for one channel group, through the accumulator for
+/// several): against the reference and bit for bit against the same plan in one pass (each
+/// output is summed in the same order either way), into NaN-prefilled outputs, at 1 and 3
+/// threads, with reductions that the passes do not divide and tiles that end mid-block.
+#[test]
+fn pointwise_reduction_passes_match_one_pass_bit_for_bit() {
+    for (c_in, c_out, dims) in [
+        (37, 3, [3, 7, 41]),
+        (37, 8, [2, 9, 30]),
+        (45, 20, [3, 5, 67]),
+        (9, 5, [4, 4, 25]),
+    ] {
+        let shape = Conv3dShape::new(
+            [2, c_in, dims[0], dims[1], dims[2]],
+            [c_out, c_in, 1, 1, 1],
+            Conv3dParams::default(),
+        )
+        .unwrap();
+        let act = Activation::Elu(0.5);
+        let plan = Conv3dPlan::new(shape, act.clone());
+        assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
+        let x = data(shape.input_len(), 51);
+        let w = data(shape.filters_len(), 52);
+        let b = data(c_out, 53);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), act.clone()).unwrap();
+        let t = plan.tiling();
+        let one_pass = plan.clone().with_tiling(Tiling { k_chunk: c_in, ..t });
+        let whole = run_plan(&one_pass, &x, &w, Some(&b), 1);
+        assert_close(&shape, &whole, &want, &mag, "one pass");
+        for (tile_cols, k_chunk) in [(t.tile_cols, t.k_chunk), (97, 8), (250, 4), (48, 16)] {
+            let passes = plan.clone().with_tiling(Tiling {
+                tile_cols,
+                k_chunk,
+                ..t
+            });
+            for threads in [1, 3] {
+                let got = run_plan(&passes, &x, &w, Some(&b), threads);
+                let what =
+                    format!("{shape:?} tile_cols {tile_cols} k_chunk {k_chunk} threads {threads}");
+                assert_close(&shape, &got, &want, &mag, &what);
+                assert!(bit_identical(&got, &whole), "{what}: not the one-pass bits");
+            }
+        }
+    }
+}
+
 // ---- cancellation -----------------------------------------------------------------------
 
 #[test]

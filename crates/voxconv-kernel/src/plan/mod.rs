@@ -201,13 +201,31 @@ impl Conv3dPlan {
         }
     }
 
+    /// Reduction rows per pass over a tile: im2col's chunks (what its buffer holds), the
+    /// pointwise kernel's passes over the input planes (with our microkernel; the portable
+    /// GEMM takes the whole reduction at once).
+    pub(super) fn pass_rows(&self) -> usize {
+        let k = self.shape.reduction_len();
+        match self.strategy {
+            Strategy::Im2colGemm => self.tiling.k_chunk,
+            Strategy::Pointwise if self.gemm.is_microkernel() => self.tiling.k_chunk,
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => k,
+        }
+    }
+
     /// Reduction chunks per tile.
     fn chunked(&self) -> bool {
-        self.strategy == Strategy::Im2colGemm && self.tiling.k_chunk < self.shape.reduction_len()
+        self.pass_rows() < self.shape.reduction_len()
+    }
+
+    /// Whether a chunked tile keeps its partial sums in the output itself: a pointwise tile
+    /// into one channel group, whose output rows are as few as the accumulator's would be.
+    pub(super) fn sums_in_output(&self) -> bool {
+        self.strategy == Strategy::Pointwise && self.shape.c_out() <= avx512::NC
     }
 
     fn acc_len(&self) -> usize {
-        if self.gemm.is_microkernel() && self.chunked() {
+        if self.gemm.is_microkernel() && self.chunked() && !self.sums_in_output() {
             self.shape.c_out() * self.col_stride()
         } else {
             0

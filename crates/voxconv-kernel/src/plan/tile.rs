@@ -218,9 +218,12 @@ impl Conv3dPlan {
             unsafe { self.winograd_tile(ops, input_n, v0, cols, chans, dst, rs, scratch) };
             return;
         }
-        let kc = match self.strategy {
-            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => k,
-            Strategy::Im2colGemm => self.tiling.k_chunk,
+        let kc = self.pass_rows();
+        // Partial sums between passes: in the output rows themselves or in the accumulator.
+        let (acc, accs) = if self.sums_in_output() {
+            (dst, rs)
+        } else {
+            (scratch.acc.as_mut_ptr(), self.col_stride())
         };
         let stride = self.col_stride();
         let mut r0 = 0;
@@ -228,9 +231,10 @@ impl Conv3dPlan {
             let r1 = (r0 + kc).min(k);
             // The chunk's column matrix: rows r0..r1, `cols` wide, row stride `lda`.
             let (a, lda) = match self.strategy {
-                Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => {
-                    (input_n[v0..].as_ptr(), shape.in_voxels())
-                }
+                Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => (
+                    input_n[r0 * shape.in_voxels() + v0..].as_ptr(),
+                    shape.in_voxels(),
+                ),
                 Strategy::Im2colGemm => {
                     im2col_tile(
                         shape,
@@ -248,20 +252,10 @@ impl Conv3dPlan {
             };
             match self.gemm {
                 // SAFETY: `a` holds rows r0..r1 (each `cols` values) at stride lda; `packed`
-                // holds all groups × k rows; dst per the caller's contract; `acc` holds
-                // c_out rows of `stride >= cols` values.
+                // holds all groups × k rows; dst per the caller's contract; `acc` is either
+                // dst or the accumulator of c_out rows of `col_stride() >= cols` values.
                 GemmImpl::Avx512 | GemmImpl::Avx2 => unsafe {
-                    self.micro_chunk(
-                        ops,
-                        a,
-                        lda,
-                        r0..r1,
-                        cols,
-                        chans.clone(),
-                        dst,
-                        rs,
-                        &mut scratch.acc,
-                    )
+                    self.micro_chunk(ops, a, lda, r0..r1, cols, chans.clone(), dst, rs, acc, accs)
                 },
                 // SAFETY: lhs = filters[chans, r0..r1] (row stride k, in bounds); rhs = `a`
                 // as above; dst rows `chans` per the caller's contract. The first chunk
@@ -493,7 +487,8 @@ impl Conv3dPlan {
     ///
     /// # Safety
     /// As `compute_voxel_tile`; `a` holds the chunk's rows (`cols` values each) at stride `lda`;
-    /// `acc` holds `c_out · col_stride()` values when the tile is chunked.
+    /// when the tile is chunked, `acc` holds c_out rows of (at least) `cols` values at stride
+    /// `accs`: the accumulator, or `dst` itself (then `accs == rs`).
     #[allow(clippy::too_many_arguments)]
     unsafe fn micro_chunk(
         &self,
@@ -505,7 +500,8 @@ impl Conv3dPlan {
         chans: Range<usize>,
         dst: *mut f32,
         rs: usize,
-        acc: &mut [f32],
+        acc: *mut f32,
+        accs: usize,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -513,35 +509,45 @@ impl Conv3dPlan {
             let k = self.shape.reduction_len();
             let first = rows.start == 0;
             let last = rows.end == k;
-            let accs = self.col_stride();
-            let acc = acc.as_mut_ptr();
-            // A 1×1×1 head into at most 4 channels (one narrow group, the whole reduction
-            // in one chunk): blocks of 96 voxels × 4 channels, every FMA an output's.
+            // A 1×1×1 head into at most 4 channels (one narrow group): blocks of 96 voxels ×
+            // 4 channels, every FMA an output's.
             if self.gemm == GemmImpl::Avx512
                 && self.strategy == super::Strategy::Pointwise
                 && chans.len() <= 4
-                && first
-                && last
             {
-                let b = ops.packed[chans.start / NC * k * NC + chans.start % NC..].as_ptr();
-                let bias = ops
-                    .bias
-                    .map_or(std::ptr::null(), |bias| bias[chans.start..].as_ptr());
+                let b = ops.packed[(chans.start / NC * k + rows.start) * NC + chans.start % NC..]
+                    .as_ptr();
+                let bias = match (last, ops.bias) {
+                    (true, Some(bias)) => bias[chans.start..].as_ptr(),
+                    _ => std::ptr::null(),
+                };
                 for p in 0..cols.div_ceil(avx512::MV_NARROW) {
                     let o = p * avx512::MV_NARROW;
                     let nvox = avx512::MV_NARROW.min(cols - o);
                     // SAFETY: columns o..o + nvox of the tile, rows `chans` of the
-                    // destination (caller's contract); `b` is the group's packed weights from
-                    // channel chans.start (kc = k rows of NC values); AVX-512F checked by the
-                    // plan's GEMM.
+                    // destination and of the partial sums (caller's contract); `b` is the
+                    // group's packed weights from row rows.start and channel chans.start
+                    // (rows.len() rows of NC values); AVX-512F checked by the plan's GEMM.
                     unsafe {
+                        let (src, lds) = if first {
+                            (std::ptr::null(), 0)
+                        } else {
+                            (acc.add(chans.start * accs + o) as *const f32, accs)
+                        };
+                        let (out, ldo) = if last {
+                            (dst.add(chans.start * rs + o), rs)
+                        } else {
+                            (acc.add(chans.start * accs + o), accs)
+                        };
                         avx512::block_96x4(
                             rows.len(),
                             a.add(o),
                             lda,
                             b,
-                            dst.add(chans.start * rs + o),
-                            rs,
+                            src,
+                            lds,
+                            out,
+                            ldo,
                             chans.len(),
                             nvox,
                             bias,
@@ -597,7 +603,7 @@ impl Conv3dPlan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, a, lda, rows, cols, chans, dst, rs, acc);
+            let _ = (ops, a, lda, rows, cols, chans, dst, rs, acc, accs);
             unreachable!("our microkernel is only chosen on x86_64");
         }
     }
