@@ -40,7 +40,7 @@ pub struct KernelBenchArgs {
     /// Override output channels per tile (tuning).
     #[arg(long, hide = true)]
     pub chan_block: Option<usize>,
-    /// Force a strategy: im2col | direct | pointwise | winograd (comparison); one a workload
+    /// Force a strategy: im2col | direct | pointwise | winograd | sublattice (comparison); one a workload
     /// or this CPU cannot run is an error.
     #[arg(long, hide = true)]
     pub strategy: Option<String>,
@@ -121,6 +121,7 @@ pub fn run(a: KernelBenchArgs) -> Result<(), Box<dyn std::error::Error>> {
                 "direct" => Strategy::Direct,
                 "pointwise" => Strategy::Pointwise,
                 "winograd" => Strategy::Winograd,
+                "sublattice" => Strategy::Sublattice,
                 other => return Err(format!("unknown strategy {other:?}").into()),
             };
             // Never a silent fallback: a strategy this workload or CPU cannot run fails the

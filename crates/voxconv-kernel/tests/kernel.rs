@@ -976,6 +976,139 @@ fn pointwise_reduction_passes_match_one_pass_bit_for_bit() {
     }
 }
 
+/// Dilated convolutions by the sub-lattice split (`Strategy::Sublattice`: the input's
+/// residue classes as a batch of an undilated convolution): against the reference through
+/// every entry point (run_into, packed filters, run_into_with_stats, lent and owned slabs),
+/// same bits at 1 and 3 threads, NaN-prefilled outputs and dirty slab buffers, on the
+/// portable GEMM too. Shapes: a 3×3×3 one whose sub-lattices take Winograd (so the split is
+/// the default), an anisotropic one with an undilated axis and dilation 3, a 5×5×5 one.
+#[test]
+fn sublattice_split_matches_the_reference_through_every_entry_point() {
+    let cases = [
+        ([1, 32, 16, 16, 16], [32, 32, 3, 3, 3], [2, 2, 2], [2, 2, 2]),
+        ([2, 3, 9, 8, 6], [5, 3, 3, 2, 3], [3, 0, 2], [3, 1, 2]),
+        ([1, 4, 8, 8, 8], [6, 4, 5, 5, 5], [4, 4, 4], [2, 2, 2]),
+    ];
+    for (ci, (input, filters, padding, dilation)) in cases.into_iter().enumerate() {
+        let params = Conv3dParams {
+            stride: [1; 3],
+            padding,
+            dilation,
+        };
+        let shape = Conv3dShape::new(input, filters, params).unwrap();
+        let act = Activation::LeakyRelu(0.2);
+        let default = Conv3dPlan::new(shape, act.clone());
+        if ci == 0 && default.gemm_impl().is_microkernel() {
+            assert_eq!(default.strategy(), KernelStrategy::Sublattice);
+        }
+        let x = data(shape.input_len(), 61);
+        let w = data(shape.filters_len(), 62);
+        let b = data(shape.c_out(), 63);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), act.clone()).unwrap();
+        for gemm in [default.gemm_impl(), GemmImpl::Portable] {
+            let plan = default
+                .clone()
+                .with_gemm(gemm)
+                .and_then(|p| p.with_strategy(KernelStrategy::Sublattice))
+                .unwrap()
+                .with_min_flops_per_thread(0.0);
+            assert_eq!(plan.strategy(), KernelStrategy::Sublattice);
+            let what = format!("{shape:?} {gemm:?}");
+            let one = run_plan(&plan, &x, &w, Some(&b), 1);
+            assert_close(&shape, &one, &want, &mag, &what);
+            assert!(
+                bit_identical(&run_plan(&plan, &x, &w, Some(&b), 3), &one),
+                "{what}: 3 threads"
+            );
+            // Packed filters.
+            let packed = plan.pack_filters(&w).unwrap();
+            let mut out = vec![f32::NAN; shape.output_len()];
+            plan.run_into(&x, &packed, Some(&b), &mut out, 2, None)
+                .unwrap();
+            assert!(bit_identical(&out, &one), "{what}: packed filters");
+            // Statistics: the same output, each (item, channel)'s moments of it.
+            let mut out = vec![f32::NAN; shape.output_len()];
+            let stats = plan
+                .run_into_with_stats(&x, &w, Some(&b), &mut out, 2, None)
+                .unwrap();
+            assert!(bit_identical(&out, &one), "{what}: output with statistics");
+            let sp = shape.out_voxels();
+            assert_eq!(stats.len(), shape.batch() * shape.c_out());
+            for (k, ch) in out.chunks(sp).enumerate() {
+                let m = ch.iter().map(|&v| f64::from(v)).sum::<f64>() / sp as f64;
+                let var = ch.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / sp as f64;
+                let scale = ch.iter().fold(0f64, |a, &v| a.max(f64::from(v).abs()));
+                assert!(
+                    (stats[k].0 - m).abs() <= 1e-6 * scale + 1e-12,
+                    "{what}: mean {k}"
+                );
+                assert!(
+                    (stats[k].1 - var).abs() <= 1e-5 * scale * scale + 1e-12,
+                    "{what}: variance {k}"
+                );
+            }
+            // Lent and owned slabs.
+            for threads in [1, 3] {
+                let mut rebuilt = Rebuild::new(&shape);
+                plan.run_slabs(&x, &w, Some(&b), threads, None, &mut |s| {
+                    rebuilt.add(s.batch, &s.depth, s.data);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+                rebuilt.check(&one, &format!("{what}: lent slabs, {threads} threads"));
+                let mut rebuilt = Rebuild::new(&shape);
+                plan.run_slabs_owned(
+                    &x,
+                    &w,
+                    Some(&b),
+                    threads,
+                    None,
+                    &mut |len| vec![f32::NAN; len + 3],
+                    &mut |s| {
+                        rebuilt.add(s.batch, &s.depth, &s.data);
+                        ControlFlow::Continue(())
+                    },
+                )
+                .unwrap();
+                rebuilt.check(&one, &format!("{what}: owned slabs, {threads} threads"));
+            }
+        }
+    }
+}
+
+/// The split needs stride 1 and, on each dilated axis, padding and input size multiples of
+/// the dilation: forcing it elsewhere is an error naming the condition, and such shapes
+/// keep their other strategies.
+#[test]
+fn sublattice_split_refuses_shapes_it_cannot_split() {
+    for (input, padding, stride) in [
+        ([1, 2, 8, 8, 8], [1, 2, 2], [1, 1, 1]),
+        ([1, 2, 8, 8, 9], [2, 2, 2], [1, 1, 1]),
+        ([1, 2, 8, 8, 8], [2, 2, 2], [1, 2, 1]),
+    ] {
+        let params = Conv3dParams {
+            stride,
+            padding,
+            dilation: [2, 2, 2],
+        };
+        let shape = Conv3dShape::new(input, [3, 2, 3, 3, 3], params).unwrap();
+        let plan = Conv3dPlan::new(shape, Activation::None);
+        assert_ne!(plan.strategy(), KernelStrategy::Sublattice);
+        assert!(!plan.supports(KernelStrategy::Sublattice));
+        match plan.with_strategy(KernelStrategy::Sublattice) {
+            Err(KernelError::Unsupported { reason, .. }) => {
+                assert!(reason.contains("multiples of the dilation"), "{reason}")
+            }
+            other => panic!("{input:?} {padding:?} {stride:?}: {other:?}"),
+        }
+    }
+    // An undilated shape has nothing to split.
+    let shape =
+        Conv3dShape::new([1, 2, 8, 8, 8], [3, 2, 3, 3, 3], Conv3dParams::default()).unwrap();
+    assert!(!Conv3dPlan::new(shape, Activation::None).supports(KernelStrategy::Sublattice));
+}
+
 // ---- cancellation -----------------------------------------------------------------------
 
 #[test]

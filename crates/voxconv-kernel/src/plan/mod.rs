@@ -21,6 +21,7 @@ mod packed;
 mod run;
 mod schedule;
 mod strategy;
+mod sublattice;
 mod tile;
 
 pub use packed::{Filters, PackedFilters};
@@ -46,6 +47,8 @@ pub struct Conv3dPlan {
     min_flops_per_thread: f64,
     /// Time spent per stage, summed over threads and runs of this plan (and its clones).
     clock: Arc<StageClock>,
+    /// `Strategy::Sublattice`'s undilated plan of the sub-lattices (sharing `clock`).
+    inner: Option<Arc<Conv3dPlan>>,
 }
 
 /// Nanoseconds per stage, summed over every thread.
@@ -78,10 +81,37 @@ impl Conv3dPlan {
             tiling: Tiling::for_shape(&shape),
             min_flops_per_thread: MIN_FLOPS_PER_THREAD,
             clock: Arc::default(),
+            inner: None,
         };
         plan.strategy = plan.default_strategy();
         plan.tiling = plan.default_tiling();
+        plan.attach_inner();
         plan
+    }
+
+    /// Builds `Strategy::Sublattice`'s undilated plan (same activation, GEMM, thread rule
+    /// and stage clock), or drops it for any other strategy.
+    fn attach_inner(&mut self) {
+        self.inner = None;
+        if self.strategy != Strategy::Sublattice {
+            return;
+        }
+        let inner = sublattice::inner_shape(&self.shape).and_then(|s| {
+            let mut p = Conv3dPlan::new(s, self.activation.clone())
+                .with_gemm(self.gemm)
+                .ok()?;
+            p.min_flops_per_thread = self.min_flops_per_thread;
+            p.clock = self.clock.clone();
+            Some(p)
+        });
+        match inner {
+            Some(p) => self.inner = Some(Arc::new(p)),
+            // Unreachable: `supports(Sublattice)` means the undilated shape is valid.
+            None => {
+                self.strategy = Strategy::Im2colGemm;
+                self.tiling = self.default_tiling();
+            }
+        }
     }
 
     /// Thread time per stage of every run of this plan so far (clones share it).
@@ -98,6 +128,9 @@ impl Conv3dPlan {
     /// the parallel scheduler on small shapes).
     pub fn with_min_flops_per_thread(mut self, flops: f64) -> Self {
         self.min_flops_per_thread = flops;
+        if let Some(inner) = &mut self.inner {
+            Arc::make_mut(inner).min_flops_per_thread = flops;
+        }
         self
     }
 
@@ -123,6 +156,7 @@ impl Conv3dPlan {
             self.strategy = Strategy::Im2colGemm;
             self.tiling = self.default_tiling();
         }
+        self.attach_inner();
         Ok(self)
     }
 
@@ -133,6 +167,10 @@ impl Conv3dPlan {
     /// Overrides the tiling (clamped to the shape). For tests and tuning.
     pub fn with_tiling(mut self, tiling: Tiling) -> Self {
         self.tiling = self.adapt_tiling(tiling);
+        // A sub-lattice plan's tiles are its undilated plan's.
+        if let Some(inner) = self.inner.take() {
+            self.inner = Some(Arc::new(inner.as_ref().clone().with_tiling(tiling)));
+        }
         self
     }
 
@@ -156,6 +194,7 @@ impl Conv3dPlan {
         } else {
             self.adapt_tiling(self.tiling)
         };
+        self.attach_inner();
         Ok(self)
     }
 
@@ -196,7 +235,7 @@ impl Conv3dPlan {
 
     fn col_len(&self) -> usize {
         match self.strategy {
-            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => 0,
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd | Strategy::Sublattice => 0,
             Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride(),
         }
     }
@@ -209,7 +248,7 @@ impl Conv3dPlan {
         match self.strategy {
             Strategy::Im2colGemm => self.tiling.k_chunk,
             Strategy::Pointwise if self.gemm.is_microkernel() => self.tiling.k_chunk,
-            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => k,
+            Strategy::Pointwise | Strategy::Direct | Strategy::Winograd | Strategy::Sublattice => k,
         }
     }
 
@@ -247,12 +286,24 @@ impl Conv3dPlan {
 
     /// Workspace of [`run_into`](Self::run_into): the im2col buffers. Bounded by a constant
     /// per thread, whatever the volume size.
+    /// A sub-lattice plan's: its undilated plan's workspace plus that plan's input and
+    /// output.
     pub fn workspace_bytes(&self, threads: usize) -> usize {
-        self.im2col_bytes(threads)
+        match &self.inner {
+            Some(inner) => {
+                inner.workspace_bytes(threads)
+                    + (inner.shape.input_len() + inner.shape.output_len()) * 4
+            }
+            None => self.im2col_bytes(threads),
+        }
     }
 
-    /// Workspace of [`run_slabs`](Self::run_slabs): im2col buffers plus the slab ring.
+    /// Workspace of [`run_slabs`](Self::run_slabs): im2col buffers plus the slab ring (a
+    /// sub-lattice plan: its `workspace_bytes`, the whole output and one slab).
     pub fn streaming_workspace_bytes(&self, threads: usize) -> usize {
+        if self.inner.is_some() {
+            return self.workspace_bytes(threads) + self.shape.output_len() * 4 + self.slab_bytes();
+        }
         let ring = schedule::ring_slabs(threads);
         self.im2col_bytes(threads) + ring * self.slab_bytes()
     }

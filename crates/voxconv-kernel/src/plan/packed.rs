@@ -16,12 +16,18 @@ pub struct PackedFilters {
     filters: [usize; 5],
     strategy: Strategy,
     gemm: GemmImpl,
+    /// A sub-lattice plan's filters, packed for its undilated plan.
+    inner: Option<Box<PackedFilters>>,
 }
 
 impl PackedFilters {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        self.data.len() * 4 + self.inner.as_ref().map_or(0, |p| p.bytes())
+    }
+
+    pub(super) fn inner(&self) -> Option<&PackedFilters> {
+        self.inner.as_deref()
     }
 }
 
@@ -55,6 +61,15 @@ impl Conv3dPlan {
     /// Packs `filters` (`[C_out, C_in, kD, kH, kW]`) for this plan's strategy and GEMM.
     pub fn pack_filters(&self, filters: &[f32]) -> Result<PackedFilters, KernelError> {
         crate::check_len("filters", self.shape.filters_len(), filters.len())?;
+        if let Some(inner) = &self.inner {
+            return Ok(PackedFilters {
+                data: Vec::new(),
+                filters: self.shape.filters,
+                strategy: self.strategy,
+                gemm: self.gemm,
+                inner: Some(Box::new(inner.pack_filters(filters)?)),
+            });
+        }
         let data = match self.gemm {
             GemmImpl::Portable => filters.to_vec(),
             _ => self.pack(filters),
@@ -64,6 +79,7 @@ impl Conv3dPlan {
             filters: self.shape.filters,
             strategy: self.strategy,
             gemm: self.gemm,
+            inner: None,
         })
     }
 

@@ -75,7 +75,15 @@ impl Conv3dPlan {
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<(), KernelError> {
-        self.run_in_place(input, filters.into(), bias, output, threads, cancel, None)
+        let filters = filters.into();
+        if let Some(inner) = &self.inner {
+            self.check(input, filters, bias, threads)?;
+            check_len("output", self.shape.output_len(), output.len())?;
+            return self
+                .run_sublattice(inner, input, filters, bias, output, threads, cancel, false)
+                .map(|_| ());
+        }
+        self.run_in_place(input, filters, bias, output, threads, cancel, None)
     }
 
     /// `run_into`, each tile's moments left in `stats` if given.
@@ -164,6 +172,17 @@ impl Conv3dPlan {
         on_slab: &mut dyn FnMut(Slab<'_>) -> ControlFlow<()>,
     ) -> Result<(), KernelError> {
         self.check(input, filters, bias, threads)?;
+        if let Some(inner) = &self.inner {
+            return self.stream_sublattice(
+                inner,
+                input,
+                filters,
+                bias,
+                threads,
+                cancel,
+                &mut |batch, depth, data| on_slab(Slab { batch, depth, data }),
+            );
+        }
         let ring = ring.max(1);
         let slab_len = self.slab_bytes() / 4;
         let mut buffers = vec![0f32; ring * slab_len];
@@ -217,6 +236,26 @@ impl Conv3dPlan {
     ) -> Result<(), KernelError> {
         let filters = filters.into();
         self.check(input, filters, bias, threads)?;
+        if let Some(inner) = &self.inner {
+            return self.stream_sublattice(
+                inner,
+                input,
+                filters,
+                bias,
+                threads,
+                cancel,
+                &mut |batch, depth, data| {
+                    let mut v = fresh(data.len());
+                    v.resize(data.len(), 0.0);
+                    v.copy_from_slice(data);
+                    on_slab(OwnedSlab {
+                        batch,
+                        depth,
+                        data: v,
+                    })
+                },
+            );
+        }
         let ring = ring_slabs(threads);
         let slab_len = self.slab_bytes() / 4;
         let count = self.slabs().len();
@@ -282,12 +321,19 @@ impl Conv3dPlan {
         threads: usize,
         cancel: Option<&AtomicBool>,
     ) -> Result<Vec<(f64, f64)>, KernelError> {
+        let filters = filters.into();
+        if let Some(inner) = &self.inner {
+            self.check(input, filters, bias, threads)?;
+            check_len("output", self.shape.output_len(), output.len())?;
+            return self
+                .run_sublattice(inner, input, filters, bias, output, threads, cancel, true)
+                .map(Option::unwrap_or_default);
+        }
         let c_out = self.shape.c_out();
         let blocks = self.tiling.chan_blocks(c_out);
         let slabs = self.slabs();
         let voxel_tiles = slabs.iter().map(|s| s.tiles / blocks).sum();
         let stats = TileStats::new(voxel_tiles, c_out);
-        let filters = filters.into();
         self.run_in_place(input, filters, bias, output, threads, cancel, Some(&stats))?;
         // (count, mean, M2) per (item, channel), merged tile by tile in output order.
         let mut acc = vec![(0f64, 0f64, 0f64); self.shape.batch() * c_out];

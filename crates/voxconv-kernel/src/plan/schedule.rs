@@ -59,6 +59,9 @@ impl Conv3dPlan {
     /// Most threads worth starting for this problem: about one per `MIN_FLOPS_PER_THREAD`,
     /// and never more than there are tiles.
     pub fn useful_threads(&self) -> usize {
+        if let Some(inner) = &self.inner {
+            return inner.useful_threads();
+        }
         let by_work = if self.min_flops_per_thread > 0.0 {
             (self.shape.flops() / self.min_flops_per_thread)
                 .ceil()

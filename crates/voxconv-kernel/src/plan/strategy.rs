@@ -19,6 +19,10 @@ pub enum Strategy {
     /// 3×3×3, stride 1, dilation 1 on AVX-512: Winograd F(2×2×2, 3×3×3), 3.4× fewer
     /// multiplies, one microkernel GEMM per transform position.
     Winograd,
+    /// Dilated, stride 1, padding and input size multiples of the dilation: the input's
+    /// sub-lattices (one per residue class of the dilation) as a batch of an undilated
+    /// convolution, whose plan picks its own strategy (see `plan::sublattice`).
+    Sublattice,
 }
 
 impl Strategy {
@@ -28,6 +32,7 @@ impl Strategy {
             Strategy::Pointwise => "pointwise-1x1x1",
             Strategy::Direct => "direct-avx512",
             Strategy::Winograd => "winograd-f2x3",
+            Strategy::Sublattice => "dilated-sublattice",
         }
     }
 }
@@ -101,14 +106,14 @@ const TARGET_TILE_COLS: usize = 1024;
 /// less time with 8 MiB than with 2 MiB, and more again with 16 MiB (interleaved runs).
 const SLAB_BYTES: usize = 8 * 1024 * 1024;
 /// Winograd is the default when input and output channels reach this (below, the
-/// transforms cost more than the multiplies they save) ...
+/// transforms cost more than the multiplies they save: AMD Zen 4, 2026-12-07, 3×3×3 pad 1
+/// over 48³, direct / Winograd ms at one thread: 8→8 3.6 / 4.4, 16→8 7.2 / 7.6, 8→16 7.3 /
+/// 7.3, but 12→12 10.4 / 8.4), also over the direct kernel: since Winograd's input
+/// transform went to AVX-512 it wins from 16 channels on (16→16 at 48³ 14.6 / 11.5, at 96³
+/// 112 / 98, at 2 × 24³ 4.8 / 3.3; 32→16 at 48³ 28.1 / 20.4; 16→24 21.4 / 16.1; at two
+/// threads 16→16 at 48³ 7.2 / 6.2; the 2026-12-06 figures that kept 16-channel outputs on
+/// the direct kernel, 15.4 / 19.3 at 48³, predate it).
 const WINOGRAD_MIN_CHANNELS: usize = 16;
-/// ... and, where the direct strategy runs, at least this many output channels: below, the
-/// direct kernel is faster (AMD Zen 4, 2026-12-06, 3×3×3 pad 1, direct / Winograd ms at 1
-/// and 2 threads: 16→16 at 48³ 15.4 / 19.3 and 9.5 / 12.1; 32→16 at 48³ 35.4 / 35.9 and
-/// 16.9 / 20.2; 16→16 at 96³ 130 / 131 and 70 / 71; but 16→32 at 48³ 33.5 / 31.2 and
-/// 15.8 / 13.6, 32→32 at 24³ 9.8 / 7.0 and 5.4 / 3.9).
-const WINOGRAD_OVER_DIRECT_MIN_COUT: usize = 32;
 /// ... and at least this share of its lanes compute real outputs (`winograd::lane_use`;
 /// measured on unet-deep, 8³ outputs at 0.25: 2.7× slower than im2col + GEMM).
 const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
@@ -214,6 +219,8 @@ impl Tiling {
             Strategy::Direct => {
                 t.chan_block = chan_block_for(shape.c_out(), t.voxel_tiles(shape), MIN_CHAN_BLOCK);
             }
+            // Its tiles are the undilated plan's; its own only cut the streamed slabs.
+            Strategy::Sublattice => {}
             Strategy::Winograd => {
                 // Each channel block repeats the tile's input transform.
                 t = winograd_tiling(shape, t);
@@ -337,11 +344,12 @@ impl Conv3dPlan {
         let shape = &self.shape;
         if self.supports(Strategy::Pointwise) {
             Strategy::Pointwise
+        } else if self.sublattice_wins() {
+            Strategy::Sublattice
         } else if self.supports(Strategy::Winograd)
             && shape.c_in() >= WINOGRAD_MIN_CHANNELS
             && shape.c_out() >= WINOGRAD_MIN_CHANNELS
             && winograd::lane_use(shape) >= WINOGRAD_MIN_LANE_USE
-            && !(self.supports(Strategy::Direct) && shape.c_out() < WINOGRAD_OVER_DIRECT_MIN_COUT)
         {
             Strategy::Winograd
         } else if shape.kernel_dims() == [1, 1, 1]
@@ -373,7 +381,21 @@ impl Conv3dPlan {
                     && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
             }
             Strategy::Winograd => self.gemm.is_microkernel() && winograd::eligible(&self.shape),
+            Strategy::Sublattice => super::sublattice::inner_shape(&self.shape).is_some(),
         }
+    }
+
+    /// A dilated shape splits into sub-lattices by default where their undilated plan runs
+    /// Winograd: 32→32 3×3×3 dilation 2 over 64³, one thread (AMD Zen 4, 2026-12-07): direct
+    /// 160 ms, the sub-lattices' Winograd 76 ms plus the split and merge. Where the
+    /// undilated plan would take the direct kernel too, the split only adds its copies (and
+    /// shorter rows: 16→16 over 48³, direct 14.5 ms, split 19.3 ms).
+    fn sublattice_wins(&self) -> bool {
+        super::sublattice::inner_shape(&self.shape).is_some_and(|s| {
+            Conv3dPlan::new(s, self.activation.clone())
+                .with_gemm(self.gemm)
+                .is_ok_and(|p| p.strategy() == Strategy::Winograd)
+        })
     }
 
     /// Why `strategy` cannot compute this shape on this CPU with this GEMM (`None` where
@@ -409,6 +431,9 @@ impl Conv3dPlan {
                         kernel[2]
                     ));
                 }
+            }
+            Strategy::Sublattice => {
+                return Some(super::sublattice::unsupported_reason(&self.shape));
             }
             Strategy::Winograd => {
                 if !winograd::eligible(&self.shape) {

@@ -231,7 +231,11 @@ impl Conv3dPlan {
             let r1 = (r0 + kc).min(k);
             // The chunk's column matrix: rows r0..r1, `cols` wide, row stride `lda`.
             let (a, lda) = match self.strategy {
-                Strategy::Pointwise | Strategy::Direct | Strategy::Winograd => (
+                // (A sub-lattice plan never computes tiles itself: its undilated plan does.)
+                Strategy::Pointwise
+                | Strategy::Direct
+                | Strategy::Winograd
+                | Strategy::Sublattice => (
                     input_n[r0 * shape.in_voxels() + v0..].as_ptr(),
                     shape.in_voxels(),
                 ),
