@@ -128,16 +128,27 @@ const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
 /// stride 2 16→32 1.5 / 2.2 and 1.0 / 1.0; 1→32 dilation 2 23.6 / 26.7 and 13.4 / 13.6;
 /// the one loss, 1→16 at 128³, 30.1 / 28.4 and 15.1 / 14.5.
 const DIRECT_MIN_LANE_USE: f64 = 0.75;
+/// ... unless the output has fewer channels than this: im2col's cost per output grows as
+/// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
+/// direct 0.33 ms, im2col + GEMM 1.2 ms).
+const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
 /// A strided 1×1×1 kernel into at least this many channels goes to im2col + GEMM (its im2col
 /// is one strided gather, done once) rather than the direct kernel (which gathers the strided
 /// input again for every 8-channel group): AMD Zen 4, 2026-12-07, 1×1×1 stride 2, direct /
 /// im2col ms at 1 and 2 threads: 32→64 over 64³ 4.5–4.7 / 3.8–3.9 and 2.1–2.2 / 1.7–2.0;
 /// 16→32 over 2 × 40³ 0.48–0.50 / 0.58–0.71 and 0.24–0.26 / 0.17–0.20.
 const STRIDED_POINTWISE_IM2COL_MIN_COUT: usize = 64;
-/// ... unless the output has fewer channels than this: im2col's cost per output grows as
-/// the channels that share each column shrink (small-batch-odd, 5 channels, 7-voxel rows:
-/// direct 0.33 ms, im2col + GEMM 1.2 ms).
-const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
+/// A width-stride-2 kernel from at least this many input channels ...
+const STRIDED_IM2COL_MIN_CIN: usize = 32;
+/// ... into at least this many output channels goes to im2col + GEMM, whose strided gather is
+/// done once for all output channels, where the direct kernel gathers the strided input
+/// again for every 8-channel group: AMD Zen 4, 2026-12-07, 3×3×3 stride 2 pad 1, direct /
+/// im2col ms at 1 and 2 threads: 32→64 over 64³ 54.2 / 47.9 and 27.5 / 25.2; 32→64 over
+/// 48³ 25.1 / 22.0 and 12.7 / 11.5; 32→48 over 64³ 40.7 / 38.0 and 21.0 / 19.4; 64→128
+/// over 32³ 22.1 / 21.2 and 11.0 / 10.5; level at 16→64 over 64³ (23.2 / 23.1) and 32→64
+/// stride 1×2×2 over 20×128² (113 / 116); the direct kernel wins from 16 channels
+/// (strided-downsample, 16→32 over 96³: 43.9 / 52.7 and 22.4 / 26.3).
+const STRIDED_IM2COL_MIN_COUT: usize = 48;
 /// A small volume's Winograd tile is split in voxels while the parts keep at least this
 /// share of the whole tile's lane use (`winograd_tiling`).
 const WINOGRAD_SPLIT_LANE_USE: f64 = 0.9;
@@ -352,10 +363,14 @@ impl Conv3dPlan {
             && winograd::lane_use(shape) >= WINOGRAD_MIN_LANE_USE
         {
             Strategy::Winograd
-        } else if shape.kernel_dims() == [1, 1, 1]
+        } else if (shape.kernel_dims() == [1, 1, 1]
             && shape.params.stride != [1; 3]
-            && shape.c_out() >= STRIDED_POINTWISE_IM2COL_MIN_COUT
+            && shape.c_out() >= STRIDED_POINTWISE_IM2COL_MIN_COUT)
+            || (shape.params.stride[2] == 2
+                && shape.c_in() >= STRIDED_IM2COL_MIN_CIN
+                && shape.c_out() >= STRIDED_IM2COL_MIN_COUT)
         {
+            // Strided: im2col's gather is done once for all output channels.
             Strategy::Im2colGemm
         } else if self.supports(Strategy::Direct)
             && (direct_lane_use(shape) >= DIRECT_MIN_LANE_USE
