@@ -138,6 +138,9 @@ const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
 /// im2col ms at 1 and 2 threads: 32→64 over 64³ 4.5–4.7 / 3.8–3.9 and 2.1–2.2 / 1.7–2.0;
 /// 16→32 over 2 × 40³ 0.48–0.50 / 0.58–0.71 and 0.24–0.26 / 0.17–0.20.
 const STRIDED_POINTWISE_IM2COL_MIN_COUT: usize = 64;
+/// The sub-lattice split is the default for dilated shapes from this many input and output
+/// channels (see `sublattice_wins`).
+const SUBLATTICE_MIN_CHANNELS: usize = 32;
 /// A width-stride-2 kernel from at least this many input channels ...
 const STRIDED_IM2COL_MIN_CIN: usize = 32;
 /// ... into at least this many output channels goes to im2col + GEMM, whose strided gather is
@@ -401,12 +404,18 @@ impl Conv3dPlan {
     }
 
     /// A dilated shape splits into sub-lattices by default where their undilated plan runs
-    /// Winograd: 32→32 3×3×3 dilation 2 over 64³, one thread (AMD Zen 4, 2026-12-07): direct
-    /// 160 ms, the sub-lattices' Winograd 76 ms plus the split and merge. Where the
-    /// undilated plan would take the direct kernel too, the split only adds its copies (and
-    /// shorter rows: 16→16 over 48³, direct 14.5 ms, split 19.3 ms).
+    /// Winograd and the channels are enough to pay for the split's two copies (input and
+    /// output): 32→32 3×3×3 dilation 2 over 64³, one thread (AMD Zen 4, 2026-12-07): direct
+    /// 160 ms, split 93 ms (the sub-lattices' Winograd 76 ms); over 48³ 55.9 / 41.7 ms, at
+    /// two threads 29.1 / 23.6; but 16→16 over 48³ 14.7 / 16.2 ms. Where the undilated plan
+    /// would take the direct kernel too, the split only adds its copies (and shorter rows:
+    /// 16→16 over 48³, split with direct sub-lattices 19.3 ms).
     fn sublattice_wins(&self) -> bool {
-        super::sublattice::inner_shape(&self.shape).is_some_and(|s| {
+        let shape = &self.shape;
+        if shape.c_in().min(shape.c_out()) < SUBLATTICE_MIN_CHANNELS {
+            return false;
+        }
+        super::sublattice::inner_shape(shape).is_some_and(|s| {
             Conv3dPlan::new(s, self.activation.clone())
                 .with_gemm(self.gemm)
                 .is_ok_and(|p| p.strategy() == Strategy::Winograd)
