@@ -236,25 +236,19 @@ impl Conv3dPlan {
     ) -> Result<(), KernelError> {
         let filters = filters.into();
         self.check(input, filters, bias, threads)?;
-        if let Some(inner) = &self.inner {
-            return self.stream_sublattice(
-                inner,
-                input,
-                filters,
-                bias,
-                threads,
-                cancel,
-                &mut |batch, depth, data| {
-                    let mut v = fresh(data.len());
-                    v.resize(data.len(), 0.0);
-                    v.copy_from_slice(data);
-                    on_slab(OwnedSlab {
-                        batch,
-                        depth,
-                        data: v,
-                    })
-                },
-            );
+        if self.inner.is_some() {
+            // A sub-lattice plan lends its slabs from its whole output (`run_slabs_ring`):
+            // each one is copied into a buffer from `fresh`.
+            return self.run_slabs_ring(input, filters, bias, threads, cancel, 1, &mut |s| {
+                let mut data = fresh(s.data.len());
+                data.resize(s.data.len(), 0.0);
+                data.copy_from_slice(s.data);
+                on_slab(OwnedSlab {
+                    batch: s.batch,
+                    depth: s.depth,
+                    data,
+                })
+            });
         }
         let ring = ring_slabs(threads);
         let slab_len = self.slab_bytes() / 4;
