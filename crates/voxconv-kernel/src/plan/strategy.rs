@@ -105,15 +105,24 @@ const TARGET_TILE_COLS: usize = 1024;
 /// slabs give 512 KiB chunks, 2 MiB ones 128 KiB; on loopback a 128 MiB stream took 12-18%
 /// less time with 8 MiB than with 2 MiB, and more again with 16 MiB (interleaved runs).
 const SLAB_BYTES: usize = 8 * 1024 * 1024;
-/// Winograd is the default when input and output channels reach this (below, the
-/// transforms cost more than the multiplies they save: AMD Zen 4, 2026-12-07, 3×3×3 pad 1
-/// over 48³, direct / Winograd ms at one thread: 8→8 3.6 / 4.4, 16→8 7.2 / 7.6, 8→16 7.3 /
-/// 7.3, but 12→12 10.4 / 8.4), also over the direct kernel: since Winograd's input
-/// transform went to AVX-512 it wins from 16 channels on (16→16 at 48³ 14.6 / 11.5, at 96³
-/// 112 / 98, at 2 × 24³ 4.8 / 3.3; 32→16 at 48³ 28.1 / 20.4; 16→24 21.4 / 16.1; at two
-/// threads 16→16 at 48³ 7.2 / 6.2; the 2026-12-06 figures that kept 16-channel outputs on
-/// the direct kernel, 15.4 / 19.3 at 48³, predate it).
+/// Winograd is the default from this many input channels into at least 8 output channels,
+/// and from 8 input channels into at least 12 ([`winograd_channels`]). Since its transforms
+/// run in AVX-512 registers (three loads per input row for all four tap columns, masked
+/// stores of the output instead of per-row copies: 16→16 over 48³ 12.3 → 10.0 ms at one
+/// thread), it beats the direct kernel nearly everywhere the input has 8 channels or more:
+/// AMD Zen 4, 2026-12-07, 3×3×3 pad 1 over 48³, direct ms / Winograd ms at one thread:
+/// 8→8 0.99, 12→8 0.97 (direct: its 8-channel groups are full), 16→8 1.09, 24→8 1.14;
+/// 8→12 1.37, 8→16 1.30, 8→32 1.51, 16→16 1.43, 16→32 1.82; over 96³ 8→16 57 / 49,
+/// 16→16 113 / 78, 8→32 115 / 84. Not from fewer input channels: 4→32 gains at 48³
+/// (1.19) but loses over 128³ (143 / 149 ms, multimodal-first-layer 141 / 153), where
+/// writing the 268 MB output dominates and the direct kernel's prefetched stores win.
 const WINOGRAD_MIN_CHANNELS: usize = 16;
+
+/// Whether a `c_in → c_out` 3×3×3 shape has the channels for Winograd (see
+/// [`WINOGRAD_MIN_CHANNELS`]).
+fn winograd_channels(c_in: usize, c_out: usize) -> bool {
+    (c_in >= 8 && c_out >= 12) || (c_in >= WINOGRAD_MIN_CHANNELS && c_out >= 8)
+}
 /// ... and at least this share of its lanes compute real outputs (`winograd::lane_use`;
 /// measured on unet-deep, 8³ outputs at 0.25: 2.7× slower than im2col + GEMM).
 const WINOGRAD_MIN_LANE_USE: f64 = 0.5;
@@ -139,8 +148,10 @@ const DIRECT_IDLE_LANES_MAX_COUT: usize = 64;
 /// 16→32 over 2 × 40³ 0.48–0.50 / 0.58–0.71 and 0.24–0.26 / 0.17–0.20.
 const STRIDED_POINTWISE_IM2COL_MIN_COUT: usize = 64;
 /// The sub-lattice split is the default for dilated shapes from this many input and output
-/// channels (see `sublattice_wins`).
-const SUBLATTICE_MIN_CHANNELS: usize = 32;
+/// channels (see `sublattice_wins`): 16→16 3×3×3 dilation 2 over 48³ (AMD Zen 4,
+/// 2026-12-07, one thread): direct 14.6 ms, split 12.9–13.4 (16.2 before the Winograd
+/// transforms went to registers).
+const SUBLATTICE_MIN_CHANNELS: usize = 16;
 /// A width-stride-2 kernel from at least this many input channels ...
 const STRIDED_IM2COL_MIN_CIN: usize = 32;
 /// ... into at least this many output channels goes to im2col + GEMM, whose strided gather is
@@ -361,8 +372,7 @@ impl Conv3dPlan {
         } else if self.sublattice_wins() {
             Strategy::Sublattice
         } else if self.supports(Strategy::Winograd)
-            && shape.c_in() >= WINOGRAD_MIN_CHANNELS
-            && shape.c_out() >= WINOGRAD_MIN_CHANNELS
+            && winograd_channels(shape.c_in(), shape.c_out())
             && winograd::lane_use(shape) >= WINOGRAD_MIN_LANE_USE
         {
             Strategy::Winograd
@@ -407,7 +417,7 @@ impl Conv3dPlan {
     /// Winograd and the channels are enough to pay for the split's two copies (input and
     /// output): 32→32 3×3×3 dilation 2 over 64³, one thread (AMD Zen 4, 2026-12-07): direct
     /// 160 ms, split 93 ms (the sub-lattices' Winograd 76 ms); over 48³ 55.9 / 41.7 ms, at
-    /// two threads 29.1 / 23.6; but 16→16 over 48³ 14.7 / 16.2 ms. Where the undilated plan
+    /// two threads 29.1 / 23.6; 16→16 over 48³ 14.6 / 13.2 ms. Where the undilated plan
     /// would take the direct kernel too, the split only adds its copies (and shorter rows:
     /// 16→16 over 48³, split with direct sub-lattices 19.3 ms).
     fn sublattice_wins(&self) -> bool {
