@@ -1,4 +1,4 @@
-//! Large zeroed output buffers.
+//! Large zeroed output buffers, and cache-line alignment of scratch buffers.
 //!
 //! A 128 MiB output touched for the first time costs 32,768 page faults of 4 KiB, each with
 //! its own trip into the kernel; on Linux with transparent huge pages in `madvise` mode
@@ -97,6 +97,23 @@ pub(crate) fn scratch_give(v: Vec<f32>) {
     }
 }
 
+/// Elements a scratch buffer holds beyond its use so that [`cache_aligned`] can drop up to
+/// this many less one from its front.
+pub const ALIGN_SLACK: usize = 16;
+
+/// `buf` from its first element on a 64-byte boundary. The Winograd buffers are written and
+/// read in whole 16-float vectors at multiples of 16 floats from their start; on a cache line
+/// each is one line, not two (the allocator hands out 16-byte alignment: 16→16 over 48³ at
+/// one thread 10.0 → 9.3 ms, AMD Zen 4, 2026-12-07).
+pub fn cache_aligned(buf: &mut [f32]) -> &mut [f32] {
+    let skip = buf
+        .as_ptr()
+        .align_offset(64)
+        .min(ALIGN_SLACK - 1)
+        .min(buf.len());
+    &mut buf[skip..]
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -118,6 +135,25 @@ mod tests {
             let v = super::zeroed_f32(len);
             assert_eq!(v.len(), len);
             assert!(v.iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn cache_aligned_starts_on_a_cache_line_and_drops_less_than_the_slack() {
+        use super::{cache_aligned, ALIGN_SLACK};
+        for len in [ALIGN_SLACK, 100, 4096] {
+            for shift in 0..ALIGN_SLACK {
+                let mut v = vec![0f32; len + shift];
+                let whole = v.len();
+                let end = v.as_ptr_range().end;
+                let a = cache_aligned(&mut v[shift..]);
+                assert_eq!(a.as_ptr() as usize % 64, 0, "len {len} shift {shift}");
+                assert!(
+                    a.len() + ALIGN_SLACK > whole - shift,
+                    "len {len} shift {shift}"
+                );
+                assert_eq!(a.as_ptr_range().end, end);
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::buffer::ALIGN_SLACK;
 use crate::{avx512, winograd, Activation, Conv3dShape, KernelError};
 use schedule::MIN_FLOPS_PER_THREAD;
 use strategy::COL_ROW_PAD;
@@ -221,14 +222,16 @@ impl Conv3dPlan {
 
     fn wino_v_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => self.shape.c_in() * winograd::V_CH_STRIDE,
+            Strategy::Winograd => self.shape.c_in() * winograd::V_CH_STRIDE + ALIGN_SLACK,
             _ => 0,
         }
     }
 
     fn wino_m_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => winograd::XI * winograd::xi_stride(self.shape.c_out()),
+            Strategy::Winograd => {
+                winograd::XI * winograd::xi_stride(self.shape.c_out()) + ALIGN_SLACK
+            }
             _ => 0,
         }
     }
@@ -236,7 +239,7 @@ impl Conv3dPlan {
     fn col_len(&self) -> usize {
         match self.strategy {
             Strategy::Pointwise | Strategy::Direct | Strategy::Winograd | Strategy::Sublattice => 0,
-            Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride(),
+            Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride() + ALIGN_SLACK,
         }
     }
 
@@ -265,7 +268,7 @@ impl Conv3dPlan {
 
     fn acc_len(&self) -> usize {
         if self.gemm.is_microkernel() && self.chunked() && !self.sums_in_output() {
-            self.shape.c_out() * self.col_stride()
+            self.shape.c_out() * self.col_stride() + ALIGN_SLACK
         } else {
             0
         }

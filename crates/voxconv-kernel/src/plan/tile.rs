@@ -223,7 +223,10 @@ impl Conv3dPlan {
         let (acc, accs) = if self.sums_in_output() {
             (dst, rs)
         } else {
-            (scratch.acc.as_mut_ptr(), self.col_stride())
+            (
+                crate::buffer::cache_aligned(&mut scratch.acc).as_mut_ptr(),
+                self.col_stride(),
+            )
         };
         let stride = self.col_stride();
         let mut r0 = 0;
@@ -240,18 +243,19 @@ impl Conv3dPlan {
                     shape.in_voxels(),
                 ),
                 Strategy::Im2colGemm => {
+                    let col = crate::buffer::cache_aligned(&mut scratch.col);
                     im2col_tile(
                         shape,
                         input_n,
                         v0,
                         cols,
                         r0..r1,
-                        &mut scratch.col,
+                        col,
                         stride,
                         &mut scratch.runs,
                     );
                     lap(&clock.im2col, &mut since);
-                    (scratch.col.as_ptr(), stride)
+                    (col.as_ptr(), stride)
                 }
             };
             match self.gemm {
@@ -425,11 +429,11 @@ impl Conv3dPlan {
             );
             let clock = &*self.clock;
             let mut since = Instant::now();
+            let wino_v = crate::buffer::cache_aligned(&mut scratch.wino_v);
+            let wino_m = crate::buffer::cache_aligned(&mut scratch.wino_m);
             for block in lane_groups.chunks(GROUPS) {
                 // SAFETY: AVX-512F was detected when the plan chose this strategy.
-                unsafe {
-                    winograd::input_transform(self.gemm, shape, input_n, block, &mut scratch.wino_v)
-                };
+                unsafe { winograd::input_transform(self.gemm, shape, input_n, block, wino_v) };
                 lap(&clock.im2col, &mut since);
                 let nvox = block.len() * LANES;
                 for xi in 0..XI {
@@ -443,12 +447,12 @@ impl Conv3dPlan {
                             micro_block(
                                 self.gemm,
                                 c_in,
-                                scratch.wino_v[xi * COLS..].as_ptr(),
+                                wino_v[xi * COLS..].as_ptr(),
                                 V_CH_STRIDE,
                                 ops.packed[(xi * n_groups + g) * c_in * NC..].as_ptr(),
                                 std::ptr::null(),
                                 0,
-                                scratch.wino_m[xi * ms + g * NC * COLS..].as_mut_ptr(),
+                                wino_m[xi * ms + g * NC * COLS..].as_mut_ptr(),
                                 COLS,
                                 nch,
                                 nvox,
@@ -464,7 +468,7 @@ impl Conv3dPlan {
                     winograd::output_transform(
                         self.gemm,
                         shape,
-                        &scratch.wino_m,
+                        wino_m,
                         block,
                         chans.clone(),
                         ops.bias,
