@@ -16,7 +16,7 @@
 use std::ops::{ControlFlow, Range};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::buffer::{scratch_give, scratch_take};
+use crate::buffer::{scratch_give, scratch_take_stale};
 use crate::{par, Conv3dParams, Conv3dShape, KernelError};
 
 use super::{Conv3dPlan, Filters};
@@ -95,7 +95,7 @@ impl Conv3dPlan {
         let [dz, dy, dx] = self.shape.params.dilation;
         let [_, _, sd, sh, sw] = inner.input;
         let sub_vox = sd * sh * sw;
-        let mut out = scratch_take(inner.input_len());
+        let mut out = scratch_take_stale(inner.input_len());
         // One unit = the `dx` classes (r_z, r_y, 0..dx) of one item, all channels: adjacent
         // in the undilated batch, and filled from the same input rows.
         par::par_blocks(&mut out, dx * c * sub_vox, threads, |first, part| {
@@ -205,7 +205,7 @@ impl Conv3dPlan {
             scratch_give(sub_in);
             return Err(KernelError::Cancelled);
         }
-        let mut sub_out = scratch_take(inner.shape.output_len());
+        let mut sub_out = scratch_take_stale(inner.shape.output_len());
         let moments = if stats {
             inner
                 .run_into_with_stats(&sub_in, filters, bias, &mut sub_out, threads, cancel)
@@ -258,7 +258,7 @@ impl Conv3dPlan {
         cancel: Option<&AtomicBool>,
         deliver: &mut SlabSink<'_>,
     ) -> Result<(), KernelError> {
-        let mut output = scratch_take(self.shape.output_len());
+        let mut output = scratch_take_stale(self.shape.output_len());
         let run = self.run_sublattice(
             inner,
             input,
