@@ -283,17 +283,20 @@ pub fn direct_segments(
     out.clear();
     let end = v0 + cols;
     let mut v = v0;
+    // Voxel v's column, row and plane, advanced with v (divisions only once: for small
+    // problems they were 8 % of small-batch-odd's time).
+    let (mut ow0, row) = (v % ow, v / ow);
+    let (mut oy, mut oz) = (row % oh, row / oh);
     while v < end {
         let mut seg = Segment {
             col: v - v0,
             ..Segment::default()
         };
         while seg.len < 16 && v < end && seg.n < pieces.clamp(1, DIRECT_MAX_PIECES) {
-            let (ow0, row) = (v % ow, v / ow);
             let len = (ow - ow0).min(end - v).min(16 - seg.len);
             seg.pieces[seg.n] = Piece {
-                oz: row / oh,
-                oy: row % oh,
+                oz,
+                oy,
                 ow0,
                 len,
                 lane: seg.len,
@@ -301,6 +304,15 @@ pub fn direct_segments(
             seg.n += 1;
             seg.len += len;
             v += len;
+            ow0 += len;
+            if ow0 == ow {
+                ow0 = 0;
+                oy += 1;
+                if oy == oh {
+                    oy = 0;
+                    oz += 1;
+                }
+            }
         }
         out.push(seg);
     }
