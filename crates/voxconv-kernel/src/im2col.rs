@@ -92,6 +92,27 @@ fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize)
     dst[j_hi..].fill(0.0);
 }
 
+/// Prefetches the part of input row `src` that [`fill_row`] reads for `len` taps from
+/// output column `ow0` at width stride `stride` (one request per cache line).
+#[inline]
+fn prefetch_row(src: &[f32], ow0: usize, stride: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let lo = (ow0 * stride).min(src.len());
+        let hi = ((ow0 + len) * stride).min(src.len());
+        for at in (lo..hi).step_by(16) {
+            // SAFETY: a prefetch never faults and changes no memory; `at` is inside `src`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    src[at..].as_ptr() as *const i8,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (src, ow0, stride, len);
+}
+
 /// One run of a tile along a single output row `(oz, oy)`: output columns `ow0 .. ow0 + len`,
 /// stored from column `col` of the tile.
 #[derive(Clone, Copy, Debug, Default)]
@@ -156,36 +177,51 @@ pub fn im2col_tile(
         (r0 / kw) % kh,
         r0 % kw,
     );
+    // Reduction row (ci, a, b, c) advanced to the next one, with carries.
+    let next = |(ci, a, b, c): (usize, usize, usize, usize)| {
+        if c + 1 < kw {
+            (ci, a, b, c + 1)
+        } else if b + 1 < kh {
+            (ci, a, b + 1, 0)
+        } else if a + 1 < kd {
+            (ci, a + 1, 0, 0)
+        } else {
+            (ci + 1, 0, 0, 0)
+        }
+    };
+    // Input rows read for one output row run (channel, plane offset, row offset), or None
+    // in the padding.
+    let source = |r: &Run, (ci, a, b): (usize, usize, usize)| {
+        let iz = (r.oz * p.stride[0] + a * p.dilation[0]) as isize - p.padding[0] as isize;
+        let iy = (r.oy * p.stride[1] + b * p.dilation[1]) as isize - p.padding[1] as isize;
+        (iz >= 0 && iy >= 0 && iz < d as isize && iy < h as isize)
+            .then(|| (ci * d + iz as usize) * plane + iy as usize * w)
+    };
     for i in 0..n_rows {
         let dst_row = &mut col[i * stride..i * stride + cols];
         let chan = &input_n[ci * d * plane..(ci + 1) * d * plane];
-        let z_off = (a * p.dilation[0]) as isize - p.padding[0] as isize;
-        let y_off = (b * p.dilation[1]) as isize - p.padding[1] as isize;
         let x_off = (c * p.dilation[2]) as isize - p.padding[2] as isize;
+        // Where the next reduction row starts another input channel (rows the caches have
+        // not seen; every row of a 1×1×1 kernel), ask for its rows while this row is copied:
+        // each run prefetches its successor's row one reduction row ahead. Strided 1×1×1
+        // 32→64 over 64³ 4.08 → 3.47 ms at one thread (it reads them from memory); on
+        // every change of tap row instead, 3×3×3 stride 2 32→48 over 64³ lost 3 % (those
+        // rows are mostly in cache already).
+        let (nci, na, nb, nc) = next((ci, a, b, c));
+        let prefetch = i + 1 < n_rows && nci != ci;
         for r in runs.iter() {
-            let dst = &mut dst_row[r.col..r.col + r.len];
-            let iz = (r.oz * p.stride[0]) as isize + z_off;
-            let iy = (r.oy * p.stride[1]) as isize + y_off;
-            if iz < 0 || iy < 0 || iz >= d as isize || iy >= h as isize {
-                dst.fill(0.0);
-                continue;
-            }
-            let s = iz as usize * plane + iy as usize * w;
-            fill_row(dst, &chan[s..s + w], r.ow0, p.stride[2], x_off);
-        }
-        c += 1;
-        if c == kw {
-            c = 0;
-            b += 1;
-            if b == kh {
-                b = 0;
-                a += 1;
-                if a == kd {
-                    a = 0;
-                    ci += 1;
+            if prefetch {
+                if let Some(s) = source(r, (nci, na, nb)) {
+                    prefetch_row(&input_n[s..s + w], r.ow0, p.stride[2], r.len);
                 }
             }
+            let dst = &mut dst_row[r.col..r.col + r.len];
+            match source(r, (0, a, b)) {
+                None => dst.fill(0.0),
+                Some(s) => fill_row(dst, &chan[s..s + w], r.ow0, p.stride[2], x_off),
+            }
         }
+        (ci, a, b, c) = (nci, na, nb, nc);
     }
 }
 
