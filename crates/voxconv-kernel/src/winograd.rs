@@ -537,49 +537,59 @@ pub unsafe fn output_transform(
     rs: usize,
     tile_z0: usize,
 ) {
-    type Args<'a> = (
-        &'a Conv3dShape,
-        &'a [f32],
-        &'a [LaneGroup],
-        std::ops::Range<usize>,
-        Option<&'a [f32]>,
-        &'a super::Activation,
-    );
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn avx512(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
-        // SAFETY: forwarded contract.
-        unsafe { output_transform_avx512(a.0, a.1, a.2, a.3, a.4, a.5, dst, rs, tile_z0) }
-    }
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(a: Args<'_>, dst: *mut f32, rs: usize, tile_z0: usize) {
+    unsafe fn avx2(a: OutputArgs<'_>) {
         // SAFETY: forwarded contract.
-        unsafe { output_transform_body(a.0, a.1, a.2, a.3, a.4, a.5, dst, rs, tile_z0) }
+        unsafe { output_transform_body(a) }
     }
-    let a = (shape, m, groups, chans, bias, activation);
+    let a = OutputArgs {
+        shape,
+        m,
+        groups,
+        chans,
+        bias,
+        activation,
+        dst,
+        rs,
+        tile_z0,
+    };
     // SAFETY: the CPU supports `isa`; the rest is the caller's contract.
     unsafe {
         match isa {
-            crate::plan::GemmImpl::Avx512 => avx512(a, dst, rs, tile_z0),
-            _ => avx2(a, dst, rs, tile_z0),
+            crate::plan::GemmImpl::Avx512 => output_transform_avx512(a),
+            _ => avx2(a),
         }
     }
+}
+
+/// [`output_transform`]'s operands, shared by its portable and AVX-512 bodies.
+struct OutputArgs<'a> {
+    shape: &'a Conv3dShape,
+    m: &'a [f32],
+    groups: &'a [LaneGroup],
+    chans: std::ops::Range<usize>,
+    bias: Option<&'a [f32]>,
+    activation: &'a super::Activation,
+    dst: *mut f32,
+    rs: usize,
+    tile_z0: usize,
 }
 
 /// # Safety
 /// As [`output_transform`], without the ISA.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_transform_body(
-    shape: &Conv3dShape,
-    m: &[f32],
-    groups: &[LaneGroup],
-    chans: std::ops::Range<usize>,
-    bias: Option<&[f32]>,
-    activation: &super::Activation,
-    dst: *mut f32,
-    rs: usize,
-    tile_z0: usize,
-) {
+unsafe fn output_transform_body(a: OutputArgs<'_>) {
+    let OutputArgs {
+        shape,
+        m,
+        groups,
+        chans,
+        bias,
+        activation,
+        dst,
+        rs,
+        tile_z0,
+    } = a;
     let [od, oh, ow] = shape.out_dims();
     let xs = xi_stride(shape.c_out());
     for co in chans {
@@ -661,18 +671,18 @@ unsafe fn output_transform_body(
 /// As [`output_transform`], and the CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn output_transform_avx512(
-    shape: &Conv3dShape,
-    m: &[f32],
-    groups: &[LaneGroup],
-    chans: std::ops::Range<usize>,
-    bias: Option<&[f32]>,
-    activation: &super::Activation,
-    dst: *mut f32,
-    rs: usize,
-    tile_z0: usize,
-) {
+unsafe fn output_transform_avx512(a: OutputArgs<'_>) {
+    let OutputArgs {
+        shape,
+        m,
+        groups,
+        chans,
+        bias,
+        activation,
+        dst,
+        rs,
+        tile_z0,
+    } = a;
     use std::arch::x86_64::*;
     let at = |x: [__m512; 4]| {
         [
