@@ -1,4 +1,4 @@
-//! Large zeroed output buffers, and cache-line alignment of scratch buffers.
+//! Large zeroed output buffers, and the kernel's pool of workspace buffers (on cache lines).
 //!
 //! A 128 MiB output touched for the first time costs 32,768 page faults of 4 KiB, each with
 //! its own trip into the kernel; on Linux with transparent huge pages in `madvise` mode
@@ -119,21 +119,57 @@ pub(crate) fn scratch_give(v: Vec<f32>) {
     }
 }
 
-/// Elements a scratch buffer holds beyond its use so that [`cache_aligned`] can drop up to
-/// this many less one from its front.
-pub const ALIGN_SLACK: usize = 16;
+/// Elements a [`LineBuf`] holds beyond its length, so that its start can be moved up to a
+/// cache line.
+const ALIGN_SLACK: usize = 16;
 
-/// `buf` from its first element on a 64-byte boundary. The Winograd buffers are written and
-/// read in whole 16-float vectors at multiples of 16 floats from their start; on a cache line
-/// each is one line, not two (the allocator hands out 16-byte alignment: 16→16 over 48³ at
-/// one thread 10.0 → 9.3 ms, AMD Zen 4, 2026-12-07).
-pub fn cache_aligned(buf: &mut [f32]) -> &mut [f32] {
-    let skip = buf
-        .as_ptr()
-        .align_offset(64)
-        .min(ALIGN_SLACK - 1)
-        .min(buf.len());
-    &mut buf[skip..]
+/// A workspace buffer whose first element sits on a 64-byte cache line, taken from the
+/// kernel's pool zeroed and given back to it when dropped. The Winograd buffers are written
+/// and read in whole 16-float vectors at multiples of 16 floats from their start; on a cache
+/// line each is one line, not two (the allocator hands out 16-byte alignment: 16→16 over
+/// 48³ at one thread 10.0 → 9.3 ms, AMD Zen 4, 2026-12-07); also the im2col columns and the
+/// accumulator.
+pub(crate) struct LineBuf {
+    buf: Vec<f32>,
+    /// Elements skipped at the front of `buf` to reach the cache line.
+    skip: usize,
+    len: usize,
+}
+
+impl LineBuf {
+    /// `len` zeroed values on a cache line (nothing is allocated for `len == 0`).
+    pub(crate) fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return Self {
+                buf: Vec::new(),
+                skip: 0,
+                len: 0,
+            };
+        }
+        let buf = scratch_take(len + ALIGN_SLACK);
+        let skip = buf.as_ptr().align_offset(64).min(ALIGN_SLACK);
+        Self { buf, skip, len }
+    }
+
+    /// Bytes a `LineBuf` of `len` values holds (its slack included).
+    pub(crate) fn bytes(len: usize) -> usize {
+        if len == 0 {
+            0
+        } else {
+            (len + ALIGN_SLACK) * 4
+        }
+    }
+
+    /// Its `len` values, from the cache line on.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.buf[self.skip..self.skip + self.len]
+    }
+}
+
+impl Drop for LineBuf {
+    fn drop(&mut self) {
+        scratch_give(std::mem::take(&mut self.buf));
+    }
 }
 
 #[cfg(test)]
@@ -161,21 +197,24 @@ mod tests {
     }
 
     #[test]
-    fn cache_aligned_starts_on_a_cache_line_and_drops_less_than_the_slack() {
-        use super::{cache_aligned, ALIGN_SLACK};
-        for len in [ALIGN_SLACK, 100, 4096] {
-            for shift in 0..ALIGN_SLACK {
-                let mut v = vec![0f32; len + shift];
-                let whole = v.len();
-                let end = v.as_ptr_range().end;
-                let a = cache_aligned(&mut v[shift..]);
-                assert_eq!(a.as_ptr() as usize % 64, 0, "len {len} shift {shift}");
-                assert!(
-                    a.len() + ALIGN_SLACK > whole - shift,
-                    "len {len} shift {shift}"
-                );
-                assert_eq!(a.as_ptr_range().end, end);
+    fn line_buffers_start_on_a_cache_line_and_hold_their_length() {
+        use super::LineBuf;
+        // Kept buffers of every alignment the allocator hands out come back through the
+        // pool: take several sizes, give them back, take them again.
+        for round in 0..2 {
+            let mut held = Vec::new();
+            for len in [1, 15, 16, 100, 4096, (1 << 14) + 3, 1 << 15] {
+                let mut b = LineBuf::zeroed(len);
+                let s = b.as_mut_slice();
+                assert_eq!(s.len(), len, "round {round} len {len}");
+                assert_eq!(s.as_ptr() as usize % 64, 0, "round {round} len {len}");
+                assert!(s.iter().all(|&x| x == 0.0), "round {round} len {len}");
+                s.fill(f32::NAN);
+                assert_eq!(LineBuf::bytes(len), (len + super::ALIGN_SLACK) * 4);
+                held.push(b);
             }
         }
+        assert_eq!(LineBuf::zeroed(0).as_mut_slice().len(), 0);
+        assert_eq!(LineBuf::bytes(0), 0);
     }
 }

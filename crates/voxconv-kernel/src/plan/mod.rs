@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::buffer::ALIGN_SLACK;
+use crate::buffer::LineBuf;
 use crate::{avx512, winograd, Activation, Conv3dShape, KernelError};
 use schedule::MIN_FLOPS_PER_THREAD;
 use strategy::COL_ROW_PAD;
@@ -217,21 +217,25 @@ impl Conv3dPlan {
 
     /// Bytes of the per-thread scratch buffers for `threads` threads.
     pub fn im2col_bytes(&self, threads: usize) -> usize {
-        threads * (self.col_len() + self.acc_len() + self.wino_v_len() + self.wino_m_len()) * 4
+        let lens = [
+            self.col_len(),
+            self.acc_len(),
+            self.wino_v_len(),
+            self.wino_m_len(),
+        ];
+        threads * lens.into_iter().map(LineBuf::bytes).sum::<usize>()
     }
 
     fn wino_v_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => self.shape.c_in() * winograd::V_CH_STRIDE + ALIGN_SLACK,
+            Strategy::Winograd => self.shape.c_in() * winograd::V_CH_STRIDE,
             _ => 0,
         }
     }
 
     fn wino_m_len(&self) -> usize {
         match self.strategy {
-            Strategy::Winograd => {
-                winograd::XI * winograd::xi_stride(self.shape.c_out()) + ALIGN_SLACK
-            }
+            Strategy::Winograd => winograd::XI * winograd::xi_stride(self.shape.c_out()),
             _ => 0,
         }
     }
@@ -239,7 +243,7 @@ impl Conv3dPlan {
     fn col_len(&self) -> usize {
         match self.strategy {
             Strategy::Pointwise | Strategy::Direct | Strategy::Winograd | Strategy::Sublattice => 0,
-            Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride() + ALIGN_SLACK,
+            Strategy::Im2colGemm => self.tiling.k_chunk * self.col_stride(),
         }
     }
 
@@ -268,7 +272,7 @@ impl Conv3dPlan {
 
     fn acc_len(&self) -> usize {
         if self.gemm.is_microkernel() && self.chunked() && !self.sums_in_output() {
-            self.shape.c_out() * self.col_stride() + ALIGN_SLACK
+            self.shape.c_out() * self.col_stride()
         } else {
             0
         }

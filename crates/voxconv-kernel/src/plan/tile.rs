@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::buffer::{scratch_give, scratch_take};
+use crate::buffer::LineBuf;
 use crate::im2col::{im2col_tile, Run};
 use crate::{avx512, winograd};
 
@@ -67,31 +67,18 @@ impl TileStats {
 }
 
 /// One thread's reusable buffers: the im2col tile and, when the reduction is split into
-/// chunks, the tile's running sums.
+/// chunks, the tile's running sums (the large ones on cache lines, back to the kernel's
+/// pool when dropped).
 pub(super) struct Scratch {
-    col: Vec<f32>,
-    acc: Vec<f32>,
+    col: LineBuf,
+    acc: LineBuf,
     segments: Vec<avx512::Segment>,
     /// im2col: the tile's output-row runs.
     runs: Vec<Run>,
     /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
-    wino_v: Vec<f32>,
-    wino_m: Vec<f32>,
+    wino_v: LineBuf,
+    wino_m: LineBuf,
     lane_groups: Vec<winograd::LaneGroup>,
-}
-
-impl Drop for Scratch {
-    /// The large buffers go back to the kernel's pool for the next call.
-    fn drop(&mut self) {
-        for v in [
-            &mut self.col,
-            &mut self.acc,
-            &mut self.wino_v,
-            &mut self.wino_m,
-        ] {
-            scratch_give(std::mem::take(v));
-        }
-    }
 }
 
 /// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
@@ -121,12 +108,12 @@ impl Conv3dPlan {
 
     pub(super) fn scratch(&self) -> Scratch {
         Scratch {
-            col: scratch_take(self.col_len()),
-            acc: scratch_take(self.acc_len()),
+            col: LineBuf::zeroed(self.col_len()),
+            acc: LineBuf::zeroed(self.acc_len()),
             segments: Vec::new(),
             runs: Vec::new(),
-            wino_v: scratch_take(self.wino_v_len()),
-            wino_m: scratch_take(self.wino_m_len()),
+            wino_v: LineBuf::zeroed(self.wino_v_len()),
+            wino_m: LineBuf::zeroed(self.wino_m_len()),
             lane_groups: Vec::new(),
         }
     }
@@ -223,10 +210,7 @@ impl Conv3dPlan {
         let (acc, accs) = if self.sums_in_output() {
             (dst, rs)
         } else {
-            (
-                crate::buffer::cache_aligned(&mut scratch.acc).as_mut_ptr(),
-                self.col_stride(),
-            )
+            (scratch.acc.as_mut_slice().as_mut_ptr(), self.col_stride())
         };
         let stride = self.col_stride();
         let mut r0 = 0;
@@ -243,7 +227,7 @@ impl Conv3dPlan {
                     shape.in_voxels(),
                 ),
                 Strategy::Im2colGemm => {
-                    let col = crate::buffer::cache_aligned(&mut scratch.col);
+                    let col = scratch.col.as_mut_slice();
                     im2col_tile(
                         shape,
                         input_n,
@@ -429,8 +413,8 @@ impl Conv3dPlan {
             );
             let clock = &*self.clock;
             let mut since = Instant::now();
-            let wino_v = crate::buffer::cache_aligned(&mut scratch.wino_v);
-            let wino_m = crate::buffer::cache_aligned(&mut scratch.wino_m);
+            let wino_v = scratch.wino_v.as_mut_slice();
+            let wino_m = scratch.wino_m.as_mut_slice();
             for block in lane_groups.chunks(GROUPS) {
                 // SAFETY: AVX-512F was detected when the plan chose this strategy.
                 unsafe { winograd::input_transform(self.gemm, shape, input_n, block, wino_v) };
