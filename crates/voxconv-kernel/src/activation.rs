@@ -156,14 +156,21 @@ impl ChannelAct {
     pub fn map_apply(self, row: &mut [f32], f: impl Fn(f32) -> f32) {
         #[cfg(target_arch = "x86_64")]
         if crate::avx512::available() {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn wide(act: ChannelAct, row: &mut [f32], f: impl Fn(f32) -> f32) {
-                act.map_apply_portable(row, f)
-            }
             // SAFETY: AVX-512F was detected just above.
-            unsafe { wide(self, row, f) };
+            unsafe { self.map_apply_avx512(row, f) };
             return;
         }
+        self.map_apply_portable(row, f)
+    }
+
+    /// [`map_apply`](Self::map_apply) compiled for AVX-512, for callers that already run
+    /// under it (no feature check per row).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn map_apply_avx512(self, row: &mut [f32], f: impl Fn(f32) -> f32) {
         self.map_apply_portable(row, f)
     }
 

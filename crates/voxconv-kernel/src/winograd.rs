@@ -736,7 +736,8 @@ unsafe fn output_transform_avx512(a: OutputArgs<'_>) {
             }
             if act != super::activation::ChannelAct::None {
                 for row in rows.iter_mut().flatten() {
-                    act.map_apply(row, |x| x);
+                    // SAFETY: this function runs under AVX-512F.
+                    unsafe { act.map_apply_avx512(row, |x| x) };
                 }
             }
             for run in grp.runs() {

@@ -501,6 +501,22 @@ impl Conv3dPlan {
             let k = self.shape.reduction_len();
             let first = rows.start == 0;
             let last = rows.end == k;
+            // A block from channel c and column o: where its partial sums come from (none
+            // in the first chunk) and where it writes (the destination in the last), with
+            // their row strides.
+            let sums = |c: usize, o: usize| {
+                let (src, lds) = if first {
+                    (std::ptr::null(), 0)
+                } else {
+                    (acc.wrapping_add(c * accs + o) as *const f32, accs)
+                };
+                let (out, ldo) = if last {
+                    (dst.wrapping_add(c * rs + o), rs)
+                } else {
+                    (acc.wrapping_add(c * accs + o), accs)
+                };
+                (src, lds, out, ldo)
+            };
             // A 1×1×1 head into at most 4 channels (one narrow group): blocks of 96 voxels ×
             // 4 channels, every FMA an output's.
             if self.gemm == GemmImpl::Avx512
@@ -521,16 +537,7 @@ impl Conv3dPlan {
                     // group's packed weights from row rows.start and channel chans.start
                     // (rows.len() rows of NC values); AVX-512F checked by the plan's GEMM.
                     unsafe {
-                        let (src, lds) = if first {
-                            (std::ptr::null(), 0)
-                        } else {
-                            (acc.add(chans.start * accs + o) as *const f32, accs)
-                        };
-                        let (out, ldo) = if last {
-                            (dst.add(chans.start * rs + o), rs)
-                        } else {
-                            (acc.add(chans.start * accs + o), accs)
-                        };
+                        let (src, lds, out, ldo) = sums(chans.start, o);
                         avx512::block_96x4(
                             rows.len(),
                             a.add(o),
@@ -565,16 +572,7 @@ impl Conv3dPlan {
                     // columns o..o+nvox of the tile; the plan checked that the CPU runs
                     // its GEMM.
                     unsafe {
-                        let (src, lds) = if first {
-                            (std::ptr::null(), 0)
-                        } else {
-                            (acc.add(g * NC * accs + o) as *const f32, accs)
-                        };
-                        let (out, ldo) = if last {
-                            (dst.add(g * NC * rs + o), rs)
-                        } else {
-                            (acc.add(g * NC * accs + o), accs)
-                        };
+                        let (src, lds, out, ldo) = sums(g * NC, o);
                         micro_block(
                             self.gemm,
                             rows.len(),
