@@ -344,10 +344,34 @@ pub fn direct_supports_width_stride(s: usize) -> bool {
     s == 1 || s == 2
 }
 
+/// `filters` (`[C_out, C_in, kD, kH, kW]`) with their taps in the direct kernel's order,
+/// `[C_out, kD, kH, C_in, kW]`: tap rows outside, input channels inside (each tap row's input
+/// rows are then worked out once for all channels).
+pub fn direct_tap_order(
+    filters: &[f32],
+    c_out: usize,
+    c_in: usize,
+    kernel: [usize; 3],
+) -> Vec<f32> {
+    let [kd, kh, kw] = kernel;
+    let k = c_in * kd * kh * kw;
+    let mut out = Vec::with_capacity(filters.len());
+    for co in 0..c_out {
+        for ab in 0..kd * kh {
+            for ci in 0..c_in {
+                let at = co * k + (ci * kd * kh + ab) * kw;
+                out.extend_from_slice(&filters[at..at + kw]);
+            }
+        }
+    }
+    out
+}
+
 /// Direct convolution of up to three vectors (only those given are computed: a tile's last
 /// block of one vector costs a third of a full one) × the channel groups `groups` (8 channels
 /// each; the last stops at channel `c_end`), reading the input rows in place (no im2col):
-/// for every tap `(ci, a, b, c)`, in filter order, one masked load per vector piece (two and
+/// for every tap `(a, b, ci, c)` (the weights packed in that order, see
+/// [`direct_tap_order`]), one masked load per vector piece (two and
 /// a permute for width stride 2; lanes outside the input are zero: the padding) and eight
 /// broadcast FMAs per vector. The masks are worked out once per block and shared by its
 /// groups; each tap row's input rows are worked out in the tap loop.
@@ -489,26 +513,30 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
             }
         }
         let mut acc = [[_mm512_setzero_ps(); V]; NC];
-        // SAFETY: group g's packed weights (caller's contract).
+        // SAFETY: group g's packed weights (caller's contract), taps in the order of the
+        // loops below (see `direct_tap_order`).
         let mut b = unsafe { packed.add(g * k * NC) };
-        for ci in 0..geom.c_in {
-            // Channel ci of the item (wrapping: only in-bounds lanes are ever loaded).
-            let input_c = input_n.wrapping_add(ci * plane);
-            for ab in 0..kd * kh {
-                // Each piece's input row of tap row (a, b) (offset in channel ci's plane), or
-                // NO_ROW in the padding: a few integer operations per tap row, which run
-                // beside the FMAs (a table per block cost 1→16 at 32³ 7 % more).
-                let (a, bb) = (ab / kh, ab % kh);
-                let mut row = [[NO_ROW; P]; V];
-                for s in 0..V {
-                    for k in 0..P {
-                        let iz = z0[s][k] + (a * dd) as isize;
-                        let iy = y0[s][k] + (bb * dh) as isize;
-                        if iz >= 0 && (iz as usize) < d && iy >= 0 && (iy as usize) < h {
-                            row[s][k] = (iz * h as isize + iy) * w as isize;
-                        }
+        // Tap rows outside, input channels inside: each tap row's input rows are worked out
+        // once for all channels (a 3×1×1 filter over 32 channels: one row computation per
+        // 32 taps, not per tap).
+        for ab in 0..kd * kh {
+            // Each piece's input row of tap row (a, b) (offset in a channel's plane), or
+            // NO_ROW in the padding: a few integer operations per tap row, which run beside
+            // the FMAs (a table per block cost 1→16 at 32³ 7 % more).
+            let (a, bb) = (ab / kh, ab % kh);
+            let mut row = [[NO_ROW; P]; V];
+            for s in 0..V {
+                for k in 0..P {
+                    let iz = z0[s][k] + (a * dd) as isize;
+                    let iy = y0[s][k] + (bb * dh) as isize;
+                    if iz >= 0 && (iz as usize) < d && iy >= 0 && (iy as usize) < h {
+                        row[s][k] = (iz * h as isize + iy) * w as isize;
                     }
                 }
+            }
+            for ci in 0..geom.c_in {
+                // Channel ci of the item (wrapping: only in-bounds lanes are ever loaded).
+                let input_c = input_n.wrapping_add(ci * plane);
                 for c in 0..kw {
                     let mut x = [_mm512_setzero_ps(); V];
                     for s in 0..V {

@@ -90,6 +90,16 @@ impl Conv3dPlan {
             (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Winograd) => {
                 winograd::transform_filters(filters, self.shape.c_out(), self.shape.c_in())
             }
+            (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Direct) => {
+                let shape = &self.shape;
+                let taps = avx512::direct_tap_order(
+                    filters,
+                    shape.c_out(),
+                    shape.c_in(),
+                    shape.kernel_dims(),
+                );
+                avx512::pack_weights(&taps, shape.c_out(), shape.reduction_len())
+            }
             (GemmImpl::Avx512 | GemmImpl::Avx2, _) => {
                 avx512::pack_weights(filters, self.shape.c_out(), self.shape.reduction_len())
             }
