@@ -54,6 +54,13 @@ fn fill_row(dst: &mut [f32], src: &[f32], ow0: usize, stride: usize, off: isize)
             (-first).clamp(0, len as isize) as usize,
             (w - first).clamp(0, len as isize) as usize,
         )
+    } else if stride == 2 {
+        // 0 <= first + 2j < w, without divisions: j >= ceil(-first / 2), j < ceil((w -
+        // first) / 2) (arithmetic shifts round toward −∞).
+        (
+            ((1 - first) >> 1).clamp(0, len as isize) as usize,
+            ((w - first + 1) >> 1).clamp(0, len as isize) as usize,
+        )
     } else {
         let s = stride as isize;
         let lo = if first >= 0 {
@@ -243,5 +250,36 @@ mod tests {
         let mut dst = [9.0f32; 2];
         fill_row(&mut dst, &src, 3, 2, 0);
         assert_eq!(dst, [0.0, 0.0]);
+    }
+
+    /// Every start, offset and length against the definition, for strides 1–3 (the stride-1
+    /// and stride-2 bounds are worked out without divisions).
+    #[test]
+    fn fill_row_matches_its_definition() {
+        for w in [1usize, 2, 5, 16, 33] {
+            let src: Vec<f32> = (0..w).map(|i| i as f32 + 1.0).collect();
+            for stride in 1..=3 {
+                for off in -4isize..=4 {
+                    for ow0 in 0..6 {
+                        for len in 0..40 {
+                            let mut dst = vec![f32::NAN; len];
+                            fill_row(&mut dst, &src, ow0, stride, off);
+                            for (j, &got) in dst.iter().enumerate() {
+                                let at = ((ow0 + j) * stride) as isize + off;
+                                let want = if at >= 0 && at < w as isize {
+                                    src[at as usize]
+                                } else {
+                                    0.0
+                                };
+                                assert_eq!(
+                                    got, want,
+                                    "w {w} stride {stride} off {off} ow0 {ow0} len {len} j {j}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
