@@ -1466,7 +1466,8 @@ fn forcing_a_strategy_the_shape_cannot_run_is_an_error() {
         assert_unsupported(
             plan.with_strategy(KernelStrategy::Pointwise),
             "strategy pointwise-1x1x1",
-            "needs a 1x1x1 filter, stride 1 and no padding",
+            "needs a 1x1x1 filter with stride 1 and no padding, or (with our microkernel) a \
+             kx1x1 filter with stride 1, padding and dilation only in depth",
         );
     }
     // The direct microkernel takes width stride 1 or 2 only, whatever the CPU.
@@ -1844,5 +1845,68 @@ fn stride2_gather_takes_every_other_value() {
                 }
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: 64,
+        rng_seed: RngSeed::Fixed(0x6b311),
+        ..Config::default()
+    })]
+
+    /// k×1×1 filters (and 1×1×1 ones with depth padding) by pointwise passes over
+    /// depth-shifted planes (the default strategy from 8 input channels, forced below),
+    /// against the reference: depth padding and dilation, odd planes, batches, tiles that
+    /// straddle planes, chunks shorter than a tap, one and several channel groups,
+    /// NaN-prefilled outputs, 1–3 threads, packed and raw filters, bit-identical across
+    /// thread counts.
+    #[test]
+    fn depth_passes_match_the_reference(
+        n in 1usize..3,
+        c_in in 1usize..20,
+        c_out in 1usize..20,
+        kd in 1usize..6,
+        dd in 1usize..3,
+        pd in 0usize..4,
+        [d, h, w] in [3usize..12, 1usize..9, 1usize..11],
+        tile_cols in 1usize..90,
+        k_chunk in 1usize..30,
+        threads in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        let params = Conv3dParams { padding: [pd, 0, 0], dilation: [dd, 1, 1], ..Conv3dParams::default() };
+        let Ok(shape) = Conv3dShape::new([n, c_in, d, h, w], [c_out, c_in, kd, 1, 1], params) else {
+            return Ok(());
+        };
+        prop_assume!(shape.output_len() > 0);
+        let Some(plan) = Conv3dPlan::new(shape, Activation::Relu)
+            .with_gemm(GemmImpl::best_available())
+            .ok()
+            .filter(|p| p.gemm_impl().is_microkernel())
+        else {
+            return Ok(());
+        };
+        if c_in >= 8 {
+            prop_assert_eq!(plan.strategy(), KernelStrategy::Pointwise);
+        }
+        let plan = plan.with_strategy(KernelStrategy::Pointwise).unwrap();
+        let x = data(shape.input_len(), seed);
+        let wts = data(shape.filters_len(), seed + 1);
+        let b = data(c_out, seed + 2);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &wts, Some(&b), Activation::Relu).unwrap();
+        let one = run_plan(&plan, &x, &wts, Some(&b), 1);
+        assert_close(&shape, &one, &want, &mag, "depth passes, default tiling");
+        let many = run_plan(&plan, &x, &wts, Some(&b), threads);
+        prop_assert!(one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let packed = plan.pack_filters(&wts).unwrap();
+        let mut out = vec![f32::NAN; shape.output_len()];
+        plan.run_into(&x, &packed, Some(&b), &mut out, threads, None).unwrap();
+        prop_assert!(one.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let t = plan.tiling();
+        let tiled = plan.clone().with_tiling(Tiling { tile_cols, k_chunk, ..t });
+        let what = format!("depth passes, {:?}", tiled.tiling());
+        assert_close(&shape, &run_plan(&tiled, &x, &wts, Some(&b), threads), &want, &mag, &what);
     }
 }

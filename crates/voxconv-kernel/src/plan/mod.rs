@@ -222,6 +222,7 @@ impl Conv3dPlan {
             self.acc_len(),
             self.wino_v_len(),
             self.wino_m_len(),
+            self.zero_row_len(),
         ];
         threads * lens.into_iter().map(LineBuf::bytes).sum::<usize>()
     }
@@ -240,6 +241,23 @@ impl Conv3dPlan {
         }
     }
 
+    /// Whether the pointwise strategy runs a k×1×1 filter (or a 1×1×1 one with depth
+    /// padding) as passes over depth-shifted planes (`depth_passes_tile`).
+    pub(super) fn depth_passes(&self) -> bool {
+        self.strategy == Strategy::Pointwise
+            && (self.shape.kernel_dims()[0] > 1 || self.shape.params.padding[0] > 0)
+    }
+
+    /// A row of zeros the pointwise strategy reads for a k×1×1 filter's taps in the depth
+    /// padding (one tile wide, whole microkernel blocks).
+    fn zero_row_len(&self) -> usize {
+        if self.depth_passes() {
+            self.tiling.tile_cols.next_multiple_of(avx512::MV)
+        } else {
+            0
+        }
+    }
+
     fn col_len(&self) -> usize {
         match self.strategy {
             Strategy::Pointwise | Strategy::Direct | Strategy::Winograd | Strategy::Sublattice => 0,
@@ -254,6 +272,10 @@ impl Conv3dPlan {
         let k = self.shape.reduction_len();
         match self.strategy {
             Strategy::Im2colGemm => self.tiling.k_chunk,
+            // A k×1×1 filter's passes never cross a tap (see `depth_passes_tile`).
+            Strategy::Pointwise if self.depth_passes() => {
+                self.tiling.k_chunk.min(self.shape.c_in())
+            }
             Strategy::Pointwise if self.gemm.is_microkernel() => self.tiling.k_chunk,
             Strategy::Pointwise | Strategy::Direct | Strategy::Winograd | Strategy::Sublattice => k,
         }

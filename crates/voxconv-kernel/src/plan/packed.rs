@@ -90,7 +90,9 @@ impl Conv3dPlan {
             (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Winograd) => {
                 winograd::transform_filters(filters, self.shape.c_out(), self.shape.c_in())
             }
-            (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Direct) => {
+            // The pointwise strategy reads a k×1×1 filter's taps in the same order (a
+            // 1×1×1 filter's order is the filter's).
+            (GemmImpl::Avx512 | GemmImpl::Avx2, Strategy::Direct | Strategy::Pointwise) => {
                 let shape = &self.shape;
                 let taps = avx512::direct_tap_order(
                     filters,

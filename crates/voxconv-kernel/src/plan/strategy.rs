@@ -333,12 +333,23 @@ fn pointwise_tiling(shape: &Conv3dShape, t: Tiling) -> Tiling {
     } else {
         pass
     };
+    // A k×1×1 filter's passes stay inside one tap (its rows are one depth-shifted plane of
+    // every input channel).
+    let pass = if shape.kernel_dims()[0] > 1 {
+        pass.min(shape.c_in())
+    } else {
+        pass
+    };
     Tiling {
         tile_cols: cols,
         k_chunk: pass.min(k),
         ..t
     }
 }
+
+/// Input channels from which a k×1×1 filter runs as k pointwise passes (below, the direct
+/// kernel, whose reduction is short enough).
+const DEPTH_PASSES_MIN_CIN: usize = 8;
 
 /// A batch item's input up to this size (bytes) stays in the caches (L2, or L3 after the
 /// layer that wrote it): the pointwise reduction then runs in one pass. AMD Zen 4,
@@ -383,7 +394,9 @@ impl Conv3dPlan {
     /// The default strategy for the plan's shape and GEMM: the cheapest one it supports.
     pub(super) fn default_strategy(&self) -> Strategy {
         let shape = &self.shape;
-        if self.supports(Strategy::Pointwise) {
+        if self.supports(Strategy::Pointwise)
+            && (shape.kernel_dims()[0] == 1 || shape.c_in() >= DEPTH_PASSES_MIN_CIN)
+        {
             Strategy::Pointwise
         } else if self.sublattice_wins() {
             Strategy::Sublattice
@@ -417,7 +430,15 @@ impl Conv3dPlan {
         match strategy {
             Strategy::Im2colGemm => true,
             Strategy::Pointwise => {
-                self.shape.kernel_dims() == [1, 1, 1] && p.stride == [1; 3] && p.padding == [0; 3]
+                let [kd, kh, kw] = self.shape.kernel_dims();
+                let in_plane = kh == 1
+                    && kw == 1
+                    && p.stride == [1; 3]
+                    && p.padding[1..] == [0, 0]
+                    && p.dilation[1..] == [1, 1];
+                // A k×1×1 filter: k pointwise passes over depth-shifted planes (our
+                // microkernel only; the portable GEMM reads one uniform row stride).
+                in_plane && (kd == 1 && p.padding[0] == 0 || self.gemm.is_microkernel())
             }
             Strategy::Direct => {
                 self.gemm == GemmImpl::Avx512
@@ -460,11 +481,14 @@ impl Conv3dPlan {
             Strategy::Im2colGemm => {}
             Strategy::Pointwise => {
                 return Some(format!(
-                    "needs a 1x1x1 filter, stride 1 and no padding (this shape: {} filter, \
-                     stride {}, padding {})",
+                    "needs a 1x1x1 filter with stride 1 and no padding, or (with our \
+                     microkernel) a kx1x1 filter with stride 1, padding and dilation only in \
+                     depth (this shape: {} filter, stride {}, padding {}, dilation {}; GEMM {})",
                     xyz(kernel),
                     xyz(p.stride),
-                    xyz(p.padding)
+                    xyz(p.padding),
+                    xyz(p.dilation),
+                    self.gemm.name()
                 ));
             }
             Strategy::Direct => {

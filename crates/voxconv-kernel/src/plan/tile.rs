@@ -78,6 +78,8 @@ pub(super) struct Scratch {
     /// Winograd: transformed inputs and products of one 48-column block, and lane groups.
     wino_v: LineBuf,
     wino_m: LineBuf,
+    /// Pointwise passes of a k×1×1 filter: zeros for taps in the depth padding.
+    zero_row: LineBuf,
     lane_groups: Vec<winograd::LaneGroup>,
 }
 
@@ -114,6 +116,7 @@ impl Conv3dPlan {
             runs: Vec::new(),
             wino_v: LineBuf::zeroed(self.wino_v_len()),
             wino_m: LineBuf::zeroed(self.wino_m_len()),
+            zero_row: LineBuf::zeroed(self.zero_row_len()),
             lane_groups: Vec::new(),
         }
     }
@@ -212,6 +215,26 @@ impl Conv3dPlan {
         } else {
             (scratch.acc.as_mut_slice().as_mut_ptr(), self.col_stride())
         };
+        if self.depth_passes() {
+            // SAFETY: forwarded caller's contract; `acc` as above.
+            unsafe {
+                self.depth_passes_tile(
+                    ops,
+                    input_n,
+                    v0,
+                    cols,
+                    chans.clone(),
+                    dst,
+                    rs,
+                    (acc, accs),
+                    scratch.zero_row.as_mut_slice(),
+                )
+            };
+            lap(&clock.gemm, &mut since);
+            self.activation_pass(dst, rs, cols, chans);
+            lap(&clock.epilogue, &mut since);
+            return;
+        }
         let stride = self.col_stride();
         let mut r0 = 0;
         while r0 < k {
@@ -296,6 +319,78 @@ impl Conv3dPlan {
             }
         }
         lap(&clock.epilogue, &mut since);
+    }
+
+    /// A tile of a k×1×1 filter (stride 1, padding and dilation only in depth) by pointwise
+    /// passes: the tile cut at output planes; for each plane piece and tap `a`, the input
+    /// plane `oz + a·dilation − padding` of every input channel is, voxel for voxel, the
+    /// piece's column matrix (row stride one input channel), read in place; a plane in the
+    /// padding reads `zero_row` (row stride 0). The weights are packed taps outside,
+    /// channels inside, so each pass's rows are consecutive.
+    ///
+    /// # Safety
+    /// As `compute_voxel_tile`; `acc` as in `micro_chunk` (the accumulator or `dst`);
+    /// `zero_row` holds at least `cols` zeros.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn depth_passes_tile(
+        &self,
+        ops: &Operands<'_>,
+        input_n: &[f32],
+        v0: usize,
+        cols: usize,
+        chans: Range<usize>,
+        dst: *mut f32,
+        rs: usize,
+        (acc, accs): (*mut f32, usize),
+        zero_row: &[f32],
+    ) {
+        let shape = &self.shape;
+        let k = shape.reduction_len();
+        let c_in = shape.c_in();
+        let [_, oh, ow] = shape.out_dims();
+        let d = shape.in_dims()[0];
+        let plane = oh * ow;
+        let in_vox = shape.in_voxels();
+        let (pd, dd) = (shape.params.padding[0], shape.params.dilation[0]);
+        let kc = self.pass_rows();
+        let mut p0 = 0;
+        while p0 < cols {
+            let v = v0 + p0;
+            let (oz, in_plane) = (v / plane, v % plane);
+            let len = (plane - in_plane).min(cols - p0);
+            let mut r0 = 0;
+            while r0 < k {
+                let (a, ci) = (r0 / c_in, r0 % c_in);
+                let r1 = (r0 + kc).min((a + 1) * c_in);
+                let iz = (oz + a * dd) as isize - pd as isize;
+                let (rows, lda) = if iz >= 0 && (iz as usize) < d {
+                    let at = ci * in_vox + iz as usize * plane + in_plane;
+                    (input_n[at..].as_ptr(), in_vox)
+                } else {
+                    (zero_row[..len].as_ptr(), 0)
+                };
+                // SAFETY: rows r0..r1 of the piece's column matrix: input channels ci..
+                // ci + (r1 − r0) of plane iz from column `in_plane` (len values each, inside
+                // the item's input), or the zero row; columns p0.. p0 + len of the tile's
+                // destination and partial sums (caller's contract).
+                unsafe {
+                    self.micro_chunk(
+                        ops,
+                        rows,
+                        lda,
+                        r0..r1,
+                        len,
+                        chans.clone(),
+                        dst.add(p0),
+                        rs,
+                        acc.add(p0),
+                        accs,
+                    )
+                };
+                r0 = r1;
+            }
+            p0 += len;
+        }
     }
 
     /// Applies the activation to the channels `chans` of a finished tile (bias already
