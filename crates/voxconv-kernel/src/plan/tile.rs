@@ -91,6 +91,17 @@ pub(super) struct Dest {
     pub(super) row_stride: usize,
 }
 
+/// Where one tile's values go: columns `v0 .. v0 + cols` (flat output voxels of one batch
+/// item, whose input is `input_n`), channels `chans`, channel `c`'s row at `dst + c·rs`.
+struct TileAt<'a> {
+    input_n: &'a [f32],
+    v0: usize,
+    cols: usize,
+    chans: Range<usize>,
+    dst: *mut f32,
+    rs: usize,
+}
+
 impl Conv3dPlan {
     pub(super) fn operands<'a>(
         &self,
@@ -182,22 +193,19 @@ impl Conv3dPlan {
         // destination rows (caller's contract).
         let dst = unsafe { dest.base.add(off) };
         let rs = dest.row_stride;
+        let at = TileAt {
+            input_n,
+            v0,
+            cols,
+            chans: chans.clone(),
+            dst,
+            rs,
+        };
         let clock = &*self.clock;
         let mut since = Instant::now();
         if self.strategy == Strategy::Direct {
             // SAFETY: forwarded caller's contract (dst rows of `cols` values at stride rs).
-            unsafe {
-                self.direct_tile(
-                    ops,
-                    input_n,
-                    v0,
-                    cols,
-                    chans.clone(),
-                    dst,
-                    rs,
-                    &mut scratch.segments,
-                )
-            };
+            unsafe { self.direct_tile(ops, &at, &mut scratch.segments) };
             lap(&clock.gemm, &mut since);
             self.activation_pass(dst, rs, cols, chans);
             lap(&clock.epilogue, &mut since);
@@ -205,7 +213,7 @@ impl Conv3dPlan {
         }
         if self.strategy == Strategy::Winograd {
             // SAFETY: forwarded caller's contract.
-            unsafe { self.winograd_tile(ops, input_n, v0, cols, chans, dst, rs, scratch) };
+            unsafe { self.winograd_tile(ops, &at, scratch) };
             return;
         }
         let kc = self.pass_rows();
@@ -218,17 +226,7 @@ impl Conv3dPlan {
         if self.depth_passes() {
             // SAFETY: forwarded caller's contract; `acc` as above.
             unsafe {
-                self.depth_passes_tile(
-                    ops,
-                    input_n,
-                    v0,
-                    cols,
-                    chans.clone(),
-                    dst,
-                    rs,
-                    (acc, accs),
-                    scratch.zero_row.as_mut_slice(),
-                )
+                self.depth_passes_tile(ops, &at, (acc, accs), scratch.zero_row.as_mut_slice())
             };
             lap(&clock.gemm, &mut since);
             self.activation_pass(dst, rs, cols, chans);
@@ -331,19 +329,22 @@ impl Conv3dPlan {
     /// # Safety
     /// As `compute_voxel_tile`; `acc` as in `micro_chunk` (the accumulator or `dst`);
     /// `zero_row` holds at least `cols` zeros.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn depth_passes_tile(
         &self,
         ops: &Operands<'_>,
-        input_n: &[f32],
-        v0: usize,
-        cols: usize,
-        chans: Range<usize>,
-        dst: *mut f32,
-        rs: usize,
+        at: &TileAt<'_>,
         (acc, accs): (*mut f32, usize),
         zero_row: &[f32],
     ) {
+        let TileAt {
+            input_n,
+            v0,
+            cols,
+            ref chans,
+            dst,
+            rs,
+        } = *at;
+        let chans = chans.clone();
         let shape = &self.shape;
         let k = shape.reduction_len();
         let c_in = shape.c_in();
@@ -412,18 +413,21 @@ impl Conv3dPlan {
     ///
     /// # Safety
     /// As `compute_voxel_tile`.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn direct_tile(
         &self,
         ops: &Operands<'_>,
-        input_n: &[f32],
-        v0: usize,
-        cols: usize,
-        chans: Range<usize>,
-        dst: *mut f32,
-        rs: usize,
+        at: &TileAt<'_>,
         segments: &mut Vec<avx512::Segment>,
     ) {
+        let TileAt {
+            input_n,
+            v0,
+            cols,
+            ref chans,
+            dst,
+            rs,
+        } = *at;
+        let chans = chans.clone();
         #[cfg(target_arch = "x86_64")]
         {
             use avx512::{DirectGeom, DIRECT_SEGS, NC};
@@ -474,18 +478,16 @@ impl Conv3dPlan {
     ///
     /// # Safety
     /// As `compute_voxel_tile`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn winograd_tile(
-        &self,
-        ops: &Operands<'_>,
-        input_n: &[f32],
-        v0: usize,
-        cols: usize,
-        chans: Range<usize>,
-        dst: *mut f32,
-        rs: usize,
-        scratch: &mut Scratch,
-    ) {
+    unsafe fn winograd_tile(&self, ops: &Operands<'_>, at: &TileAt<'_>, scratch: &mut Scratch) {
+        let TileAt {
+            input_n,
+            v0,
+            cols,
+            ref chans,
+            dst,
+            rs,
+        } = *at;
+        let chans = chans.clone();
         #[cfg(target_arch = "x86_64")]
         {
             use avx512::NC;
