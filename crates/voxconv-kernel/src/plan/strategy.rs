@@ -333,13 +333,7 @@ fn pointwise_tiling(shape: &Conv3dShape, t: Tiling) -> Tiling {
     } else {
         pass
     };
-    // A k×1×1 filter's passes stay inside one tap (its rows are one depth-shifted plane of
-    // every input channel).
-    let pass = if shape.kernel_dims()[0] > 1 {
-        pass.min(shape.c_in())
-    } else {
-        pass
-    };
+    // (A k×1×1 filter's passes also stop at each tap: `Conv3dPlan::pass_rows`.)
     Tiling {
         tile_cols: cols,
         k_chunk: pass.min(k),
