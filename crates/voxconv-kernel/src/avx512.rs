@@ -322,17 +322,73 @@ pub fn direct_segments(
 #[derive(Clone, Copy, Debug)]
 pub struct DirectGeom {
     pub c_in: usize,
-    pub dims: [usize; 3],
     pub kernel: [usize; 3],
     /// Strides along depth, height and width.
     pub stride: [usize; 3],
-    pub padding: [usize; 3],
     pub dilation: [usize; 3],
+    /// Where the block's input lies: a zero-padded copy of the input its outputs read.
+    pub halo: DirectBox,
     /// Prefetch the next block's destination lines for writing at a block's start: where
     /// the output is far larger than the caches, the line fills then overlap the taps (AMD Zen 4,
     /// 2026-12-06, one thread: unet-stem 61 → 54 ms, mri-t1-first-layer 32 → 28.6 ms); where
     /// it stays in cache they only cost instructions (1→32 at 32³: 0.77 → 0.82 ms).
     pub prefetch: bool,
+}
+
+/// The input box of a run of output voxels, copied with its padding made explicit: per input
+/// channel, `planes` planes of `rows` rows of `row_len` values (channel stride `chan_len`).
+/// Output voxel (plane `oz`, row `oy`, column `ow`) reads, for tap `(a, b, c)`, box plane
+/// `oz·sd − origin[0] + a·dd`, row `oy·sh − origin[1] + b·dh`, column `ow·sw + c·dw`: every
+/// load is a plain vector load, with no mask and no bounds check (the masked loads of
+/// reading the input in place cost a vector-pipe slot each on AMD Zen 4).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirectBox {
+    pub origin: [usize; 2],
+    pub planes: usize,
+    pub rows: usize,
+    pub row_len: usize,
+    pub chan_len: usize,
+}
+
+/// Values after a direct box that its last row's vector loads may read (their unused lanes:
+/// up to 16 · width stride past a row's last column).
+pub const DIRECT_BOX_SLACK: usize = 32;
+
+/// Writes a direct box row: `row_len` values at `dst`, `src` from column `c0`, zeros
+/// elsewhere, in whole 16-value vectors (the last may write up to 15 values past the row).
+/// (A copy and two fills per row, with their calls, cost more than the row on short rows:
+/// 2→4 stride 2 over 2 × 13×11×9, one thread, 0.015 → 0.011 ms, AMD Zen 4, 2026-12-07.)
+///
+/// # Safety
+/// The CPU must support AVX-512F; `dst` must be writable for `row_len.next_multiple_of(16)`
+/// values; `c0 + src.len() <= row_len`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn fill_box_row(dst: *mut f32, row_len: usize, src: &[f32], c0: usize) {
+    let (lo, hi) = (c0 as isize, (c0 + src.len()) as isize);
+    let from = src.as_ptr().wrapping_sub(c0);
+    let mut j = 0;
+    if src.is_empty() {
+        // A row in the padding: no load at all (a masked load whose lanes are all off still
+        // takes a slow path on AMD Zen 4 when its address is unmapped, as an empty slice's
+        // may be: 2→4 stride 2 over 2 × 13×11×9 took 0.020 ms instead of 0.011).
+        while j < row_len {
+            // SAFETY: inside the caller's `row_len` rounded up to 16.
+            unsafe { _mm512_storeu_ps(dst.add(j), _mm512_setzero_ps()) };
+            j += 16;
+        }
+        return;
+    }
+    while j < row_len {
+        let m = bits(lo - j as isize, hi - j as isize);
+        // SAFETY: lanes enabled by `m` read src[j + l − c0] with c0 <= j + l < c0 + len;
+        // the store stays inside the caller's `row_len` rounded up to 16.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, from.wrapping_add(j));
+            _mm512_storeu_ps(dst.add(j), v);
+        }
+        j += 16;
+    }
 }
 
 /// Outputs larger than this (bytes) are written by direct blocks that prefetch their
@@ -369,25 +425,25 @@ pub fn direct_tap_order(
 
 /// Direct convolution of up to three vectors (only those given are computed: a tile's last
 /// block of one vector costs a third of a full one) × the channel groups `groups` (8 channels
-/// each; the last stops at channel `c_end`), reading the input rows in place (no im2col):
-/// for every tap `(a, b, ci, c)` (the weights packed in that order, see
-/// [`direct_tap_order`]), one masked load per vector piece (two and
-/// a permute for width stride 2; lanes outside the input are zero: the padding) and eight
-/// broadcast FMAs per vector. The masks are worked out once per block and shared by its
-/// groups; each tap row's input rows are worked out in the tap loop.
+/// each; the last stops at channel `c_end`), reading the block's input box `halo` (see
+/// [`DirectBox`]; no im2col): for every tap `(a, b, ci, c)` (the weights packed in that order,
+/// see [`direct_tap_order`]), one load per vector piece (two and a permute for width stride
+/// 2; a vector over two output rows loads each row's lanes under a mask) and eight
+/// broadcast FMAs per vector.
 ///
 /// # Safety
-/// The CPU must support AVX-512F. `input_n` must hold one batch item (`c_in·D·H·W` values);
+/// The CPU must support AVX-512F. `halo` must hold the box `geom.halo` of every piece of
+/// `segs` (`c_in · chan_len` values) followed by [`DIRECT_BOX_SLACK`] readable values;
 /// `packed` the packed weights of all groups (`k·NC` values per group, `k =
 /// c_in·kD·kH·kW`); `dst` must be writable for rows `groups.start·NC .. c_end` at stride
 /// `ldd`, each covering every vector's columns; `bias` (if not null) must hold `c_end`
-/// values; `segs.len() <= DIRECT_SEGS`, each `len <= 16`; `geom.kernel[2] <=
-/// DIRECT_MAX_KW`; `geom.stride[2]` is 1 or 2; `c_end <= groups.end·NC`.
+/// values; `segs.len() <= DIRECT_SEGS`, each `len <= 16`, one piece each unless
+/// `direct_pieces` allows two; `geom.stride[2]` is 1 or 2; `c_end <= groups.end·NC`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block_direct(
     geom: &DirectGeom,
-    input_n: *const f32,
+    halo: *const f32,
     segs: &[Segment],
     packed: *const f32,
     groups: std::ops::Range<usize>,
@@ -404,13 +460,13 @@ pub unsafe fn block_direct(
             ($sw:literal, $p:literal) => {
                 match segs.len() {
                     0 | 1 => block_direct_sw::<$sw, $p, 1>(
-                        geom, input_n, segs, packed, groups, c_end, dst, ldd, bias,
+                        geom, halo, segs, packed, groups, c_end, dst, ldd, bias,
                     ),
                     2 => block_direct_sw::<$sw, $p, 2>(
-                        geom, input_n, segs, packed, groups, c_end, dst, ldd, bias,
+                        geom, halo, segs, packed, groups, c_end, dst, ldd, bias,
                     ),
                     _ => block_direct_sw::<$sw, $p, 3>(
-                        geom, input_n, segs, packed, groups, c_end, dst, ldd, bias,
+                        geom, halo, segs, packed, groups, c_end, dst, ldd, bias,
                     ),
                 }
             };
@@ -439,15 +495,12 @@ pub(crate) fn bits(lo: isize, hi: isize) -> u16 {
     ((0xFFFFu32 >> (16 - hi)) & (0xFFFFu32 << lo)) as u16
 }
 
-/// A row in the padding (no loads).
-const NO_ROW: isize = isize::MIN;
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
     geom: &DirectGeom,
-    input_n: *const f32,
+    halo: *const f32,
     segs: &[Segment],
     packed: *const f32,
     groups: std::ops::Range<usize>,
@@ -456,44 +509,26 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
     ldd: usize,
     bias: *const f32,
 ) {
-    let [d, h, w] = geom.dims;
     let [kd, kh, kw] = geom.kernel;
-    let [pd, ph, pw] = geom.padding;
     let [dd, dh, dw] = geom.dilation;
-    let plane = d * h * w;
+    let bx = geom.halo;
+    let plane_len = bx.rows * bx.row_len;
     let k = geom.c_in * kd * kh * kw;
-    // Per (tap column, vector, piece): the input column lane 0 would read and load masks.
-    // Lane j of a piece reads input column first + SW·j; with SW = 2, two loads cover
-    // elements q = 0..32 of the span and the even ones are kept.
-    let mut masks = [[[[0 as __mmask16; 2]; P]; DIRECT_SEGS]; DIRECT_MAX_KW];
-    let mut store = [0 as __mmask16; DIRECT_SEGS];
-    let mut xoff = [[[0isize; P]; DIRECT_SEGS]; DIRECT_MAX_KW];
-    let mut npieces = [0usize; DIRECT_SEGS];
-    for (s, seg) in segs.iter().enumerate() {
+    // Per (vector, piece): the box offset lane 0 reads at tap (0, 0, 0, 0), and (two pieces)
+    // the piece's load masks. Lane j of a piece reads column first + SW·j; with SW = 2, two
+    // loads cover elements q = 0..32 of the span and the even ones are kept.
+    let mut off = [[0isize; P]; V];
+    let mut masks = [[[0 as __mmask16; 2]; P]; V];
+    let mut store = [0 as __mmask16; V];
+    for (s, seg) in segs.iter().enumerate().take(V) {
         store[s] = bits(0, seg.len as isize);
-        npieces[s] = seg.n.min(P);
-        for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
-            for c in 0..kw {
-                let first = (pc.ow0 * SW + c * dw) as isize - pw as isize - (SW * pc.lane) as isize;
-                // Span elements q of this piece's lanes with 0 <= first + q < w.
-                let q_lo = (-first).max((SW * pc.lane) as isize);
-                let q_hi = (w as isize - first).min((SW * (pc.lane + pc.len - 1) + 1) as isize);
-                masks[c][s][k] = if SW == 2 {
-                    span_bits(q_lo, q_hi)
-                } else {
-                    [bits(q_lo, q_hi), 0]
-                };
-                xoff[c][s][k] = first;
-            }
-        }
-    }
-    // Per piece: its first input plane and row (before the tap's offsets).
-    let mut z0 = [[isize::MIN / 4; P]; DIRECT_SEGS];
-    let mut y0 = [[0isize; P]; DIRECT_SEGS];
-    for (s, seg) in segs.iter().enumerate() {
-        for (k, pc) in seg.pieces[..npieces[s]].iter().enumerate() {
-            z0[s][k] = (pc.oz * geom.stride[0]) as isize - pd as isize;
-            y0[s][k] = (pc.oy * geom.stride[1]) as isize - ph as isize;
+        for (q, pc) in seg.pieces[..seg.n.min(P)].iter().enumerate() {
+            let z = pc.oz * geom.stride[0] - bx.origin[0];
+            let y = pc.oy * geom.stride[1] - bx.origin[1];
+            off[s][q] =
+                ((z * bx.rows + y) * bx.row_len + pc.ow0 * SW) as isize - (SW * pc.lane) as isize;
+            let (lo, hi) = (SW * pc.lane, SW * (pc.lane + pc.len - 1) + 1);
+            masks[s][q] = span_bits(lo as isize, hi as isize);
         }
     }
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -516,65 +551,42 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
         // SAFETY: group g's packed weights (caller's contract), taps in the order of the
         // loops below (see `direct_tap_order`).
         let mut b = unsafe { packed.add(g * k * NC) };
-        // Tap rows outside, input channels inside: each tap row's input rows are worked out
-        // once for all channels (a 3×1×1 filter over 32 channels: one row computation per
-        // 32 taps, not per tap).
-        for ab in 0..kd * kh {
-            // Each piece's input row of tap row (a, b) (offset in a channel's plane), or
-            // NO_ROW in the padding: a few integer operations per tap row, which run beside
-            // the FMAs (a table per block cost 1→16 at 32³ 7 % more).
-            let (a, bb) = (ab / kh, ab % kh);
-            let mut row = [[NO_ROW; P]; V];
-            for s in 0..V {
-                for k in 0..P {
-                    let iz = z0[s][k] + (a * dd) as isize;
-                    let iy = y0[s][k] + (bb * dh) as isize;
-                    if iz >= 0 && (iz as usize) < d && iy >= 0 && (iy as usize) < h {
-                        row[s][k] = (iz * h as isize + iy) * w as isize;
-                    }
-                }
+        // Tap rows outside, input channels inside (the packing order).
+        let (mut a, mut bb) = (0, 0);
+        for _ in 0..kd * kh {
+            let tap_row = halo.wrapping_add(a * dd * plane_len + bb * dh * bx.row_len);
+            bb += 1;
+            if bb == kh {
+                (a, bb) = (a + 1, 0);
             }
             for ci in 0..geom.c_in {
-                // Channel ci of the item (wrapping: only in-bounds lanes are ever loaded).
-                let input_c = input_n.wrapping_add(ci * plane);
+                let base = tap_row.wrapping_add(ci * bx.chan_len);
                 for c in 0..kw {
+                    let at = base.wrapping_add(c * dw);
                     let mut x = [_mm512_setzero_ps(); V];
                     for s in 0..V {
                         let mut lo = _mm512_setzero_ps();
                         let mut hi = _mm512_setzero_ps();
-                        for k in 0..P {
-                            let r = row[s][k];
-                            if r != NO_ROW {
-                                let p = input_c.wrapping_offset(r + xoff[c][s][k]);
-                                let m = masks[c][s][k];
-                                // SAFETY: lanes enabled by the masks read input columns inside
-                                // [0, w) of an existing row; masked-off lanes are not accessed.
-                                unsafe {
-                                    // Full vectors load unmasked: a mask read from memory
-                                    // costs a vector-pipe slot on AMD Zen 4, and these are
-                                    // most loads (1→32 at 32³, one block in cache: 976 →
-                                    // 795 cycles per 8-channel group, 2026-12-07).
-                                    if P == 1 {
-                                        lo = if m[0] == u16::MAX {
-                                            _mm512_loadu_ps(p)
-                                        } else {
-                                            _mm512_maskz_loadu_ps(m[0], p)
-                                        };
-                                        if SW == 2 {
-                                            let p = p.wrapping_add(16);
-                                            hi = if m[1] == u16::MAX {
-                                                _mm512_loadu_ps(p)
-                                            } else {
-                                                _mm512_maskz_loadu_ps(m[1], p)
-                                            };
-                                        }
-                                    } else {
-                                        if m[0] != 0 {
-                                            lo = _mm512_mask_loadu_ps(lo, m[0], p);
-                                        }
-                                        if SW == 2 && m[1] != 0 {
-                                            hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
-                                        }
+                        // SAFETY: the piece's lanes read box columns of one row of this
+                        // tap's plane and channel; a one-piece vector's unused lanes read on
+                        // into the following rows or the slack (caller's contract), a
+                        // two-piece vector's are masked off and not accessed.
+                        unsafe {
+                            if P == 1 {
+                                let p = at.wrapping_offset(off[s][0]);
+                                lo = _mm512_loadu_ps(p);
+                                if SW == 2 {
+                                    hi = _mm512_loadu_ps(p.wrapping_add(16));
+                                }
+                            } else {
+                                for q in 0..P {
+                                    let p = at.wrapping_offset(off[s][q]);
+                                    let m = masks[s][q];
+                                    if m[0] != 0 {
+                                        lo = _mm512_mask_loadu_ps(lo, m[0], p);
+                                    }
+                                    if SW == 2 && m[1] != 0 {
+                                        hi = _mm512_mask_loadu_ps(hi, m[1], p.wrapping_add(16));
                                     }
                                 }
                             }
@@ -605,7 +617,7 @@ unsafe fn block_direct_sw<const SW: usize, const P: usize, const V: usize>(
                     // SAFETY: bias holds c_end values.
                     _mm512_set1_ps(unsafe { *bias.add(g * NC + j) })
                 };
-                for (s, seg) in segs.iter().enumerate() {
+                for (s, seg) in segs.iter().enumerate().take(V) {
                     let v = _mm512_add_ps(accj[s], bj);
                     // SAFETY: row j, columns seg.col .. seg.col + seg.len of the destination.
                     unsafe { _mm512_mask_storeu_ps(dst.add(j * ldd + seg.col), store[s], v) };

@@ -223,6 +223,7 @@ impl Conv3dPlan {
             self.wino_v_len(),
             self.wino_m_len(),
             self.zero_row_len(),
+            self.direct_box_len(),
         ];
         threads * lens.into_iter().map(LineBuf::bytes).sum::<usize>()
     }
@@ -256,6 +257,36 @@ impl Conv3dPlan {
         } else {
             0
         }
+    }
+
+    /// The direct strategy's input box of one run of a tile (`fill_direct_box`): at most
+    /// the rows a part of one plane reads, or the whole planes a run of whole planes reads,
+    /// over all input channels, and the slack its last vector loads may read.
+    fn direct_box_len(&self) -> usize {
+        if self.strategy != Strategy::Direct {
+            return 0;
+        }
+        let shape = &self.shape;
+        let [od, oh, ow] = shape.out_dims();
+        let [kd, kh, kw] = shape.kernel_dims();
+        let p = shape.params;
+        let span = |n: usize, s: usize, k: usize, dil: usize| n * s + (k - 1) * dil + 1;
+        let cols = self.tiling.tile_cols;
+        let plane = oh * ow;
+        // A run inside one plane: at most a tile's voxels (or a plane's), so its rows.
+        let part_rows = (cols.min(plane).div_ceil(ow) + 1).min(oh);
+        let part =
+            span(0, 1, kd, p.dilation[0]) * span(part_rows - 1, p.stride[1], kh, p.dilation[1]);
+        // A run of whole planes: at most a tile's worth.
+        let whole_planes = (cols / plane).min(od);
+        let whole = if whole_planes > 0 {
+            span(whole_planes - 1, p.stride[0], kd, p.dilation[0])
+                * span(oh - 1, p.stride[1], kh, p.dilation[1])
+        } else {
+            0
+        };
+        let row_len = span(ow - 1, p.stride[2], kw, p.dilation[2]);
+        shape.c_in() * part.max(whole) * row_len + avx512::DIRECT_BOX_SLACK
     }
 
     fn col_len(&self) -> usize {

@@ -176,6 +176,11 @@ const MIN_CHAN_BLOCK: usize = 32;
 /// ... or, for im2col + GEMM, narrows its tiles down to this many voxels (unet-deep, 8³
 /// outputs, 1 and 2 threads: 256 beat 512, 128 and 64, and beat channel blocks of 128).
 const MIN_IM2COL_TILE_COLS: usize = 256;
+/// Voxels per direct tile (whole rows where they fit) where the shape has `MIN_TILES` of
+/// them: each tile copies its input box, whose rows overlap the next tile's by the filter's
+/// height (1×3×3 8→16 over 24×160², one thread, AMD Zen 4, 2026-12-07: 17.2 ms at 1,024
+/// voxels a tile, 16.4 at 4,096; reading the input in place, before the box, 15.5).
+const DIRECT_TILE_COLS: usize = 4096;
 /// Padding (in f32) after each im2col row.
 pub(super) const COL_ROW_PAD: usize = 16;
 
@@ -242,6 +247,23 @@ impl Tiling {
                 t.chan_block = chan_block_for(shape.c_out(), t.voxel_tiles(shape), MIN_CHAN_BLOCK);
             }
             Strategy::Direct => {
+                // Wider tiles (fewer box rows copied twice) while the shape keeps enough
+                // tiles for the threads.
+                let [_, oh, ow] = shape.out_dims();
+                let slab_vox = t.slab_depth * oh * ow;
+                let mut target = DIRECT_TILE_COLS;
+                while target > t.tile_cols {
+                    let mut cols = target.min(slab_vox);
+                    if ow <= cols {
+                        cols = cols / ow * ow;
+                    }
+                    let wide = Self::with_cols(shape, t.slab_depth, cols.max(t.tile_cols));
+                    if wide.voxel_tiles(shape) >= MIN_TILES {
+                        t = wide;
+                        break;
+                    }
+                    target /= 2;
+                }
                 t.chan_block = chan_block_for(shape.c_out(), t.voxel_tiles(shape), MIN_CHAN_BLOCK);
             }
             // Its tiles are the undilated plan's; its own only cut the streamed slabs.

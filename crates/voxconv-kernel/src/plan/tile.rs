@@ -81,6 +81,8 @@ pub(super) struct Scratch {
     /// Pointwise passes of a k×1×1 filter: zeros for taps in the depth padding.
     zero_row: LineBuf,
     lane_groups: Vec<winograd::LaneGroup>,
+    /// Direct: a run's input box with its padding (`fill_direct_box`).
+    halo: LineBuf,
 }
 
 /// Where a slab's tiles are written: `base` is output voxel `slab_start` of channel 0, and
@@ -129,6 +131,7 @@ impl Conv3dPlan {
             wino_m: LineBuf::zeroed(self.wino_m_len()),
             zero_row: LineBuf::zeroed(self.zero_row_len()),
             lane_groups: Vec::new(),
+            halo: LineBuf::zeroed(self.direct_box_len()),
         }
     }
 
@@ -205,7 +208,9 @@ impl Conv3dPlan {
         let mut since = Instant::now();
         if self.strategy == Strategy::Direct {
             // SAFETY: forwarded caller's contract (dst rows of `cols` values at stride rs).
-            unsafe { self.direct_tile(ops, &at, &mut scratch.segments) };
+            unsafe {
+                self.direct_tile(ops, &at, &mut scratch.segments, scratch.halo.as_mut_slice())
+            };
             lap(&clock.gemm, &mut since);
             self.activation_pass(dst, rs, cols, chans);
             lap(&clock.epilogue, &mut since);
@@ -407,17 +412,20 @@ impl Conv3dPlan {
         }
     }
 
-    /// A tile by the direct strategy: split into vectors of at most 16 voxels (one or two
-    /// row pieces each), three vectors × every 8-channel group of `chans` per microkernel
-    /// call (whole groups of 8 but the last).
+    /// A tile by the direct strategy, in runs of output voxels (the tile cut where it
+    /// starts or ends inside an output plane): each run's input box is copied, padding made
+    /// explicit, into `halo` (see [`avx512::DirectBox`]), then the run is split into vectors
+    /// of at most 16 voxels (one or two row pieces each), three vectors × every 8-channel
+    /// group of `chans` per microkernel call (whole groups of 8 but the last).
     ///
     /// # Safety
-    /// As `compute_voxel_tile`.
+    /// As `compute_voxel_tile`; `halo` holds at least `direct_box_len()` values.
     unsafe fn direct_tile(
         &self,
         ops: &Operands<'_>,
         at: &TileAt<'_>,
         segments: &mut Vec<avx512::Segment>,
+        halo: &mut [f32],
     ) {
         let TileAt {
             input_n,
@@ -433,42 +441,121 @@ impl Conv3dPlan {
             use avx512::{DirectGeom, DIRECT_SEGS, NC};
             let shape = &self.shape;
             let [_, oh, ow] = shape.out_dims();
+            let plane = oh * ow;
             let p = shape.params;
-            avx512::direct_segments(v0, cols, oh, ow, avx512::direct_pieces(ow), segments);
-            let geom = DirectGeom {
-                c_in: shape.c_in(),
-                dims: shape.in_dims(),
-                kernel: shape.kernel_dims(),
-                stride: p.stride,
-                padding: p.padding,
-                dilation: p.dilation,
-                prefetch: shape.output_len().saturating_mul(4) > avx512::DIRECT_PREFETCH_MIN_BYTES,
-            };
             let groups = chans.start / NC..chans.end.div_ceil(NC);
             let bias = ops.bias.map_or(std::ptr::null(), |b| b.as_ptr());
-            for segs in segments.chunks(DIRECT_SEGS) {
-                // SAFETY: `packed` holds every group's k·NC weights; rows chans of the tile
-                // at stride rs cover every vector's columns (caller's contract); AVX-512F
-                // and the shape limits were checked by `supports(Direct)`.
-                unsafe {
-                    avx512::block_direct(
-                        &geom,
-                        input_n.as_ptr(),
-                        segs,
-                        ops.packed.as_ptr(),
-                        groups.clone(),
-                        chans.end,
-                        dst,
-                        rs,
-                        bias,
-                    )
+            let prefetch = shape.output_len().saturating_mul(4) > avx512::DIRECT_PREFETCH_MIN_BYTES;
+            let end = v0 + cols;
+            let mut v = v0;
+            while v < end {
+                let e = direct_run_end(v, end, plane);
+                let bx = self.direct_box(v, e);
+                self.fill_direct_box(input_n, bx, halo);
+                let geom = DirectGeom {
+                    c_in: shape.c_in(),
+                    kernel: shape.kernel_dims(),
+                    stride: p.stride,
+                    dilation: p.dilation,
+                    halo: bx,
+                    prefetch,
                 };
+                avx512::direct_segments(v, e - v, oh, ow, avx512::direct_pieces(ow), segments);
+                // SAFETY: the run's columns start v − v0 into the tile.
+                let dst = unsafe { dst.add(v - v0) };
+                for segs in segments.chunks(DIRECT_SEGS) {
+                    // SAFETY: `halo` holds the run's box and its slack (`fill_direct_box`);
+                    // `packed` holds every group's k·NC weights; rows chans of the tile at
+                    // stride rs cover every vector's columns (caller's contract); AVX-512F
+                    // and the shape limits were checked by `supports(Direct)`.
+                    unsafe {
+                        avx512::block_direct(
+                            &geom,
+                            halo.as_ptr(),
+                            segs,
+                            ops.packed.as_ptr(),
+                            groups.clone(),
+                            chans.end,
+                            dst,
+                            rs,
+                            bias,
+                        )
+                    };
+                }
+                v = e;
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments);
+            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments, halo);
             unreachable!("Strategy::Direct is only chosen on x86_64");
+        }
+    }
+
+    /// The box of input values that output voxels `v .. e` of one item read (`e` from
+    /// [`direct_run_end`]: inside one plane, or whole planes): its planes and rows (all rows
+    /// for whole planes), every column the output rows read.
+    pub(super) fn direct_box(&self, v: usize, e: usize) -> avx512::DirectBox {
+        let shape = &self.shape;
+        let [_, oh, ow] = shape.out_dims();
+        let [kd, kh, kw] = shape.kernel_dims();
+        let p = shape.params;
+        let plane = oh * ow;
+        let (z0, z1) = (v / plane, (e - 1) / plane);
+        let (y0, y1) = if z0 == z1 {
+            ((v % plane) / ow, ((e - 1) % plane) / ow)
+        } else {
+            (0, oh - 1)
+        };
+        let span = |n: usize, s: usize, k: usize, dil: usize| n * s + (k - 1) * dil + 1;
+        let planes = span(z1 - z0, p.stride[0], kd, p.dilation[0]);
+        let rows = span(y1 - y0, p.stride[1], kh, p.dilation[1]);
+        let row_len = span(ow - 1, p.stride[2], kw, p.dilation[2]);
+        avx512::DirectBox {
+            origin: [z0 * p.stride[0], y0 * p.stride[1]],
+            planes,
+            rows,
+            row_len,
+            chan_len: planes * rows * row_len,
+        }
+    }
+
+    /// Copies box `bx` from `input_n` into `halo`, the padding as zeros, row by row in
+    /// whole vectors (a row's last vector runs on into the next row, written after it, or
+    /// into the slack).
+    pub(super) fn fill_direct_box(&self, input_n: &[f32], bx: avx512::DirectBox, halo: &mut [f32]) {
+        let shape = &self.shape;
+        let [d, h, w] = shape.in_dims();
+        let [pd, ph, pw] = shape.params.padding;
+        let in_vox = d * h * w;
+        let row_len = bx.row_len;
+        // Box column j is input column j − pw.
+        let (c0, c1) = (pw.min(row_len), (pw + w).min(row_len));
+        assert!(
+            shape.c_in() * bx.chan_len + avx512::DIRECT_BOX_SLACK <= halo.len(),
+            "the direct box exceeds its buffer"
+        );
+        let mut at = halo.as_mut_ptr();
+        for ci in 0..shape.c_in() {
+            for bz in 0..bx.planes {
+                let iz = (bx.origin[0] + bz).checked_sub(pd).filter(|&z| z < d);
+                for by in 0..bx.rows {
+                    let iy = (bx.origin[1] + by).checked_sub(ph).filter(|&y| y < h);
+                    let src = match (iz, iy) {
+                        (Some(iz), Some(iy)) => {
+                            let from = ci * in_vox + (iz * h + iy) * w;
+                            &input_n[from..from + (c1 - c0)]
+                        }
+                        _ => &[],
+                    };
+                    // SAFETY: the row and the 15 values after it lie inside `halo` (checked
+                    // above: rows in order, the slack after the last); `src` is a slice.
+                    unsafe {
+                        avx512::fill_box_row(at, row_len, src, c0);
+                        at = at.add(row_len);
+                    }
+                }
+            }
         }
     }
 
@@ -726,5 +813,17 @@ unsafe fn micro_block(
             }
             _ => crate::avx2::block_48x8(kc, a, lda, b, src, lds, dst, ldd, nch, nvox, bias),
         }
+    }
+}
+
+/// Where the direct strategy's run of output voxels from `v` ends (`end` at most): at the
+/// end of `v`'s plane if `v` starts inside one or less than a plane is left, else after the
+/// whole planes left. A run's input box is then its rows of a few planes, or whole planes.
+pub(super) fn direct_run_end(v: usize, end: usize, plane: usize) -> usize {
+    let in_plane = v % plane;
+    if in_plane != 0 || end - v < plane {
+        end.min(v - in_plane + plane)
+    } else {
+        v + (end - v) / plane * plane
     }
 }
