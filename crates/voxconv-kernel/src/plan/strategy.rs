@@ -152,17 +152,6 @@ const STRIDED_POINTWISE_IM2COL_MIN_COUT: usize = 64;
 /// 2026-12-07, one thread): direct 14.6 ms, split 12.9–13.4 (16.2 before the Winograd
 /// transforms went to registers).
 const SUBLATTICE_MIN_CHANNELS: usize = 16;
-/// A width-stride-2 kernel from at least this many input channels ...
-const STRIDED_IM2COL_MIN_CIN: usize = 32;
-/// ... into at least this many output channels goes to im2col + GEMM, whose strided gather is
-/// done once for all output channels, where the direct kernel gathers the strided input
-/// again for every 8-channel group: AMD Zen 4, 2026-12-07, 3×3×3 stride 2 pad 1, direct /
-/// im2col ms at 1 and 2 threads: 32→64 over 64³ 54.2 / 47.9 and 27.5 / 25.2; 32→64 over
-/// 48³ 25.1 / 22.0 and 12.7 / 11.5; 32→48 over 64³ 40.7 / 38.0 and 21.0 / 19.4; 64→128
-/// over 32³ 22.1 / 21.2 and 11.0 / 10.5; level at 16→64 over 64³ (23.2 / 23.1) and 32→64
-/// stride 1×2×2 over 20×128² (113 / 116); the direct kernel wins from 16 channels
-/// (strided-downsample, 16→32 over 96³: 43.9 / 52.7 and 22.4 / 26.3).
-const STRIDED_IM2COL_MIN_COUT: usize = 48;
 /// A small volume's Winograd tile is split in voxels while the parts keep at least this
 /// share of the whole tile's lane use (`winograd_tiling`).
 const WINOGRAD_SPLIT_LANE_USE: f64 = 0.9;
@@ -421,14 +410,18 @@ impl Conv3dPlan {
             && winograd::lane_use(shape) >= WINOGRAD_MIN_LANE_USE
         {
             Strategy::Winograd
-        } else if (shape.kernel_dims() == [1, 1, 1]
+        } else if shape.kernel_dims() == [1, 1, 1]
             && shape.params.stride != [1; 3]
-            && shape.c_out() >= STRIDED_POINTWISE_IM2COL_MIN_COUT)
-            || (shape.params.stride[2] == 2
-                && shape.c_in() >= STRIDED_IM2COL_MIN_CIN
-                && shape.c_out() >= STRIDED_IM2COL_MIN_COUT)
+            && shape.c_out() >= STRIDED_POINTWISE_IM2COL_MIN_COUT
         {
-            // Strided: im2col's gather is done once for all output channels.
+            // Strided pointwise: im2col's gather is done once for all output channels.
+            // (Strided 3×3×3 layers from many channels went to im2col too until the direct
+            // kernel read an input box: now direct / im2col ms at 1 and 2 threads, AMD Zen 4,
+            // 2026-12-07, alternating: 32→64 over 64³ 37.7 / 44.9 and 19.3 / 23.3, 32→48
+            // over 64³ 30.2 / 36.3 and 14.5 / 18.4, 64→128 over 32³ 20.5 / 20.8 and 10.3 /
+            // 11.0, 64→64 over 23×37×41 14.1 / 14.9 and 7.1 / 7.6, 32→64 stride 1×2×2 over
+            // 16×96² 43.8 / 53.6 and 25.0 / 27.3; one loss, 32→64 over 48³ 22.3 / 21.1 and
+            // 11.4 / 10.8.)
             Strategy::Im2colGemm
         } else if self.supports(Strategy::Direct)
             && (direct_lane_use(shape) >= DIRECT_MIN_LANE_USE
