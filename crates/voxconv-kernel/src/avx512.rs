@@ -215,8 +215,6 @@ pub unsafe fn copy_stride2(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Maximum kernel width of the direct path (one mask per tap column is kept per segment).
-pub const DIRECT_MAX_KW: usize = 8;
 /// Vectors (16 consecutive tile columns each) per direct block.
 pub const DIRECT_SEGS: usize = 3;
 /// Most output rows one vector of the direct kernel reads from.

@@ -830,6 +830,65 @@ fn regression_direct_stride2_full_segments() {
 /// tail of one row and the head of the next): 7-voxel rows at width stride 2 (the shape of
 /// small-batch-odd), 9- and 20-voxel rows with padding on every side, tile widths that end
 /// vectors mid-row, against the reference.
+/// Filters wider than a vector's worth of taps (the direct kernel reads an input box: any
+/// width, which the per-tap-column masks of reading in place once limited to 8), with width
+/// padding, dilation and stride 2, against the reference.
+#[test]
+fn direct_wide_filters_match_the_reference() {
+    for (input, filters, stride, padding, dilation) in [
+        (
+            [1, 2, 4, 5, 30],
+            [3, 2, 1, 2, 11],
+            [1, 1, 1],
+            [0, 1, 5],
+            [1, 1, 1],
+        ),
+        (
+            [2, 1, 3, 3, 41],
+            [9, 1, 2, 1, 17],
+            [1, 1, 2],
+            [1, 0, 8],
+            [1, 1, 1],
+        ),
+        (
+            [1, 3, 3, 4, 50],
+            [5, 3, 1, 3, 9],
+            [1, 1, 1],
+            [0, 1, 4],
+            [1, 1, 2],
+        ),
+    ] {
+        let shape = Conv3dShape::new(
+            input,
+            filters,
+            Conv3dParams {
+                stride,
+                padding,
+                dilation,
+            },
+        )
+        .unwrap();
+        let plan =
+            match Conv3dPlan::new(shape, Activation::None).with_strategy(KernelStrategy::Direct) {
+                Ok(p) => p,
+                Err(e) => {
+                    assert!(!voxconv_kernel::avx512::available(), "{e}");
+                    return;
+                }
+            };
+        let x = data(shape.input_len(), 31);
+        let w = data(shape.filters_len(), 32);
+        let b = data(shape.c_out(), 33);
+        let (want, mag) =
+            conv3d_reference_with_magnitude(&shape, &x, &w, Some(&b), Activation::None).unwrap();
+        for threads in [1, 2] {
+            let what = format!("{shape:?} threads {threads}");
+            let got = run_plan(&plan, &x, &w, Some(&b), threads);
+            assert_close(&shape, &got, &want, &mag, &what);
+        }
+    }
+}
+
 #[test]
 fn direct_vectors_spanning_two_rows_match_the_reference() {
     for (input, filters, stride, padding) in [

@@ -450,9 +450,7 @@ impl Conv3dPlan {
                 in_plane && (kd == 1 && p.padding[0] == 0 || self.gemm.is_microkernel())
             }
             Strategy::Direct => {
-                self.gemm == GemmImpl::Avx512
-                    && avx512::direct_supports_width_stride(p.stride[2])
-                    && self.shape.kernel_dims()[2] <= avx512::DIRECT_MAX_KW
+                self.gemm == GemmImpl::Avx512 && avx512::direct_supports_width_stride(p.stride[2])
             }
             Strategy::Winograd => self.gemm.is_microkernel() && winograd::eligible(&self.shape),
             Strategy::Sublattice => super::sublattice::inner_shape(&self.shape).is_some(),
@@ -505,13 +503,6 @@ impl Conv3dPlan {
                     return Some(format!(
                         "needs width stride 1 or 2 (this shape: {})",
                         p.stride[2]
-                    ));
-                }
-                if kernel[2] > avx512::DIRECT_MAX_KW {
-                    return Some(format!(
-                        "needs a filter at most {} wide (this shape: {})",
-                        avx512::DIRECT_MAX_KW,
-                        kernel[2]
                     ));
                 }
             }
