@@ -13,8 +13,9 @@ pub enum Strategy {
     /// 1×1×1 kernel, stride 1, no padding: the input already is the column matrix, so the
     /// GEMM reads it in place (no im2col, no workspace).
     Pointwise,
-    /// Width stride 1 or 2 on AVX-512: the microkernel reads input rows in place for every
-    /// tap (masked loads give the zero padding), so no im2col at all.
+    /// Width stride 1 or 2 on AVX-512: the microkernel reads, for every tap, the rows of a
+    /// small zero-padded copy of the input each run of a tile reads (its input box), so no
+    /// im2col at all.
     Direct,
     /// 3×3×3, stride 1, dilation 1 on AVX-512: Winograd F(2×2×2, 3×3×3), 3.4× fewer
     /// multiplies, one microkernel GEMM per transform position.
@@ -217,7 +218,9 @@ impl Tiling {
     /// Shapes with few voxel tiles (deep stages, small volumes) get more tiles so threads
     /// share them: im2col + GEMM narrows its tiles (down to `MIN_IM2COL_TILE_COLS`; splitting
     /// channels would repeat the im2col per block), the direct and pointwise paths, which
-    /// read the input in place, split the output channels. Independent of the thread count.
+    /// read the input in place (direct: through a box of a run's input), split the output
+    /// channels; direct tiles grow to `DIRECT_TILE_COLS` while 16 remain. Independent of
+    /// the thread count.
     pub fn for_strategy(shape: &Conv3dShape, strategy: Strategy) -> Self {
         let mut t = Self::for_shape(shape);
         match strategy {
