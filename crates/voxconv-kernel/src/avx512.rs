@@ -348,6 +348,14 @@ pub struct DirectBox {
     pub chan_len: usize,
 }
 
+impl DirectBox {
+    /// Input values along one axis that `n + 1` outputs at `stride` read through a filter
+    /// `k` taps long at `dilation`.
+    pub fn span(n: usize, stride: usize, k: usize, dilation: usize) -> usize {
+        n * stride + (k - 1) * dilation + 1
+    }
+}
+
 /// Values after a direct box that its last row's vector loads may read (their unused lanes:
 /// up to 16 · width stride past a row's last column).
 pub const DIRECT_BOX_SLACK: usize = 32;

@@ -830,6 +830,18 @@ fn regression_direct_stride2_full_segments() {
 /// tail of one row and the head of the next): 7-voxel rows at width stride 2 (the shape of
 /// small-batch-odd), 9- and 20-voxel rows with padding on every side, tile widths that end
 /// vectors mid-row, against the reference.
+/// `shape`'s plan forced to the direct strategy, or `None` where this CPU lacks AVX-512
+/// (the only reason it may be refused).
+fn direct_plan(shape: Conv3dShape) -> Option<Conv3dPlan> {
+    match Conv3dPlan::new(shape, Activation::None).with_strategy(KernelStrategy::Direct) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            assert!(!voxconv_kernel::avx512::available(), "{e}");
+            None
+        }
+    }
+}
+
 /// Filters wider than a vector's worth of taps (the direct kernel reads an input box: any
 /// width, which the per-tap-column masks of reading in place once limited to 8), with width
 /// padding, dilation and stride 2, against the reference.
@@ -868,14 +880,9 @@ fn direct_wide_filters_match_the_reference() {
             },
         )
         .unwrap();
-        let plan =
-            match Conv3dPlan::new(shape, Activation::None).with_strategy(KernelStrategy::Direct) {
-                Ok(p) => p,
-                Err(e) => {
-                    assert!(!voxconv_kernel::avx512::available(), "{e}");
-                    return;
-                }
-            };
+        let Some(plan) = direct_plan(shape) else {
+            return;
+        };
         let x = data(shape.input_len(), 31);
         let w = data(shape.filters_len(), 32);
         let b = data(shape.c_out(), 33);
@@ -909,14 +916,9 @@ fn direct_vectors_spanning_two_rows_match_the_reference() {
         .unwrap();
         let ow = shape.out_dims()[2];
         assert_eq!(voxconv_kernel::avx512::direct_pieces(ow), 2, "{shape:?}");
-        let plan =
-            match Conv3dPlan::new(shape, Activation::None).with_strategy(KernelStrategy::Direct) {
-                Ok(p) => p,
-                Err(e) => {
-                    assert!(!voxconv_kernel::avx512::available(), "{e}");
-                    return;
-                }
-            };
+        let Some(plan) = direct_plan(shape) else {
+            return;
+        };
         let x = data(shape.input_len(), 21);
         let w = data(shape.filters_len(), 22);
         let b = data(shape.c_out(), 23);

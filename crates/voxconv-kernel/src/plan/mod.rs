@@ -270,7 +270,7 @@ impl Conv3dPlan {
         let [od, oh, ow] = shape.out_dims();
         let [kd, kh, kw] = shape.kernel_dims();
         let p = shape.params;
-        let span = |n: usize, s: usize, k: usize, dil: usize| n * s + (k - 1) * dil + 1;
+        let span = avx512::DirectBox::span;
         let cols = self.tiling.tile_cols;
         let plane = oh * ow;
         // A run inside one plane: at most a tile's voxels (or a plane's), so its rows.

@@ -184,11 +184,11 @@ impl Tiling {
         let slab_depth = (slab_vox_target / plane).clamp(1, od);
         let slab_vox = slab_depth * plane;
         // Whole output rows per tile when rows are short enough.
-        let mut tile_cols = TARGET_TILE_COLS.min(slab_vox);
-        if ow <= tile_cols {
-            tile_cols = tile_cols / ow * ow;
-        }
-        Self::with_cols(shape, slab_depth, tile_cols)
+        Self::with_cols(
+            shape,
+            slab_depth,
+            whole_rows(TARGET_TILE_COLS.min(slab_vox), ow),
+        )
     }
 
     /// `tile_cols` wide tiles in slabs of `slab_depth` planes, the im2col buffer's rows to fit.
@@ -227,11 +227,7 @@ impl Tiling {
             Strategy::Im2colGemm => {
                 let ow = shape.out_dims()[2];
                 while t.voxel_tiles(shape) < MIN_TILES && t.tile_cols >= 2 * MIN_IM2COL_TILE_COLS {
-                    let mut cols = t.tile_cols / 2;
-                    if ow <= cols {
-                        cols = cols / ow * ow;
-                    }
-                    t = Self::with_cols(shape, t.slab_depth, cols);
+                    t = Self::with_cols(shape, t.slab_depth, whole_rows(t.tile_cols / 2, ow));
                 }
             }
             Strategy::Pointwise => {
@@ -245,11 +241,8 @@ impl Tiling {
                 let slab_vox = t.slab_depth * oh * ow;
                 let mut target = DIRECT_TILE_COLS;
                 while target > t.tile_cols {
-                    let mut cols = target.min(slab_vox);
-                    if ow <= cols {
-                        cols = cols / ow * ow;
-                    }
-                    let wide = Self::with_cols(shape, t.slab_depth, cols.max(t.tile_cols));
+                    let cols = whole_rows(target.min(slab_vox), ow).max(t.tile_cols);
+                    let wide = Self::with_cols(shape, t.slab_depth, cols);
                     if wide.voxel_tiles(shape) >= MIN_TILES {
                         t = wide;
                         break;
@@ -384,6 +377,15 @@ fn chan_block_for(c_out: usize, voxel_tiles: usize, min_block: usize) -> usize {
         .div_ceil(blocks)
         .next_multiple_of(avx512::NC)
         .min(c_out)
+}
+
+/// `cols` cut down to whole output rows of `ow` voxels where a row fits.
+fn whole_rows(cols: usize, ow: usize) -> usize {
+    if ow <= cols {
+        cols / ow * ow
+    } else {
+        cols
+    }
 }
 
 /// Share of the direct kernel's lanes that compute real outputs, discounted by the extra

@@ -428,14 +428,8 @@ impl Conv3dPlan {
         halo: &mut [f32],
     ) {
         let TileAt {
-            input_n,
-            v0,
-            cols,
-            ref chans,
-            dst,
-            rs,
+            input_n, v0, dst, ..
         } = *at;
-        let chans = chans.clone();
         #[cfg(target_arch = "x86_64")]
         {
             use avx512::{DirectGeom, DIRECT_SEGS, NC};
@@ -443,10 +437,10 @@ impl Conv3dPlan {
             let [_, oh, ow] = shape.out_dims();
             let plane = oh * ow;
             let p = shape.params;
-            let groups = chans.start / NC..chans.end.div_ceil(NC);
+            let groups = at.chans.start / NC..at.chans.end.div_ceil(NC);
             let bias = ops.bias.map_or(std::ptr::null(), |b| b.as_ptr());
             let prefetch = shape.output_len().saturating_mul(4) > avx512::DIRECT_PREFETCH_MIN_BYTES;
-            let end = v0 + cols;
+            let end = v0 + at.cols;
             let mut v = v0;
             while v < end {
                 let e = direct_run_end(v, end, plane);
@@ -475,9 +469,9 @@ impl Conv3dPlan {
                             segs,
                             ops.packed.as_ptr(),
                             groups.clone(),
-                            chans.end,
+                            at.chans.end,
                             dst,
-                            rs,
+                            at.rs,
                             bias,
                         )
                     };
@@ -487,7 +481,7 @@ impl Conv3dPlan {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (ops, input_n, v0, cols, chans, dst, rs, segments, halo);
+            let _ = (ops, input_n, v0, dst, segments, halo);
             unreachable!("Strategy::Direct is only chosen on x86_64");
         }
     }
@@ -507,7 +501,7 @@ impl Conv3dPlan {
         } else {
             (0, oh - 1)
         };
-        let span = |n: usize, s: usize, k: usize, dil: usize| n * s + (k - 1) * dil + 1;
+        let span = avx512::DirectBox::span;
         let planes = span(z1 - z0, p.stride[0], kd, p.dilation[0]);
         let rows = span(y1 - y0, p.stride[1], kh, p.dilation[1]);
         let row_len = span(ow - 1, p.stride[2], kw, p.dilation[2]);
